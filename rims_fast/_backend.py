@@ -1,0 +1,105 @@
+"""Which backends exist here, and why not; resolution of ``backend=`` to the one that runs.
+
+Each backend is a function with :func:`rims_fast.reference.rim_ref`'s signature (minus the
+reference-only ``masks=``/cell hooks), returning ``(out, h_n, c_n, masks)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ._config import BACKENDS
+from .reference import rim_ref
+
+log = logging.getLogger("rims_fast")
+
+#: ``backend="auto"`` tries these in order for the tensors' device type.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _torch(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return None
+
+
+def _cuda(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cuda":
+        return f"backend='cuda' needs CUDA tensors, got device {device}"
+    from . import masked_cell
+    if not masked_cell.HAVE_C:
+        return f"the CUDA extension rims_fast._C is not available: {masked_cell.C_IMPORT_ERROR}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("rims_fast::masked_lstm_cell_fwd", "CUDA"):
+        return "rims_fast._C was built without CUDA kernels (CPU-only build)"
+    return None
+
+
+def _triton(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    try:
+        mod = importlib.import_module("rims_fast.rim_triton")
+    except ImportError as e:  # triton missing, or the kernels failed to import
+        return f"Triton backend unavailable: {e}"
+    return mod.unavailable_reason(device, dtype)
+
+
+def _cpu(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    # The C++ sequence driver (issue "C++ sequence driver") has not landed in this version.
+    return "backend='cpu' (the C++ sequence driver) is not part of this build of rims_fast yet"
+
+
+_CHECKS: dict[str, Callable[[torch.device, torch.dtype], Optional[str]]] = {
+    "torch": _torch, "cuda": _cuda, "triton": _triton, "cpu": _cpu,
+}
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """``None`` if backend ``name`` can run on tensors of this device and dtype, else why not."""
+    return _CHECKS[name](torch.device(device), dtype)
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run. An explicit backend that cannot run raises ``RuntimeError``."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested != "auto":
+        why = unavailable_reason(requested, device, dtype)
+        if why is not None:
+            raise RuntimeError(why)
+        return requested
+    return _resolve_auto(torch.device(device).type, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_auto(device_type: str, dtype: torch.dtype) -> str:
+    reasons = []
+    for name in AUTO_ORDER.get(device_type, ("torch",)):
+        why = unavailable_reason(name, torch.device(device_type), dtype)
+        if why is None:
+            # Say once per (device, dtype) what "auto" chose and what it passed over.
+            log.info("rims_fast: backend='auto' runs %r on %s/%s%s", name, device_type, dtype,
+                     "".join(f"; skipped {r}" for r in reasons))
+            return name
+        reasons.append(why)
+    raise AssertionError("the torch backend is always available")
+
+
+def runner(name: str) -> Callable:
+    """The sequence function of backend ``name``."""
+    if name == "torch":
+        return rim_ref
+    if name == "cuda":
+        from .masked_cell import masked_gru_cell, masked_lstm_cell
+        return functools.partial(rim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
+    if name == "triton":
+        from .rim_triton import rim_triton
+        return rim_triton
+    raise RuntimeError(_cpu(torch.device("cpu"), torch.float32))
+
+
+def triton_interpreter() -> bool:
+    """Whether Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,101 @@
+"""Validated hyper-parameters of one RIM layer (SPEC.md, "Module API" and "Errors")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+CELLS = {"lstm": 4, "gru": 3}  # cell name -> number of gate blocks G
+
+
+@dataclass(frozen=True)
+class RimConfig:
+    """Sizes and options of a RIM layer. All attention sizes are per head.
+
+    Letters (SPEC.md): ``D`` input size, ``K`` mechanisms, ``H`` hidden per mechanism,
+    ``n_in``/``d_k``/``d_v`` input-attention heads and key/value sizes, ``n_c``/``d_c``/``d_cv``
+    communication heads and key/value sizes.
+    """
+
+    input_size: int
+    hidden_size: int
+    num_units: int
+    top_k: int
+    cell: str = "lstm"
+    input_heads: int = 1
+    input_key_size: int = 64
+    input_value_size: int | None = None
+    comm_heads: int = 4
+    comm_key_size: int = 32
+    comm_value_size: int = 32
+    input_dropout: float = 0.0
+    comm_dropout: float = 0.0
+    block_inactive_grad: bool = True
+
+    def __post_init__(self):
+        # Order follows SPEC.md: sizes and counts first, then top_k, dropout, cell, divisibility.
+        for name in ("input_size", "hidden_size", "num_units", "input_heads", "input_key_size",
+                     "comm_heads", "comm_key_size", "comm_value_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.input_value_size is not None:
+            _check_positive_int("input_value_size", self.input_value_size)
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_units:
+            raise ValueError(f"top_k must be an int in 1..num_units={self.num_units}, got {self.top_k!r}")
+        for name in ("input_dropout", "comm_dropout"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+        if self.input_value_size is None:
+            if (4 * self.hidden_size) % self.input_heads:
+                raise ValueError(
+                    f"input_value_size=None means 4*hidden_size // input_heads, but 4*hidden_size="
+                    f"{4 * self.hidden_size} is not divisible by input_heads={self.input_heads}; "
+                    "pass input_value_size explicitly")
+            object.__setattr__(self, "input_value_size", 4 * self.hidden_size // self.input_heads)
+        if not isinstance(self.block_inactive_grad, bool):
+            raise ValueError(f"block_inactive_grad must be a bool, got {self.block_inactive_grad!r}")
+
+    @property
+    def gates(self) -> int:
+        """G: gate blocks of the cell (4 for LSTM, 3 for GRU)."""
+        return CELLS[self.cell]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter names and shapes, exactly SPEC.md's table."""
+        D, H, K = self.input_size, self.hidden_size, self.num_units
+        nk = self.input_heads * self.input_key_size
+        nv = self.input_heads * self.input_value_size
+        ck = self.comm_heads * self.comm_key_size
+        cv = self.comm_heads * self.comm_value_size
+        GH = self.gates * H
+        return {
+            "input_key": (D, nk),
+            "input_value": (D, nv),
+            "input_query": (K, H, nk),
+            "weight_ih": (K, nv, GH),
+            "weight_hh": (K, H, GH),
+            "bias_ih": (K, GH),
+            "bias_hh": (K, GH),
+            "comm_query": (K, H, ck),
+            "comm_key": (K, H, ck),
+            "comm_value": (K, H, cv),
+            "comm_output": (K, cv, H),
+        }
+
+    def init_bound(self, name: str) -> float:
+        """Bound b of the U(-b, b) initialisation of parameter ``name`` (SPEC.md)."""
+        if name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            return 1.0 / math.sqrt(self.hidden_size)  # as nn.LSTMCell / nn.GRUCell
+        return 1.0 / math.sqrt(self.param_shapes()[name][-2])  # fan_in = shape[-2]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_positive_int(name: str, v) -> None:
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -1,0 +1,189 @@
+"""``RIMCell`` and ``RIM``: drop-in ``torch.nn`` modules (SPEC.md, "Module API")."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _backend
+from ._config import BACKENDS, RimConfig
+
+State = Union[Tensor, tuple[Tensor, Tensor], None]
+
+
+class _RimLayer(nn.Module):
+    """Parameters, initialisation, input checks and backend dispatch shared by RIM and RIMCell."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_units: int, top_k: int, *,
+                 cell: str = "lstm", input_heads: int = 1, input_key_size: int = 64,
+                 input_value_size: Optional[int] = None, comm_heads: int = 4,
+                 comm_key_size: int = 32, comm_value_size: int = 32, input_dropout: float = 0.0,
+                 comm_dropout: float = 0.0, block_inactive_grad: bool = True,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.config = RimConfig(
+            input_size, hidden_size, num_units, top_k, cell=cell, input_heads=input_heads,
+            input_key_size=input_key_size, input_value_size=input_value_size,
+            comm_heads=comm_heads, comm_key_size=comm_key_size, comm_value_size=comm_value_size,
+            input_dropout=input_dropout, comm_dropout=comm_dropout,
+            block_inactive_grad=block_inactive_grad)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        #: Name of the backend that ran the last forward (``None`` before the first call).
+        self.last_backend: Optional[str] = None
+        factory = {"device": device, "dtype": dtype}
+        for name, shape in self.config.param_shapes().items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    # Read-only views of the config under nn-style names.
+    input_size = property(lambda self: self.config.input_size)
+    hidden_size = property(lambda self: self.config.hidden_size)
+    num_units = property(lambda self: self.config.num_units)
+    top_k = property(lambda self: self.config.top_k)
+    cell = property(lambda self: self.config.cell)
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter: ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` from
+        ``U(-1/sqrt(H), 1/sqrt(H))`` as ``nn.LSTMCell``; every other projection from
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = shape[-2]``."""
+        with torch.no_grad():
+            for name, p in self.named_parameters(recurse=False):
+                bound = self.config.init_bound(name)
+                p.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{c.input_size}, {c.hidden_size}, num_units={c.num_units}, top_k={c.top_k}, "
+                f"cell={c.cell!r}, input_heads={c.input_heads}, comm_heads={c.comm_heads}, "
+                f"backend={self.backend!r}")
+
+    # -- call-time checks (SPEC "Errors": dtype, rank, sizes, then agreement) ---------------------
+    def _check_input(self, x: Tensor, ranks: tuple[int, int], name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if x.dim() not in ranks:
+            raise ValueError(f"{name} must have dim {ranks[0]} or {ranks[1]}, got dim {x.dim()} "
+                             f"(shape {tuple(x.shape)})")
+        if x.shape[-1] != self.config.input_size or any(s < 1 for s in x.shape):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected last dim input_size="
+                             f"{self.config.input_size} and every size >= 1")
+        p = self.input_key
+        if x.dtype != p.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the parameters have dtype {p.dtype}")
+        if x.device != p.device:
+            raise ValueError(f"{name} is on {x.device} but the parameters are on {p.device}")
+
+    def _check_state(self, state: State, x: Tensor, B: int) -> tuple[Tensor, Optional[Tensor]]:
+        """``(h0, c0)`` in ``(B, K, H)``; zeros when ``state`` is None."""
+        lstm = self.config.cell == "lstm"
+        expected = (B, self.config.num_units, self.config.hidden_size)
+        if state is None:
+            z = x.new_zeros(expected)
+            return z, (x.new_zeros(expected) if lstm else None)
+        if lstm:
+            if not (isinstance(state, (tuple, list)) and len(state) == 2):
+                raise TypeError("state must be a tuple (h_0, c_0) for cell='lstm'")
+            named = {"h_0": state[0], "c_0": state[1]}
+        else:
+            if not isinstance(state, Tensor):
+                raise TypeError("state must be a Tensor h_0 for cell='gru'")
+            named = {"h_0": state}
+        for name, s in named.items():
+            if not isinstance(s, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(s).__name__}")
+            if not s.is_floating_point():
+                raise TypeError(f"{name} must have a floating dtype, got {s.dtype}")
+            if s.dim() != 3:
+                raise ValueError(f"{name} must have dim 3 (B, K, H), got dim {s.dim()}")
+            if tuple(s.shape) != expected:
+                raise ValueError(f"{name} has shape {tuple(s.shape)}, expected shape {expected}")
+            if s.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {s.dtype} but x has dtype {x.dtype}")
+            if s.device != x.device:
+                raise ValueError(f"{name} is on {s.device} but x is on {x.device}")
+        return named["h_0"], named.get("c_0")
+
+    def _run(self, x: Tensor, state: State):
+        """``x``: ``(T, B, M, D)`` -> ``out, h_n, c_n, masks`` from the resolved backend."""
+        h0, c0 = self._check_state(state, x, x.shape[1])
+        name = _backend.resolve(self.backend, x.device, x.dtype)
+        self.last_backend = name
+        params = dict(self.named_parameters(recurse=False))
+        return _backend.runner(name)(x, h0, c0, params, self.config, training=self.training)
+
+
+class RIM(_RimLayer):
+    r"""Recurrent Independent Mechanisms over a sequence: a drop-in for ``nn.LSTM``/``nn.GRU``.
+
+    ``K = num_units`` small LSTMs (or GRUs) of ``hidden_size`` each compete through input
+    attention; the ``top_k`` that attend least to a null element update, the others copy their
+    state; active mechanisms then read from all through multi-head attention. SPEC.md is the
+    contract.
+
+    Args:
+        input_size: ``D``, features per input element.
+        hidden_size: ``H``, hidden size of each mechanism (the output has ``K*H`` features).
+        num_units: ``K``, number of mechanisms.
+        top_k: active mechanisms per sample and step, ``1 <= top_k <= num_units``.
+        cell: ``"lstm"`` or ``"gru"``.
+        input_heads: heads of the input attention.
+        input_key_size: key/query size per input-attention head.
+        input_value_size: value size per input-attention head; ``None`` means
+            ``4 * hidden_size // input_heads``.
+        comm_heads: heads of the communication attention.
+        comm_key_size: key/query size per communication head.
+        comm_value_size: value size per communication head.
+        input_dropout: dropout probability on input-attention probabilities (training only).
+        comm_dropout: dropout probability on communication-attention probabilities.
+        block_inactive_grad: stop the gradient into inactive mechanisms' state through the
+            communication keys and values (their projections still get gradient).
+        batch_first: ``x``, ``out`` and masks are ``(B, T, ...)`` instead of ``(T, B, ...)``.
+            States are always ``(B, K, H)``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``; see README.
+            After a call, ``last_backend`` names the one that ran.
+        device, dtype: factory arguments of the parameters.
+
+    Call: ``out, (h_n, c_n) = rim(x, state=None)`` (GRU: ``out, h_n``); with
+    ``return_masks=True`` a third value, the ``(T, B, K)`` bool mask of active mechanisms.
+    ``x`` is ``(T, B, D)`` or ``(T, B, M, D)`` (``M`` input elements per step).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_units: int, top_k: int, *,
+                 batch_first: bool = False, **kwargs):
+        super().__init__(input_size, hidden_size, num_units, top_k, **kwargs)
+        self.batch_first = bool(batch_first)
+
+    def forward(self, x: Tensor, state: State = None, return_masks: bool = False):
+        self._check_input(x, (3, 4), "x")
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if x.dim() == 3:
+            x = x.unsqueeze(2)  # M = 1
+        out, h_n, c_n, masks = self._run(x, state)
+        if self.batch_first:
+            out, masks = out.transpose(0, 1), masks.transpose(0, 1)
+        new_state = (h_n, c_n) if self.config.cell == "lstm" else h_n
+        return (out, new_state, masks) if return_masks else (out, new_state)
+
+
+class RIMCell(_RimLayer):
+    r"""One RIM step: ``(h, c), mask = cell(x_t, (h, c))`` (GRU: ``h, mask = cell(x_t, h)``).
+
+    Same arguments and parameters as :class:`RIM` (without ``batch_first``). ``x_t`` is
+    ``(B, D)`` or ``(B, M, D)``; the state is ``(B, K, H)`` (zeros when ``None``); ``mask`` is
+    ``(B, K)`` bool. Stepping a ``RIMCell`` T times equals one ``RIM`` call in float32/float64.
+    """
+
+    def forward(self, x: Tensor, state: State = None):
+        self._check_input(x, (2, 3), "x")
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        _, h_n, c_n, masks = self._run(x.unsqueeze(0), state)
+        new_state = (h_n, c_n) if self.config.cell == "lstm" else h_n
+        return new_state, masks[0]

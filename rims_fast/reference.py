@@ -1,0 +1,230 @@
+"""The executable spec: one RIM layer over a sequence, in plain PyTorch.
+
+Every backend is tested against :func:`rim_ref`. It follows SPEC.md step by step (the step numbers
+are in the comments), is vectorized over batch and mechanisms (the only Python loop is over time),
+never synchronises with the host, and builds no tensor on the host inside the loop.
+
+Layout: internally the state is mechanism-major, ``(K, B, H)``, so that every per-mechanism
+projection is one ``bmm`` with the K mechanisms as the batch.
+
+Precision: products run on operands rounded to the input dtype (``_Rounder``) and accumulate in the
+compute dtype (float32, or float64 for float64 inputs); softmax, ``p``, the rank, the gates and the
+carried ``h``/``c`` stay in the compute dtype; only ``out``, ``h_n`` and ``c_n`` are rounded.
+In float32/float64 the rounding is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ._config import RimConfig
+
+__all__ = ["rim_ref", "select_active", "null_softmax", "lstm_cell_ref", "gru_cell_ref", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (float32, bfloat16, float16) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Rounder:
+    """Rounds an activation to the storage dtype before it enters a product (tensor-core model)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.identity = compute_dtype(dtype) == dtype
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t if self.identity else t.to(self.dtype).to(t.dtype)
+
+
+def null_softmax(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over ``{null, s_1..s_M}`` along the last dim, the null having score 0 (SPEC step 1).
+
+    Returns ``(a, a_null)``: the probabilities of the real elements, shape of ``s``, and of the
+    null, shape ``s.shape[:-1]``. The shift ``mu = max(0, max_m s)`` is SPEC step 2's, so
+    ``a_null`` is bit-for-bit the value the competition ranks. The shift carries no gradient
+    (softmax does not depend on it).
+    """
+    mu = s.detach().amax(-1, keepdim=True).clamp_min(0.0)
+    e = torch.exp(s - mu)
+    e_null = torch.exp(-mu)
+    denom = e_null + e.sum(-1, keepdim=True)
+    return e / denom, (e_null / denom).squeeze(-1)
+
+
+def select_active(p: Tensor, top_k: int, lower: Tensor) -> Tensor:
+    """SPEC step 2: ``k`` is active iff ``#{j : p_j < p_k or (p_j == p_k and j < k)} < top_k``.
+
+    ``p``: ``(K, B)``; ``lower``: ``(K, K)`` bool, ``lower[k, j] = j < k`` (built once by the
+    caller). A pure comparison count: no sort, so no dependence on a sort's tie order.
+    """
+    pk, pj = p.unsqueeze(1), p.unsqueeze(0)  # (K, 1, B) and (1, K, B): [k, j, b]
+    beats = (pj < pk) | ((pj == pk) & lower.unsqueeze(-1))
+    return beats.sum(1) < top_k  # (K, B)
+
+
+def lstm_cell_ref(gates: Tensor, h: Tensor, c: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """SPEC step 3, LSTM: ``nn.LSTMCell`` on active rows, exact copy of ``(h, c)`` on the rest.
+
+    ``gates``: ``(..., 4H)`` pre-activations (both terms and both biases), order ``(i, f, g, o)``;
+    ``h``, ``c``: ``(..., H)``; ``mask``: ``(...)`` bool.
+    """
+    i, f, g, o = gates.chunk(4, -1)
+    c_cell = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_cell = torch.sigmoid(o) * torch.tanh(c_cell)
+    m = mask.unsqueeze(-1)
+    return torch.where(m, h_cell, h), torch.where(m, c_cell, c)
+
+
+def gru_cell_ref(gi: Tensor, gh: Tensor, h: Tensor, mask: Tensor) -> Tensor:
+    """SPEC step 3, GRU: ``nn.GRUCell`` on active rows (``gi``/``gh`` include their biases, gate
+    order ``(r, z, n)``), exact copy of ``h`` on the rest."""
+    ir, iz, in_ = gi.chunk(3, -1)
+    hr, hz, hn = gh.chunk(3, -1)
+    r = torch.sigmoid(ir + hr)
+    z = torch.sigmoid(iz + hz)
+    n = torch.tanh(in_ + r * hn)
+    h_cell = (1.0 - z) * n + z * h
+    return torch.where(mask.unsqueeze(-1), h_cell, h)
+
+
+def _dropout(a: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout on attention probabilities, no renormalisation (SPEC "Dropout")."""
+    if not training or p == 0.0:
+        return a
+    keep = torch.empty_like(a).bernoulli_(1.0 - p)
+    return a * keep / (1.0 - p)
+
+
+def _bmm(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Per-mechanism product: ``x (K, B, I) @ w (K, I, O) [+ bias (K, O)]`` -> ``(K, B, O)``."""
+    if bias is None:
+        return torch.bmm(x, w)
+    return torch.baddbmm(bias.unsqueeze(1), x, w)
+
+
+class _InputGates:
+    """The cell's input term ``u_k weight_ih[k] + bias_ih[k]`` of every step, for all mechanisms.
+
+    The attention read is linear in the probabilities, so
+    ``u_k W_ih[k] = sum_{n,m} a_{k,n,m} (X_m input_value_n W_ih[k]_n)``, where ``W_ih[k]_n`` is
+    the row block of head ``n``. When ``M * D <= d_v`` it is cheaper to fold ``input_value_n
+    W_ih[k]_n`` into one ``(D, G*H)`` matrix and project all steps up front ("folded"); otherwise
+    the values of all steps are projected up front and ``u_k W_ih[k]`` is one bmm per step.
+    Both are the same sum, reassociated.
+    """
+
+    def __init__(self, x: Tensor, P: Mapping[str, Tensor], cfg: RimConfig, rnd: _Rounder):
+        T, B, M, D = x.shape
+        n, dv, K = cfg.input_heads, cfg.input_value_size, cfg.num_units
+        self.bias = P["bias_ih"]
+        self.folded = M * D <= dv
+        if self.folded:
+            w_ih = P["weight_ih"].view(K, n, dv, -1)
+            w_v = P["input_value"].view(D, n, dv)
+            fold = rnd(torch.einsum("dnv,knvg->kndg", w_v, w_ih))  # (K, n, D, GH)
+            xw = torch.einsum("tbmd,kndg->tkbnmg", x, fold)  # (T, K, B, n, M, GH)
+            self.steps = xw.unbind(0)  # unbind: one stack in backward, not T full-size zeros
+        else:
+            self.w_ih = P["weight_ih"]
+            self.steps = (x @ P["input_value"]).view(T, B, M, n, dv).unbind(0)
+        self.rnd = rnd
+
+    def __call__(self, t: int, a: Tensor) -> Tensor:
+        """``a``: ``(K, B, n, M)`` attention probabilities of step ``t`` -> ``(K, B, G*H)``."""
+        if self.folded:
+            return torch.einsum("kbnm,kbnmg->kbg", self.rnd(a), self.steps[t]) + self.bias.unsqueeze(1)
+        u = torch.einsum("kbnm,bmnv->kbnv", self.rnd(a), self.rnd(self.steps[t]))
+        return _bmm(self.rnd(u.flatten(2)), self.w_ih, self.bias)
+
+
+def rim_ref(
+    x: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    params: Mapping[str, Tensor],
+    cfg: RimConfig,
+    *,
+    masks: Optional[Tensor] = None,
+    training: bool = False,
+    lstm_cell: Callable = lstm_cell_ref,
+    gru_cell: Callable = gru_cell_ref,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """One RIM layer over a sequence, exactly SPEC.md.
+
+    Args:
+        x: ``(T, B, M, D)`` input elements, time-major.
+        h0, c0: ``(B, K, H)`` initial state (``c0`` is ``None`` for GRU).
+        params: the layer's parameters by SPEC name (``RIM.named_parameters()``).
+        cfg: the layer's :class:`RimConfig`.
+        masks: optional ``(T, B, K)`` bool; replaces the competition (to compare backends under
+            identical selections). Must have exactly ``top_k`` true per row for SPEC semantics.
+        training: dropout is applied only when true.
+        lstm_cell, gru_cell: the masked cell update (step 3); backends substitute a fused op with
+            the same signature as :func:`lstm_cell_ref` / :func:`gru_cell_ref`.
+
+    Returns:
+        ``out (T, B, K*H)``, ``h_n (B, K, H)``, ``c_n (B, K, H)`` or ``None``, ``masks (T, B, K)``.
+    """
+    T, B, M, D = x.shape
+    K, H = cfg.num_units, cfg.hidden_size
+    n_in, d_k = cfg.input_heads, cfg.input_key_size
+    n_c, d_c, d_cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+    lstm = cfg.cell == "lstm"
+    ct = compute_dtype(x.dtype)
+    rnd = _Rounder(x.dtype)
+    P = {name: p.to(ct) for name, p in params.items()}
+    x = x.to(ct)
+
+    # State-independent work for all steps, before the loop: input keys and the cell's input term.
+    keys = (x @ P["input_key"]).view(T, B, M, n_in, d_k).unbind(0)
+    input_gates = _InputGates(x, P, cfg, rnd)
+    given = masks.permute(0, 2, 1).unbind(0) if masks is not None else None  # T x (K, B)
+    lower = torch.ones(K, K, dtype=torch.bool, device=x.device).tril(-1)  # lower[k, j] = j < k
+    scale_in, scale_c = 1.0 / math.sqrt(d_k), 1.0 / math.sqrt(d_c)
+
+    h = h0.to(ct).transpose(0, 1)  # (K, B, H), carried in the compute dtype between steps
+    c = c0.to(ct).transpose(0, 1) if lstm else None
+    outs, selected = [], []
+    for t in range(T):
+        # 1. Input attention: per-mechanism query, scores against the M elements and the null.
+        q = _bmm(rnd(h), P["input_query"]).view(K, B, n_in, d_k)
+        s = torch.einsum("kbnd,bmnd->kbnm", rnd(q), rnd(keys[t])) * scale_in
+        a, a_null = null_softmax(s)
+        # 2. Competition on p_k = mean over heads of the null's probability (undropped).
+        if given is None:
+            mask = select_active(a_null.detach().mean(-1), cfg.top_k, lower)
+        else:
+            mask = given[t]
+        a = _dropout(a, cfg.input_dropout, training)
+        # 3. Independent dynamics: active mechanisms step their cell, inactive ones copy.
+        gi = input_gates(t, a)
+        if lstm:
+            gates = gi + _bmm(rnd(h), P["weight_hh"], P["bias_hh"])
+            h_t, c = lstm_cell(gates, h, c, mask)
+        else:
+            h_t = gru_cell(gi, _bmm(rnd(h), P["weight_hh"], P["bias_hh"]), h, mask)
+        # 4. Communication: all mechanisms offer keys/values, active ones read (residual).
+        m3 = mask.unsqueeze(-1)
+        h_kv = torch.where(m3, h_t, h_t.detach()) if cfg.block_inactive_grad else h_t
+        qc = _bmm(rnd(h_t), P["comm_query"]).view(K, B, n_c, d_c)
+        kc = _bmm(rnd(h_kv), P["comm_key"]).view(K, B, n_c, d_c)
+        vc = _bmm(rnd(h_kv), P["comm_value"]).view(K, B, n_c, d_cv)
+        b = torch.softmax(torch.einsum("kbnd,jbnd->kbnj", rnd(qc), rnd(kc)) * scale_c, dim=-1)
+        b = _dropout(b, cfg.comm_dropout, training)
+        o = torch.einsum("kbnj,jbnd->kbnd", rnd(b), rnd(vc)).reshape(K, B, n_c * d_cv)
+        h = torch.where(m3, h_t + _bmm(rnd(o), P["comm_output"]), h_t)
+        # 5. New state.
+        outs.append(h)
+        selected.append(mask)
+
+    dtype = params["input_key"].dtype
+    out = torch.stack(outs).permute(0, 2, 1, 3).reshape(T, B, K * H).to(dtype)
+    h_n = h.transpose(0, 1).contiguous().to(dtype)
+    c_n = c.transpose(0, 1).contiguous().to(dtype) if lstm else None
+    return out, h_n, c_n, torch.stack(selected).transpose(1, 2).contiguous()
