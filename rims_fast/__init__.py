@@ -1,13 +1,14 @@
 """rims_fast: exact and fast Recurrent Independent Mechanisms (RIMs) for PyTorch.
 
-Public API: :class:`RIM`, :class:`RIMCell` (``torch.nn`` drop-ins), :func:`rim_ref` (the pure
-PyTorch reference every backend is tested against), :class:`RimConfig`, and
+Public API: :class:`RIM`, :class:`RIMCell`, :class:`BRIM` (``torch.nn`` drop-ins), :func:`rim_ref`
+and :func:`brim_ref` (the pure PyTorch references every backend is tested against), :class:`RimConfig`, and
 :func:`available_backends`. ``python -m rims_fast.info`` reports versions, build and backends.
 """
 
 from ._config import BACKENDS, RimConfig
+from .brim import BRIM
 from .modules import RIM, RIMCell
-from .reference import rim_ref
+from .reference import brim_ref, rim_ref
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,4 @@ def available_backends(device="cpu", dtype=None) -> dict:
     return {name: unavailable_reason(name, torch.device(device), dtype) for name in BACKENDS[1:]}
 
 
-__all__ = ["RIM", "RIMCell", "RimConfig", "rim_ref", "available_backends", "BACKENDS", "__version__"]
+__all__ = ["RIM", "RIMCell", "BRIM", "brim_ref", "RimConfig", "rim_ref", "available_backends", "BACKENDS", "__version__"]

@@ -61,53 +61,12 @@ class _RimLayer(nn.Module):
                 f"cell={c.cell!r}, input_heads={c.input_heads}, comm_heads={c.comm_heads}, "
                 f"backend={self.backend!r}")
 
-    # -- call-time checks (SPEC "Errors": dtype, rank, sizes, then agreement) ---------------------
-    def _check_input(self, x: Tensor, ranks: tuple[int, int], name: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-        if x.dim() not in ranks:
-            raise ValueError(f"{name} must have dim {ranks[0]} or {ranks[1]}, got dim {x.dim()} "
-                             f"(shape {tuple(x.shape)})")
-        if x.shape[-1] != self.config.input_size or any(s < 1 for s in x.shape):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected last dim input_size="
-                             f"{self.config.input_size} and every size >= 1")
-        p = self.input_key
-        if x.dtype != p.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but the parameters have dtype {p.dtype}")
-        if x.device != p.device:
-            raise ValueError(f"{name} is on {x.device} but the parameters are on {p.device}")
+    def _check_input(self, x: Tensor, ranks: tuple[int, int]) -> None:
+        check_input(x, ranks, self.config.input_size, self.input_key)
 
     def _check_state(self, state: State, x: Tensor, B: int) -> tuple[Tensor, Optional[Tensor]]:
-        """``(h0, c0)`` in ``(B, K, H)``; zeros when ``state`` is None."""
-        lstm = self.config.cell == "lstm"
-        expected = (B, self.config.num_units, self.config.hidden_size)
-        if state is None:
-            z = x.new_zeros(expected)
-            return z, (x.new_zeros(expected) if lstm else None)
-        if lstm:
-            if not (isinstance(state, (tuple, list)) and len(state) == 2):
-                raise TypeError("state must be a tuple (h_0, c_0) for cell='lstm'")
-            named = {"h_0": state[0], "c_0": state[1]}
-        else:
-            if not isinstance(state, Tensor):
-                raise TypeError("state must be a Tensor h_0 for cell='gru'")
-            named = {"h_0": state}
-        for name, s in named.items():
-            if not isinstance(s, Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(s).__name__}")
-            if not s.is_floating_point():
-                raise TypeError(f"{name} must have a floating dtype, got {s.dtype}")
-            if s.dim() != 3:
-                raise ValueError(f"{name} must have dim 3 (B, K, H), got dim {s.dim()}")
-            if tuple(s.shape) != expected:
-                raise ValueError(f"{name} has shape {tuple(s.shape)}, expected shape {expected}")
-            if s.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {s.dtype} but x has dtype {x.dtype}")
-            if s.device != x.device:
-                raise ValueError(f"{name} is on {s.device} but x is on {x.device}")
-        return named["h_0"], named.get("c_0")
+        c = self.config
+        return check_state(state, x, (B, c.num_units, c.hidden_size), c.cell == "lstm")
 
     def _run(self, x: Tensor, state: State):
         """``x``: ``(T, B, M, D)`` -> ``out, h_n, c_n, masks`` from the resolved backend."""
@@ -160,7 +119,7 @@ class RIM(_RimLayer):
         self.batch_first = bool(batch_first)
 
     def forward(self, x: Tensor, state: State = None, return_masks: bool = False):
-        self._check_input(x, (3, 4), "x")
+        self._check_input(x, (3, 4))
         if self.batch_first:
             x = x.transpose(0, 1)
         if x.dim() == 3:
@@ -181,9 +140,60 @@ class RIMCell(_RimLayer):
     """
 
     def forward(self, x: Tensor, state: State = None):
-        self._check_input(x, (2, 3), "x")
+        self._check_input(x, (2, 3))
         if x.dim() == 2:
             x = x.unsqueeze(1)
         _, h_n, c_n, masks = self._run(x.unsqueeze(0), state)
         new_state = (h_n, c_n) if self.config.cell == "lstm" else h_n
         return new_state, masks[0]
+
+
+# -- call-time checks (SPEC "Errors": floating dtype, rank, sizes, then agreement) -----------------
+def check_input(x: Tensor, ranks: tuple[int, int], input_size: int, param: Tensor) -> None:
+    """``x`` must be a floating tensor of rank in ``ranks``, last dim ``input_size``, every size
+    >= 1, with ``param``'s dtype and device."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+    if x.dim() not in ranks:
+        raise ValueError(f"x must have dim {ranks[0]} or {ranks[1]}, got dim {x.dim()} "
+                         f"(shape {tuple(x.shape)})")
+    if x.shape[-1] != input_size or any(n < 1 for n in x.shape):
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected last dim input_size="
+                         f"{input_size} and every size >= 1")
+    if x.dtype != param.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the parameters have dtype {param.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"x is on {x.device} but the parameters are on {param.device}")
+
+
+def check_state(state: State, x: Tensor, expected: tuple[int, int, int], lstm: bool,
+                where: str = "") -> tuple[Tensor, Optional[Tensor]]:
+    """``(h0, c0)`` of shape ``expected`` = ``(B, K, H)`` (``c0`` None for GRU); zeros when
+    ``state`` is None. ``where`` prefixes names in messages (e.g. ``"state[1]."`` for BRIM)."""
+    if state is None:
+        return x.new_zeros(expected), (x.new_zeros(expected) if lstm else None)
+    if lstm:
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise TypeError(f"{where or 'state'} must be a tuple (h_0, c_0) for cell='lstm'")
+        named = {"h_0": state[0], "c_0": state[1]}
+    else:
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{where or 'state'} must be a Tensor h_0 for cell='gru'")
+        named = {"h_0": state}
+    for name, t in named.items():
+        name = where + name
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have dim 3 (B, K, H), got dim {t.dim()}")
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected shape {expected}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return named["h_0"], named.get("c_0")

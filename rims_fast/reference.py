@@ -15,15 +15,16 @@ In float32/float64 the rounding is the identity.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._config import RimConfig
 
-__all__ = ["rim_ref", "select_active", "null_softmax", "lstm_cell_ref", "gru_cell_ref", "compute_dtype"]
+__all__ = ["rim_ref", "brim_ref", "rim_step", "select_active", "null_softmax", "lstm_cell_ref", "gru_cell_ref", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,6 +144,49 @@ class _InputGates:
         return _bmm(self.rnd(u.flatten(2)), self.w_ih, self.bias)
 
 
+def rim_step(h: Tensor, c: Optional[Tensor], keys: Tensor, input_term: Callable[[Tensor], Tensor],
+             P: Mapping[str, Tensor], cfg: RimConfig, rnd: _Rounder, lower: Tensor,
+             mask: Optional[Tensor], training: bool, lstm_cell: Callable = lstm_cell_ref,
+             gru_cell: Callable = gru_cell_ref) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """SPEC steps 1-5 for one time step, mechanism-major.
+
+    ``h``, ``c``: ``(K, B, H)`` in the compute dtype (``c`` None for GRU); ``keys``:
+    ``(B, M, n_in, d_k)`` keys of this step's input elements; ``input_term(a)`` maps the attention
+    probabilities ``(K, B, n_in, M)`` to the cell's input term ``(K, B, G*H)`` (bias included);
+    ``P``: parameters in the compute dtype; ``mask``: ``(K, B)`` to impose a selection, or None.
+    Returns the new ``h``, ``c`` and the ``(K, B)`` mask of active mechanisms.
+    """
+    K, B, _ = h.shape
+    n_in, d_k = cfg.input_heads, cfg.input_key_size
+    n_c, d_c, d_cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+    # 1. Input attention: per-mechanism query, scores against the M elements and the null.
+    q = _bmm(rnd(h), P["input_query"]).view(K, B, n_in, d_k)
+    s = torch.einsum("kbnd,bmnd->kbnm", rnd(q), rnd(keys)) * (1.0 / math.sqrt(d_k))
+    a, a_null = null_softmax(s)
+    # 2. Competition on p_k = mean over heads of the null's probability (undropped).
+    if mask is None:
+        mask = select_active(a_null.detach().mean(-1), cfg.top_k, lower)
+    a = _dropout(a, cfg.input_dropout, training)
+    # 3. Independent dynamics: active mechanisms step their cell, inactive ones copy.
+    gi = input_term(a)
+    gh = _bmm(rnd(h), P["weight_hh"], P["bias_hh"])
+    if cfg.cell == "lstm":
+        h_t, c = lstm_cell(gi + gh, h, c, mask)
+    else:
+        h_t = gru_cell(gi, gh, h, mask)
+    # 4. Communication: all mechanisms offer keys/values, active ones read (residual).
+    m3 = mask.unsqueeze(-1)
+    h_kv = torch.where(m3, h_t, h_t.detach()) if cfg.block_inactive_grad else h_t
+    qc = _bmm(rnd(h_t), P["comm_query"]).view(K, B, n_c, d_c)
+    kc = _bmm(rnd(h_kv), P["comm_key"]).view(K, B, n_c, d_c)
+    vc = _bmm(rnd(h_kv), P["comm_value"]).view(K, B, n_c, d_cv)
+    scores = torch.einsum("kbnd,jbnd->kbnj", rnd(qc), rnd(kc)) * (1.0 / math.sqrt(d_c))
+    b = _dropout(torch.softmax(scores, dim=-1), cfg.comm_dropout, training)
+    o = torch.einsum("kbnj,jbnd->kbnd", rnd(b), rnd(vc)).reshape(K, B, n_c * d_cv)
+    # 5. New state: h' (residual for active mechanisms), c from the cell.
+    return torch.where(m3, h_t + _bmm(rnd(o), P["comm_output"]), h_t), c, mask
+
+
 def rim_ref(
     x: Tensor,
     h0: Tensor,
@@ -173,58 +217,118 @@ def rim_ref(
     """
     T, B, M, D = x.shape
     K, H = cfg.num_units, cfg.hidden_size
-    n_in, d_k = cfg.input_heads, cfg.input_key_size
-    n_c, d_c, d_cv = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
-    lstm = cfg.cell == "lstm"
     ct = compute_dtype(x.dtype)
     rnd = _Rounder(x.dtype)
     P = {name: p.to(ct) for name, p in params.items()}
     x = x.to(ct)
 
     # State-independent work for all steps, before the loop: input keys and the cell's input term.
-    keys = (x @ P["input_key"]).view(T, B, M, n_in, d_k).unbind(0)
+    keys = (x @ P["input_key"]).view(T, B, M, cfg.input_heads, cfg.input_key_size).unbind(0)
     input_gates = _InputGates(x, P, cfg, rnd)
-    given = masks.permute(0, 2, 1).unbind(0) if masks is not None else None  # T x (K, B)
-    lower = torch.ones(K, K, dtype=torch.bool, device=x.device).tril(-1)  # lower[k, j] = j < k
-    scale_in, scale_c = 1.0 / math.sqrt(d_k), 1.0 / math.sqrt(d_c)
+    given = masks.permute(0, 2, 1).unbind(0) if masks is not None else [None] * T  # (K, B) each
+    lower = lower_triangle(K, x.device)
 
     h = h0.to(ct).transpose(0, 1)  # (K, B, H), carried in the compute dtype between steps
-    c = c0.to(ct).transpose(0, 1) if lstm else None
+    c = c0.to(ct).transpose(0, 1) if c0 is not None else None
     outs, selected = [], []
     for t in range(T):
-        # 1. Input attention: per-mechanism query, scores against the M elements and the null.
-        q = _bmm(rnd(h), P["input_query"]).view(K, B, n_in, d_k)
-        s = torch.einsum("kbnd,bmnd->kbnm", rnd(q), rnd(keys[t])) * scale_in
-        a, a_null = null_softmax(s)
-        # 2. Competition on p_k = mean over heads of the null's probability (undropped).
-        if given is None:
-            mask = select_active(a_null.detach().mean(-1), cfg.top_k, lower)
-        else:
-            mask = given[t]
-        a = _dropout(a, cfg.input_dropout, training)
-        # 3. Independent dynamics: active mechanisms step their cell, inactive ones copy.
-        gi = input_gates(t, a)
-        if lstm:
-            gates = gi + _bmm(rnd(h), P["weight_hh"], P["bias_hh"])
-            h_t, c = lstm_cell(gates, h, c, mask)
-        else:
-            h_t = gru_cell(gi, _bmm(rnd(h), P["weight_hh"], P["bias_hh"]), h, mask)
-        # 4. Communication: all mechanisms offer keys/values, active ones read (residual).
-        m3 = mask.unsqueeze(-1)
-        h_kv = torch.where(m3, h_t, h_t.detach()) if cfg.block_inactive_grad else h_t
-        qc = _bmm(rnd(h_t), P["comm_query"]).view(K, B, n_c, d_c)
-        kc = _bmm(rnd(h_kv), P["comm_key"]).view(K, B, n_c, d_c)
-        vc = _bmm(rnd(h_kv), P["comm_value"]).view(K, B, n_c, d_cv)
-        b = torch.softmax(torch.einsum("kbnd,jbnd->kbnj", rnd(qc), rnd(kc)) * scale_c, dim=-1)
-        b = _dropout(b, cfg.comm_dropout, training)
-        o = torch.einsum("kbnj,jbnd->kbnd", rnd(b), rnd(vc)).reshape(K, B, n_c * d_cv)
-        h = torch.where(m3, h_t + _bmm(rnd(o), P["comm_output"]), h_t)
-        # 5. New state.
+        h, c, mask = rim_step(h, c, keys[t], functools.partial(input_gates, t), P, cfg, rnd, lower,
+                              given[t], training, lstm_cell, gru_cell)
         outs.append(h)
         selected.append(mask)
-
     dtype = params["input_key"].dtype
     out = torch.stack(outs).permute(0, 2, 1, 3).reshape(T, B, K * H).to(dtype)
+    return (out, *finish_state(h, c, dtype), torch.stack(selected).transpose(1, 2).contiguous())
+
+
+def lower_triangle(K: int, device) -> Tensor:
+    """``lower[k, j] = j < k``: the tie-break operand of :func:`select_active`, built once."""
+    return torch.ones(K, K, dtype=torch.bool, device=device).tril(-1)
+
+
+def finish_state(h: Tensor, c: Optional[Tensor], dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """Mechanism-major compute-dtype state -> ``(B, K, H)`` ``h_n``, ``c_n`` in the storage dtype."""
     h_n = h.transpose(0, 1).contiguous().to(dtype)
-    c_n = c.transpose(0, 1).contiguous().to(dtype) if lstm else None
-    return out, h_n, c_n, torch.stack(selected).transpose(1, 2).contiguous()
+    return h_n, (c.transpose(0, 1).contiguous().to(dtype) if c is not None else None)
+
+
+def brim_ref(
+    x: Tensor,
+    states: Sequence[tuple[Tensor, Optional[Tensor]]],
+    layer_params: Sequence[Mapping[str, Tensor]],
+    cfgs: Sequence[RimConfig],
+    *,
+    masks: Optional[Sequence[Tensor]] = None,
+    training: bool = False,
+    lstm_cell: Callable = lstm_cell_ref,
+    gru_cell: Callable = gru_cell_ref,
+) -> tuple[list[Tensor], list[tuple[Tensor, Optional[Tensor]]], list[Tensor]]:
+    """A BRIM stack over a sequence, exactly SPEC.md "Multi-layer: BRIM".
+
+    Layer ``l`` attends over ``{null, bottom-up elements, top-down element}``: bottom-up is
+    ``x_t``'s ``M`` elements for ``l = 0`` and layer ``l-1``'s new ``h_t`` (one element,
+    mechanism-major) above; top-down, for every layer but the last, is layer ``l+1``'s
+    ``h_{t-1}``. Layers update bottom to top; the rest is :func:`rim_step`.
+
+    Args:
+        x: ``(T, B, M, D)``.
+        states: per layer ``(h0, c0)``, each ``(B, K_l, H_l)`` (``c0`` None for GRU).
+        layer_params: per layer, the RIM parameters with ``input_key``/``input_value`` replaced by
+            ``input_key_bottom_up``/``input_value_bottom_up`` and, below the top,
+            ``input_key_top_down``/``input_value_top_down``.
+        cfgs: per layer :class:`RimConfig` (its ``input_size`` is the bottom-up width).
+        masks: optional per-layer ``(T, B, K_l)`` bool selections to impose.
+
+    Returns:
+        per-layer outputs ``(T, B, K_l*H_l)``, per-layer final ``(h_n, c_n)``, per-layer masks.
+    """
+    T, B, M, D = x.shape
+    L = len(cfgs)
+    ct = compute_dtype(x.dtype)
+    rnd = _Rounder(x.dtype)
+    dtype = x.dtype
+    P = [{name: p.to(ct) for name, p in lp.items()} for lp in layer_params]
+    x = x.to(ct)
+    # Layer 0's bottom-up source does not depend on the state: project all steps up front.
+    keys0 = (x @ P[0]["input_key_bottom_up"]).unbind(0)
+    vals0 = (x @ P[0]["input_value_bottom_up"]).unbind(0)
+    h = [s[0].to(ct).transpose(0, 1) for s in states]
+    c = [s[1].to(ct).transpose(0, 1) if s[1] is not None else None for s in states]
+    lowers = [lower_triangle(cfg.num_units, x.device) for cfg in cfgs]
+    given = [m.permute(0, 2, 1).unbind(0) if m is not None else [None] * T
+             for m in (masks if masks is not None else [None] * L)]
+    outs = [[] for _ in range(L)]
+    selected = [[] for _ in range(L)]
+
+    def flat(state: Tensor) -> Tensor:  # (K, B, H) -> one element (B, 1, K*H), mechanism-major
+        return rnd(state.transpose(0, 1).reshape(B, 1, -1))
+
+    for t in range(T):
+        h_prev = list(h)  # every layer's h_{t-1}, before this step updates any of them
+        for l, cfg in enumerate(cfgs):
+            n, dk, dv = cfg.input_heads, cfg.input_key_size, cfg.input_value_size
+            if l == 0:
+                keys, vals = [keys0[t]], [vals0[t]]
+            else:
+                below = flat(h[l - 1])  # layer l-1 after this step's communication, not masked
+                keys = [below @ P[l]["input_key_bottom_up"]]
+                vals = [below @ P[l]["input_value_bottom_up"]]
+            if l < L - 1:
+                above = flat(h_prev[l + 1])
+                keys.append(above @ P[l]["input_key_top_down"])
+                vals.append(above @ P[l]["input_value_top_down"])
+            k_t = torch.cat(keys, 1).view(B, -1, n, dk)
+            v_t = torch.cat(vals, 1).view(B, -1, n, dv)
+
+            def input_term(a, v_t=v_t, Pl=P[l]):
+                u = torch.einsum("kbnm,bmnv->kbnv", rnd(a), rnd(v_t)).flatten(2)
+                return _bmm(rnd(u), Pl["weight_ih"], Pl["bias_ih"])
+
+            h[l], c[l], mask = rim_step(h[l], c[l], k_t, input_term, P[l], cfg, rnd, lowers[l],
+                                        given[l][t], training, lstm_cell, gru_cell)
+            outs[l].append(h[l])
+            selected[l].append(mask)
+
+    out = [torch.stack(o).permute(0, 2, 1, 3).reshape(T, B, -1).to(dtype) for o in outs]
+    final = [finish_state(h[l], c[l], dtype) for l in range(L)]
+    return out, final, [torch.stack(s).transpose(1, 2).contiguous() for s in selected]

@@ -1,0 +1,167 @@
+"""``BRIM``: stacked RIM layers with bottom-up and top-down attention (Mittal et al., ICML 2020).
+
+SPEC.md "Multi-layer: BRIM" is the contract; :func:`rims_fast.reference.brim_ref` computes it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _backend
+from ._config import BACKENDS, RimConfig
+from .modules import check_input, check_state
+from .reference import brim_ref
+
+PerLayer = Union[int, Sequence[int], None]
+
+#: Backends that run a BRIM stack in this version (the fused ones are single-layer for now).
+BRIM_BACKENDS = ("torch", "cuda")
+
+
+class BrimLayer(nn.Module):
+    """Parameters of one BRIM layer: the RIM parameters (SPEC table) with the input key/value
+    pair split into ``*_bottom_up`` (width ``cfg.input_size``) and, below the top layer,
+    ``*_top_down`` (width ``top_down_size`` = the layer above's ``K*H``)."""
+
+    def __init__(self, cfg: RimConfig, top_down_size: Optional[int], device=None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        shapes = {}
+        for name, shape in cfg.param_shapes().items():
+            if name in ("input_key", "input_value"):
+                shapes[f"{name}_bottom_up"] = shape
+                if top_down_size is not None:
+                    shapes[f"{name}_top_down"] = (top_down_size, shape[1])
+            else:
+                shapes[name] = shape
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As :meth:`rims_fast.RIM.reset_parameters`; the per-source pairs use ``fan_in = shape[-2]``."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                base = name.replace("_bottom_up", "").replace("_top_down", "")
+                bound = self.config.init_bound(base) if base == name else p.shape[-2] ** -0.5
+                p.uniform_(-bound, bound)
+
+
+class BRIM(nn.Module):
+    r"""A stack of ``L`` RIM layers; layer ``l`` attends to the layer below (this step) and the
+    layer above (previous step).
+
+    Args:
+        input_size: ``D`` of the bottom layer's input elements.
+        hidden_sizes: ``H_l`` per layer (an int for all layers, or a list).
+        num_units: ``K_l`` per layer (int or list).
+        top_k: active mechanisms per layer (int or list), ``1 <= top_k_l <= K_l``.
+        num_layers: ``L``; ``None`` infers it from the list arguments (all lists must agree),
+            or 1 when every per-layer argument is an int.
+        cell, input_dropout, comm_dropout, block_inactive_grad: as :class:`rims_fast.RIM`, shared
+            by all layers.
+        input_heads, input_key_size, input_value_size, comm_heads, comm_key_size,
+            comm_value_size: as :class:`rims_fast.RIM`, an int (or None) for all layers or a list.
+        batch_first: ``x``, ``out`` and masks are ``(B, T, ...)``; states stay ``(B, K, H)``.
+        output_all_layers: return every layer's ``h_t`` concatenated on the last dim (bottom to
+            top) instead of the top layer's.
+        backend: ``"auto"``, ``"torch"`` or ``"cuda"`` (the fused Triton and C++ sequence
+            backends do not run BRIM stacks yet; asking for them raises ``RuntimeError``).
+        device, dtype: factory arguments of the parameters.
+
+    Call: ``out, states = brim(x, states=None)`` with ``states`` a list of per-layer ``(h, c)``
+    (GRU: ``h``); ``return_masks=True`` adds a list of per-layer ``(T, B, K_l)`` masks.
+    """
+
+    def __init__(self, input_size: int, hidden_sizes: PerLayer, num_units: PerLayer,
+                 top_k: PerLayer, *, num_layers: Optional[int] = None, cell: str = "lstm",
+                 input_heads: PerLayer = 1, input_key_size: PerLayer = 64,
+                 input_value_size: PerLayer = None, comm_heads: PerLayer = 4,
+                 comm_key_size: PerLayer = 32, comm_value_size: PerLayer = 32,
+                 input_dropout: float = 0.0, comm_dropout: float = 0.0,
+                 block_inactive_grad: bool = True, batch_first: bool = False,
+                 output_all_layers: bool = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        per_layer = dict(hidden_size=hidden_sizes, num_units=num_units, top_k=top_k,
+                         input_heads=input_heads, input_key_size=input_key_size,
+                         input_value_size=input_value_size, comm_heads=comm_heads,
+                         comm_key_size=comm_key_size, comm_value_size=comm_value_size)
+        L = _num_layers(per_layer, num_layers)
+        args = [{k: (v[l] if isinstance(v, (list, tuple)) else v) for k, v in per_layer.items()}
+                for l in range(L)]
+        cfgs, width = [], input_size
+        for a in args:
+            cfg = RimConfig(width, cell=cell, input_dropout=input_dropout,
+                            comm_dropout=comm_dropout, block_inactive_grad=block_inactive_grad, **a)
+            cfgs.append(cfg)
+            width = cfg.num_units * cfg.hidden_size
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.batch_first = bool(batch_first)
+        self.output_all_layers = bool(output_all_layers)
+        self.last_backend: Optional[str] = None
+        tops = [c.num_units * c.hidden_size for c in cfgs[1:]] + [None]
+        self.layers = nn.ModuleList(BrimLayer(c, td, device=device, dtype=dtype)
+                                    for c, td in zip(cfgs, tops))
+
+    @property
+    def configs(self) -> list[RimConfig]:
+        return [layer.config for layer in self.layers]
+
+    def reset_parameters(self) -> None:
+        for layer in self.layers:
+            layer.reset_parameters()
+
+    def forward(self, x: Tensor, states: Optional[Sequence] = None, return_masks: bool = False):
+        cfgs = self.configs
+        check_input(x, (3, 4), cfgs[0].input_size, self.layers[0].input_key_bottom_up)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if x.dim() == 3:
+            x = x.unsqueeze(2)
+        B, lstm = x.shape[1], cfgs[0].cell == "lstm"
+        if states is not None and (not isinstance(states, (list, tuple)) or len(states) != len(cfgs)):
+            raise TypeError(f"states must be a list of {len(cfgs)} per-layer states (or None)")
+        checked = [check_state(None if states is None else states[l], x,
+                               (B, c.num_units, c.hidden_size), lstm, where=f"states[{l}].")
+                   for l, c in enumerate(cfgs)]
+        name = self._resolve(x)
+        self.last_backend = name
+        run = brim_ref
+        if name == "cuda":
+            from .masked_cell import masked_gru_cell, masked_lstm_cell
+            run = functools.partial(brim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
+        params = [dict(layer.named_parameters()) for layer in self.layers]
+        outs, final, masks = run(x, checked, params, cfgs, training=self.training)
+        out = torch.cat(outs, -1) if self.output_all_layers else outs[-1]
+        if self.batch_first:
+            out, masks = out.transpose(0, 1), [m.transpose(0, 1) for m in masks]
+        new_states = [(h, c) if lstm else h for h, c in final]
+        return (out, new_states, masks) if return_masks else (out, new_states)
+
+    def _resolve(self, x: Tensor) -> str:
+        if self.backend == "auto":
+            return "cuda" if _backend.unavailable_reason("cuda", x.device, x.dtype) is None else "torch"
+        if self.backend not in BRIM_BACKENDS:
+            raise RuntimeError(f"backend={self.backend!r} does not run BRIM stacks in this version; "
+                               f"use one of {BRIM_BACKENDS} or 'auto'")
+        return _backend.resolve(self.backend, x.device, x.dtype)
+
+
+def _num_layers(per_layer: dict, num_layers: Optional[int]) -> int:
+    lengths = {k: len(v) for k, v in per_layer.items() if isinstance(v, (list, tuple))}
+    if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool)
+                                   or num_layers < 1):
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    L = num_layers if num_layers is not None else next(iter(lengths.values()), 1)
+    if L < 1:
+        raise ValueError("a BRIM needs at least one layer (got empty per-layer lists)")
+    for k, n in lengths.items():
+        if n != L:
+            raise ValueError(f"{k} has {n} entries but the stack has {L} layers")
+    return L

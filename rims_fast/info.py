@@ -1,0 +1,59 @@
+"""``python -m rims_fast.info``: versions, build metadata, and which backends can run here."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+import rims_fast
+from rims_fast import _backend
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError as e:
+        return f"not installed ({e})"
+
+
+def _build() -> dict:
+    try:
+        from rims_fast import _build_info
+        return {k: v for k, v in vars(_build_info).items() if not k.startswith("_")}
+    except ImportError:
+        return {"build": "no build metadata (source tree, not installed with setup.py)"}
+
+
+def report() -> str:
+    from rims_fast import masked_cell
+    lines = [
+        f"rims_fast {rims_fast.__version__}",
+        f"python    {sys.version.split()[0]} ({platform.machine()})",
+        f"torch     {torch.__version__} (CUDA {torch.version.cuda}, cuda available: "
+        f"{torch.cuda.is_available()})",
+        f"triton    {_triton_version()}",
+        f"TRITON_INTERPRET=1: {_backend.triton_interpreter()}",
+        f"extension rims_fast._C: {'loaded' if masked_cell.HAVE_C else masked_cell.C_IMPORT_ERROR}",
+    ]
+    lines += [f"  build.{k} = {v}" for k, v in _build().items()]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        if dev == "cuda":
+            lines.append(f"device cuda: {torch.cuda.get_device_name()}")
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            lines.append(f"backends on {dev}/{str(dtype).replace('torch.', '')}:")
+            for name, why in rims_fast.available_backends(dev, dtype).items():
+                lines.append(f"  {name:7s} {'available' if why is None else 'unavailable: ' + why}")
+            lines.append(f"  auto -> {_backend.resolve('auto', torch.device(dev), dtype)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""BRIM (SPEC "Multi-layer: BRIM"): L = 1 equals RIM; L = 2, 3 against a plain layer-by-layer loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rims_fast
+from helpers import assert_close, make_rim, random_state
+from plain_rim import plain_brim
+
+SMALL = dict(input_heads=2, input_key_size=3, input_value_size=2, comm_heads=2, comm_key_size=2,
+             comm_value_size=2)
+
+
+def make_brim(seed=0, **kw):
+    args = dict(input_size=5, hidden_sizes=[3, 4, 2], num_units=[4, 3, 3], top_k=[2, 1, 3],
+                dtype=torch.float64, **SMALL)
+    args.update(kw)
+    torch.manual_seed(seed)
+    return rims_fast.BRIM(args.pop("input_size"), args.pop("hidden_sizes"), args.pop("num_units"),
+                          args.pop("top_k"), **args)
+
+
+def brim_states(brim, B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for cfg in brim.configs:
+        shape = (B, cfg.num_units, cfg.hidden_size)
+        h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        c = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        out.append((h, c) if cfg.cell == "lstm" else h)
+    return out
+
+
+def test_parameter_names():
+    names = dict(make_brim().named_parameters())
+    for l in range(3):
+        assert f"layers.{l}.input_key_bottom_up" in names and f"layers.{l}.weight_hh" in names
+        assert f"layers.{l}.input_key" not in names
+    assert names["layers.0.input_key_bottom_up"].shape == (5, 6)
+    assert names["layers.1.input_value_bottom_up"].shape == (4 * 3, 4)  # below: K*H = 12
+    assert names["layers.0.input_key_top_down"].shape == (3 * 4, 6)  # above: K*H = 12
+    assert names["layers.1.input_key_top_down"].shape == (3 * 2, 6)
+    assert "layers.2.input_key_top_down" not in names  # the top layer has nothing above
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_one_layer_equals_rim(cell):
+    rim = make_rim(cell=cell)
+    brim = rims_fast.BRIM(5, 3, 4, 2, cell=cell, input_heads=2, input_key_size=4,
+                          input_value_size=3, comm_heads=2, comm_key_size=3, comm_value_size=2,
+                          dtype=torch.float64)
+    sd = {("layers.0." + k.replace("input_key", "input_key_bottom_up")
+           .replace("input_value", "input_value_bottom_up")): v for k, v in rim.state_dict().items()}
+    brim.load_state_dict(sd)
+    x = torch.randn(4, 3, 2, 5, dtype=torch.float64, requires_grad=True)
+    state = random_state(rim, 3)
+    out_r, s_r, m_r = rim(x, state, return_masks=True)
+    out_b, s_b, m_b = brim(x, [state], return_masks=True)
+    assert torch.equal(m_r, m_b[0])
+    assert_close("out", out_b, out_r, torch.float64)
+    g_r = torch.autograd.grad(out_r.square().sum(), [x, rim.weight_hh, rim.input_key])
+    g_b = torch.autograd.grad(out_b.square().sum(), [x, brim.layers[0].weight_hh,
+                                                      brim.layers[0].input_key_bottom_up])
+    for name, a, b in zip(("dx", "dweight_hh", "dinput_key"), g_b, g_r):
+        assert_close(name, a, b, torch.float64, "grad_w")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("L", [2, 3])
+def test_stack_matches_plain_loop(cell, L):
+    brim = make_brim(cell=cell, hidden_sizes=[3, 4, 2][:L], num_units=[4, 3, 3][:L],
+                     top_k=[2, 1, 3][:L], block_inactive_grad=False)
+    B, T = 3, 4
+    x = torch.randn(T, B, 2, 5, dtype=torch.float64, requires_grad=True)
+    states = brim_states(brim, B)
+    out, final, masks = brim(x, states, return_masks=True)
+    P = [dict(layer.named_parameters()) for layer in brim.layers]
+    as_pairs = [s if cell == "lstm" else (s, None) for s in states]
+    p_outs, p_final, p_masks = plain_brim(x, as_pairs, P, brim.configs)
+    for l in range(L):
+        assert torch.equal(masks[l], p_masks[l]), f"layer {l} masks"
+    assert_close("out", out, p_outs[-1], torch.float64)
+    for l in range(L):
+        got = final[l] if cell == "lstm" else (final[l],)
+        for name, a, b in zip(("h_n", "c_n"), got, p_final[l]):
+            assert_close(f"{name}[{l}]", a, b, torch.float64)
+    # Every gradient: x, all states, all parameters of all layers.
+    leaves = [x] + [t for s in states for t in (s if cell == "lstm" else (s,))]
+    leaves += list(brim.parameters())
+    names = ["x"] + [f"state{i}" for i in range(len(leaves) - 1 - len(P) * len(P[0]))]
+    names += [n for n, _ in brim.named_parameters()]
+    g = torch.Generator().manual_seed(5)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    g_got = torch.autograd.grad((out * w_out).sum(), leaves, allow_unused=True)
+    g_want = torch.autograd.grad((p_outs[-1] * w_out).sum(), leaves, allow_unused=True)
+    for name, a, b in zip(names, g_got, g_want):
+        a = torch.zeros(1) if a is None else a
+        b = torch.zeros(1) if b is None else b
+        assert_close("d" + name, a, b, torch.float64, "grad_w")
+
+
+def test_top_down_reaches_every_layer():
+    # The public code feeds the top layer back to layer 0 only; here layer l hears layer l+1.
+    brim = make_brim()
+    x = torch.randn(3, 2, 1, 5, dtype=torch.float64)
+    states = brim_states(brim, 2)
+    for l in range(2):
+        td = brim.layers[l].input_value_top_down
+        td.grad = None
+        _, f2, _ = brim(x, states, return_masks=True)
+        f2[l][0].sum().backward()
+        assert td.grad is not None and td.grad.abs().sum() > 0, f"layer {l} ignores the layer above"
+
+
+def test_output_all_layers_and_batch_first():
+    brim = make_brim(output_all_layers=True, batch_first=True)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)  # (B, T, D)
+    out, states, masks = brim(x, return_masks=True)
+    assert out.shape == (2, 4, 12 + 12 + 6)
+    assert [m.shape for m in masks] == [(2, 4, 4), (2, 4, 3), (2, 4, 3)]
+    assert [s[0].shape for s in states] == [(2, 4, 3), (2, 3, 4), (2, 3, 2)]
+    top = make_brim(batch_first=True)
+    assert torch.equal(top(x)[0], out[..., 24:])
+
+
+def test_state_carried_across_calls():
+    brim = make_brim()
+    x = torch.randn(5, 2, 5, dtype=torch.float64)
+    out, s = brim(x)
+    o1, s1 = brim(x[:2])
+    o2, s2 = brim(x[2:], s1)
+    assert torch.equal(torch.cat([o1, o2]), out)
+    for (a, b), (c, d) in zip(s, s2):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(hidden_sizes=[3, 4], num_units=[4, 3, 3]), ValueError, "entries"),
+    (dict(num_layers=0), ValueError, "num_layers"),
+    (dict(top_k=[2, 5, 1]), ValueError, "top_k"),
+    (dict(hidden_sizes=[], num_units=[], top_k=[]), ValueError, "at least one layer"),
+])
+def test_construction_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        make_brim(**kw)
+
+
+def test_call_errors():
+    brim = make_brim()
+    x = torch.randn(2, 2, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="3 per-layer"):
+        brim(x, [None])
+    with pytest.raises(ValueError, match=r"states\[1\].h_0 has shape"):
+        st = brim_states(brim, 2)
+        st[1] = (torch.zeros(2, 3, 5, dtype=torch.float64), st[1][1])
+        brim(x, st)
+    with pytest.raises(RuntimeError, match="BRIM"):
+        make_brim(backend="triton")(x)
+    brim(x)
+    assert brim.last_backend == "torch"
