@@ -94,11 +94,13 @@ def gru_cell_ref(gi: Tensor, gh: Tensor, h: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.unsqueeze(-1), h_cell, h)
 
 
-def _dropout(a: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout on attention probabilities, no renormalisation (SPEC "Dropout")."""
+def _dropout(a: Tensor, p: float, training: bool, keep: Optional[Tensor] = None) -> Tensor:
+    """Inverted dropout on attention probabilities, no renormalisation (SPEC "Dropout").
+    ``keep``: a given bool keep-mask (another backend's draw), else drawn from torch's generator."""
     if not training or p == 0.0:
         return a
-    keep = torch.empty_like(a).bernoulli_(1.0 - p)
+    if keep is None:  # contiguous, so the draw's order is the logical (row-major) order
+        keep = torch.empty(a.shape, dtype=a.dtype, device=a.device).bernoulli_(1.0 - p)
     return a * keep / (1.0 - p)
 
 
@@ -147,13 +149,16 @@ class _InputGates:
 def rim_step(h: Tensor, c: Optional[Tensor], keys: Tensor, input_term: Callable[[Tensor], Tensor],
              P: Mapping[str, Tensor], cfg: RimConfig, rnd: _Rounder, lower: Tensor,
              mask: Optional[Tensor], training: bool, lstm_cell: Callable = lstm_cell_ref,
-             gru_cell: Callable = gru_cell_ref) -> tuple[Tensor, Optional[Tensor], Tensor]:
+             gru_cell: Callable = gru_cell_ref,
+             keep: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+             ) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """SPEC steps 1-5 for one time step, mechanism-major.
 
     ``h``, ``c``: ``(K, B, H)`` in the compute dtype (``c`` None for GRU); ``keys``:
     ``(B, M, n_in, d_k)`` keys of this step's input elements; ``input_term(a)`` maps the attention
     probabilities ``(K, B, n_in, M)`` to the cell's input term ``(K, B, G*H)`` (bias included);
-    ``P``: parameters in the compute dtype; ``mask``: ``(K, B)`` to impose a selection, or None.
+    ``P``: parameters in the compute dtype; ``mask``: ``(K, B)`` to impose a selection, or None;
+    ``keep``: given dropout keep-masks ``(K, B, n_in, M)`` and ``(K, B, n_c, K)``, or None to draw.
     Returns the new ``h``, ``c`` and the ``(K, B)`` mask of active mechanisms.
     """
     K, B, _ = h.shape
@@ -166,7 +171,7 @@ def rim_step(h: Tensor, c: Optional[Tensor], keys: Tensor, input_term: Callable[
     # 2. Competition on p_k = mean over heads of the null's probability (undropped).
     if mask is None:
         mask = select_active(a_null.detach().mean(-1), cfg.top_k, lower)
-    a = _dropout(a, cfg.input_dropout, training)
+    a = _dropout(a, cfg.input_dropout, training, keep[0])
     # 3. Independent dynamics: active mechanisms step their cell, inactive ones copy.
     gi = input_term(a)
     gh = _bmm(rnd(h), P["weight_hh"], P["bias_hh"])
@@ -181,7 +186,7 @@ def rim_step(h: Tensor, c: Optional[Tensor], keys: Tensor, input_term: Callable[
     kc = _bmm(rnd(h_kv), P["comm_key"]).view(K, B, n_c, d_c)
     vc = _bmm(rnd(h_kv), P["comm_value"]).view(K, B, n_c, d_cv)
     scores = torch.einsum("kbnd,jbnd->kbnj", rnd(qc), rnd(kc)) * (1.0 / math.sqrt(d_c))
-    b = _dropout(torch.softmax(scores, dim=-1), cfg.comm_dropout, training)
+    b = _dropout(torch.softmax(scores, dim=-1), cfg.comm_dropout, training, keep[1])
     o = torch.einsum("kbnj,jbnd->kbnd", rnd(b), rnd(vc)).reshape(K, B, n_c * d_cv)
     # 5. New state: h' (residual for active mechanisms), c from the cell.
     return torch.where(m3, h_t + _bmm(rnd(o), P["comm_output"]), h_t), c, mask
@@ -198,6 +203,7 @@ def rim_ref(
     training: bool = False,
     lstm_cell: Callable = lstm_cell_ref,
     gru_cell: Callable = gru_cell_ref,
+    dropout_masks: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence, exactly SPEC.md.
 
@@ -211,6 +217,9 @@ def rim_ref(
         training: dropout is applied only when true.
         lstm_cell, gru_cell: the masked cell update (step 3); backends substitute a fused op with
             the same signature as :func:`lstm_cell_ref` / :func:`gru_cell_ref`.
+        dropout_masks: optional bool keep-masks ``(T, B, K, n_in, M)`` for the input attention
+            and ``(T, B, K, n_c, K)`` for the communication, used instead of drawing (in training
+            mode with ``p > 0``), so a backend's own dropout draw can be replayed exactly.
 
     Returns:
         ``out (T, B, K*H)``, ``h_n (B, K, H)``, ``c_n (B, K, H)`` or ``None``, ``masks (T, B, K)``.
@@ -227,13 +236,16 @@ def rim_ref(
     input_gates = _InputGates(x, P, cfg, rnd)
     given = masks.permute(0, 2, 1).unbind(0) if masks is not None else [None] * T  # (K, B) each
     lower = lower_triangle(K, x.device)
+    keeps = [(None, None)] * T
+    if dropout_masks is not None:  # (T, B, K, n, .) -> per step (K, B, n, .)
+        keeps = list(zip(*(m.transpose(1, 2).unbind(0) for m in dropout_masks)))
 
     h = h0.to(ct).transpose(0, 1)  # (K, B, H), carried in the compute dtype between steps
     c = c0.to(ct).transpose(0, 1) if c0 is not None else None
     outs, selected = [], []
     for t in range(T):
         h, c, mask = rim_step(h, c, keys[t], functools.partial(input_gates, t), P, cfg, rnd, lower,
-                              given[t], training, lstm_cell, gru_cell)
+                              given[t], training, lstm_cell, gru_cell, keeps[t])
         outs.append(h)
         selected.append(mask)
     dtype = params["input_key"].dtype

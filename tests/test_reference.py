@@ -278,3 +278,25 @@ def test_half_precision_reference(dtype):
     if torch.equal(masks, masks64):
         assert_close("out", out, out64, dtype)
         assert_close("c_n", c, c64, dtype)
+
+
+def test_given_dropout_masks_replay_a_draw():
+    # rim_ref draws, per step, the input keep-mask (K, B, n_in, M) then the communication one
+    # (K, B, n_c, K) from torch's generator. Re-draw the same sequence by hand, hand it over in
+    # the public (T, B, K, n, .) layout, and the output must be bit-identical.
+    rim = make_rim(input_dropout=0.4, comm_dropout=0.3, num_units=4, top_k=2)
+    T, B, M, K, n_in, n_c = 3, 2, 2, 4, 2, 2
+    x = torch.randn(T, B, M, 5, dtype=torch.float64)
+    h0, c0 = random_state(rim, B)
+    P = dict(rim.named_parameters())
+    torch.manual_seed(11)
+    drawn = rims_fast.rim_ref(x, h0, c0, P, rim.config, training=True)[0]
+    torch.manual_seed(11)
+    keep_in, keep_c = [], []
+    for _ in range(T):
+        keep_in.append(torch.empty(K, B, n_in, M, dtype=torch.float64).bernoulli_(0.6).bool())
+        keep_c.append(torch.empty(K, B, n_c, K, dtype=torch.float64).bernoulli_(0.7).bool())
+    given = (torch.stack(keep_in).transpose(1, 2), torch.stack(keep_c).transpose(1, 2))
+    replay = rims_fast.rim_ref(x, h0, c0, P, rim.config, training=True, dropout_masks=given)[0]
+    assert torch.equal(replay, drawn)
+    assert not torch.equal(replay, rims_fast.rim_ref(x, h0, c0, P, rim.config)[0])
