@@ -219,7 +219,8 @@ def rim_ref(
             the same signature as :func:`lstm_cell_ref` / :func:`gru_cell_ref`.
         dropout_masks: optional bool keep-masks ``(T, B, K, n_in, M)`` for the input attention
             and ``(T, B, K, n_c, K)`` for the communication, used instead of drawing (in training
-            mode with ``p > 0``), so a backend's own dropout draw can be replayed exactly.
+            mode with ``p > 0``), so a backend's own dropout draw can be replayed exactly; either
+            may be ``None`` (drawn).
 
     Returns:
         ``out (T, B, K*H)``, ``h_n (B, K, H)``, ``c_n (B, K, H)`` or ``None``, ``masks (T, B, K)``.
@@ -237,8 +238,9 @@ def rim_ref(
     given = masks.permute(0, 2, 1).unbind(0) if masks is not None else [None] * T  # (K, B) each
     lower = lower_triangle(K, x.device)
     keeps = [(None, None)] * T
-    if dropout_masks is not None:  # (T, B, K, n, .) -> per step (K, B, n, .)
-        keeps = list(zip(*(m.transpose(1, 2).unbind(0) for m in dropout_masks)))
+    if dropout_masks is not None:  # (T, B, K, n, .) -> per step (K, B, n, .); None: draw
+        keeps = list(zip(*(m.transpose(1, 2).unbind(0) if m is not None else [None] * T
+                           for m in dropout_masks)))
 
     h = h0.to(ct).transpose(0, 1)  # (K, B, H), carried in the compute dtype between steps
     c = c0.to(ct).transpose(0, 1) if c0 is not None else None

@@ -1,0 +1,298 @@
+"""backend="triton" against the float64 reference: outputs, final states, masks, every gradient.
+
+On a machine without CUDA the kernels run on CPU tensors through the Triton interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py before triton is imported), so shapes are tiny and the
+grid is a hand-picked sub-grid of the parameter product (the interpreter costs ~1 s per step).
+The ``gpu`` class runs realistic shapes and is skipped without CUDA.
+
+Masks are compared exactly with the competition recomputed in float64 on the reference's states,
+except in rows where the ``top_k``-th and ``(top_k+1)``-th smallest ``p`` differ by at most
+``1e-6 * max p`` (SPEC.md); values are always compared under the backend's own masks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import TOL, assert_close, make_rim
+
+import rims_fast
+from rims_fast._backend import unavailable_reason as backend_unavailable_reason
+from rims_fast.reference import null_softmax, rim_ref, select_active
+
+pytestmark = pytest.mark.triton
+
+rt = pytest.importorskip("rims_fast.rim_triton")
+
+if rt.unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                         torch.float32) is not None:
+    pytest.skip(rt.unavailable_reason(torch.device("cpu"), torch.float32), allow_module_level=True)
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NAMES = rt.PARAM_NAMES
+
+# Relative gap under which a row counts as a near-tie for the mask comparison (SPEC: 1e-6 for
+# float32). In bfloat16 every product operand carries 8 bits, so p itself is only good to ~1e-2.
+TIE_GAP = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _inputs(rim, T, B, M, dtype, zero_state, noncontig, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    K, H, D = rim.num_units, rim.hidden_size, rim.input_size
+    if noncontig:  # (B, T, M, 2D) sliced and transposed: neither contiguous nor dense
+        x = torch.randn(B, T, M, 2 * D, generator=g, dtype=torch.float64)[..., ::2].transpose(0, 1)
+    else:
+        x = torch.randn(T, B, M, D, generator=g, dtype=torch.float64)
+    if zero_state:
+        h0, c0 = torch.zeros(B, K, H, dtype=torch.float64), torch.zeros(B, K, H, dtype=torch.float64)
+    else:
+        h0, c0 = (torch.randn(B, K, H, generator=g, dtype=torch.float64),
+                  torch.randn(B, K, H, generator=g, dtype=torch.float64))
+    if rim.cell != "lstm":
+        c0 = None
+    cast = lambda t: None if t is None else t.to(DEV, dtype)
+    return cast(x), cast(h0), cast(c0)
+
+
+def _loss_weights(T, B, K, H, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in ((T, B, K * H), (B, K, H), (B, K, H))]
+
+
+def _run(fn, x, h0, c0, params, cfg, weights, **kw):
+    """Run ``fn`` (rim_triton or rim_ref), differentiate a weighted sum of all outputs."""
+    leaves = {"x": x.detach().requires_grad_(), "h0": h0.detach().requires_grad_()}
+    if c0 is not None:
+        leaves["c0"] = c0.detach().requires_grad_()
+    ps = {n: p.detach().requires_grad_() for n, p in params.items()}
+    out, h_n, c_n, masks = fn(leaves["x"], leaves["h0"], leaves.get("c0"), ps, cfg, **kw)
+    wo, wh, wc = (w.to(out.device, out.dtype) for w in weights)
+    loss = (out * wo).sum() + (h_n * wh).sum()
+    if c_n is not None:
+        loss = loss + (c_n * wc).sum()
+    allv = {**leaves, **ps}
+    grads = dict(zip(allv, torch.autograd.grad(loss, list(allv.values()))))
+    return {"out": out, "h_n": h_n, "c_n": c_n}, grads, masks
+
+
+def _p_under(x, h0, out, params, cfg):
+    """``p`` (T, B, K) in float64 at the reference's states (SPEC step 2)."""
+    T, B, M, D = x.shape
+    K, H, n, dk = cfg.num_units, cfg.hidden_size, cfg.input_heads, cfg.input_key_size
+    prev = torch.cat([h0.reshape(1, B, K * H), out[:-1]]).view(T, B, K, H)
+    keys = (x @ params["input_key"]).view(T, B, M, n, dk)
+    q = torch.einsum("tbkh,khe->tbke", prev, params["input_query"]).view(T, B, K, n, dk)
+    s = torch.einsum("tbknd,tbmnd->tbknm", q, keys) / math.sqrt(dk)
+    return null_softmax(s)[1].mean(-1)
+
+
+def _check_masks(masks, p, top_k, gap):
+    """Exact mask equality with the float64 competition, except near-tie rows (SPEC.md)."""
+    masks, p = masks.cpu(), p.cpu()
+    T, B, K = masks.shape
+    lower = torch.ones(K, K, dtype=torch.bool).tril(-1)
+    own = select_active(p.reshape(T * B, K).t(), top_k, lower).t().reshape(T, B, K)
+    assert (masks.sum(-1) == top_k).all(), "every row must have exactly top_k active mechanisms"
+    if top_k == K:
+        return 0
+    srt = p.sort(-1).values
+    tie = (srt[..., top_k] - srt[..., top_k - 1]) <= gap * p.amax(-1)
+    bad = (own != masks.cpu()).any(-1) & ~tie
+    assert not bad.any(), f"masks differ from the float64 competition in rows {bad.nonzero().tolist()}"
+    return int(tie.sum())
+
+
+def _compare(cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, noncontig, dtype,
+             sizes=None, seed=0):
+    kw = dict(input_size=5, input_key_size=4, input_value_size=3, comm_key_size=3,
+              comm_value_size=2)
+    kw.update(sizes or {})
+    rim = make_rim(seed=seed, dtype=torch.float64, cell=cell, hidden_size=H, num_units=K,
+                   top_k=top_k, input_heads=n_in, comm_heads=n_c, **kw)
+    cfg = rim.config
+    p64 = {n: p.detach() for n, p in rim.named_parameters()}
+    pk = {n: p.to(DEV, dtype) for n, p in p64.items()}
+    x, h0, c0 = _inputs(rim, T, B, M, dtype, zero_state, noncontig)
+    w = _loss_weights(T, B, K, H)
+    vals, grads, masks = _run(rt.rim_triton, x, h0, c0, pk, cfg, w, training=False)
+    assert masks.dtype == torch.bool and masks.shape == (T, B, K)
+    assert vals["out"].dtype == dtype and vals["out"].shape == (T, B, K * H)
+    d = lambda t: None if t is None else t.detach().cpu().double()
+    rvals, rgrads, _ = _run(rim_ref, d(x), d(h0), d(c0), p64, cfg, w, masks=masks.cpu())
+    for name in ("out", "h_n", "c_n"):
+        if rvals[name] is None:
+            assert vals[name] is None
+            continue
+        assert_close(name, vals[name], rvals[name], dtype, "out")
+    for name, g in rgrads.items():
+        assert_close(f"grad_{name}", grads[name], g, dtype,
+                     "grad_in" if name in ("x", "h0", "c0") else "grad_w")
+    p = _p_under(d(x), d(h0), rvals["out"].detach(), p64, cfg)
+    ties = _check_masks(masks.cpu(), p, top_k, TIE_GAP[dtype])
+    if zero_state:  # exact ties at t = 0 (p = 1/(M+1) for all k) go to the lower index
+        first = torch.arange(K) < top_k
+        assert (masks[0].cpu() == first).all()
+    print(f"near-tie rows: {ties}")
+
+
+# (cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, noncontig): a sub-grid that covers every
+# axis value (LSTM/GRU, M 1/3, heads 1/2, top_k 1/K, T 1/3, H odd and a power of two, zero/given
+# state, contiguous/not) at least once per cell within the interpreter's budget.
+GRID = [
+    ("lstm", 3, 3, 1, 4, 1, 5, 1, 1, False, False),
+    ("lstm", 3, 2, 3, 4, 2, 5, 2, 2, True, True),
+    ("lstm", 1, 3, 3, 3, 3, 3, 1, 2, False, True),
+    ("lstm", 3, 2, 1, 3, 1, 8, 2, 1, True, False),
+    ("gru", 3, 3, 1, 4, 1, 5, 1, 1, False, True),
+    ("gru", 3, 2, 3, 4, 2, 5, 2, 2, True, False),
+    ("gru", 1, 3, 3, 3, 3, 3, 2, 1, False, False),
+    ("gru", 3, 2, 1, 3, 1, 8, 1, 2, True, True),
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference_fp32(case):
+    _compare(*case, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_matches_reference_bf16(cell):
+    # Looser documented tolerance: TOL[bfloat16] of tests/helpers.py (8-bit operands).
+    _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=torch.bfloat16)
+
+
+def test_two_sample_tiles():
+    """B > BLOCK_B: several programs along the batch, the last one partial."""
+    _compare("lstm", 2, 17, 2, 3, 2, 5, 1, 2, False, False, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_same_masks_in_backward(cell):
+    """Training with dropout: the Triton forward equals the float64 recompute under the keep-masks
+    regenerated from the same stream, gradients included; the stream follows torch.manual_seed."""
+    rim = make_rim(seed=1, dtype=torch.float64, cell=cell, hidden_size=5, num_units=3, top_k=2,
+                   input_heads=2, comm_heads=2, input_dropout=0.3, comm_dropout=0.4)
+    cfg = rim.config
+    T, B, M = 2, 3, 2
+    p64 = {n: p.detach() for n, p in rim.named_parameters()}
+    pk = {n: p.to(DEV, torch.float32) for n, p in p64.items()}
+    x, h0, c0 = _inputs(rim, T, B, M, torch.float32, False, False)
+    w = _loss_weights(T, B, 3, 5)
+    torch.manual_seed(11)
+    vals, grads, masks = _run(rt.rim_triton, x, h0, c0, pk, cfg, w, training=True)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2 ** 31 - 2, (1,)).item())
+    keep_in, keep_c = rt._dropout_keep(cfg, T, B, M, seed, DEV)
+    assert 0 < keep_in.float().mean() < 1 and 0 < keep_c.float().mean() < 1
+    d = lambda t: None if t is None else t.detach().cpu().double()
+    rvals, rgrads, _ = _run(rim_ref, d(x), d(h0), d(c0), p64, cfg, w, masks=masks.cpu(),
+                            training=True, dropout_masks=(keep_in.cpu(), keep_c.cpu()))
+    for name in ("out", "h_n", "c_n"):
+        if rvals[name] is not None:
+            assert_close(name, vals[name], rvals[name], torch.float32, "out")
+    for name, g in rgrads.items():
+        assert_close(f"grad_{name}", grads[name], g, torch.float32,
+                     "grad_in" if name in ("x", "h0", "c0") else "grad_w")
+    # Reproducible under torch.manual_seed; different from eval mode.
+    torch.manual_seed(11)
+    again = rt.rim_triton(x, h0, c0, pk, cfg, training=True)[0]
+    assert torch.equal(again, vals["out"].detach())
+    evalm = rt.rim_triton(x, h0, c0, pk, cfg, training=False)[0]
+    assert not torch.equal(evalm, vals["out"].detach())
+
+
+def test_opcheck():
+    rim = make_rim(seed=2, dtype=torch.float32, hidden_size=3, num_units=2, top_k=1,
+                   input_heads=1, comm_heads=1)
+    sizes, cell, p_in, p_c, big = rt._cfg_args(rim.config)
+    x = torch.randn(1, 2, 1, 5, device=DEV)
+    h0 = torch.randn(2, 2, 3, device=DEV, requires_grad=True)
+    c0 = torch.randn(2, 2, 3, device=DEV, requires_grad=True)
+    params = [dict(rim.named_parameters())[n].detach().to(DEV).requires_grad_() for n in NAMES]
+    args = (x.requires_grad_(), h0, c0, params, sizes, cell, p_in, p_c, big, False, 0)
+    # test_schema runs the op under a mutation-checking mode and test_aot_dispatch_dynamic traces
+    # forward and backward: each a few interpreted runs of tiny shape.
+    torch.library.opcheck(torch.ops.rims_fast.rim_triton_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_unavailable_reason(monkeypatch):
+    assert "float64" in rt.unavailable_reason(torch.device("cpu"), torch.float64)
+    assert rt.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in rt.unavailable_reason(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert rt.unavailable_reason(torch.device("cpu"), torch.float16) is None
+    assert backend_unavailable_reason("triton", DEV, torch.float32) is None
+
+
+def test_module_backend_triton():
+    """Through ``rims_fast.RIM(backend="triton")``: same as ``backend="torch"`` in float32."""
+    torch.manual_seed(0)
+    a = rims_fast.RIM(4, 5, 3, 2, input_heads=1, input_key_size=4, input_value_size=3,
+                      comm_heads=1, comm_key_size=3, comm_value_size=2, backend="triton").to(DEV)
+    b = rims_fast.RIM(4, 5, 3, 2, input_heads=1, input_key_size=4, input_value_size=3,
+                      comm_heads=1, comm_key_size=3, comm_value_size=2, backend="torch").to(DEV)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 2, 4, device=DEV)
+    oa, (ha, ca), ma = a(x, return_masks=True)
+    ob, (hb, cb), mb = b(x, return_masks=True)
+    assert a.last_backend == "triton"
+    assert torch.equal(ma, mb)
+    assert_close("out", oa, ob, torch.float32)
+    oa.sum().backward()
+    ob.sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert_close(f"grad_{n}", pa.grad, pb.grad, torch.float32, "grad_w")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestGPU:
+    """Realistic shapes on a GPU: B=64, T=20, D=64, K=6, top_k=4, H=100."""
+
+    SHAPE = dict(T=20, B=64, M=1, K=6, top_k=4, H=100)
+
+    def _case(self, cell, dtype):
+        s = self.SHAPE
+        rim = make_rim(seed=0, dtype=torch.float64, cell=cell, input_size=64, hidden_size=s["H"],
+                       num_units=s["K"], top_k=s["top_k"], input_heads=1, input_key_size=64,
+                       input_value_size=400, comm_heads=4, comm_key_size=32, comm_value_size=32)
+        cfg = rim.config
+        p64 = {n: p.detach().cuda() for n, p in rim.named_parameters()}
+        pk = {n: p.to(dtype) for n, p in p64.items()}
+        x, h0, c0 = _inputs(rim, s["T"], s["B"], s["M"], torch.float64, False, False)
+        x, h0 = x.cuda(), h0.cuda()
+        c0 = None if c0 is None else c0.cuda()
+        lo = lambda t: None if t is None else t.to(dtype)
+        w = _loss_weights(s["T"], s["B"], s["K"], s["H"])
+        vals, grads, masks = _run(rt.rim_triton, lo(x), lo(h0), lo(c0), pk, cfg, w, training=False)
+        rvals, rgrads, _ = _run(rim_ref, x, h0, c0, p64, cfg, w, masks=masks)
+        if dtype == torch.float32:
+            for name in ("out", "h_n", "c_n"):
+                if rvals[name] is not None:
+                    assert_close(name, vals[name], rvals[name], dtype, "out")
+            for name, g in rgrads.items():
+                assert_close(f"grad_{name}", grads[name], g, dtype,
+                             "grad_in" if name in ("x", "h0", "c0") else "grad_w")
+        else:  # flash-attention's rule: err(kernel) <= 2 err(reference in dtype) + atol
+            qvals, qgrads, _ = _run(rim_ref, lo(x), lo(h0), lo(c0), pk, cfg, w, masks=masks)
+            both = [(n, vals[n], qvals[n], rvals[n]) for n in ("out", "h_n", "c_n") if rvals[n] is not None]
+            both += [(f"grad_{n}", grads[n], qgrads[n], rgrads[n]) for n in rgrads]
+            for name, a, q, r in both:
+                ea = (a.double() - r).abs().max().item()
+                eq = (q.double() - r).abs().max().item()
+                print(f"{name:>14s} kernel={ea:.3e} ref_{dtype}={eq:.3e}")
+                assert ea <= 2 * eq + 1e-2 * max(1.0, r.abs().max().item()), name
+        p = _p_under(x, h0, rvals["out"].detach(), p64, cfg)
+        print("near-tie rows:", _check_masks(masks, p, s["top_k"], TIE_GAP[dtype]))
+
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_realistic(self, cell, dtype):
+        self._case(cell, dtype)

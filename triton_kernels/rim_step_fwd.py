@@ -1,0 +1,350 @@
+"""Forward Triton kernels of one RIM step (SPEC.md steps 1-5) and their thin launchers.
+
+Two kernels per step, each on a grid of ``(cdiv(B, BLOCK_B), K)`` programs; program ``(i, k)``
+owns samples ``[i*BLOCK_B, (i+1)*BLOCK_B)`` and mechanism ``k``:
+
+- :func:`_rim_cell_fwd_kernel` (steps 1-3, plus the communication projections of step 4): loops
+  over all K mechanisms to compute ``p_j`` (so the competition is local to the program: SPEC's
+  rank rule as a comparison count, no sort), then for its own ``k``: input attention read (as the
+  attention-weighted sum of the precomputed folded input term ``XW``), gate products
+  ``h_k W_hh[k]``, the masked LSTM/GRU update, and ``Q_k, K_k, V_k`` of the communication from
+  the new ``h~_k``.
+- :func:`_rim_comm_fwd_kernel` (steps 4-5): multi-head softmax of ``Q_k`` over the K keys, read
+  of the values, output projection, residual for active ``k``, copy for inactive; writes the
+  float32 carried state and ``out[t]`` in the output dtype.
+
+Kernels take contiguous tensors; layouts are documented per argument. All products accumulate in
+float32 (``tl.dot``; ``input_precision`` from the launcher: "tf32" when PyTorch allows TF32, else
+"tf32x3", see ``rims_fast.rim_triton.FP32_DOT``);
+operands are rounded to the storage dtype first, as :mod:`rims_fast.reference` does. ``tl.dot``
+operands are padded to >= 16 in every dim with masked loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 (CPU), half-precision tl.dot is not usable: products of operands that
+# are already rounded to the storage dtype are then done in float32 (the same values, exactly).
+_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+__all__ = ["rim_cell_fwd", "rim_comm_fwd", "rim_dropout_masks", "pad_dot", "pad"]
+
+
+def pad(n: int) -> int:
+    """Next power of two (a ``tl.arange`` size)."""
+    return triton.next_power_of_2(int(n))
+
+
+def pad_dot(n: int) -> int:
+    """Next power of two, at least 16 (a ``tl.dot`` dimension)."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh via exp (no libdevice dependency; saturates correctly to +-1 for large |x|).
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    """Round float32 ``x`` to the storage dtype ``DT`` (nearest-even) and back to float32."""
+    if DT == tl.bfloat16:
+        # Explicit round-to-nearest-even on the bits (the interpreter's cast truncates).
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    elif DT == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_rows(ptr, offs_b, b_ok, k, K: tl.constexpr, W: tl.constexpr, col0, NCOL: tl.constexpr,
+               C_P: tl.constexpr):
+    """``ptr[b, k, col0:col0+NCOL]`` of a ``(B, K, W)`` float tensor as a ``(BLOCK_B, C_P)`` tile."""
+    offs_c = tl.arange(0, C_P)
+    ptrs = ptr + (offs_b[:, None] * K + k) * W + col0 + offs_c[None, :]
+    return tl.load(ptrs, mask=b_ok[:, None] & (offs_c[None, :] < NCOL), other=0.0)
+
+
+@triton.jit
+def _proj(x, w_ptr, k, row0, col0, R: tl.constexpr, C: tl.constexpr, NROW: tl.constexpr,
+          NCOL: tl.constexpr, R_P: tl.constexpr, C_P: tl.constexpr, PREC: tl.constexpr):
+    """``x @ W[k][row0:row0+NROW, col0:col0+NCOL]`` with ``W`` ``(K, R, C)`` row-major; ``x`` is
+    ``(BLOCK_B, R_P)`` float32 already rounded to the weight dtype (so the cast is exact); float32
+    accumulation; result ``(BLOCK_B, C_P)``."""
+    offs_r = tl.arange(0, R_P)
+    offs_c = tl.arange(0, C_P)
+    ptrs = w_ptr + k * (R * C) + (row0 + offs_r[:, None]) * C + col0 + offs_c[None, :]
+    w = tl.load(ptrs, mask=(offs_r[:, None] < NROW) & (offs_c[None, :] < NCOL), other=0.0)
+    if _INTERP:
+        return tl.dot(x, w.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(x.to(w.dtype), w, input_precision=PREC)
+
+
+@triton.jit
+def _null_softmax_head(q, keys_ptr, n, offs_b, b_ok, M, NI: tl.constexpr, DK: tl.constexpr,
+                       DK_P: tl.constexpr, M_P: tl.constexpr, scale):
+    """SPEC steps 1-2 for one head: ``q`` ``(BLOCK_B, DK_P)`` (float32, rounded) against the M keys
+    of this step, ``keys_ptr`` ``(B, M, NI*DK)`` float32. Returns ``(a (BLOCK_B, M_P), a_null)``
+    from the softmax over ``{null, 1..M}`` shifted by ``mu = max(0, max_m s)``."""
+    offs_m = tl.arange(0, M_P)
+    offs_d = tl.arange(0, DK_P)
+    ptrs = (keys_ptr + offs_b[:, None, None] * (M * (NI * DK)) + offs_m[None, :, None] * (NI * DK)
+            + n * DK + offs_d[None, None, :])
+    ok = b_ok[:, None, None] & (offs_m[None, :, None] < M) & (offs_d[None, None, :] < DK)
+    kt = tl.load(ptrs, mask=ok, other=0.0)
+    s = tl.sum(q[:, None, :] * kt, axis=2) * scale  # (BLOCK_B, M_P)
+    s = tl.where(offs_m[None, :] < M, s, float("-inf"))
+    mu = tl.maximum(tl.max(s, axis=1), 0.0)
+    e = tl.exp(s - mu[:, None])
+    e_null = tl.exp(-mu)
+    den = e_null + tl.sum(e, axis=1)
+    return e / den[:, None], e_null / den
+
+
+@triton.jit
+def _xw_term(xw_ptr, a, offs_b, b_ok, k, n, g, M, K: tl.constexpr, NI: tl.constexpr,
+             H: tl.constexpr, G: tl.constexpr, M_P: tl.constexpr, H_P: tl.constexpr):
+    """``sum_m a[b, m] XW[b, k, n, m, g*H:(g+1)*H]``, ``XW`` ``(B, K, NI, M, G*H)`` float32."""
+    offs_m = tl.arange(0, M_P)
+    offs_h = tl.arange(0, H_P)
+    base = ((offs_b[:, None, None] * K + k) * NI + n) * M
+    ptrs = xw_ptr + (base + offs_m[None, :, None]) * (G * H) + g * H + offs_h[None, None, :]
+    ok = b_ok[:, None, None] & (offs_m[None, :, None] < M) & (offs_h[None, None, :] < H)
+    xw = tl.load(ptrs, mask=ok, other=0.0)
+    return tl.sum(a[:, :, None] * xw, axis=1)
+
+
+@triton.jit
+def _dropout(v, seed, offs, p_drop):
+    """Inverted dropout with a counter-based stream: keep iff ``rand(seed, offs) >= p_drop``."""
+    keep = tl.rand(seed, offs) >= p_drop
+    return tl.where(keep, v / (1.0 - p_drop), 0.0)
+
+
+@triton.jit(do_not_specialize=["t", "seed"])
+def _rim_cell_fwd_kernel(
+    h_ptr, c_ptr,            # (B, K, H) float32 state of step t-1 (c unused for GRU)
+    keys_ptr,                # (T, B, M, NI*DK) float32 input keys (rounded to the storage dtype)
+    xw_ptr,                  # (T, B, K, NI, M, G*H) float32 folded input term
+    wq_ptr, whh_ptr,         # input_query (K, H, NI*DK), weight_hh (K, H, G*H), storage dtype
+    bih_ptr, bhh_ptr,        # bias_ih, bias_hh (K, G*H), storage dtype
+    cq_ptr, ck_ptr, cv_ptr,  # comm_query/comm_key (K, H, NC*DC), comm_value (K, H, NC*DCV)
+    ht_ptr, cn_ptr,          # out: (B, K, H) float32 h~ and c of step t
+    mask_ptr,                # out: (T, B, K) int8 active mask
+    qc_ptr, kc_ptr, vc_ptr,  # out: (B, K, NC*DC|DCV) float32 communication Q, K, V (rounded)
+    B, M, t, seed, p_drop, scale,
+    K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, DK: tl.constexpr, NC: tl.constexpr,
+    DC: tl.constexpr, DCV: tl.constexpr, G: tl.constexpr, TOP_K: tl.constexpr,
+    IS_LSTM: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr,
+    DK_P: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, CQ_P: tl.constexpr,
+    CV_P: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    k = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    offs_k = tl.arange(0, K_P)
+    offs_h = tl.arange(0, H_P)
+    WDT = wq_ptr.dtype.element_ty
+    t64 = t.to(tl.int64)
+    keys_t = keys_ptr + t64 * B * M * (NI * DK)
+    xw_t = xw_ptr + t64 * B * K * NI * M * (G * H)
+
+    # 1-2. p_j of every mechanism (undropped), then k's rank: active iff fewer than TOP_K beat it.
+    p_all = tl.zeros((BLOCK_B, K_P), dtype=tl.float32)
+    for j in range(K):
+        hj = _rnd(_load_rows(h_ptr, offs_b, b_ok, j, K, H, 0, H, H_P), WDT)
+        psum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for n in tl.static_range(NI):
+            q = _proj(hj, wq_ptr, j, 0, n * DK, H, NI * DK, H, DK, H_P, DK_P, PREC)
+            q = _rnd(q, WDT)
+            a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
+            psum += a_null
+        p_all = tl.where(offs_k[None, :] == j, (psum / NI)[:, None], p_all)
+    p_k = tl.sum(tl.where(offs_k[None, :] == k, p_all, 0.0), axis=1)
+    beats = (p_all < p_k[:, None]) | ((p_all == p_k[:, None]) & (offs_k[None, :] < k))
+    beats = beats & (offs_k[None, :] < K)
+    active = tl.sum(beats.to(tl.int32), axis=1) < TOP_K  # (BLOCK_B,)
+    tl.store(mask_ptr + (t64 * B + offs_b) * K + k, active.to(tl.int8), mask=b_ok)
+
+    # 3. Own mechanism: attention-weighted input term + recurrent term, masked cell update.
+    h = _load_rows(h_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
+    hr = _rnd(h, WDT)
+    acc0 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+    offs_m = tl.arange(0, M_P)
+    for n in tl.static_range(NI):
+        q = _proj(hr, wq_ptr, k, 0, n * DK, H, NI * DK, H, DK, H_P, DK_P, PREC)
+        q = _rnd(q, WDT)
+        a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
+        if HAS_DROP:
+            offs = (((t * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
+            a = _dropout(a, seed, offs, p_drop)
+        a = _rnd(a, WDT)
+        acc0 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 0, M, K, NI, H, G, M_P, H_P)
+        acc1 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 1, M, K, NI, H, G, M_P, H_P)
+        acc2 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 2, M, K, NI, H, G, M_P, H_P)
+        if IS_LSTM:
+            acc3 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 3, M, K, NI, H, G, M_P, H_P)
+    h_ok = offs_h < H
+    bi = bih_ptr + k * (G * H) + offs_h
+    bh = bhh_ptr + k * (G * H) + offs_h
+    gi0 = acc0 + tl.load(bi, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gi1 = acc1 + tl.load(bi + H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gi2 = acc2 + tl.load(bi + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gh0 = (_proj(hr, whh_ptr, k, 0, 0, H, G * H, H, H, H_P, H_P, PREC)
+           + tl.load(bh, mask=h_ok, other=0.0).to(tl.float32)[None, :])
+    gh1 = (_proj(hr, whh_ptr, k, 0, H, H, G * H, H, H, H_P, H_P, PREC)
+           + tl.load(bh + H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
+    gh2 = (_proj(hr, whh_ptr, k, 0, 2 * H, H, G * H, H, H, H_P, H_P, PREC)
+           + tl.load(bh + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
+    if IS_LSTM:
+        gi3 = acc3 + tl.load(bi + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        gh3 = (_proj(hr, whh_ptr, k, 0, 3 * H, H, G * H, H, H, H_P, H_P, PREC)
+               + tl.load(bh + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
+        c = _load_rows(c_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
+        c_cell = _sigmoid(gi1 + gh1) * c + _sigmoid(gi0 + gh0) * _tanh(gi2 + gh2)
+        h_cell = _sigmoid(gi3 + gh3) * _tanh(c_cell)
+        c_new = tl.where(active[:, None], c_cell, c)
+        tl.store(cn_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], c_new,
+                 mask=b_ok[:, None] & h_ok[None, :])
+    else:
+        r = _sigmoid(gi0 + gh0)
+        z = _sigmoid(gi1 + gh1)
+        nn = _tanh(gi2 + r * gh2)
+        h_cell = (1.0 - z) * nn + z * h
+    h_new = tl.where(active[:, None], h_cell, h)
+    tl.store(ht_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], h_new,
+             mask=b_ok[:, None] & h_ok[None, :])
+
+    # 4 (first half). Communication projections of k from h~_k (all mechanisms offer K and V).
+    hn = _rnd(h_new, WDT)
+    offs_q = tl.arange(0, CQ_P)
+    offs_v = tl.arange(0, CV_P)
+    ok_q = b_ok[:, None] & (offs_q[None, :] < NC * DC)
+    ok_v = b_ok[:, None] & (offs_v[None, :] < NC * DCV)
+    qc = _proj(hn, cq_ptr, k, 0, 0, H, NC * DC, H, NC * DC, H_P, CQ_P, PREC)
+    kc = _proj(hn, ck_ptr, k, 0, 0, H, NC * DC, H, NC * DC, H_P, CQ_P, PREC)
+    vc = _proj(hn, cv_ptr, k, 0, 0, H, NC * DCV, H, NC * DCV, H_P, CV_P, PREC)
+    row_q = (offs_b[:, None] * K + k) * (NC * DC) + offs_q[None, :]
+    tl.store(qc_ptr + row_q, _rnd(qc, WDT), mask=ok_q)
+    tl.store(kc_ptr + row_q, _rnd(kc, WDT), mask=ok_q)
+    tl.store(vc_ptr + (offs_b[:, None] * K + k) * (NC * DCV) + offs_v[None, :],
+             _rnd(vc, WDT), mask=ok_v)
+
+
+@triton.jit(do_not_specialize=["t", "seed"])
+def _rim_comm_fwd_kernel(
+    ht_ptr,                  # (B, K, H) float32 h~ of step t
+    mask_ptr,                # (T, B, K) int8 active mask
+    qc_ptr, kc_ptr, vc_ptr,  # (B, K, NC*DC|DCV) float32 communication Q, K, V
+    co_ptr,                  # comm_output (K, NC*DCV, H), storage dtype
+    h_ptr,                   # out: (B, K, H) float32 state of step t
+    out_ptr,                 # out: (T, B, K*H) output dtype
+    B, t, seed, p_drop, scale,
+    K: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, DC: tl.constexpr, DCV: tl.constexpr,
+    HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr, K_P: tl.constexpr,
+    DC_P: tl.constexpr, DCV_P: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    k = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    offs_k = tl.arange(0, K_P)
+    offs_h = tl.arange(0, H_P)
+    WDT = co_ptr.dtype.element_ty
+    t64 = t.to(tl.int64)
+    active = tl.load(mask_ptr + (t64 * B + offs_b) * K + k, mask=b_ok, other=0) != 0
+    ht = _load_rows(ht_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
+    add = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+    for n in tl.static_range(NC):
+        q = _load_rows(qc_ptr, offs_b, b_ok, k, K, NC * DC, n * DC, DC, DC_P)
+        s = tl.full((BLOCK_B, K_P), float("-inf"), dtype=tl.float32)
+        for j in range(K):
+            kj = _load_rows(kc_ptr, offs_b, b_ok, j, K, NC * DC, n * DC, DC, DC_P)
+            s = tl.where(offs_k[None, :] == j, (tl.sum(q * kj, axis=1) * scale)[:, None], s)
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        prob = e / tl.sum(e, axis=1)[:, None]
+        if HAS_DROP:
+            offs = (((t * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
+            prob = _dropout(prob, seed, offs, p_drop)
+        prob = _rnd(prob, WDT)
+        o = tl.zeros((BLOCK_B, DCV_P), dtype=tl.float32)
+        for j in range(K):
+            pj = tl.sum(tl.where(offs_k[None, :] == j, prob, 0.0), axis=1)
+            vj = _load_rows(vc_ptr, offs_b, b_ok, j, K, NC * DCV, n * DCV, DCV, DCV_P)
+            o += pj[:, None] * vj
+        add += _proj(_rnd(o, WDT), co_ptr, k, n * DCV, 0, NC * DCV, H, DCV, H, DCV_P, H_P, PREC)
+    h_new = tl.where(active[:, None], ht + add, ht)
+    ok = b_ok[:, None] & (offs_h[None, :] < H)
+    tl.store(h_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], h_new, mask=ok)
+    tl.store(out_ptr + (t64 * B + offs_b[:, None]) * (K * H) + k * H + offs_h[None, :],
+             _rnd(h_new, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rim_dropout_masks_fwd_kernel(keep_ptr, N, seed, p_drop, BLOCK: tl.constexpr):
+    """``keep[i] = rand(seed, i) >= p_drop`` for a flat index ``i``: the same stream as the
+    kernels above, so a recompute sees exactly the forward's dropout masks."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(seed, offs) >= p_drop
+    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=offs < N)
+
+
+# ---------------------------------------------------------------- launchers (no autograd here)
+
+BLOCK_B = 16  # samples per program (a tl.dot M dimension: >= 16)
+NUM_WARPS = 4
+
+
+def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc, *,
+                 t, M, K, H, NI, DK, NC, DC, DCV, top_k, lstm, seed, p_drop, prec):
+    """Launch :func:`_rim_cell_fwd_kernel` for step ``t`` (all tensors contiguous)."""
+    B = h.shape[0]
+    grid = (triton.cdiv(B, BLOCK_B), K)
+    _rim_cell_fwd_kernel[grid](
+        h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc,
+        B, M, t, seed, float(p_drop), 1.0 / DK ** 0.5,
+        K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC, DCV=DCV, G=4 if lstm else 3, TOP_K=top_k,
+        IS_LSTM=lstm, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H), DK_P=pad_dot(DK),
+        M_P=pad(M), K_P=pad(K), CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec,
+        num_warps=NUM_WARPS)
+
+
+def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, seed, p_drop, prec):
+    """Launch :func:`_rim_comm_fwd_kernel` for step ``t`` (all tensors contiguous)."""
+    B = h.shape[0]
+    grid = (triton.cdiv(B, BLOCK_B), K)
+    _rim_comm_fwd_kernel[grid](
+        ht, masks, qc, kc, vc, co, h, out, B, t, seed, float(p_drop), 1.0 / DC ** 0.5,
+        K=K, H=H, NC=NC, DC=DC, DCV=DCV, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H),
+        K_P=pad(K), DC_P=pad(DC), DCV_P=pad_dot(DCV), PREC=prec, num_warps=NUM_WARPS)
+
+
+def rim_dropout_masks(shape, seed, p_drop, device):
+    """The keep masks (bool, ``shape``, row-major flat index = the kernels' RNG offset)."""
+    import torch
+
+    n = 1
+    for s in shape:
+        n *= int(s)
+    keep = torch.empty(n, dtype=torch.int8, device=device)
+    BLOCK = 1024
+    _rim_dropout_masks_fwd_kernel[(triton.cdiv(n, BLOCK),)](keep, n, seed, float(p_drop), BLOCK=BLOCK)
+    return keep.view(shape).bool()
