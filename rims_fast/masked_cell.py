@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from .reference import gru_cell_ref, lstm_cell_ref
+
 __all__ = ["HAVE_C", "C_IMPORT_ERROR", "BUILD_INFO", "masked_lstm_cell", "masked_gru_cell",
            "masked_lstm_cell_ref", "masked_gru_cell_ref"]
 
@@ -89,25 +91,10 @@ def masked_gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor,
     return torch.ops.rims_fast.masked_gru_cell_fwd(gi, gh, h, mask)
 
 
-# ---- pure PyTorch references (same signatures) ------------------------------------------
+# ---- pure PyTorch references (same signatures): the package reference's cell updates --------
 
-def masked_lstm_cell_ref(gates, h, c, mask):
-    """Reference of :func:`masked_lstm_cell`, in ATen's LSTMCell order of operations."""
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c_act = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_act = torch.sigmoid(o) * torch.tanh(c_act)
-    m = mask.unsqueeze(-1)
-    return torch.where(m, h_act, h), torch.where(m, c_act, c)
-
-
-def masked_gru_cell_ref(gi, gh, h, mask):
-    """Reference of :func:`masked_gru_cell`, in ATen's GRUCell order of operations."""
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return torch.where(mask.unsqueeze(-1), n + z * (h - n), h)
+masked_lstm_cell_ref = lstm_cell_ref
+masked_gru_cell_ref = gru_cell_ref
 
 
 # ---- fake impls and autograd (registered only when the ops exist) -----------------------

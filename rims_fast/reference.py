@@ -70,7 +70,8 @@ def select_active(p: Tensor, top_k: int, lower: Tensor) -> Tensor:
 
 
 def lstm_cell_ref(gates: Tensor, h: Tensor, c: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """SPEC step 3, LSTM: ``nn.LSTMCell`` on active rows, exact copy of ``(h, c)`` on the rest.
+    """SPEC step 3, LSTM: ``nn.LSTMCell`` on active rows (ATen's order of operations), exact copy
+    of ``(h, c)`` on the rest.
 
     ``gates``: ``(..., 4H)`` pre-activations (both terms and both biases), order ``(i, f, g, o)``;
     ``h``, ``c``: ``(..., H)``; ``mask``: ``(...)`` bool.
@@ -90,7 +91,7 @@ def gru_cell_ref(gi: Tensor, gh: Tensor, h: Tensor, mask: Tensor) -> Tensor:
     r = torch.sigmoid(ir + hr)
     z = torch.sigmoid(iz + hz)
     n = torch.tanh(in_ + r * hn)
-    h_cell = (1.0 - z) * n + z * h
+    h_cell = n + z * (h - n)  # = (1 - z) n + z h, in ATen's GRUCell order of operations
     return torch.where(mask.unsqueeze(-1), h_cell, h)
 
 
