@@ -47,8 +47,8 @@ def _triton(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 
 def _cpu(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    # The C++ sequence driver (issue "C++ sequence driver") has not landed in this version.
-    return "backend='cpu' (the C++ sequence driver) is not part of this build of rims_fast yet"
+    from . import rim_cpu  # the C++ sequence driver; importing it never fails without _C
+    return rim_cpu.unavailable_reason(device, dtype)
 
 
 _CHECKS: dict[str, Callable[[torch.device, torch.dtype], Optional[str]]] = {
@@ -97,7 +97,10 @@ def runner(name: str) -> Callable:
     if name == "triton":
         from .rim_triton import rim_triton
         return rim_triton
-    raise RuntimeError(_cpu(torch.device("cpu"), torch.float32))
+    if name == "cpu":
+        from .rim_cpu import rim_cpu
+        return rim_cpu
+    raise ValueError(f"unknown backend {name!r}")
 
 
 def triton_interpreter() -> bool:

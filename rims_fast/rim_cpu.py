@@ -1,0 +1,182 @@
+"""``backend="cpu"``: the C++ sequence driver (``csrc/rim_cpu.cpp``), one call per sequence.
+
+:func:`rim_cpu` has exactly :func:`rims_fast.reference.rim_ref`'s contract. The forward and the
+hand-written backward through time are the ops ``torch.ops.rims_fast.rim_cpu_fwd`` /
+``rim_cpu_bwd`` of the compiled extension ``rims_fast._C``; their fake impls (for
+``torch.compile``) and the autograd formula are registered here, so a whole sequence is one graph
+node.
+
+dtypes: float32 and float64 run as they are; bfloat16 and float16 are computed in float32 (SPEC
+"Dtypes": inputs, state and parameters are converted up, ``out``/``h_n``/``c_n`` rounded back, the
+state carried in float32 inside the call).
+
+Dropout: one 64-bit seed per call is drawn from PyTorch's default generator (so it is
+reproducible under ``torch.manual_seed``); the C++ side derives every keep-decision from it with a
+counter-based stream, and the backward replays the same decisions. :func:`dropout_masks` returns
+them in ``rim_ref``'s ``dropout_masks`` layout.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ._config import RimConfig
+
+__all__ = ["unavailable_reason", "rim_cpu", "dropout_masks", "PARAM_NAMES"]
+
+#: The op's parameter order (SPEC's table).
+PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
+               "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_OP = "rims_fast::rim_cpu_fwd"
+
+
+def _op_registered() -> Optional[str]:
+    """None if the driver's ops are loaded, else why not."""
+    from . import masked_cell  # loads rims_fast._C (and says why not when it fails)
+    if not masked_cell.HAVE_C:
+        return f"the extension rims_fast._C is not available: {masked_cell.C_IMPORT_ERROR}"
+    try:
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+    except RuntimeError:  # the op does not exist: an older build of _C
+        registered = False
+    if not registered:
+        return "rims_fast._C was built without the C++ sequence driver (rim_cpu_fwd); rebuild it"
+    return None
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """``None`` if ``backend="cpu"`` can run on tensors of this device and dtype, else why not."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"backend='cpu' (the C++ sequence driver) needs CPU tensors, got device {device}"
+    if dtype not in _SUPPORTED:
+        return f"backend='cpu' supports float32, float64, bfloat16 and float16, got {dtype}"
+    return _op_registered()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
+            cfg: RimConfig, *, training: bool = False,
+            ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """One RIM layer over a sequence with the C++ driver; :func:`rims_fast.rim_ref`'s contract.
+
+    Args:
+        x: ``(T, B, M, D)`` input elements, time-major (any strides).
+        h0, c0: ``(B, K, H)`` initial state (``c0`` None for GRU).
+        params: the layer's parameters by SPEC name.
+        cfg: the layer's :class:`RimConfig`.
+        training: dropout is applied only when true (and its probability > 0).
+
+    Returns:
+        ``out (T, B, K*H)`` in ``x.dtype``, ``h_n``, ``c_n`` (``None`` for GRU) ``(B, K, H)``,
+        ``masks (T, B, K)`` bool. Differentiable w.r.t. ``x``, ``h0``, ``c0`` and all parameters.
+    """
+    why = unavailable_reason(x.device, x.dtype)
+    if why is not None:
+        raise RuntimeError(why)
+    dtype, ct = x.dtype, _compute_dtype(x.dtype)
+    lstm = cfg.cell == "lstm"
+    if (c0 is not None) != lstm:
+        raise ValueError("c0 must be given for cell='lstm' and None for cell='gru'")
+    up = (lambda t: t.to(ct)) if ct != dtype else (lambda t: t)
+    weights = [up(params[n]) for n in PARAM_NAMES]
+    p_in = cfg.input_dropout if training else 0.0
+    p_c = cfg.comm_dropout if training else 0.0
+    seed = 0
+    if p_in > 0.0 or p_c > 0.0:  # one draw per call from torch's default generator
+        seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+    leaves = [x, h0, c0, *weights]
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    res = torch.ops.rims_fast.rim_cpu_fwd(
+        up(x), up(h0), up(c0) if lstm else None, *weights, cfg.top_k, cfg.input_heads,
+        cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)
+    out, h_n, c_n, masks = res[:4]
+    if ct != dtype:
+        out, h_n = out.to(dtype), h_n.to(dtype)
+        c_n = c_n.to(dtype) if lstm else c_n
+    return out, h_n, (c_n if lstm else None), masks
+
+
+def dropout_masks(seed: int, T: int, B: int, M: int, cfg: RimConfig, training: bool = True
+                  ) -> tuple[Tensor, Tensor]:
+    """The keep-masks the driver uses with ``seed``: ``(T, B, K, n_in, M)`` and
+    ``(T, B, K, n_c, K)`` bool, ``rim_ref``'s ``dropout_masks`` layout."""
+    p_in = cfg.input_dropout if training else 0.0
+    p_c = cfg.comm_dropout if training else 0.0
+    return torch.ops.rims_fast.rim_cpu_dropout_masks(seed, T, B, cfg.num_units, cfg.input_heads,
+                                                      M, cfg.comm_heads, p_in, p_c)
+
+
+# ---- fake impls and autograd -------------------------------------------------------------
+
+def _register() -> None:
+    lib = "rims_fast::"
+
+    @torch.library.register_fake(lib + "rim_cpu_fwd")
+    def _(x, h0, c0, input_key, input_value, input_query, weight_ih, weight_hh, bias_ih, bias_hh,
+          comm_query, comm_key, comm_value, comm_output, top_k, input_heads, comm_heads,
+          input_dropout, comm_dropout, seed, block_inactive_grad, save):
+        T, B, M, D = x.shape
+        K, H, GH = weight_hh.shape
+        lstm = GH == 4 * H
+        nk, nv = input_key.shape[-1], input_value.shape[-1]
+        ck, cv = comm_query.shape[-1], comm_value.shape[-1]
+        new = x.new_empty
+        out = [new((T, B, K * H)), new((B, K, H)), new((B, K, H) if lstm else (0,)),
+               x.new_empty((T, B, K), dtype=torch.bool)]
+        if not save:
+            return (*out, *[new((0,)) for _ in range(11)])
+        return (*out, new((T, B, K, H) if lstm else (0,)), new((T, B, K, H)), new((T, B, K, nk)),
+                new((T, B, K, input_heads, M)), new((T, B, K, GH if lstm else 2 * GH)),
+                new((T, B, K, 2 * ck + cv)), new((T, B, K, comm_heads, K)), new((T, B, K, cv)),
+                new((T, B, M, nk)), new((T, B, M, K, input_heads, GH)),
+                new((D, K * input_heads * GH)))
+
+    @torch.library.register_fake(lib + "rim_cpu_bwd")
+    def _(grad_out, grad_h_n, grad_c_n, x, h0, c0, *rest):
+        weights = rest[:11]
+        grads = [x.new_empty(x.shape), h0.new_empty(h0.shape),
+                 c0.new_empty(c0.shape) if c0 is not None else x.new_empty((0,))]
+        return (*grads, *[w.new_empty(w.shape) for w in weights])
+
+    @torch.library.register_fake(lib + "rim_cpu_dropout_masks")
+    def _(seed, T, B, K, input_heads, M, comm_heads, input_dropout, comm_dropout):
+        return (torch.empty((T, B, K, input_heads, M), dtype=torch.bool),
+                torch.empty((T, B, K, comm_heads, K), dtype=torch.bool))
+
+    def setup_context(ctx, inputs, output):
+        (x, h0, c0, *rest) = inputs
+        weights, (top_k, n_in, n_c, p_in, p_c, seed, block, save) = rest[:11], rest[11:]
+        ctx.cfg = (top_k, n_in, n_c, p_in, p_c, seed, block)
+        # Gradients of unused outputs (masks, the saved activations) stay None instead of being
+        # materialised as zeros of the saved tensors' sizes; rim_cpu_bwd takes None for any.
+        ctx.set_materialize_grads(False)
+        ctx.has_c0 = c0 is not None
+        ctx.saved_ok = save
+        out, _h_n, _c_n, masks, *saved = output
+        ctx.save_for_backward(x, h0, c0, *weights, out, masks, *saved)
+
+    def backward(ctx, grad_out, grad_h_n, grad_c_n, *_unused):
+        if not ctx.saved_ok:
+            raise RuntimeError("rims_fast::rim_cpu_fwd ran with save=False (no input required "
+                               "grad when it ran), so it cannot be differentiated")
+        x, h0, c0, *rest = ctx.saved_tensors
+        weights, out, masks, saved = rest[:11], rest[11], rest[12], rest[13:]
+        grads = torch.ops.rims_fast.rim_cpu_bwd(
+            grad_out, grad_h_n, grad_c_n if ctx.has_c0 else None, x, h0, c0, *weights, out,
+            masks, *saved, *ctx.cfg)
+        gx, gh0, gc0, *gw = grads
+        return (gx, gh0, gc0 if ctx.has_c0 else None, *gw, *([None] * 8))
+
+    torch.library.register_autograd(lib + "rim_cpu_fwd", backward, setup_context=setup_context)
+
+
+if _op_registered() is None:
+    _register()

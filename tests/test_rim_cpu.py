@@ -1,0 +1,260 @@
+"""``backend="cpu"`` (the C++ sequence driver) against the reference ``rim_ref``: outputs, final
+states, masks (exactly) and every gradient, dropout replayed under the driver's own masks,
+gradcheck and opcheck of the op, and memory on a long sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rims_fast
+from helpers import TOL, assert_close, make_rim, random_state
+from rims_fast import rim_cpu as rc
+
+pytestmark = pytest.mark.skipif(
+    rc.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
+    reason=f"C++ sequence driver not built: {rc.unavailable_reason(torch.device('cpu'), torch.float32)}")
+
+PARAMS = rc.PARAM_NAMES
+
+# (cell, M, input_heads, comm_heads, K, top_k, T, block_inactive_grad); H = 3 (odd) from make_rim.
+GRID = [
+    ("lstm", 1, 1, 1, 4, 2, 5, True),
+    ("lstm", 3, 2, 2, 4, 2, 5, True),
+    ("lstm", 3, 2, 2, 4, 2, 5, False),
+    ("lstm", 1, 2, 1, 4, 1, 1, True),    # top_k = 1, T = 1
+    ("lstm", 3, 1, 2, 5, 5, 5, False),   # top_k = K
+    ("gru", 1, 1, 1, 4, 2, 5, True),
+    ("gru", 3, 2, 2, 4, 2, 5, False),
+    ("gru", 1, 2, 2, 4, 4, 1, True),     # top_k = K, T = 1
+    ("gru", 3, 1, 1, 5, 1, 5, True),     # top_k = 1
+]
+
+
+def _inputs(cell, M, n_in, n_c, K, top_k, T, block, dtype, zero_state=False, B=3, D=5,
+            noncontig=False, seed=0, **kw):
+    rim = make_rim(seed=seed, cell=cell, num_units=K, top_k=top_k, input_heads=n_in,
+                   comm_heads=n_c, block_inactive_grad=block, input_size=D, dtype=dtype, **kw)
+    g = torch.Generator().manual_seed(seed + 11)
+    if noncontig:  # (B, T, M, D) storage, transposed: x is not contiguous
+        x = torch.randn(B, T, M, D, generator=g, dtype=dtype).transpose(0, 1)
+    else:
+        x = torch.randn(T, B, M, D, generator=g, dtype=dtype)
+    x.requires_grad_(True)
+    if zero_state:
+        h0 = torch.zeros(B, K, rim.hidden_size, dtype=dtype)
+        c0 = torch.zeros_like(h0) if cell == "lstm" else None
+    else:
+        st = random_state(rim, B, dtype=dtype, seed=seed + 1)
+        h0, c0 = st if cell == "lstm" else (st, None)
+    h0.requires_grad_(True)
+    if c0 is not None:
+        c0.requires_grad_(True)
+    P = dict(rim.named_parameters())
+    leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
+    return rim, x, h0, c0, P, leaves
+
+
+def _grads(outputs, leaves, seed=3):
+    """Gradients of a fixed random projection of (out, h_n, c_n) w.r.t. every leaf."""
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+               for o in outputs if o is not None)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: (gr if gr is not None else torch.zeros_like(v)) for (n, v), gr in zip(leaves.items(), grads)}
+
+
+def _compare(got, want, leaves, dtype, masks_exact=True):
+    if masks_exact:
+        assert torch.equal(got[3], want[3]), "masks differ"
+    for name, a, b in zip(("out", "h_n", "c_n"), got[:3], want[:3]):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_close(name, a, b, dtype)
+    g_got, g_want = _grads(got[:3], leaves), _grads(want[:3], leaves)
+    for name in leaves:
+        assert_close("d" + name, g_got[name], g_want[name], dtype,
+                     "grad_w" if name in PARAMS else "grad_in")
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("state", ["state", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_matches_reference(case, state, dtype):
+    rim, x, h0, c0, P, leaves = _inputs(*case, dtype=dtype, zero_state=state == "zero")
+    got = rc.rim_cpu(x, h0, c0, P, rim.config)
+    if dtype == torch.float64:
+        want = rims_fast.rim_ref(x, h0, c0, P, rim.config)
+        _compare(got, want, leaves, dtype)
+        return
+    # float32: expected values from the float64 reference, under the driver's own masks where
+    # the competition is within round-off of a tie (SPEC "Module API").
+    leaves64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    P64 = {n: leaves64[n] for n in PARAMS}
+    ref_masks = rims_fast.rim_ref(leaves64["x"], leaves64["h0"], leaves64.get("c0"), P64,
+                                  rim.config)[3]
+    masks = got[3] if not torch.equal(got[3], ref_masks) else None
+    want = rims_fast.rim_ref(leaves64["x"], leaves64["h0"], leaves64.get("c0"), P64, rim.config,
+                             masks=masks)
+    _compare_mixed(got, want, leaves, leaves64, dtype)
+
+
+def _compare_mixed(got, want, leaves, leaves64, dtype):
+    for name, a, b in zip(("out", "h_n", "c_n"), got[:3], want[:3]):
+        if b is not None:
+            assert a.dtype == dtype
+            assert_close(name, a, b, dtype)
+    g_got, g_want = _grads(got[:3], leaves), _grads(want[:3], leaves64)
+    for name in leaves:
+        assert_close("d" + name, g_got[name], g_want[name], dtype,
+                     "grad_w" if name in PARAMS else "grad_in")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_noncontiguous_x_and_larger_sizes(cell):
+    """Non-contiguous x; H = 11 (odd, above the 8-wide vector body); M = 2; float32 and 64."""
+    for dtype in (torch.float64, torch.float32):
+        rim, x, h0, c0, P, leaves = _inputs(cell, 2, 2, 2, 5, 3, 4, True, dtype, noncontig=True,
+                                            B=4, hidden_size=11, input_value_size=7)
+        assert not x.is_contiguous()
+        got = rc.rim_cpu(x, h0, c0, P, rim.config)
+        if dtype == torch.float64:
+            _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, dtype)
+        else:
+            leaves64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+            P64 = {n: leaves64[n] for n in PARAMS}
+            want = rims_fast.rim_ref(leaves64["x"], leaves64["h0"], leaves64.get("c0"), P64,
+                                     rim.config, masks=got[3])
+            _compare_mixed(got, want, leaves, leaves64, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(dtype):
+    rim, x, h0, c0, P, leaves = _inputs("lstm", 2, 2, 2, 4, 2, 4, True, dtype)
+    got = rc.rim_cpu(x, h0, c0, P, rim.config)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
+    leaves64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    P64 = {n: leaves64[n] for n in PARAMS}
+    want = rims_fast.rim_ref(leaves64["x"], leaves64["h0"], leaves64["c0"], P64, rim.config,
+                             masks=got[3])
+    _compare_mixed(got, want, leaves, leaves64, dtype)
+
+
+def test_module_backend_cpu_and_auto():
+    rim = make_rim(backend="cpu", dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    out, (h, c) = rim(x)
+    assert rim.last_backend == "cpu"
+    rim.backend = "torch"
+    ref, (hr, cr) = rim(x)
+    assert_close("out", out, ref, torch.float64)
+    rim.backend = "auto"
+    rim(x)
+    assert rim.last_backend == "cpu"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_replays_in_reference(cell):
+    """Training with both dropouts: the reference, given the driver's keep-masks, matches it."""
+    rim, x, h0, c0, P, leaves = _inputs(cell, 3, 2, 2, 4, 2, 4, True, torch.float64,
+                                        input_dropout=0.3, comm_dropout=0.4)
+    torch.manual_seed(123)
+    got = rc.rim_cpu(x, h0, c0, P, rim.config, training=True)
+    torch.manual_seed(123)  # the same seed draw as rim_cpu makes
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+    keep = rc.dropout_masks(seed, x.shape[0], x.shape[1], x.shape[2], rim.config)
+    assert 0.5 < keep[0].float().mean() < 0.9 and 0.4 < keep[1].float().mean() < 0.8
+    want = rims_fast.rim_ref(x, h0, c0, P, rim.config, training=True, dropout_masks=keep)
+    _compare(got, want, leaves, torch.float64)
+    # Not a no-op: without dropout the result differs.
+    plain = rc.rim_cpu(x, h0, c0, P, rim.config, training=False)
+    assert (plain[0] - got[0]).abs().max() > 1e-3
+
+
+def test_dropout_reproducible_under_manual_seed():
+    rim, x, h0, c0, P, _ = _inputs("lstm", 2, 1, 2, 4, 2, 4, True, torch.float32,
+                                   input_dropout=0.5, comm_dropout=0.5)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        outs.append(rc.rim_cpu(x, h0, c0, P, rim.config, training=True)[0])
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(8)
+    assert not torch.equal(outs[0], rc.rim_cpu(x, h0, c0, P, rim.config, training=True)[0])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradcheck(cell):
+    """torch.autograd.gradcheck of the op in float64 (random state: no ties in the competition;
+    block_inactive_grad=False so every path is exercised), with dropout on in training mode."""
+    rim, x, h0, c0, P, leaves = _inputs(cell, 2, 2, 2, 4, 2, 3, False, torch.float64, B=2,
+                                        input_dropout=0.25, comm_dropout=0.25)
+    names = list(leaves)
+    seed = 99
+
+    def f(*tensors):
+        d = dict(zip(names, tensors))
+        torch.manual_seed(seed)  # the same dropout draw at every evaluation
+        out, h_n, c_n, _ = rc.rim_cpu(d["x"], d["h0"], d.get("c0"), {n: d[n] for n in PARAMS},
+                                      rim.config, training=True)
+        return (out, h_n) if c_n is None else (out, h_n, c_n)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    rim, x, h0, c0, P, _ = _inputs("lstm", 2, 2, 2, 3, 2, 2, True, torch.float64, B=2)
+    cfg = rim.config
+    args = (x.detach(), h0.detach(), c0.detach(), *[P[n].detach() for n in PARAMS], cfg.top_k,
+            cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
+    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_fwd.default, args)
+    gru, x, h0, _, P, _ = _inputs("gru", 1, 1, 1, 3, 1, 2, True, torch.float32, B=2)
+    cfg = gru.config
+    args = (x.detach(), h0.detach(), None, *[P[n].detach() for n in PARAMS], cfg.top_k,
+            cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
+    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_fwd.default, args)
+
+
+def test_long_sequence_memory():
+    """T = 2000, tiny sizes: under no_grad nothing is saved (the forward runs with save=False and
+    reuses one step's buffers); with grad, what autograd saves is exactly the documented set
+    (inputs, out, masks and the per-step activations), linear in T."""
+    T, B, K, H, M = 2000, 2, 4, 3, 1
+    rim = make_rim(dtype=torch.float32)
+    cfg = rim.config
+    x = torch.randn(T, B, M, 5)
+    h0 = torch.zeros(B, K, H)
+    P = {n: p.detach() for n, p in rim.named_parameters()}
+    args = (x, h0, h0, *[P[n] for n in PARAMS], cfg.top_k, cfg.input_heads, cfg.comm_heads, 0.0,
+            0.0, 0, True)
+    nosave = torch.ops.rims_fast.rim_cpu_fwd(*args, False)
+    assert all(t.numel() == 0 for t in nosave[4:]), "save=False must keep no per-step tensors"
+    saved = torch.ops.rims_fast.rim_cpu_fwd(*args, True)
+    assert torch.equal(saved[0], nosave[0]) and torch.equal(saved[3], nosave[3])
+    nk, nv, GH = cfg.input_heads * cfg.input_key_size, cfg.input_heads * cfg.input_value_size, 4 * H
+    ck, cv, n_in, n_c = cfg.comm_heads * cfg.comm_key_size, cfg.comm_heads * cfg.comm_value_size, \
+        cfg.input_heads, cfg.comm_heads
+    per_step = B * K * (H + H + nk + n_in * M + GH + 2 * ck + cv + n_c * K + cv) \
+        + B * M * (nk + K * n_in * GH)  # c, h~, q, a, gates, qkv, b, o; keys, xw
+    assert sum(t.numel() for t in saved[4:-1]) == T * per_step
+    assert saved[-1].numel() == 5 * K * n_in * GH  # fold: independent of T
+
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.no_grad():
+            out, h_n, c_n, masks = rc.rim_cpu(x, h0, h0, P, cfg)
+        assert sizes == [], "no_grad must save nothing"
+        xg = x.clone().requires_grad_(True)
+        out_g = rc.rim_cpu(xg, h0, h0, P, cfg)[0]
+    assert torch.equal(out, out_g)
+    inputs = x.numel() + 2 * h0.numel() + sum(p.numel() for p in P.values())
+    assert sum(sizes) == inputs + out.numel() + masks.numel() + T * per_step + saved[-1].numel()
+    out_g.sum().backward()
+    assert torch.isfinite(xg.grad).all()
