@@ -737,8 +737,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
               fold4.select(1, k).select(1, n).t());
     }
   });
-  Tensor g_bhh = dGH.sum({0, 1});
-  Tensor g_bih = d.lstm ? g_bhh.clone() : dGI.sum({0, 1});
+  Tensor g_bhh = dGH.sum(at::IntArrayRef{0, 1});
+  Tensor g_bih = d.lstm ? g_bhh.clone() : dGI.sum(at::IntArrayRef{0, 1});
   const Tensor x2 = x.view({T * B * M, D});
   Tensor g_Wk = at::mm(x2.t(), dKEY.view({T * B * M, nk}));
   Tensor dx = at::mm(dKEY.view({T * B * M, nk}), Wk.t()).view({T, B, M, D});

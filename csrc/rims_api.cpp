@@ -1,5 +1,7 @@
 // Op schemas, argument checks and CPU registration of rims_fast's C++ ops, plus the tiny Python
 // module rims_fast._C (build_info). CUDA implementations register themselves in masked_cell.cu.
+#include <array>
+#include <cstdint>
 #include <string>
 
 #include <torch/extension.h>
@@ -10,43 +12,60 @@
 
 namespace rims {
 
+namespace {
+
+// One tensor against the reference: dtype, device, then exact shape. `expected` always views a
+// named std::array of the caller (never a braced temporary), so it outlives every use here,
+// including the error message built by a failing TORCH_CHECK.
+void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                const at::Tensor& ref, c10::IntArrayRef expected) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rims_fast::", op, ": ", name,
+              " must have dtype ", ref.scalar_type(), " like ", ref_name, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "rims_fast::", op, ": ", name, " is on ", t.device(),
+              " but ", ref_name, " is on ", ref.device());
+  TORCH_CHECK(t.sizes().equals(expected), "rims_fast::", op, ": ", name, " must have shape ",
+              expected, ", got shape ", t.sizes());
+}
+
+}  // namespace
+
 int64_t check_masked_cell_args(const char* op, int64_t num_gates, NamedTensors gates,
                                NamedTensors states, const at::Tensor& mask) {
-  // Plain variables, not a structured binding: C++17 lambdas cannot capture those.
-  const char* ref_name = gates.begin()->first;
-  const at::Tensor* ref = gates.begin()->second;
-  for (const auto& [name, t] : gates)
-    TORCH_CHECK(t->defined(), "rims_fast::", op, ": ", name, " is undefined");
-  for (const auto& [name, t] : states)
-    TORCH_CHECK(t->defined(), "rims_fast::", op, ": ", name, " is undefined");
+  TORCH_CHECK(gates.size() > 0, "rims_fast::", op, ": no gate tensor given");
+  const char* const ref_name = gates.begin()->first;
+  const at::Tensor& ref = *gates.begin()->second;
+  for (const auto& entry : gates)
+    TORCH_CHECK(entry.second->defined(), "rims_fast::", op, ": ", entry.first, " is undefined");
+  for (const auto& entry : states)
+    TORCH_CHECK(entry.second->defined(), "rims_fast::", op, ": ", entry.first, " is undefined");
   TORCH_CHECK(mask.defined(), "rims_fast::", op, ": mask is undefined");
 
-  const auto dtype = ref->scalar_type();
+  const at::ScalarType dtype = ref.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "rims_fast::", op, ": ", ref_name,
               " must be float32 or float64 (no other dtype is supported), got ", dtype);
-  TORCH_CHECK(ref->dim() == 3, "rims_fast::", op, ": ", ref_name, " must have dim 3 (B, K, ",
-              num_gates, "*H), got shape ", ref->sizes());
-  const int64_t B = ref->size(0), K = ref->size(1), GH = ref->size(2);
+  TORCH_CHECK(ref.dim() == 3, "rims_fast::", op, ": ", ref_name, " must have dim 3 (B, K, ",
+              num_gates, "*H), got shape ", ref.sizes());
+  const int64_t B = ref.size(0), K = ref.size(1), GH = ref.size(2);
   TORCH_CHECK(GH % num_gates == 0, "rims_fast::", op, ": the last dim of ", ref_name,
-              " must be ", num_gates, "*H, got shape ", ref->sizes());
+              " must be ", num_gates, "*H, got shape ", ref.sizes());
   const int64_t H = GH / num_gates;
 
-  auto check = [&](const char* name, const at::Tensor& t, at::IntArrayRef expected) {
-    TORCH_CHECK(t.scalar_type() == dtype, "rims_fast::", op, ": ", name, " must have dtype ",
-                dtype, " like ", ref_name, ", got ", t.scalar_type());
-    TORCH_CHECK(t.device() == ref->device(), "rims_fast::", op, ": ", name, " is on ",
-                t.device(), " but ", ref_name, " is on ", ref->device());
-    TORCH_CHECK(t.sizes() == expected, "rims_fast::", op, ": ", name, " must have shape ",
-                expected, ", got shape ", t.sizes());
-  };
-  for (const auto& [name, t] : gates) check(name, *t, {B, K, GH});
-  for (const auto& [name, t] : states) check(name, *t, {B, K, H});
+  // Expected shapes as named locals: every IntArrayRef below views one of these.
+  const std::array<int64_t, 3> gate_shape{B, K, GH};
+  const std::array<int64_t, 3> state_shape{B, K, H};
+  const std::array<int64_t, 2> mask_shape{B, K};
+  for (const auto& entry : gates)
+    check_like(op, entry.first, *entry.second, ref_name, ref, gate_shape);
+  for (const auto& entry : states)
+    check_like(op, entry.first, *entry.second, ref_name, ref, state_shape);
   TORCH_CHECK(mask.scalar_type() == at::kBool, "rims_fast::", op,
               ": mask must have dtype bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == ref->device(), "rims_fast::", op, ": mask is on ", mask.device(),
-              " but ", ref_name, " is on ", ref->device());
-  TORCH_CHECK(mask.sizes() == at::IntArrayRef({B, K}), "rims_fast::", op,
-              ": mask must have shape ", at::IntArrayRef({B, K}), ", got shape ", mask.sizes());
+  TORCH_CHECK(mask.device() == ref.device(), "rims_fast::", op, ": mask is on ", mask.device(),
+              " but ", ref_name, " is on ", ref.device());
+  const c10::IntArrayRef mask_expected(mask_shape);
+  TORCH_CHECK(mask.sizes().equals(mask_expected), "rims_fast::", op, ": mask must have shape ",
+              mask_expected, ", got shape ", mask.sizes());
   return H;
 }
 

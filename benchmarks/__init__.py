@@ -1,0 +1,1 @@
+"""rims-bench: benchmarks of rims_fast (``python -m benchmarks``; see README.md here)."""

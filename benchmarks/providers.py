@@ -1,0 +1,143 @@
+"""Providers: each builds, from one config, a callable ``run(x) -> (out, h_n, c_n, masks)``.
+
+- ``torch``: ``rims_fast.RIM(backend="torch")``, the reference (:func:`rims_fast.rim_ref`), eager.
+- ``torch_compile``: the same reference module under ``torch.compile`` (the T-step loop unrolls,
+  so compile time grows with T and every new shape recompiles).
+- ``triton``, ``cuda``, ``cpu``: ``rims_fast.RIM(backend=...)``; skipped with the reason from
+  :func:`rims_fast.available_backends` when that backend cannot run here.
+- ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
+- ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
+
+Every RIM provider runs the parameters of one reference module (copied or shared), so outputs can
+be compared with the reference's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import rims_fast
+
+from .configs import BenchConfig
+from .naive import NaiveRIM
+
+__all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
+
+PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "lstm", "naive")
+#: Providers that compute the RIM and so must pass the correctness gate.
+RIM_PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "naive")
+
+
+class Skip(Exception):
+    """This provider cannot run here; the message says why."""
+
+
+@dataclass
+class Provider:
+    name: str
+    run: Callable[[Tensor], tuple]  # x (T, B, M, D) -> (out, h_n, c_n or None, masks or None)
+    params: list = field(default_factory=list)  # tensors whose .grad is reset between calls
+    is_rim: bool = True
+    module: Optional[nn.Module] = None
+
+
+@dataclass
+class Context:
+    """What every provider of one config shares."""
+    cfg: BenchConfig
+    device: torch.device
+    dtype: torch.dtype
+    reference: nn.Module  # rims_fast.RIM(backend="torch") holding the parameters
+    smoke: bool = False
+    compile_max_T: int = 100
+    allow_compile: bool = True
+    compile_skip_reason: str = ""
+
+
+def make_reference(cfg: BenchConfig, device, dtype, seed: int = 0) -> rims_fast.RIM:
+    torch.manual_seed(seed)
+    return rims_fast.RIM(cfg.D, cfg.H, cfg.K, cfg.top_k, backend="torch", device=device, dtype=dtype)
+
+
+def _rim_run(module: nn.Module) -> Callable:
+    def run(x: Tensor):
+        out, (h_n, c_n), masks = module(x if x.shape[2] > 1 else x.squeeze(2), return_masks=True)
+        return out, h_n, c_n, masks
+    return run
+
+
+def _torch(ctx: Context) -> Provider:
+    m = ctx.reference
+    return Provider("torch", _rim_run(m), list(m.parameters()), module=m)
+
+
+def _torch_compile(ctx: Context) -> Provider:
+    if ctx.smoke:
+        raise Skip("torch.compile is skipped on --smoke (compiling the unrolled T-step loop "
+                   "takes far longer than the smoke budget)")
+    if not ctx.allow_compile:
+        raise Skip(ctx.compile_skip_reason)
+    if ctx.cfg.T > ctx.compile_max_T:
+        raise Skip(f"T={ctx.cfg.T} > --compile-max-T={ctx.compile_max_T}: torch.compile unrolls "
+                   "the T-step loop of the reference, so compile time grows with T")
+    m = ctx.reference
+    try:
+        compiled = torch.compile(m)
+    except Exception as e:  # noqa: BLE001 - reported as the skip reason
+        raise Skip(f"torch.compile failed: {type(e).__name__}: {e}") from e
+    return Provider("torch_compile", _rim_run(compiled), list(m.parameters()), module=compiled)
+
+
+def _backend(name: str) -> Callable[[Context], Provider]:
+    def build_backend(ctx: Context) -> Provider:
+        why = rims_fast.available_backends(ctx.device, ctx.dtype).get(name)
+        if why is not None:
+            raise Skip(why)
+        c = ctx.cfg
+        m = rims_fast.RIM(c.D, c.H, c.K, c.top_k, backend=name, device=ctx.device, dtype=ctx.dtype)
+        m.load_state_dict(ctx.reference.state_dict())
+        inner = _rim_run(m)
+
+        def run(x):
+            res = inner(x)
+            if m.last_backend != name:
+                raise RuntimeError(f"asked for backend={name!r} but {m.last_backend!r} ran")
+            return res
+        return Provider(name, run, list(m.parameters()), module=m)
+    return build_backend
+
+
+def _lstm(ctx: Context) -> Provider:
+    c = ctx.cfg
+    torch.manual_seed(1)
+    m = nn.LSTM(c.M * c.D, c.K * c.H, device=ctx.device, dtype=ctx.dtype)
+
+    def run(x: Tensor):
+        out, (h_n, c_n) = m(x.flatten(2))
+        return out, h_n, c_n, None
+    return Provider("lstm", run, list(m.parameters()), is_rim=False, module=m)
+
+
+def _naive(ctx: Context) -> Provider:
+    m = NaiveRIM(ctx.reference)
+
+    def run(x: Tensor):
+        out, (h_n, c_n), masks = m(x)
+        return out, h_n, c_n, masks
+    return Provider("naive", run, list(m.parameters()), module=m)
+
+
+_BUILDERS: dict[str, Callable[[Context], Provider]] = {
+    "torch": _torch, "torch_compile": _torch_compile, "triton": _backend("triton"),
+    "cuda": _backend("cuda"), "cpu": _backend("cpu"), "lstm": _lstm, "naive": _naive,
+}
+
+
+def build(name: str, ctx: Context) -> Provider:
+    """The provider ``name`` for this config; raises :class:`Skip` with the reason if it cannot
+    run here."""
+    return _BUILDERS[name](ctx)
