@@ -11,12 +11,41 @@ What runs where:
   State-independent work is hoisted out of the loop as PyTorch GEMMs before it: the input keys of
   all steps and the folded input term ``XW[t,b,k,n,m] = X_m (input_value_n W_ih[k]_n)`` (the read
   is linear in the attention probabilities, as in ``reference._InputGates``).
-- **Backward — recompute in PyTorch**: :class:`RimFn`'s backward re-runs
+- **Backward — two implementations**, chosen by the environment variable
+  ``RIMS_FAST_TRITON_BWD`` (read at each forward call):
+
+  ``recompute`` (the default, on every device): :class:`RimFn`'s backward re-runs
   :func:`rims_fast.reference.rim_ref` under autograd with ``masks=`` the forward's masks (so the
   selection is identical) and differentiates it. With dropout in training mode, the forward's
   dropout keep-masks are regenerated from the same counter-based Triton stream
   (``_rim_dropout_masks_fwd_kernel``: same seed, same ``(t, b, k, n, m|j)`` offsets) and the
-  recompute hands them to ``rim_ref(dropout_masks=...)``. No Triton backward kernels yet.
+  recompute hands them to ``rim_ref(dropout_masks=...)``. The forward saves nothing extra.
+
+  ``kernels``: a reverse-time sweep of Triton kernels (``triton_kernels/rim_step_bwd.py``, two
+  launches per step: ``_rim_comm_bwd_kernel`` — ``dh'`` -> ``d o``, communication softmax
+  backward, ``dQ``; ``_rim_cell_bwd_kernel`` — ``dK``/``dV`` of every mechanism as a loop over the
+  querying mechanisms (deterministic, no atomics), ``dh~``, masked LSTM/GRU backward, input
+  attention (null softmax) backward, ``dh_{t-1}``/``dc_{t-1}``), then the weight gradients as
+  PyTorch GEMMs over all ``T*B`` rows, including the hoisted parts (``keys = x input_key`` ->
+  ``d input_key``, ``dx``; the folded ``XW`` -> ``d input_value``, ``d weight_ih``, ``dx``). It is
+  the separate op ``rims_fast::rim_triton_bwd`` (fake impl: compile traces it as one node).
+  *Saved* by the forward, only when this mode is on and a gradient is required (the op's
+  ``save`` flag; the kernels write straight into ``(T, ...)`` float32 buffers, :data:`SAVED`):
+  the ``h`` and ``c`` histories (float32 carried state, ``T+1`` slots), ``h~``, the
+  communication ``Q/K/V`` (rounded as used), the gate pre-activations (LSTM ``i|f|g|o`` sums;
+  GRU ``gi|gh``, because ``r`` multiplies ``gh_n`` alone), the undropped input and communication
+  probabilities, the (dropped, rounded) communication read ``o`` (for ``d comm_output``), and the
+  hoisted keys and ``XW``. *Recomputed* in the backward: the gate activations (a few pointwise
+  ops from the pre-activations), the dropout keep-masks (from the same counter-based stream, in
+  registers — never stored), the input queries (one GEMM over all rows, for ``d input_key``)
+  and the fold ``input_value_n weight_ih[k]_n`` (small). Saving costs memory linear in ``T``
+  but makes the backward sweep free of any forward recompute.
+
+  Why ``recompute`` stays the default: the ``kernels`` path is tested against the float64
+  reference (every gradient, LSTM/GRU, dropout, ``block_inactive_grad`` both ways) only under
+  ``TRITON_INTERPRET=1`` on CPU tensors so far; it has not yet been compiled or timed on a GPU.
+  Its bfloat16/float16 gradients use float32 operands throughout (no rounding of gradient
+  operands), which is at least as accurate as the reference's rounding but not identical.
 
 Limits of this version: the input term is always the folded ``XW`` (``T*B*K*n_in*M*G*H`` float32
 values; the reference unfolds when ``M*D > d_v``), and the ``M`` input elements of a step are one
@@ -65,9 +94,12 @@ def _import_kernels():
 
 try:
     _k = _import_kernels()
+    import importlib as _importlib
+
+    _kb = _importlib.import_module("rims_fast.triton_kernels.rim_step_bwd")
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # triton missing, or the kernels failed to import
-    _k = None
+    _k = _kb = None
     _IMPORT_ERROR = e
 
 __all__ = ["rim_triton", "unavailable_reason", "RimFn", "PARAM_NAMES"]
@@ -133,7 +165,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], cfg: RimConfig,
-             drop_in: float, drop_c: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             drop_in: float, drop_c: float, seed: int, save: bool = False) -> tuple[Tensor, ...]:
+    """Triton forward. Returns ``out, h_n, c_n, masks`` and the :data:`SAVED` tensors (empty
+    unless ``save``)."""
     T, B, M, D = x.shape
     K, H = cfg.num_units, cfg.hidden_size
     NI, DK, DV = cfg.input_heads, cfg.input_key_size, cfg.input_value_size
@@ -145,6 +179,7 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     rnd = _Rounder(dtype)
     p = dict(zip(PARAM_NAMES, (t.contiguous() for t in P)))
     x = x.contiguous()
+    f32 = dict(device=dev, dtype=torch.float32)
 
     # State-independent work of all steps (PyTorch GEMMs, float32 accumulation).
     xc = x.to(ct)
@@ -153,31 +188,81 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
                             p["weight_ih"].to(ct).view(K, NI, DV, G * H)))  # (K, NI, D, G*H)
     xw = torch.einsum("tbmd,kndg->tbknmg", xc, fold).contiguous()  # (T, B, K, NI, M, G*H)
 
-    # Workspaces: float32 carried state (ping-pong for c), h~, communication Q/K/V.
-    h = h0.to(torch.float32).contiguous().clone()
-    c_a = (c0.to(torch.float32).contiguous().clone() if lstm else h.new_empty(0))
-    c_b = torch.empty_like(c_a)
-    ht = torch.empty(B, K, H, device=dev, dtype=torch.float32)
-    qc = torch.empty(B, K, NC * DC, device=dev, dtype=torch.float32)
-    kc = torch.empty_like(qc)
-    vc = torch.empty(B, K, NC * DCV, device=dev, dtype=torch.float32)
+    if save:  # per-step histories: the kernels write step t's results straight into slot t
+        hs = torch.empty(T + 1, B, K, H, **f32)
+        hs[0] = h0
+        cs = torch.empty(T + 1, B, K, H, **f32) if lstm else hs.new_empty(0)
+        if lstm:
+            cs[0] = c0
+        hts = torch.empty(T, B, K, H, **f32)
+        qcs = torch.empty(T, B, K, NC * DC, **f32)
+        kcs = torch.empty_like(qcs)
+        vcs = torch.empty(T, B, K, NC * DCV, **f32)
+        gates = torch.empty(T, B, K, (4 if lstm else 6) * H, **f32)
+        a_s = torch.empty(T, B, K, NI, M, **f32)
+        bps = torch.empty(T, B, K, NC, K, **f32)
+        os_ = torch.empty(T, B, K, NC * DCV, **f32)
+    else:  # workspaces reused every step: float32 carried state (ping-pong for c), h~, Q/K/V
+        h = h0.to(torch.float32).contiguous().clone()
+        c_a = (c0.to(torch.float32).contiguous().clone() if lstm else h.new_empty(0))
+        c_b = torch.empty_like(c_a)
+        ht = torch.empty(B, K, H, **f32)
+        qc = torch.empty(B, K, NC * DC, **f32)
+        kc = torch.empty_like(qc)
+        vc = torch.empty(B, K, NC * DCV, **f32)
     out = torch.empty(T, B, K * H, device=dev, dtype=dtype)
     masks = torch.empty(T, B, K, device=dev, dtype=torch.int8)
     prec = _dot_precision(dtype)
     seed_in, seed_c = seed, seed + 1
     for t in range(T):
-        _k.rim_cell_fwd(h, c_a, keys, xw, p["input_query"], p["weight_hh"], p["bias_ih"],
-                        p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"], ht, c_b,
+        if save:
+            h_in, h_out, c_in, c_out = hs[t], hs[t + 1], cs[t] if lstm else cs, cs[t + 1] if lstm else cs
+            ht, qc, kc, vc = hts[t], qcs[t], kcs[t], vcs[t]
+            extra_cell, extra_comm = dict(gates=gates, a=a_s), dict(bp=bps, o=os_)
+        else:
+            h_in = h_out = h
+            c_in, c_out = c_a, c_b
+            extra_cell, extra_comm = {}, {}
+        _k.rim_cell_fwd(h_in, c_in, keys, xw, p["input_query"], p["weight_hh"], p["bias_ih"],
+                        p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"], ht, c_out,
                         masks, qc, kc, vc, t=t, M=M, K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC,
                         DCV=DCV, top_k=cfg.top_k, lstm=lstm, seed=seed_in, p_drop=drop_in,
-                        prec=prec)
-        _k.rim_comm_fwd(ht, masks, qc, kc, vc, p["comm_output"], h, out, t=t, K=K, H=H, NC=NC,
-                        DC=DC, DCV=DCV, seed=seed_c, p_drop=drop_c, prec=prec)
-        if lstm:
+                        prec=prec, **extra_cell)
+        _k.rim_comm_fwd(ht, masks, qc, kc, vc, p["comm_output"], h_out, out, t=t, K=K, H=H, NC=NC,
+                        DC=DC, DCV=DCV, seed=seed_c, p_drop=drop_c, prec=prec, **extra_comm)
+        if lstm and not save:
             c_a, c_b = c_b, c_a
-    h_n = h.to(dtype)
-    c_n = c_a.to(dtype) if lstm else x.new_empty(0)
-    return out, h_n, c_n, masks.bool()
+    if save:
+        h_n = hs[T].to(dtype, copy=True)  # not a view of the saved hs (ops may not alias)
+        c_n = cs[T].to(dtype, copy=True) if lstm else x.new_empty(0)
+        saved = (hs, cs, hts, qcs, kcs, vcs, gates, a_s, bps, os_, keys.float(), xw.float())
+    else:
+        h_n = h.to(dtype)
+        c_n = c_a.to(dtype) if lstm else x.new_empty(0)
+        saved = tuple(x.new_empty(0, dtype=torch.float32) for _ in SAVED)
+    return (out, h_n, c_n, masks.bool(), *saved)
+
+
+#: Names of the activations the forward saves for the Triton backward (float32, all steps).
+SAVED = ("hs", "cs", "hts", "qc", "kc", "vc", "gates", "a", "bp", "o", "keys", "xw")
+
+
+def _saved_shapes(T, B, M, cfg: RimConfig) -> list[tuple[int, ...]]:
+    K, H, NI, DK = cfg.num_units, cfg.hidden_size, cfg.input_heads, cfg.input_key_size
+    NC, DC, DCV, G = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size, cfg.gates
+    lstm = cfg.cell == "lstm"
+    return [(T + 1, B, K, H), (T + 1, B, K, H) if lstm else (0,), (T, B, K, H),
+            (T, B, K, NC * DC), (T, B, K, NC * DC), (T, B, K, NC * DCV),
+            (T, B, K, (4 if lstm else 6) * H), (T, B, K, NI, M), (T, B, K, NC, K),
+            (T, B, K, NC * DCV), (T, B, M, NI * DK), (T, B, K, NI, M, G * H)]
+
+
+def bwd_mode() -> str:
+    """``RIMS_FAST_TRITON_BWD``: ``"recompute"`` (default) or ``"kernels"``."""
+    mode = os.environ.get("RIMS_FAST_TRITON_BWD", "recompute")
+    if mode not in ("recompute", "kernels"):
+        raise ValueError(f"RIMS_FAST_TRITON_BWD must be 'recompute' or 'kernels', got {mode!r}")
+    return mode
 
 
 # ------------------------------------------------------------------ backward (recompute)
@@ -199,42 +284,194 @@ def _dropping(cfg: RimConfig, training: bool) -> bool:
     return training and (cfg.input_dropout > 0 or cfg.comm_dropout > 0)
 
 
+# ------------------------------------------------------------------ backward (Triton kernels)
+
+
+@torch.library.custom_op("rims_fast::rim_triton_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def rim_triton_bwd(g_out: Optional[Tensor], g_hn: Optional[Tensor], g_cn: Optional[Tensor],
+                   x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
+                   masks: Tensor, saved: list[Tensor], sizes: list[int], cell: str,
+                   input_dropout: float, comm_dropout: float, block_inactive_grad: bool,
+                   training: bool, seed: int) -> list[Tensor]:
+    """Gradients ``[dx, dh0, dc0 (empty if no c0), *d params]`` from the forward's :data:`SAVED`
+    activations: a reverse sweep with :mod:`rim_step_bwd` (two kernels per step), then the
+    weight gradients as PyTorch GEMMs over all ``T*B`` rows."""
+    cfg = _cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
+    res = _backward_sweep(cfg, training, seed, g_out, g_hn, g_cn, x, h0, c0, params, masks, saved)
+    return list(res)
+
+
+@rim_triton_bwd.register_fake
+def _(g_out, g_hn, g_cn, x, h0, c0, params, masks, saved, sizes, cell, input_dropout,
+      comm_dropout, block_inactive_grad, training, seed):
+    return [torch.empty_like(x), torch.empty_like(h0),
+            torch.empty_like(c0) if c0 is not None else x.new_empty(0),
+            *(torch.empty_like(p) for p in params)]
+
+
+def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[Tensor],
+                    g_hn: Optional[Tensor], g_cn: Optional[Tensor], x: Tensor, h0: Tensor,
+                    c0: Optional[Tensor], params: Sequence[Tensor], masks: Tensor,
+                    saved: Sequence[Tensor]) -> list[Tensor]:
+    hs, cs, hts, qcs, kcs, vcs, gates, a_s, bps, os_, keys, xw = (t.contiguous() for t in saved)
+    p = dict(zip(PARAM_NAMES, (t.contiguous() for t in params)))
+    T, B, M, D = x.shape
+    K, H = cfg.num_units, cfg.hidden_size
+    NI, DK, DV = cfg.input_heads, cfg.input_key_size, cfg.input_value_size
+    NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+    lstm = cfg.cell == "lstm"
+    GH = cfg.gates * H
+    dtype, dev = x.dtype, x.device
+    ct = compute_dtype(dtype)
+    rnd = _Rounder(dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    drop_in = cfg.input_dropout if training else 0.0
+    drop_c = cfg.comm_dropout if training else 0.0
+    prec = _dot_precision(dtype)
+
+    # Carried gradients of h_t (out[T-1]'s included) and c_t; per-step gradient buffers.
+    gout = g_out.to(torch.float32).contiguous() if g_out is not None else None
+    dh = (g_hn.to(torch.float32).contiguous().clone() if g_hn is not None
+          else torch.zeros(B, K, H, **f32))
+    if gout is not None:
+        dh += gout[T - 1].view(B, K, H)
+    if lstm:
+        dc = (g_cn.to(torch.float32).contiguous().clone() if g_cn is not None and g_cn.numel()
+              else torch.zeros(B, K, H, **f32))
+    else:
+        dc = dh.new_empty(0)
+    m8 = masks.to(torch.int8).contiguous()
+    do_ws = torch.empty(B, K, NC * DCV, **f32)
+    ds_ws = torch.empty(B, K, NC, K, **f32)
+    d_hp = torch.empty(T, B, K, H, **f32)
+    d_qc = torch.empty(T, B, K, NC * DC, **f32)
+    d_kc = torch.empty_like(d_qc)
+    d_vc = torch.empty(T, B, K, NC * DCV, **f32)
+    d_g = torch.empty(T, B, K, gates.shape[-1], **f32)
+    d_qi = torch.empty(T, B, K, NI * DK, **f32)
+    d_si = torch.empty(T, B, K, NI, M, **f32)
+    for t in reversed(range(T)):
+        _kb.rim_comm_bwd(dh, m8, qcs, kcs, vcs, bps, p["comm_output"], d_hp, do_ws, ds_ws, d_qc,
+                         t=t, K=K, H=H, NC=NC, DC=DC, DCV=DCV, seed=seed + 1, p_drop=drop_c,
+                         prec=prec)
+        _kb.rim_cell_bwd(dh, dc if lstm else dh, gout if gout is not None else dh, m8, hs,
+                         cs if lstm else hs, gates, a_s, keys, xw, qcs, bps, do_ws, ds_ws, d_qc,
+                         p["input_query"], p["weight_hh"], p["comm_query"], p["comm_key"],
+                         p["comm_value"], d_kc, d_vc, d_g, d_qi, d_si, t=t, M=M, K=K, H=H, NI=NI,
+                         DK=DK, NC=NC, DC=DC, DCV=DCV, lstm=lstm,
+                         block_inactive_grad=cfg.block_inactive_grad,
+                         has_gout=gout is not None and t > 0, seed=seed, p_in=drop_in,
+                         p_c=drop_c, prec=prec)
+
+    # Weight gradients: GEMMs over all T*B rows (deterministic; float32 accumulation).
+    P = {n: t.to(ct) for n, t in p.items()}
+    xc = x.to(ct)
+    hprev = rnd(hs[:T])  # (T, B, K, H): h_{t-1} of every step
+    d_gi = d_g[..., :GH]
+    d_gh = d_g if lstm else d_g[..., GH:]
+    g = {}
+    g["input_query"] = torch.einsum("tbkh,tbke->khe", hprev, d_qi)
+    g["weight_hh"] = torch.einsum("tbkh,tbkg->khg", hprev, d_gh)
+    g["bias_hh"] = d_gh.sum((0, 1))
+    g["bias_ih"] = d_gi.sum((0, 1))
+    htr = rnd(hts)
+    g["comm_query"] = torch.einsum("tbkh,tbkc->khc", htr, d_qc)
+    g["comm_key"] = torch.einsum("tbkh,tbkc->khc", htr, d_kc)
+    g["comm_value"] = torch.einsum("tbkh,tbkc->khc", htr, d_vc)
+    g["comm_output"] = torch.einsum("tbkv,tbkh->kvh", os_, d_hp)
+    # Input keys (hoisted x @ input_key): d key from the scaled score gradients and the queries.
+    q = rnd(torch.einsum("tbkh,khe->tbke", hprev, P["input_query"])).view(T, B, K, NI, DK)
+    d_key = torch.einsum("tbknm,tbkne->tbmne", d_si, q).reshape(T, B, M, NI * DK)
+    g["input_key"] = torch.einsum("tbmd,tbme->de", xc, d_key)
+    dx = d_key @ P["input_key"].t()
+    # Folded input term XW = x (input_value_n weight_ih[k]_n): through the dropped probabilities.
+    at = a_s
+    if drop_in > 0:
+        keep = _k.rim_dropout_masks((T, B, K, NI, M), seed, drop_in, dev)
+        at = torch.where(keep, a_s / (1.0 - drop_in), 0.0)
+    at = rnd(at)
+    fold = rnd(torch.einsum("dnv,knvg->kndg", P["input_value"].view(D, NI, DV),
+                            P["weight_ih"].view(K, NI, DV, GH)))
+    xa = torch.einsum("tbknm,tbmd->tbknd", at, xc)
+    g_fold = torch.einsum("tbknd,tbkg->kndg", xa, d_gi)
+    dxa = torch.einsum("tbkg,kndg->tbknd", d_gi, fold)
+    dx += torch.einsum("tbknm,tbknd->tbmd", at, dxa)
+    g["input_value"] = torch.einsum("kndg,knvg->dnv", g_fold,
+                                    P["weight_ih"].view(K, NI, DV, GH)).reshape(D, NI * DV)
+    g["weight_ih"] = torch.einsum("dnv,kndg->knvg", P["input_value"].view(D, NI, DV),
+                                  g_fold).reshape(K, NI * DV, GH)
+
+    g_c0 = dc.to(c0.dtype) if lstm and c0 is not None else x.new_empty(0)
+    res = [dx.to(dtype), dh.to(h0.dtype), g_c0, *(g[n].to(p[n].dtype) for n in PARAM_NAMES)]
+    return [r.contiguous() for r in res]  # einsum results may be permuted views
+
+
+def _backward_kernels(ctx, g_out: Optional[Tensor], g_hn: Optional[Tensor],
+                      g_cn: Optional[Tensor]) -> tuple:
+    saved = ctx.saved_tensors
+    x, h0 = saved[0], saved[1]
+    i = 2
+    c0 = None
+    if ctx.has_c0:
+        c0, i = saved[2], 3
+    params = list(saved[i:i + ctx.n_params])
+    masks = saved[i + ctx.n_params]
+    acts = list(saved[i + ctx.n_params + 1:])
+    sizes, cell, p_in, p_c, big = _cfg_args(ctx.cfg)
+    if ctx.cfg.cell != "lstm":
+        g_cn = None
+    res = rim_triton_bwd(g_out, g_hn, g_cn, x, h0, c0, params, masks, acts, sizes, cell, p_in,
+                         p_c, big, ctx.training, ctx.seed)
+    g_c0 = res[2] if c0 is not None else None
+    return (res[0], res[1], g_c0, list(res[3:]), None, None, None, None, None, None, None, None)
+
+
 # ------------------------------------------------------------------ the op
 
 
 @torch.library.custom_op("rims_fast::rim_triton_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def rim_triton_fwd(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
                    sizes: list[int], cell: str, input_dropout: float, comm_dropout: float,
-                   block_inactive_grad: bool, training: bool, seed: int
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The whole sequence. ``c_n`` is an empty tensor for GRU (ops cannot return ``None``)."""
+                   block_inactive_grad: bool, training: bool, seed: int, save: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole sequence. ``c_n`` is an empty tensor for GRU (ops cannot return ``None``).
+    Returns ``out, h_n, c_n, masks`` and the 12 :data:`SAVED` activations (empty unless ``save``)."""
     cfg = _cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     drop_in = input_dropout if training else 0.0
     drop_c = comm_dropout if training else 0.0
-    return _forward(x, h0, c0, params, cfg, drop_in, drop_c, seed)
+    return _forward(x, h0, c0, params, cfg, drop_in, drop_c, seed, save)
 
 
 @rim_triton_fwd.register_fake
 def _(x, h0, c0, params, sizes, cell, input_dropout, comm_dropout, block_inactive_grad, training,
-      seed):
+      seed, save):
     T, B, M, D = x.shape
     H, K = sizes[1], sizes[2]
     out = x.new_empty(T, B, K * H)
     h_n = x.new_empty(B, K, H)
     c_n = x.new_empty(B, K, H) if cell == "lstm" else x.new_empty(0)
-    return out, h_n, c_n, x.new_empty(T, B, K, dtype=torch.bool)
+    cfg = _cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
+    shapes = _saved_shapes(T, B, M, cfg) if save else [(0,)] * len(SAVED)
+    saved = [x.new_empty(s, dtype=torch.float32) for s in shapes]
+    return (out, h_n, c_n, x.new_empty(T, B, K, dtype=torch.bool), *saved)
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, params, sizes, cell, input_dropout, comm_dropout, big, training, seed = inputs
+    x, h0, c0, params, sizes, cell, input_dropout, comm_dropout, big, training, seed, save = inputs
     ctx.cfg = _cfg_from(sizes, cell, input_dropout, comm_dropout, big)
     ctx.training, ctx.seed = training, seed
     ctx.has_c0 = c0 is not None
     ctx.n_params = len(params)
-    ctx.save_for_backward(x, h0, *([c0] if c0 is not None else []), *params, output[3])
+    ctx.kernels = bool(save)
+    ctx.mark_non_differentiable(output[3], *output[4:])
+    ctx.save_for_backward(x, h0, *([c0] if c0 is not None else []), *params, output[3],
+                          *(output[4:] if save else ()))
 
 
-def _backward(ctx, g_out, g_hn, g_cn, g_masks):
+def _backward(ctx, g_out, g_hn, g_cn, g_masks, *g_saved):
+    if ctx.kernels:
+        return _backward_kernels(ctx, g_out, g_hn, g_cn)
     saved = ctx.saved_tensors
     x, h0 = saved[0], saved[1]
     i = 2
@@ -268,7 +505,7 @@ def _backward(ctx, g_out, g_hn, g_cn, g_masks):
     g_x, g_h0 = res[0], res[1]
     g_c0 = res[2] if lstm and c0 is not None else None
     g_params = list(res[-ctx.n_params:])
-    return g_x, g_h0, g_c0, g_params, None, None, None, None, None, None, None
+    return g_x, g_h0, g_c0, g_params, None, None, None, None, None, None, None, None
 
 
 rim_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -292,6 +529,11 @@ def rim_triton(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str,
     if _dropping(cfg, training):  # one draw per call from PyTorch's (CPU) generator: no device sync
         seed = int(torch.randint(0, 2 ** 31 - 2, (1,)).item())
     plist = [params[name] for name in PARAM_NAMES]
-    out, h_n, c_n, masks = rim_triton_fwd(x, h0, c0 if cfg.cell == "lstm" else None, plist,
-                                          sizes, cell, p_in, p_c, big, bool(training), seed)
+    c0 = c0 if cfg.cell == "lstm" else None
+    # Save the activations for the Triton backward only when it will run (mode "kernels" and a
+    # gradient is required); the recompute backward needs nothing beyond the inputs and masks.
+    save = (bwd_mode() == "kernels" and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, h0, c0, *plist)))
+    out, h_n, c_n, masks = rim_triton_fwd(x, h0, c0, plist, sizes, cell, p_in, p_c, big,
+                                          bool(training), seed, save)[:4]
     return out, h_n, (c_n if cfg.cell == "lstm" else None), masks

@@ -5,6 +5,10 @@ On a machine without CUDA the kernels run on CPU tensors through the Triton inte
 grid is a hand-picked sub-grid of the parameter product (the interpreter costs ~1 s per step).
 The ``gpu`` class runs realistic shapes and is skipped without CUDA.
 
+The backward is tested both ways (``RIMS_FAST_TRITON_BWD``): the default ``recompute`` by the
+tests above the "Triton backward kernels" section, ``kernels`` (triton_kernels/rim_step_bwd.py) by
+the ``*bwd_kernels*`` tests, which also assert that the backward kernels were launched.
+
 Masks are compared exactly with the competition recomputed in float64 on the reference's states,
 except in rows where the ``top_k``-th and ``(top_k+1)``-th smallest ``p`` differ by at most
 ``1e-6 * max p`` (SPEC.md); values are always compared under the backend's own masks.
@@ -213,12 +217,35 @@ def test_opcheck():
     h0 = torch.randn(2, 2, 3, device=DEV, requires_grad=True)
     c0 = torch.randn(2, 2, 3, device=DEV, requires_grad=True)
     params = [dict(rim.named_parameters())[n].detach().to(DEV).requires_grad_() for n in NAMES]
-    args = (x.requires_grad_(), h0, c0, params, sizes, cell, p_in, p_c, big, False, 0)
+    args = (x.requires_grad_(), h0, c0, params, sizes, cell, p_in, p_c, big, False, 0, False)
     # test_schema runs the op under a mutation-checking mode and test_aot_dispatch_dynamic traces
     # forward and backward: each a few interpreted runs of tiny shape.
     torch.library.opcheck(torch.ops.rims_fast.rim_triton_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_opcheck_kernels_backward():
+    """The op with ``save=True`` (its saved activations as extra outputs) and the Triton
+    backward op ``rims_fast::rim_triton_bwd`` (fake impl, so aot/compile trace it as one node)."""
+    rim = make_rim(seed=2, dtype=torch.float32, hidden_size=3, num_units=2, top_k=1,
+                   input_heads=1, comm_heads=1)
+    sizes, cell, p_in, p_c, big = rt._cfg_args(rim.config)
+    x = torch.randn(1, 2, 1, 5, device=DEV, requires_grad=True)
+    h0 = torch.randn(2, 2, 3, device=DEV, requires_grad=True)
+    c0 = torch.randn(2, 2, 3, device=DEV, requires_grad=True)
+    params = [dict(rim.named_parameters())[n].detach().to(DEV).requires_grad_() for n in NAMES]
+    args = (x, h0, c0, params, sizes, cell, p_in, p_c, big, False, 0, True)
+    torch.library.opcheck(torch.ops.rims_fast.rim_triton_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+    res = rt.rim_triton_fwd(x.detach(), h0.detach(), c0.detach(), [q.detach() for q in params],
+                            *args[4:])
+    g = [torch.randn_like(res[0]), torch.randn_like(res[1]), torch.randn_like(res[2])]
+    bargs = (*g, x.detach(), h0.detach(), c0.detach(), [q.detach() for q in params], res[3],
+             list(res[4:]), sizes, cell, p_in, p_c, big, False, 0)
+    torch.library.opcheck(torch.ops.rims_fast.rim_triton_bwd.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_unavailable_reason(monkeypatch):
@@ -296,3 +323,133 @@ class TestGPU:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_realistic(self, cell, dtype):
         self._case(cell, dtype)
+
+
+# ------------------------------------------------------------ Triton backward kernels
+# RIMS_FAST_TRITON_BWD=kernels: the forward saves its activations and the backward runs
+# triton_kernels/rim_step_bwd.py; compared with the float64 reference under the same masks and
+# dropout draw. (cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, block_inactive_grad, p_in,
+# p_c): every axis value at least once per cell.
+BWD_GRID = [
+    ("lstm", 3, 3, 1, 4, 1, 5, 1, 1, False, True, 0.0, 0.0),
+    ("lstm", 3, 2, 3, 4, 2, 5, 2, 2, True, False, 0.3, 0.4),
+    ("lstm", 1, 3, 3, 3, 3, 3, 1, 2, False, True, 0.3, 0.4),
+    ("lstm", 3, 2, 1, 3, 1, 8, 2, 1, False, False, 0.0, 0.4),
+    ("gru", 3, 3, 1, 4, 1, 5, 1, 1, False, False, 0.3, 0.4),
+    ("gru", 3, 2, 3, 4, 2, 5, 2, 2, True, True, 0.0, 0.0),
+    ("gru", 1, 3, 3, 3, 3, 3, 2, 1, False, False, 0.3, 0.0),
+    ("gru", 3, 2, 1, 3, 1, 8, 1, 2, False, True, 0.3, 0.4),
+]
+
+
+def _count_bwd_launches(monkeypatch):
+    calls = {"comm": 0, "cell": 0}
+    for name, key in (("rim_comm_bwd", "comm"), ("rim_cell_bwd", "cell")):
+        orig = getattr(rt._kb, name)
+
+        def wrap(*a, _orig=orig, _key=key, **kw):
+            calls[_key] += 1
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(rt._kb, name, wrap)
+    return calls
+
+
+def _compare_bwd_kernels(monkeypatch, cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, big,
+                         p_in, p_c, seed=0):
+    monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+    calls = _count_bwd_launches(monkeypatch)
+    rim = make_rim(seed=seed, dtype=torch.float64, cell=cell, hidden_size=H, num_units=K,
+                   top_k=top_k, input_heads=n_in, comm_heads=n_c, input_size=5, input_key_size=4,
+                   input_value_size=3, comm_key_size=3, comm_value_size=2,
+                   block_inactive_grad=big, input_dropout=p_in, comm_dropout=p_c)
+    cfg = rim.config
+    training = p_in > 0 or p_c > 0
+    p64 = {n: p.detach() for n, p in rim.named_parameters()}
+    pk = {n: p.to(DEV, torch.float32) for n, p in p64.items()}
+    x, h0, c0 = _inputs(rim, T, B, M, torch.float32, zero_state, False)
+    w = _loss_weights(T, B, K, H)
+    torch.manual_seed(5)
+    vals, grads, masks = _run(rt.rim_triton, x, h0, c0, pk, cfg, w, training=training)
+    assert calls == {"comm": T, "cell": T}, f"the Triton backward did not run: {calls}"
+    keep = None
+    if training:
+        torch.manual_seed(5)
+        dseed = int(torch.randint(0, 2 ** 31 - 2, (1,)).item())
+        keep = tuple(None if k is None else k.cpu()
+                     for k in rt._dropout_keep(cfg, T, B, M, dseed, DEV))
+    d = lambda t: None if t is None else t.detach().cpu().double()
+    rvals, rgrads, _ = _run(rim_ref, d(x), d(h0), d(c0), p64, cfg, w, masks=masks.cpu(),
+                            training=training, dropout_masks=keep)
+    for name in ("out", "h_n", "c_n"):
+        if rvals[name] is not None:
+            assert_close(name, vals[name], rvals[name], torch.float32, "out")
+    assert set(grads) == set(rgrads) and len(rgrads) == (14 if cell == "lstm" else 13)
+    for name, g in rgrads.items():
+        assert_close(f"grad_{name}", grads[name], g, torch.float32,
+                     "grad_in" if name in ("x", "h0", "c0") else "grad_w")
+
+
+@pytest.mark.parametrize("case", BWD_GRID, ids=lambda c: "-".join(map(str, c)))
+def test_bwd_kernels_match_reference(monkeypatch, case):
+    _compare_bwd_kernels(monkeypatch, *case)
+
+
+def test_bwd_kernels_two_sample_tiles(monkeypatch):
+    """B > BLOCK_B: several programs along the batch, the last one partial."""
+    _compare_bwd_kernels(monkeypatch, "lstm", 2, 17, 2, 3, 2, 5, 1, 2, False, False, 0.3, 0.4)
+
+
+def test_bwd_kernels_partial_grads(monkeypatch):
+    """Only ``out`` in the loss (no gradient for h_n, c_n), GRU and LSTM; and no grad needed: the
+    forward saves nothing (the op returns empty saved tensors)."""
+    monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+    for cell in ("lstm", "gru"):
+        rim = make_rim(seed=4, dtype=torch.float64, cell=cell, hidden_size=3, num_units=3,
+                       top_k=2, input_heads=1, comm_heads=2)
+        cfg = rim.config
+        p64 = {n: p.detach() for n, p in rim.named_parameters()}
+        pk = {n: p.to(DEV, torch.float32).requires_grad_() for n, p in p64.items()}
+        x, h0, c0 = _inputs(rim, 2, 2, 2, torch.float32, False, False)
+        x.requires_grad_()
+        out, _, _, masks = rt.rim_triton(x, h0, c0, pk, cfg)
+        gx, gq = torch.autograd.grad(out.sum(), [x, pk["comm_query"]])
+        xr = x.detach().double().requires_grad_()
+        pr = {n: p.clone().requires_grad_() for n, p in p64.items()}
+        ro = rim_ref(xr, h0.double(), None if c0 is None else c0.double(), pr, cfg,
+                     masks=masks)[0]
+        rx, rq = torch.autograd.grad(ro.sum(), [xr, pr["comm_query"]])
+        assert_close("grad_x", gx, rx, torch.float32, "grad_in")
+        assert_close("grad_comm_query", gq, rq, torch.float32, "grad_w")
+    sizes, cell, p_in, p_c, big = rt._cfg_args(cfg)
+    with torch.no_grad():
+        res = rt.rim_triton_fwd(x, h0, None, list(pk[n] for n in NAMES), sizes, cell, p_in, p_c,
+                                big, False, 0, False)
+    assert all(t.numel() == 0 for t in res[4:])
+
+
+def test_bwd_mode_default_and_invalid(monkeypatch):
+    """Default ``recompute`` (the kernels are not run); unknown values raise."""
+    monkeypatch.delenv("RIMS_FAST_TRITON_BWD", raising=False)
+    assert rt.bwd_mode() == "recompute"
+    calls = _count_bwd_launches(monkeypatch)
+    rim = make_rim(seed=2, dtype=torch.float32, hidden_size=3, num_units=2, top_k=1,
+                   input_heads=1, comm_heads=1)
+    p = {n: q.detach().to(DEV).requires_grad_() for n, q in rim.named_parameters()}
+    x = torch.randn(1, 2, 1, 5, device=DEV)
+    h0 = torch.zeros(2, 2, 3, device=DEV)
+    out = rt.rim_triton(x, h0, torch.zeros_like(h0), p, rim.config)[0]
+    out.sum().backward()
+    assert calls == {"comm": 0, "cell": 0}
+    monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "fast")
+    with pytest.raises(ValueError, match="RIMS_FAST_TRITON_BWD"):
+        rt.rim_triton(x, h0, torch.zeros_like(h0), p, rim.config)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bwd_kernels_bf16(monkeypatch, cell):
+    """bfloat16 through the Triton backward (float32 gradient operands): TOL[bfloat16]."""
+    monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+    calls = _count_bwd_launches(monkeypatch)
+    _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=torch.bfloat16)
+    assert calls == {"comm": 3, "cell": 3}

@@ -13,6 +13,12 @@ owns samples ``[i*BLOCK_B, (i+1)*BLOCK_B)`` and mechanism ``k``:
   of the values, output projection, residual for active ``k``, copy for inactive; writes the
   float32 carried state and ``out[t]`` in the output dtype.
 
+With ``SAVE`` (only when the Triton backward will run, see ``rims_fast.rim_triton``) the cell
+kernel also stores the gate pre-activations and the undropped input probabilities, and the comm
+kernel the undropped communication probabilities and the read ``o``, into ``(T, ...)`` buffers;
+the launcher then passes per-step slices of the ``h``/``c``/``h~``/``Q,K,V`` histories as the
+state and workspace arguments, so those are saved without copies.
+
 Kernels take contiguous tensors; layouts are documented per argument. All products accumulate in
 float32 (``tl.dot``; ``input_precision`` from the launcher: "tf32" when PyTorch allows TF32, else
 "tf32x3", see ``rims_fast.rim_triton.FP32_DOT``);
@@ -146,12 +152,13 @@ def _rim_cell_fwd_kernel(
     ht_ptr, cn_ptr,          # out: (B, K, H) float32 h~ and c of step t
     mask_ptr,                # out: (T, B, K) int8 active mask
     qc_ptr, kc_ptr, vc_ptr,  # out: (B, K, NC*DC|DCV) float32 communication Q, K, V (rounded)
+    gates_ptr, a_ptr,        # out if SAVE: (T, B, K, GW) gate pre-activations, (T, B, K, NI, M) a
     B, M, t, seed, p_drop, scale,
     K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, DK: tl.constexpr, NC: tl.constexpr,
     DC: tl.constexpr, DCV: tl.constexpr, G: tl.constexpr, TOP_K: tl.constexpr,
     IS_LSTM: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr,
     DK_P: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, CQ_P: tl.constexpr,
-    CV_P: tl.constexpr, PREC: tl.constexpr,
+    CV_P: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     k = tl.program_id(1)
@@ -193,8 +200,10 @@ def _rim_cell_fwd_kernel(
         q = _proj(hr, wq_ptr, k, 0, n * DK, H, NI * DK, H, DK, H_P, DK_P, PREC)
         q = _rnd(q, WDT)
         a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
+        offs = (((t * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
+        if SAVE:  # undropped probabilities of the real elements, for the backward
+            tl.store(a_ptr + offs, a, mask=b_ok[:, None] & (offs_m[None, :] < M))
         if HAS_DROP:
-            offs = (((t * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
             a = _dropout(a, seed, offs, p_drop)
         a = _rnd(a, WDT)
         acc0 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 0, M, K, NI, H, G, M_P, H_P)
@@ -219,12 +228,28 @@ def _rim_cell_fwd_kernel(
         gh3 = (_proj(hr, whh_ptr, k, 0, 3 * H, H, G * H, H, H, H_P, H_P, PREC)
                + tl.load(bh + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
         c = _load_rows(c_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
+        if SAVE:
+            grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (4 * H) + offs_h[None, :]
+            gok = b_ok[:, None] & h_ok[None, :]
+            tl.store(grow, gi0 + gh0, mask=gok)
+            tl.store(grow + H, gi1 + gh1, mask=gok)
+            tl.store(grow + 2 * H, gi2 + gh2, mask=gok)
+            tl.store(grow + 3 * H, gi3 + gh3, mask=gok)
         c_cell = _sigmoid(gi1 + gh1) * c + _sigmoid(gi0 + gh0) * _tanh(gi2 + gh2)
         h_cell = _sigmoid(gi3 + gh3) * _tanh(c_cell)
         c_new = tl.where(active[:, None], c_cell, c)
         tl.store(cn_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], c_new,
                  mask=b_ok[:, None] & h_ok[None, :])
     else:
+        if SAVE:
+            grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (6 * H) + offs_h[None, :]
+            gok = b_ok[:, None] & h_ok[None, :]
+            tl.store(grow, gi0, mask=gok)
+            tl.store(grow + H, gi1, mask=gok)
+            tl.store(grow + 2 * H, gi2, mask=gok)
+            tl.store(grow + 3 * H, gh0, mask=gok)
+            tl.store(grow + 4 * H, gh1, mask=gok)
+            tl.store(grow + 5 * H, gh2, mask=gok)
         r = _sigmoid(gi0 + gh0)
         z = _sigmoid(gi1 + gh1)
         nn = _tanh(gi2 + r * gh2)
@@ -257,10 +282,11 @@ def _rim_comm_fwd_kernel(
     co_ptr,                  # comm_output (K, NC*DCV, H), storage dtype
     h_ptr,                   # out: (B, K, H) float32 state of step t
     out_ptr,                 # out: (T, B, K*H) output dtype
+    bp_ptr, o_ptr,           # out if SAVE: (T, B, K, NC, K) undropped probs, (T, B, K, NC*DCV) read
     B, t, seed, p_drop, scale,
     K: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, DC: tl.constexpr, DCV: tl.constexpr,
     HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr, K_P: tl.constexpr,
-    DC_P: tl.constexpr, DCV_P: tl.constexpr, PREC: tl.constexpr,
+    DC_P: tl.constexpr, DCV_P: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     k = tl.program_id(1)
@@ -281,8 +307,10 @@ def _rim_comm_fwd_kernel(
             s = tl.where(offs_k[None, :] == j, (tl.sum(q * kj, axis=1) * scale)[:, None], s)
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
         prob = e / tl.sum(e, axis=1)[:, None]
+        offs = (((t * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
+        if SAVE:
+            tl.store(bp_ptr + offs, prob, mask=b_ok[:, None] & (offs_k[None, :] < K))
         if HAS_DROP:
-            offs = (((t * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
             prob = _dropout(prob, seed, offs, p_drop)
         prob = _rnd(prob, WDT)
         o = tl.zeros((BLOCK_B, DCV_P), dtype=tl.float32)
@@ -290,6 +318,10 @@ def _rim_comm_fwd_kernel(
             pj = tl.sum(tl.where(offs_k[None, :] == j, prob, 0.0), axis=1)
             vj = _load_rows(vc_ptr, offs_b, b_ok, j, K, NC * DCV, n * DCV, DCV, DCV_P)
             o += pj[:, None] * vj
+        if SAVE:
+            offs_v = tl.arange(0, DCV_P)
+            tl.store(o_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (NC * DCV) + n * DCV
+                     + offs_v[None, :], _rnd(o, WDT), mask=b_ok[:, None] & (offs_v[None, :] < DCV))
         add += _proj(_rnd(o, WDT), co_ptr, k, n * DCV, 0, NC * DCV, H, DCV, H, DCV_P, H_P, PREC)
     h_new = tl.where(active[:, None], ht + add, ht)
     ok = b_ok[:, None] & (offs_h[None, :] < H)
@@ -314,27 +346,38 @@ NUM_WARPS = 4
 
 
 def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc, *,
-                 t, M, K, H, NI, DK, NC, DC, DCV, top_k, lstm, seed, p_drop, prec):
-    """Launch :func:`_rim_cell_fwd_kernel` for step ``t`` (all tensors contiguous)."""
+                 t, M, K, H, NI, DK, NC, DC, DCV, top_k, lstm, seed, p_drop, prec,
+                 gates=None, a=None):
+    """Launch :func:`_rim_cell_fwd_kernel` for step ``t`` (all tensors contiguous). With
+    ``gates`` ``(T, B, K, GW)`` and ``a`` ``(T, B, K, NI, M)`` float32 given, also saves the gate
+    pre-activations (LSTM ``i|f|g|o`` sums, GW = 4H; GRU ``gi|gh``, GW = 6H) and the undropped
+    input attention probabilities of step ``t`` for the backward."""
     B = h.shape[0]
     grid = (triton.cdiv(B, BLOCK_B), K)
+    save = gates is not None
     _rim_cell_fwd_kernel[grid](
         h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc,
+        gates if save else h, a if save else h,
         B, M, t, seed, float(p_drop), 1.0 / DK ** 0.5,
         K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC, DCV=DCV, G=4 if lstm else 3, TOP_K=top_k,
         IS_LSTM=lstm, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H), DK_P=pad_dot(DK),
         M_P=pad(M), K_P=pad(K), CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec,
-        num_warps=NUM_WARPS)
+        SAVE=save, num_warps=NUM_WARPS)
 
 
-def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, seed, p_drop, prec):
-    """Launch :func:`_rim_comm_fwd_kernel` for step ``t`` (all tensors contiguous)."""
+def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, seed, p_drop, prec,
+                 bp=None, o=None):
+    """Launch :func:`_rim_comm_fwd_kernel` for step ``t`` (all tensors contiguous). With ``bp``
+    ``(T, B, K, NC, K)`` and ``o`` ``(T, B, K, NC*DCV)`` float32 given, also saves the undropped
+    communication probabilities and the (dropped, rounded) read of step ``t``."""
     B = h.shape[0]
     grid = (triton.cdiv(B, BLOCK_B), K)
+    save = bp is not None
     _rim_comm_fwd_kernel[grid](
-        ht, masks, qc, kc, vc, co, h, out, B, t, seed, float(p_drop), 1.0 / DC ** 0.5,
+        ht, masks, qc, kc, vc, co, h, out, bp if save else h, o if save else h,
+        B, t, seed, float(p_drop), 1.0 / DC ** 0.5,
         K=K, H=H, NC=NC, DC=DC, DCV=DCV, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H),
-        K_P=pad(K), DC_P=pad(DC), DCV_P=pad_dot(DCV), PREC=prec, num_warps=NUM_WARPS)
+        K_P=pad(K), DC_P=pad(DC), DCV_P=pad_dot(DCV), PREC=prec, SAVE=save, num_warps=NUM_WARPS)
 
 
 def rim_dropout_masks(shape, seed, p_drop, device):
