@@ -61,6 +61,9 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
     return _CHECKS[name](torch.device(device), dtype)
 
 
+# torch.compile evaluates this at trace time and bakes the answer into the graph (it depends only
+# on the build and the tensors' device and dtype, which the graph's guards already pin).
+@torch.compiler.assume_constant_result
 def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that will run. An explicit backend that cannot run raises ``RuntimeError``."""
     if requested not in BACKENDS:

@@ -48,6 +48,8 @@ def _op_registered() -> Optional[str]:
     return None
 
 
+# torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if ``backend="cpu"`` can run on tensors of this device and dtype, else why not."""
     device = torch.device(device)

@@ -110,6 +110,8 @@ PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_h
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if the Triton backend can run on tensors of this device and dtype, else why not."""
     if _k is None:
