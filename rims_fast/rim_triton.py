@@ -408,17 +408,19 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
     return [r.contiguous() for r in res]  # einsum results may be permuted views
 
 
-def _backward_kernels(ctx, g_out: Optional[Tensor], g_hn: Optional[Tensor],
-                      g_cn: Optional[Tensor]) -> tuple:
+def _unpack_saved(ctx) -> tuple:
+    """``(x, h0, c0 or None, params, masks, activations)`` as ``_setup_context`` saved them."""
     saved = ctx.saved_tensors
     x, h0 = saved[0], saved[1]
-    i = 2
-    c0 = None
-    if ctx.has_c0:
-        c0, i = saved[2], 3
+    i = 3 if ctx.has_c0 else 2
+    c0 = saved[2] if ctx.has_c0 else None
     params = list(saved[i:i + ctx.n_params])
-    masks = saved[i + ctx.n_params]
-    acts = list(saved[i + ctx.n_params + 1:])
+    return x, h0, c0, params, saved[i + ctx.n_params], list(saved[i + ctx.n_params + 1:])
+
+
+def _backward_kernels(ctx, g_out: Optional[Tensor], g_hn: Optional[Tensor],
+                      g_cn: Optional[Tensor]) -> tuple:
+    x, h0, c0, params, masks, acts = _unpack_saved(ctx)
     sizes, cell, p_in, p_c, big = _cfg_args(ctx.cfg)
     if ctx.cfg.cell != "lstm":
         g_cn = None
@@ -474,14 +476,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_out, g_hn, g_cn, g_masks, *g_saved):
     if ctx.kernels:
         return _backward_kernels(ctx, g_out, g_hn, g_cn)
-    saved = ctx.saved_tensors
-    x, h0 = saved[0], saved[1]
-    i = 2
-    c0 = None
-    if ctx.has_c0:
-        c0, i = saved[2], 3
-    params = list(saved[i:i + ctx.n_params])
-    masks = saved[-1]
+    x, h0, c0, params, masks, _ = _unpack_saved(ctx)
     cfg = ctx.cfg
     lstm = cfg.cell == "lstm"
     with torch.enable_grad():
