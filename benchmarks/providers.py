@@ -7,6 +7,9 @@
   :func:`rims_fast.available_backends` when that backend cannot run here.
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
+- ``brim2``: a two-layer :class:`rims_fast.BRIM` with the config's K, top_k, H in both layers
+  (``backend="auto"``): what a stack costs next to one layer. It computes another function, so it
+  is timed but not gated here (tests/test_brim.py checks it against a plain loop).
 
 Every RIM provider runs the parameters of one reference module (copied or shared), so outputs can
 be compared with the reference's.
@@ -27,7 +30,7 @@ from .naive import NaiveRIM
 
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
-PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "lstm", "naive")
+PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "lstm", "naive", "brim2")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "naive")
 
@@ -131,9 +134,21 @@ def _naive(ctx: Context) -> Provider:
     return Provider("naive", run, list(m.parameters()), module=m)
 
 
+def _brim2(ctx: Context) -> Provider:
+    c = ctx.cfg
+    torch.manual_seed(2)
+    m = rims_fast.BRIM(c.D, c.H, c.K, c.top_k, num_layers=2, device=ctx.device, dtype=ctx.dtype)
+
+    def run(x: Tensor):
+        out, states, masks = m(x, return_masks=True)
+        return out, states[-1][0], states[-1][1], masks[-1]
+    return Provider("brim2", run, list(m.parameters()), is_rim=False, module=m)
+
+
 _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "torch": _torch, "torch_compile": _torch_compile, "triton": _backend("triton"),
     "cuda": _backend("cuda"), "cpu": _backend("cpu"), "lstm": _lstm, "naive": _naive,
+    "brim2": _brim2,
 }
 
 
