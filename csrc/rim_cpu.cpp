@@ -3,49 +3,58 @@
 // oracle; rims_fast/rim_cpu.py registers the fake impls and the autograd formula.
 //
 // Layout. Every per-step tensor is (T, B, K, X): the K mechanisms of one sample are adjacent, and
-// mechanism k of all samples (and of all steps) is one strided matrix with leading dimension
-// K*X, which BLAS takes as is. Matrix products are ATen calls (mm_out / addmm_ / einsum) on
-// views: they go to BLAS.
+// mechanism k of all samples is one strided matrix with leading dimension K*X, which BLAS takes
+// as is. Matrix products are raw-pointer BLAS calls (sgemm_/dgemm_, see gemm_rm): no Tensor
+// dispatch, views or allocations inside the time loop.
 //
-// Threads. Each step alternates phases "per sample" (the competition and the communication
-// attention need all K mechanisms of a sample) and "per mechanism" (a task runs mechanism k's
-// GEMMs single-threaded, inside at::parallel_for, then its pointwise work on all samples): a few
-// barriers per step instead of a thread team per small GEMM.
+// Threads. This extension is built without -fopenmp, so at::parallel_for (header-inline) would
+// run serially here: jobs go to a Team of at::get_num_threads() threads (torch's OpenMP team via
+// libgomp's GOMP_parallel when loaded, else threads of its own), BLAS single-threaded inside.
 //
-// The input term is always folded (fold = input_value_n weight_ih[k]_n, xw = x fold), whatever
-// M*D vs d_v: the reference switches to projecting values when M*D > d_v; the sums are the same,
-// reassociated. xw holds T*B*M*K*n_in*G*H values.
+// The input term is always folded (fold[:, k, n] = input_value_n weight_ih[k]_n): the read is
+// linear in the probabilities, so u_k weight_ih[k] = sum_n xa_n fold[:, k, n] with
+// xa_n = sum_m a~_{n,m} x_m (the reference projects values instead when M*D > d_v; the sums are
+// the same, reassociated).
 //
-// Forward. Hoisted over all T*B*M rows, before the loop: the input keys (x input_key) and the
-// cell's input term folded through the values, xw = x (input_value_n weight_ih[k]_n) for every
-// (k, n) (the read is linear in the probabilities, so u_k weight_ih[k] = sum_{n,m} a x_m fold).
-// Per step: the queries (K GEMMs over B), scores, null softmax, p and the rank rule (one
-// parallel pass), the recurrent gate GEMM of the ACTIVE rows only (gathered per mechanism), the
-// cell pointwise, the Q|K|V communication GEMM (weights packed once per call), the attention
-// pointwise, and the output projection of the active rows only.
+// Forward. Samples are independent for the whole sequence, so the forward is ONE parallel loop
+// over batch tiles (one per thread), each running all T steps of its samples without a barrier.
+// Per step and tile: the keys of its inputs and the queries (K GEMMs), scores, null softmax, p
+// and the rank rule, per mechanism one gate GEMM of the ACTIVE rows [h_{t-1} | xa] against the
+// packed [weight_hh[k]; fold[:, k]] (GRU: gi and gh stay two GEMMs), the cell pointwise, the
+// Q|K|V GEMM, the attention, and the output projection of the active rows.
 //
 // Saved for backward (save=true), all in the compute dtype: out (it is the h history), the c
 // history (LSTM), h~ (after the cell, before communication), the input queries, the undropped
 // input probabilities a, the gate pre-activations (LSTM: i,f,g,o with both terms and biases;
 // GRU: gi | gh), the communication Q|K|V, the undropped communication probabilities, the
-// dropped read o, plus the hoisted keys, xw and fold. Recomputed in backward: the cell
-// activations (from the pre-activations), the dropout masks (from the counter-based stream),
-// the dropped probabilities. With save=false only out, the masks, the final state and two
-// steps of c are kept: per-step buffers are reused.
+// dropped read o, plus the keys and fold (the xw output is kept in the schema, empty).
+// Recomputed in backward: the cell activations (from the pre-activations), the dropout masks
+// (from the counter-based stream), the dropped probabilities, xa. With save=false only out, the
+// masks, the final state and two steps of c are kept: per-step buffers are reused.
 //
-// Backward. A reverse sweep carries dh, dc and produces, per step, the gradients of the queries,
-// gate pre-activations, communication Q|K|V and h' (masked to active rows); the weight
-// gradients are then a few large GEMMs over all T*B rows.
+// Backward. A reverse sweep carries dh, dc; per step a per-sample phase (communication attention
+// backward) and a per-mechanism phase (everything else) on the team. The per-mechanism task also
+// accumulates mechanism k's weight and bias gradients of that step (small GEMMs on its active
+// rows), so no (T, B, K, .) gradient history is kept but the d scores and dgi fold^T (for dx).
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <memory>
+#include <unistd.h>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "kernels/masked_cell.cuh"
@@ -138,13 +147,6 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::op
   return d;
 }
 
-// fold[d, k, n, g] = sum_v input_value[d, n*dv + v] weight_ih[k, n*dv + v, g]: (D, K*n_in*GH).
-Tensor make_fold(const Dims& d, const Tensor& input_value, const Tensor& weight_ih) {
-  return at::einsum("dnv,knvg->dkng", {input_value.view({d.D, d.n_in, d.dv}),
-                                       weight_ih.view({d.K, d.n_in, d.dv, d.GH})})
-      .contiguous();
-}
-
 // Per-step bookkeeping of the active rows: cnt[k] active samples of mechanism k, idx[k*B + r]
 // the r-th of them, pos[b*K + k] the row of (b, k) in mechanism k's gathered block (or -1).
 struct ActiveRows {
@@ -164,8 +166,6 @@ struct ActiveRows {
   }
 };
 
-// C = A @ B into an existing (possibly strided, row-major with leading dim >= cols) view.
-void mm_into(Tensor c, const Tensor& a, const Tensor& b) { at::mm_out(c, a, b); }
 
 template <size_t... I>
 auto to_tuple_impl(const std::vector<Tensor>& v, std::index_sequence<I...>) {
@@ -176,19 +176,6 @@ auto to_tuple(const std::vector<Tensor>& v) {
   return to_tuple_impl(v, std::make_index_sequence<N>{});
 }
 
-template <typename F>
-void parallel_over(int64_t n, const F& f) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) f(i);
-  });
-}
-
-// Row-major (rows, cols) view of mechanism k's slice of a (..., K, cols) block whose leading
-// dims flatten to `rows` (e.g. one step's (B, K, X), or all steps' (T, B, K, X)).
-Tensor mech(const Tensor& t, int64_t rows, int64_t K, int64_t k) {
-  const int64_t cols = t.size(-1);
-  return t.view({rows, K, cols}).select(1, k);
-}
 
 uint64_t in_index(const Dims& d, int64_t t, int64_t b, int64_t k, int64_t n, int64_t m) {
   return static_cast<uint64_t>((((t * d.B + b) * d.K + k) * d.n_in + n) * d.M + m);
@@ -197,27 +184,279 @@ uint64_t comm_index(const Dims& d, int64_t t, int64_t b, int64_t k, int64_t n, i
   return static_cast<uint64_t>((((t * d.B + b) * d.K + k) * d.n_c + n) * d.K + j);
 }
 
+// ---- Threads. at::parallel_for is header-inline and this extension is built without -fopenmp,
+// so here it would run serially. A Team runs a job on at::get_num_threads() threads (the caller
+// is thread 0): on torch's OpenMP team through libgomp's GOMP_parallel when that runtime is
+// loaded, else on threads of its own (they spin briefly between jobs, then sleep). BLAS runs
+// single-threaded inside a job (OpenMP nesting; MKL's thread-local setting on own threads).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+// libgomp's entry points (the ABI of `#pragma omp parallel`), found when torch's OpenMP runtime
+// is loaded: then a job runs on torch's own OpenMP team (the threads ATen and BLAS use, which
+// otherwise keep spinning after their last region and would compete with separate threads).
+extern "C" {
+void GOMP_parallel(void (*)(void*), void*, unsigned, unsigned) __attribute__((weak));
+int omp_get_thread_num(void) __attribute__((weak));
+int omp_get_num_threads(void) __attribute__((weak));
+}
+inline bool have_gomp() {
+  return GOMP_parallel != nullptr && omp_get_thread_num != nullptr &&
+         omp_get_num_threads != nullptr;
+}
+
+class Team {
+ public:
+  explicit Team(int64_t nthreads) : P_(std::max<int64_t>(1, nthreads)), omp_(have_gomp()) {
+    if (!omp_)
+      for (int64_t i = 1; i < P_; ++i) th_.emplace_back([this, i] { work(i); });
+  }
+  ~Team() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : th_) t.join();
+  }
+  int64_t size() const { return P_; }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+
+  // f(begin, end) over contiguous chunks of [0, n), one per thread, each of >= grain items (one
+  // chunk if n < 2*grain). Returns when all are done; rethrows the first exception.
+  template <typename F>
+  void run(int64_t n, int64_t grain, const F& f) {
+    if (n <= 0) return;
+    const int64_t p = std::min<int64_t>(P_, std::max<int64_t>(1, n / std::max<int64_t>(1, grain)));
+    if (p == 1) {
+      f(int64_t(0), n);
+      return;
+    }
+    n_ = n, chunk_ = (n + p - 1) / p, p_ = p;
+    ctx_ = &f;
+    fn_ = [](const void* ctx, int64_t b, int64_t e) { (*static_cast<const F*>(ctx))(b, e); };
+    err_ = nullptr;
+    tls_ = at::ThreadLocalState();  // the caller's dispatch keys, grad mode: for ATen calls in jobs
+    if (omp_) {  // BLAS is sequential inside an OpenMP region
+      GOMP_parallel(&Team::omp_body, this, static_cast<unsigned>(p), 0u);
+      if (err_) std::rethrow_exception(err_);
+      return;
+    }
+    pending_.store(p - 1);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    const int prev = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
+    chunk(0);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+    while (pending_.load() != 0) pause();
+    if (err_) std::rethrow_exception(err_);
+  }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  void chunk(int64_t tid) {
+    const int64_t b = tid * chunk_, e = std::min(n_, b + chunk_);
+    if (b >= e) return;
+    try {
+      fn_(ctx_, b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!err_) err_ = std::current_exception();
+    }
+  }
+  // Chunk c on OpenMP thread c mod (team size): correct for any team size (1 when nested).
+  static void omp_body(void* arg) {
+    Team* self = static_cast<Team*>(arg);
+    const int64_t tid = omp_get_thread_num(), nt = std::max(1, omp_get_num_threads());
+    if (tid == 0) {
+      for (int64_t c = 0; c < self->p_; c += nt) self->chunk(c);
+    } else {
+      at::ThreadLocalStateGuard guard(self->tls_);
+      for (int64_t c = tid; c < self->p_; c += nt) self->chunk(c);
+    }
+  }
+  void work(int64_t tid) {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(1);
+    uint64_t seen = 0;
+    for (;;) {
+      for (int i = 0; i < 4000 && gen_.load() == seen; ++i) pause();
+      if (gen_.load() == seen) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+      }
+      seen = gen_.load();
+      if (stop_) return;
+      if (tid < p_) {
+        at::ThreadLocalStateGuard guard(tls_);
+        chunk(tid);
+        pending_.fetch_sub(1);
+      }
+    }
+  }
+
+  const int64_t P_;
+  const bool omp_;
+  std::vector<std::thread> th_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> pending_{0};
+  bool stop_ = false;
+  int64_t n_ = 0, chunk_ = 1, p_ = 1;
+  const void* ctx_ = nullptr;
+  void (*fn_)(const void*, int64_t, int64_t) = nullptr;
+  std::exception_ptr err_;
+  at::ThreadLocalState tls_;
+};
+
+// The process's team, reused across calls (starting threads, and BLAS's per-thread setup in a
+// new thread, cost milliseconds per call); held for the whole op call. A call that finds it busy
+// (an op running on another thread) makes its own; after fork() the child makes a new one.
+class TeamLease {
+ public:
+  TeamLease() {
+    const int64_t P = std::max<int64_t>(1, at::get_num_threads());
+    static std::mutex mu;
+    static Team* shared = nullptr;
+    static pid_t owner = 0;
+    std::unique_lock<std::mutex> lk(mu, std::try_to_lock);
+    if (!lk.owns_lock()) {
+      own_ = std::make_unique<Team>(P);
+      team_ = own_.get();
+      return;
+    }
+    if (shared == nullptr || shared->size() != P || owner != getpid()) {
+      if (shared != nullptr && owner == getpid()) delete shared;  // a forked child leaks it
+      shared = new Team(P);
+      owner = getpid();
+    }
+    team_ = shared;
+    lk_ = std::move(lk);
+  }
+  Team& operator*() { return *team_; }
+
+ private:
+  std::unique_lock<std::mutex> lk_;
+  std::unique_ptr<Team> own_;
+  Team* team_ = nullptr;
+};
+
+// ---- Raw-pointer GEMM for the per-tile forward: row-major C = A B (+ beta C), leading dims
+// given. BLAS's Fortran sgemm_/dgemm_ (exported by libtorch_cpu with MKL or OpenBLAS) when the
+// loader found them (weak symbols), else ATen on from_blob views. Sizes are passed as int64
+// values: read as LP64 int or as ILP64 int64, both see the same value (little-endian, < 2^31).
+extern "C" {
+void sgemm_(const char*, const char*, const int64_t*, const int64_t*, const int64_t*,
+            const float*, const float*, const int64_t*, const float*, const int64_t*,
+            const float*, float*, const int64_t*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int64_t*, const int64_t*, const int64_t*,
+            const double*, const double*, const int64_t*, const double*, const int64_t*,
+            const double*, double*, const int64_t*) __attribute__((weak));
+}
+
+// transB: Bm is stored (n, k) row-major and C = A Bm^T; transA: A is stored (k, m), C = A^T Bm.
+template <typename S>
+void gemm_rm(int64_t m, int64_t n, int64_t k, const S* A, int64_t lda, const S* Bm, int64_t ldb,
+             S beta, S* C, int64_t ldc, bool transB = false, bool transA = false) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {  // C = beta C
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = beta == S(0) ? S(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const S one = S(1);
+  const char* tb = transB ? "T" : "N";
+  const char* ta = transA ? "T" : "N";
+  // Column-major view: C^T (n x m) = op(B)^T (n x k) A^T (k x m).
+  if constexpr (std::is_same_v<S, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(tb, ta, &n, &m, &k, &one, Bm, &ldb, A, &lda, &beta, C, &ldc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(tb, ta, &n, &m, &k, &one, Bm, &ldb, A, &lda, &beta, C, &ldc);
+      return;
+    }
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+  const Tensor a = transA ? at::from_blob(const_cast<S*>(A), {k, m}, {lda, 1}, opt).t()
+                          : at::from_blob(const_cast<S*>(A), {m, k}, {lda, 1}, opt);
+  const Tensor b = transB ? at::from_blob(const_cast<S*>(Bm), {n, k}, {ldb, 1}, opt).t()
+                          : at::from_blob(const_cast<S*>(Bm), {k, n}, {ldb, 1}, opt);
+  Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  if (beta == S(0))
+    at::mm_out(c, a, b);
+  else
+    c.mul_(beta).addmm_(a, b);
+}
+
 // ================================= forward =================================
-// Barriers per step: 4 parallel phases, alternating "per mechanism" (each task runs its own
-// single-threaded GEMMs on mechanism k's rows: no thread team per small GEMM) and "per sample"
-// (the competition and the communication attention need all K mechanisms of a sample).
+// Threads. Samples are independent for the whole sequence, so the forward is ONE parallel loop
+// over batch tiles (one tile per thread): each task runs all T steps of its samples with
+// single-threaded BLAS calls on raw pointers (no barrier, no Tensor dispatch, no allocation per
+// step). Per step and tile: the keys and the queries (K GEMMs), scores, null softmax, p and the
+// rank rule, per mechanism one gate GEMM of its ACTIVE rows [h_{t-1} | xa] (cnt, H + n_in*D)
+// against [weight_hh[k]; fold[:, k]] (LSTM; GRU: two GEMMs, gi and gh stay apart), the cell
+// pointwise, the Q|K|V GEMM, the attention, and the output projection of the active rows.
+// xa[b, k, n] = sum_m a~[b, k, n, m] x_m, so xa fold[:, k, n] is the input term u_k weight_ih[k]
+// reassociated. No multi-threaded ATen op runs before the tiles (an OpenMP team left spinning
+// would compete with them).
 template <typename S>
 std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                 const Tensor& Wk, const Tensor& Wq, const Tensor& fold,
-                                 const Tensor& Whh, const Tensor& bih, const Tensor& bhh,
-                                 const Tensor& Wc, const Tensor& Wco, bool save) {
-  const int64_t T = d.T, B = d.B, M = d.M, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
+                                 const Tensor& Wk, const Tensor& Wq, const Tensor& Wv,
+                                 const Tensor& Wih, const Tensor& Whh, const Tensor& bih,
+                                 const Tensor& bhh, const Tensor& Cq, const Tensor& Ck,
+                                 const Tensor& Cv, const Tensor& Wco, bool save) {
+  const int64_t T = d.T, B = d.B, M = d.M, D = d.D, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
+  const int64_t XW = H + n_in * D;  // width of a gathered [h | xa] row
   const auto opt = x.options();
   const S scale_in = S(1.0 / std::sqrt(double(dk)));
   const S scale_c = S(1.0 / std::sqrt(double(dc)));
   const S keep_in = S(1.0 - d.p_in), keep_c = S(1.0 - d.p_c);
 
-  // Hoisted, state-independent work over all T*B*M rows (multi-threaded BLAS).
-  const Tensor x2 = x.view({T * B * M, d.D});
-  const Tensor keys = at::mm(x2, Wk);  // (T, B, M, nk)
-  const Tensor xw = at::mm(x2, fold);  // (T, B, M, K, n_in, GH)
+  TeamLease lease;
+  Team& team = *lease;
+  // Packed weights, built per mechanism in parallel: Wcat[k] = [weight_hh[k]; fold[:, k, 0];
+  // ...] with fold[:, k, n] = input_value[:, n] weight_ih[k, n] (D, GH), and
+  // Wc[k] = [comm_query[k] | comm_key[k] | comm_value[k]] (H, C3).
+  Tensor Wcat = at::empty({K, XW, GH}, opt), Wc = at::empty({K, H, C3}, opt);
+  {
+    const int64_t dv = d.dv, nv = d.nv;
+    const S* wv = Wv.const_data_ptr<S>();
+    const S* wih = Wih.const_data_ptr<S>();
+    const S* whh = Whh.const_data_ptr<S>();
+    const S* cqp = Cq.const_data_ptr<S>();
+    const S* ckp = Ck.const_data_ptr<S>();
+    const S* cvp = Cv.const_data_ptr<S>();
+    S* wcat = Wcat.mutable_data_ptr<S>();
+    S* wc = Wc.mutable_data_ptr<S>();
+    team.run(K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        std::copy_n(whh + k * H * GH, H * GH, wcat + k * XW * GH);
+        for (int64_t n = 0; n < n_in; ++n)
+          gemm_rm<S>(D, GH, dv, wv + n * dv, nv, wih + (k * nv + n * dv) * GH, GH, S(0),
+                     wcat + (k * XW + H + n * D) * GH, GH);
+        for (int64_t h = 0; h < H; ++h) {
+          S* dst = wc + (k * H + h) * C3;
+          std::copy_n(cqp + (k * H + h) * ck, ck, dst);
+          std::copy_n(ckp + (k * H + h) * ck, ck, dst + ck);
+          std::copy_n(cvp + (k * H + h) * cv, cv, dst + 2 * ck);
+        }
+      }
+    });
+  }
+
+  Tensor keys = at::empty({T, B, M, nk}, opt);  // x input_key, per step inside the tiles
 
   const int64_t Ts = save ? T : 1;                        // per-step buffers: all, or one reused
   const int64_t Tc = save ? T : std::min<int64_t>(T, 2);  // c history: all, or ping-pong
@@ -231,13 +470,16 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
   Tensor qkv = at::empty({Ts, B, K, C3}, opt);
   Tensor bprob = at::empty({Ts, B, K, n_c, K}, opt);
   Tensor o = at::empty({Ts, B, K, cv}, opt);
-  // Gathered active rows per mechanism (compact, (K, B, .)), reused every step.
-  Tensor hg = at::empty({K, B, H}, opt), ghc = at::empty({K, B, GH}, opt);
-  Tensor og = at::empty({K, B, cv}, opt), rc = at::empty({K, B, H}, opt);
-  ActiveRows rows(B, K);
 
-  const S* keys_p = keys.const_data_ptr<S>();
-  const S* xw_p = xw.const_data_ptr<S>();
+  const S* x_p = x.const_data_ptr<S>();
+  const S* h0_p = h0.const_data_ptr<S>();
+  const S* c0_p = d.lstm ? c0.const_data_ptr<S>() : nullptr;
+  S* keys_p = keys.mutable_data_ptr<S>();
+  const S* wk_p = Wk.const_data_ptr<S>();
+  const S* wq_p = Wq.const_data_ptr<S>();
+  const S* wcat_p = Wcat.const_data_ptr<S>();
+  const S* wc_p = Wc.const_data_ptr<S>();
+  const S* wco_p = Wco.const_data_ptr<S>();
   const S* bih_p = bih.const_data_ptr<S>();
   const S* bhh_p = bhh.const_data_ptr<S>();
   S* out_p = out.mutable_data_ptr<S>();
@@ -250,132 +492,128 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
   S* qkv_p = qkv.mutable_data_ptr<S>();
   S* bp_p = bprob.mutable_data_ptr<S>();
   S* o_p = o.mutable_data_ptr<S>();
-  S* hg_p = hg.mutable_data_ptr<S>();
-  const S* ghc_p = ghc.const_data_ptr<S>();
-  S* og_p = og.mutable_data_ptr<S>();
-  const S* rc_p = rc.const_data_ptr<S>();
   const int64_t BKH = B * K * H;
 
-  // Per mechanism: finish step t-1 (h' = h~ + o comm_output on its active rows), then the
-  // queries of step t from h_{t-1} (every mechanism: its state decides p, active or not).
-  auto tail_and_queries = [&](int64_t t, int64_t k) {
-    if (t > 0) {
-      const int64_t tp = t - 1, n = rows.cnt[k];
-      if (n > 0) mm_into(rc[k].narrow(0, 0, n), og[k].narrow(0, 0, n), Wco[k]);
-      const S* ht = htil_p + (save ? tp : 0) * BKH;
-      S* outt = out_p + tp * BKH;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = b * K + k, r = rows.pos[row];
-        const S* src = ht + row * H;
-        S* dst = outt + row * H;
-        if (r < 0) {
-          std::copy_n(src, H, dst);
-        } else {
-          const S* add = rc_p + (k * B + r) * H;
-          for (int64_t j = 0; j < H; ++j) dst[j] = src[j] + add[j];
-        }
-      }
-    }
-    if (t < T) {
-      const Tensor h_prev = t == 0 ? h0 : out[t - 1];
-      mm_into(mech(q[save ? t : 0], B, K, k), mech(h_prev, B, K, k), Wq[k]);
-    }
-  };
+  auto tile = [&](int64_t b0, int64_t b1) {
+    const int64_t Bt = b1 - b0;
+    // Gathered active rows per mechanism (compact (K, Bt, .)), reused every step.
+    std::vector<S> hx(K * Bt * XW), gg(K * Bt * (d.lstm ? GH : 2 * GH)), og(K * Bt * cv),
+        rc(K * Bt * H), s(std::max(M, n_c * K)), p(K);
+    std::vector<int64_t> cnt(K), idx(K * Bt), pos(Bt * K);
+    const int64_t GG = d.lstm ? GH : 2 * GH;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t ts = save ? t : 0;
+      const S* hp = t == 0 ? h0_p : out_p + (t - 1) * BKH;
+      const S* cp = !d.lstm ? nullptr : t == 0 ? c0_p : cs_p + ((t - 1) % Tc) * BKH;
+      S* cn = d.lstm ? cs_p + (t % Tc) * BKH : nullptr;
+      S* qt = q_p + ts * B * K * nk;
+      S* at_ = a_p + ts * B * K * n_in * M;
+      S* gt = gates_p + ts * B * K * GW;
+      S* ht = htil_p + ts * BKH;
+      S* qkvt = qkv_p + ts * B * K * C3;
+      S* bpt = bp_p + ts * B * K * n_c * K;
+      S* ot = o_p + ts * B * K * cv;
+      S* outt = out_p + t * BKH;
+      bool* mt = mask_p + t * B * K;
+      const S* kt = keys_p + t * B * M * nk;
+      const S* xt = x_p + t * B * M * D;
 
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t ts = save ? t : 0;
-    const S* hp = t == 0 ? h0.const_data_ptr<S>() : out_p + (t - 1) * BKH;
-    const S* cp = !d.lstm ? nullptr : t == 0 ? c0.const_data_ptr<S>() : cs_p + ((t - 1) % Tc) * BKH;
-    S* cn = d.lstm ? cs_p + (t % Tc) * BKH : nullptr;
-    parallel_over(K, [&](int64_t k) { tail_and_queries(t, k); });
-
-    // 1-2. Scores, null softmax, p and the rank rule, per sample.
-    const S* qt = q_p + ts * B * K * nk;
-    const S* kt = keys_p + t * B * M * nk;
-    S* at_ = a_p + ts * B * K * n_in * M;
-    bool* mt = mask_p + t * B * K;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<S> s(M), p(K);
+      // 1. Keys of the tile's input elements; queries of every mechanism (its state decides p,
+      // active or not).
+      gemm_rm<S>(Bt * M, nk, D, xt + b0 * M * D, D, wk_p, nk, S(0),
+                 keys_p + (t * B + b0) * M * nk, nk);
+      for (int64_t k = 0; k < K; ++k)
+        gemm_rm<S>(Bt, nk, H, hp + (b0 * K + k) * H, K * H, wq_p + k * H * nk, nk, S(0),
+                   qt + (b0 * K + k) * nk, K * nk);
+      // 1-2. Scores, null softmax, p and the rank rule, per sample.
+      std::fill(cnt.begin(), cnt.end(), 0);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t k = 0; k < K; ++k) {
           S psum = S(0);
           for (int64_t n = 0; n < n_in; ++n) {
             const S* qv = qt + (b * K + k) * nk + n * dk;
-            for (int64_t m = 0; m < M; ++m) {
-              const S* kv = kt + (b * M + m) * nk + n * dk;
-              S dot = S(0);
-              for (int64_t i = 0; i < dk; ++i) dot += qv[i] * kv[i];
-              s[m] = dot * scale_in;
-            }
+            for (int64_t m = 0; m < M; ++m)
+              s[m] = dot_n(qv, kt + (b * M + m) * nk + n * dk, dk) * scale_in;
             psum += null_softmax(s.data(), M, at_ + ((b * K + k) * n_in + n) * M);
           }
           p[k] = psum / S(n_in);
         }
-        for (int64_t k = 0; k < K; ++k) mt[b * K + k] = competition_active(p.data(), K, k, d.top_k);
-      }
-    });
-    rows.build(mt, B, K);
-
-    // 3. Per mechanism: recurrent gate GEMM of the active rows, input term (folded), cell
-    // pointwise (inactive rows copy), then 4.'s Q|K|V GEMM of all its rows.
-    S* gt = gates_p + ts * B * K * GW;
-    S* ht = htil_p + ts * BKH;
-    const S* xwt = xw_p + t * B * M * K * n_in * GH;
-    const Tensor htil_t = htil[ts], qkv_t = qkv[ts];
-    parallel_over(K, [&](int64_t k) {
-      const int64_t cnt = rows.cnt[k];
-      for (int64_t r = 0; r < cnt; ++r)
-        std::copy_n(hp + (rows.idx[k * B + r] * K + k) * H, H, hg_p + (k * B + r) * H);
-      if (cnt > 0) mm_into(ghc[k].narrow(0, 0, cnt), hg[k].narrow(0, 0, cnt), Whh[k]);
-      const S* bi = bih_p + k * GH;
-      const S* bh = bhh_p + k * GH;
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = b * K + k, r = rows.pos[row];
-        S* g = gt + row * GW;
-        if (r < 0) {
-          std::copy_n(hp + row * H, H, ht + row * H);
-          if (d.lstm) std::copy_n(cp + row * H, H, cn + row * H);
-          std::fill_n(g, GW, S(0));
-          continue;
-        }
-        // gi = sum_{n,m} a~ xw + bias_ih (a~: the dropped probabilities).
-        std::fill_n(g, GH, S(0));
-        for (int64_t n = 0; n < n_in; ++n)
-          for (int64_t m = 0; m < M; ++m) {
-            S w = at_[(row * n_in + n) * M + m];
-            if (d.drop_in())
-              w = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in)) ? w / keep_in
-                                                                                     : S(0);
-            const S* src = xwt + ((b * M + m) * K + k) * n_in * GH + n * GH;
-            for (int64_t j = 0; j < GH; ++j) g[j] += w * src[j];
+        const int64_t bl = b - b0;
+        for (int64_t k = 0; k < K; ++k) {
+          const bool act = competition_active(p.data(), K, k, d.top_k);
+          mt[b * K + k] = act;
+          if (act) {
+            pos[bl * K + k] = cnt[k];
+            idx[k * Bt + cnt[k]++] = bl;
+          } else {
+            pos[bl * K + k] = -1;
           }
-        const S* gh_c = ghc_p + (k * B + r) * GH;
+        }
+      }
+
+      // 3. Per mechanism: gather [h_{t-1} | xa] of the active rows, one gate GEMM (LSTM; GRU
+      // two), cell pointwise (inactive rows copy), then 4.'s Q|K|V GEMM of all its rows.
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t nact = cnt[k];
+        S* hxk = hx.data() + k * Bt * XW;
+        for (int64_t r = 0; r < nact; ++r) {
+          const int64_t b = b0 + idx[k * Bt + r];
+          S* dst = hxk + r * XW;
+          std::copy_n(hp + (b * K + k) * H, H, dst);
+          for (int64_t n = 0; n < n_in; ++n) {
+            S* xa = dst + H + n * D;
+            std::fill_n(xa, D, S(0));
+            for (int64_t m = 0; m < M; ++m) {
+              S w = at_[((b * K + k) * n_in + n) * M + m];
+              if (d.drop_in())
+                w = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in))
+                        ? w / keep_in : S(0);
+              axpy_n(w, xt + (b * M + m) * D, xa, D);
+            }
+          }
+        }
+        S* ggk = gg.data() + k * Bt * GG;
+        const S* wk = wcat_p + k * XW * GH;
         if (d.lstm) {
-          for (int64_t j = 0; j < GH; ++j) g[j] = (g[j] + bi[j]) + (gh_c[j] + bh[j]);
-          lstm_row_fwd(g, cp + row * H, ht + row * H, cn + row * H, H);
-        } else {
-          S* gh = g + GH;
-          for (int64_t j = 0; j < GH; ++j) {
-            g[j] = g[j] + bi[j];
-            gh[j] = gh_c[j] + bh[j];
-          }
-          for (int64_t j = 0; j < H; ++j)
-            ht[row * H + j] = gru_pointwise_fwd(g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
-                                                gh[2 * H + j], hp[row * H + j]);
+          gemm_rm<S>(nact, GH, XW, hxk, XW, wk, GH, S(0), ggk, GH);
+        } else {  // gi | gh
+          gemm_rm<S>(nact, GH, XW - H, hxk + H, XW, wk + H * GH, GH, S(0), ggk, 2 * GH);
+          gemm_rm<S>(nact, GH, H, hxk, XW, wk, GH, S(0), ggk + GH, 2 * GH);
         }
+        const S* bi = bih_p + k * GH;
+        const S* bh = bhh_p + k * GH;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t row = b * K + k, r = pos[(b - b0) * K + k];
+          S* g = gt + row * GW;
+          if (r < 0) {
+            std::copy_n(hp + row * H, H, ht + row * H);
+            if (d.lstm) std::copy_n(cp + row * H, H, cn + row * H);
+            std::fill_n(g, GW, S(0));
+            continue;
+          }
+          const S* src = ggk + r * GG;
+          if (d.lstm) {
+            for (int64_t j = 0; j < GH; ++j) g[j] = src[j] + (bi[j] + bh[j]);
+            lstm_row_fwd(g, cp + row * H, ht + row * H, cn + row * H, H);
+          } else {
+            S* gh = g + GH;
+            for (int64_t j = 0; j < GH; ++j) {
+              g[j] = src[j] + bi[j];
+              gh[j] = src[GH + j] + bh[j];
+            }
+            for (int64_t j = 0; j < H; ++j)
+              ht[row * H + j] = gru_pointwise_fwd(g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
+                                                  gh[2 * H + j], hp[row * H + j]);
+          }
+        }
+        gemm_rm<S>(Bt, C3, H, ht + (b0 * K + k) * H, K * H, wc_p + k * H * C3, C3, S(0),
+                   qkvt + (b0 * K + k) * C3, K * C3);
       }
-      mm_into(mech(qkv_t, B, K, k), mech(htil_t, B, K, k), Wc[k]);
-    });
 
-    // 4. Communication attention of the active mechanisms, per sample.
-    const S* qkvt = qkv_p + ts * B * K * C3;
-    S* bpt = bp_p + ts * B * K * n_c * K;
-    S* ot = o_p + ts * B * K * cv;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<S> sc(K);
+      // 4. Communication attention of the active mechanisms, per sample.
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t k = 0; k < K; ++k) {
-          const int64_t row = b * K + k, r = rows.pos[row];
+          const int64_t row = b * K + k, r = pos[(b - b0) * K + k];
           S* orow = ot + row * cv;
           S* brow = bpt + row * n_c * K;
           std::fill_n(orow, cv, S(0));
@@ -383,31 +621,60 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
             std::fill_n(brow, n_c * K, S(0));
             continue;
           }
+          // Scores of all heads, max-shifted per head, one vector exp, normalised per head.
           for (int64_t n = 0; n < n_c; ++n) {
             const S* qc = qkvt + row * C3 + n * dc;
-            for (int64_t j = 0; j < K; ++j) {
-              const S* kc = qkvt + (b * K + j) * C3 + ck + n * dc;
-              S dot = S(0);
-              for (int64_t i = 0; i < dc; ++i) dot += qc[i] * kc[i];
-              sc[j] = dot * scale_c;
-            }
+            S* sn = s.data() + n * K;
+            for (int64_t j = 0; j < K; ++j)
+              sn[j] = dot_n(qc, qkvt + (b * K + j) * C3 + ck + n * dc, dc) * scale_c;
+            S mu = sn[0];
+            for (int64_t j = 1; j < K; ++j) mu = sn[j] > mu ? sn[j] : mu;
+            for (int64_t j = 0; j < K; ++j) sn[j] -= mu;
+          }
+          exp_inplace(s.data(), n_c * K);
+          for (int64_t n = 0; n < n_c; ++n) {
+            const S* sn = s.data() + n * K;
+            S sum = S(0);
+            for (int64_t j = 0; j < K; ++j) sum += sn[j];
             S* y = brow + n * K;
-            softmax(sc.data(), K, y);
+            for (int64_t j = 0; j < K; ++j) y[j] = sn[j] / sum;
+            S* on = orow + n * dcv;
             for (int64_t j = 0; j < K; ++j) {
               S w = y[j];
               if (d.drop_c())
-                w = dropout_keep(d.seed, 1, comm_index(d, t, b, k, n, j), float(d.p_c)) ? w / keep_c
-                                                                                        : S(0);
-              const S* vc = qkvt + (b * K + j) * C3 + 2 * ck + n * dcv;
-              for (int64_t i = 0; i < dcv; ++i) orow[n * dcv + i] += w * vc[i];
+                w = dropout_keep(d.seed, 1, comm_index(d, t, b, k, n, j), float(d.p_c))
+                        ? w / keep_c : S(0);
+              axpy_n(w, qkvt + (b * K + j) * C3 + 2 * ck + n * dcv, on, dcv);
             }
           }
-          std::copy_n(orow, cv, og_p + (k * B + r) * cv);
+          std::copy_n(orow, cv, og.data() + (k * Bt + r) * cv);
         }
-    });
-  }
-  // 5. The last step's h'.
-  parallel_over(K, [&](int64_t k) { tail_and_queries(T, k); });
+
+      // 5. h' = h~ + o comm_output on the active rows; inactive rows copy h~.
+      for (int64_t k = 0; k < K; ++k) {
+        S* rck = rc.data() + k * Bt * H;
+        gemm_rm<S>(cnt[k], H, cv, og.data() + k * Bt * cv, cv, wco_p + k * cv * H, H, S(0), rck, H);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t row = b * K + k, r = pos[(b - b0) * K + k];
+          const S* src = ht + row * H;
+          S* dst = outt + row * H;
+          if (r < 0) {
+            std::copy_n(src, H, dst);
+          } else {
+            const S* add = rck + r * H;
+            for (int64_t j = 0; j < H; ++j) dst[j] = src[j] + add[j];
+          }
+        }
+      }
+    }
+  };
+  // One tile per thread (tiles of at least 8 samples): no barrier inside the sequence.
+  team.run(B, 8, tile);
+  // Saved for backward: fold as (D, K*n_in*GH) (after the tiles: a multi-threaded copy leaves
+  // an OpenMP team spinning).
+  const Tensor fold = save ? Wcat.narrow(1, H, n_in * D).view({K, n_in, D, GH})
+                                 .permute({2, 0, 1, 3}).contiguous().view({D, K * n_in * GH})
+                           : Tensor();
 
   Tensor h_n = out[T - 1].clone();
   Tensor c_n = d.lstm ? cs[(T - 1) % Tc].clone() : at::empty({0}, opt);
@@ -416,7 +683,7 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
     return {out.view({T, B, K * H}), h_n, c_n, masks, none, none, none, none, none,
             none, none, none, none, none, none};
   return {out.view({T, B, K * H}), h_n, c_n, masks, cs, htil, q, a, gates, qkv, bprob, o,
-          keys.view({T, B, M, nk}), xw.view({T, B, M, K, n_in, GH}), fold};
+          keys.view({T, B, M, nk}), none, fold};
 }
 
 auto rim_cpu_fwd(const Tensor& x_, const Tensor& h0_, const std::optional<Tensor>& c0_,
@@ -435,20 +702,22 @@ auto rim_cpu_fwd(const Tensor& x_, const Tensor& h0_, const std::optional<Tensor
                             input_dropout, comm_dropout, seed);
   const Tensor x = x_.contiguous(), h0 = h0_.contiguous();
   const Tensor c0 = d.lstm ? c0_->contiguous() : Tensor();
-  const Tensor fold = make_fold(d, input_value, weight_ih).view({d.D, -1});
-  const Tensor Wc = at::cat({comm_query, comm_key, comm_value}, -1).contiguous();
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rim_cpu_fwd", [&] {
     res = forward_impl<scalar_t>(d, x, h0, c0, input_key.contiguous(), input_query.contiguous(),
-                                 fold, weight_hh.contiguous(), bias_ih.contiguous(),
-                                 bias_hh.contiguous(), Wc, comm_output.contiguous(), save);
+                                 input_value.contiguous(), weight_ih.contiguous(),
+                                 weight_hh.contiguous(), bias_ih.contiguous(),
+                                 bias_hh.contiguous(), comm_query.contiguous(),
+                                 comm_key.contiguous(), comm_value.contiguous(),
+                                 comm_output.contiguous(), save);
   });
   return to_tuple<15>(res);
 }
 
 // ================================= backward =================================
-// Barriers per step: 2 parallel phases, per sample (communication attention backward) and per
-// mechanism (everything else, including the head of step t-1). Weight gradients afterwards.
+// Barriers per step: 2 team phases, per sample (communication attention backward) and per
+// mechanism (everything else, including the head of step t-1 and the mechanism's weight
+// gradients of the step). Afterwards: dKEY, dx and the input_value / weight_ih gradients.
 template <typename S>
 std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_out,
                                   const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
@@ -468,13 +737,34 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const S scale_c = S(1.0 / std::sqrt(double(dc)));
   const S keep_in = S(1.0 - d.p_in), keep_c = S(1.0 - d.p_c);
   const int64_t BKH = B * K * H;
+  TeamLease lease;
+  Team& team = *lease;
+  auto par_over = [&](int64_t n, const auto& f) {
+    team.run(n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  };
 
-  // Per-step gradients kept for the weight GEMMs after the sweep.
-  Tensor dQ = at::empty({T, B, K, nk}, opt);
+  // Per-step gradients (one step, reused: the weight gradients are accumulated step by step,
+  // each mechanism's by the task that owns it) and the d scores (all steps, for dKEY).
+  Tensor dQ = at::empty({B, K, nk}, opt);
   Tensor dS = at::empty({T, B, K, n_in, M}, opt);  // d scores of the input attention
-  Tensor dG = at::empty({T, B, K, GW}, opt);       // LSTM d(i,f,g,o); GRU d(gi) | d(gh)
-  Tensor dQKV = at::empty({T, B, K, C3}, opt);
-  Tensor dHP = at::empty({T, B, K, H}, opt);       // dh' of active rows, 0 elsewhere
+  Tensor dG = at::empty({B, K, GW}, opt);          // LSTM d(i,f,g,o); GRU d(gi) | d(gh)
+  Tensor dQKV = at::empty({B, K, C3}, opt);
+  Tensor g_Wq = at::zeros({K, H, nk}, opt), g_Whh = at::zeros({K, H, GH}, opt);
+  Tensor g_Wc = at::zeros({K, H, C3}, opt), g_Wco = at::zeros({K, cv, H}, opt);
+  Tensor g_fold = at::zeros({D, K, n_in, GH}, opt);
+  S* gWq_w = g_Wq.mutable_data_ptr<S>();
+  S* gWhh_w = g_Whh.mutable_data_ptr<S>();
+  S* gWc_w = g_Wc.mutable_data_ptr<S>();
+  S* gWco_w = g_Wco.mutable_data_ptr<S>();
+  S* gfold_w = g_fold.mutable_data_ptr<S>();
+  // Gathered active rows per mechanism: h_{t-1}, xa = sum_m a~ x_m, the read o.
+  Tensor hgb = at::empty({K, B, H}, opt), xag = at::empty({K, B, n_in * D}, opt);
+  Tensor ogb = at::empty({K, B, cv}, opt);
+  S* hgb_w = hgb.mutable_data_ptr<S>();
+  S* xag_w = xag.mutable_data_ptr<S>();
+  S* ogb_w = ogb.mutable_data_ptr<S>();
   // Carried state gradients and per-step workspaces.
   Tensor dh = grad_h_n.defined() ? grad_h_n.clone() : at::zeros({B, K, H}, opt);
   if (grad_out.defined()) dh.add_(grad_out[T - 1]);
@@ -483,6 +773,13 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   Tensor dh_next = at::empty({B, K, H}, opt), tmp = at::empty({B, K, H}, opt);
   Tensor dhg = at::empty({K, B, H}, opt), doc = at::empty({K, B, cv}, opt);
   Tensor dgg = at::empty({K, B, GH}, opt), dhc = at::empty({K, B, H}, opt);
+  Tensor dgi = at::empty({K, B, GH}, opt), dgfg = at::empty({K, B, n_in * D}, opt);
+  Tensor dgf = at::empty({T, B, K, n_in, D}, opt);  // dgi fold[:, k, n]^T, 0 on inactive rows
+  S* dgi_w = dgi.mutable_data_ptr<S>();
+  S* dgfg_w = dgfg.mutable_data_ptr<S>();
+  S* dgf_w = dgf.mutable_data_ptr<S>();
+  Tensor gbias = at::zeros({K, GW}, opt);
+  S* gb_w = gbias.mutable_data_ptr<S>();
   ActiveRows rows(B, K), rows_prev(B, K);
 
   const bool* mask_p = masks.const_data_ptr<bool>();
@@ -494,12 +791,14 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const S* qkv_p = qkv.const_data_ptr<S>();
   const S* bp_p = bprob.const_data_ptr<S>();
   const S* keys_p = keys.const_data_ptr<S>();
-  const S* xw_p = xw.const_data_ptr<S>();
+  const S* fold_p = fold.const_data_ptr<S>();
+  const S* xin_p = x.const_data_ptr<S>();
   S* dQ_p = dQ.mutable_data_ptr<S>();
   S* dS_p = dS.mutable_data_ptr<S>();
   S* dG_p = dG.mutable_data_ptr<S>();
   S* dQKV_p = dQKV.mutable_data_ptr<S>();
-  S* dHP_p = dHP.mutable_data_ptr<S>();
+  const S* o_p = o.const_data_ptr<S>();
+  const S* htil_p = htil.const_data_ptr<S>();
   S* dh_p = dh.mutable_data_ptr<S>();
   S* dc_p = d.lstm ? dcar.mutable_data_ptr<S>() : nullptr;
   S* dhn_p = dh_next.mutable_data_ptr<S>();
@@ -509,25 +808,34 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const S* dhc_p = dhc.const_data_ptr<S>();
   const S* tmp_p = tmp.const_data_ptr<S>();
   const S* go_p = grad_out.defined() ? grad_out.const_data_ptr<S>() : nullptr;
+  const S* wq_p = Wq.const_data_ptr<S>();
+  const S* whh_p = Whh.const_data_ptr<S>();
+  const S* wc_p = Wc.const_data_ptr<S>();
+  const S* wco_p = Wco.const_data_ptr<S>();
+  S* doc_w = doc.mutable_data_ptr<S>();
+  S* tmp_w = tmp.mutable_data_ptr<S>();
+  S* dhc_w = dhc.mutable_data_ptr<S>();
 
   // Head of step t for mechanism k (5. backward): dh' of its active rows -> d o = dh' Wco^T.
+  // Also g_Wco[k] += o^T dh' over those rows.
   auto head = [&](int64_t t, int64_t k, const ActiveRows& rw) {
-    S* dhpt = dHP_p + t * BKH;
+    const S* ot = o_p + t * B * K * cv;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = b * K + k, r = rw.pos[row];
-      if (r < 0) {
-        std::fill_n(dhpt + row * H, H, S(0));
-      } else {
-        std::copy_n(dh_p + row * H, H, dhpt + row * H);
+      if (r >= 0) {
         std::copy_n(dh_p + row * H, H, dhg_p + (k * B + r) * H);
+        std::copy_n(ot + row * cv, cv, ogb_w + (k * B + r) * cv);
       }
     }
     const int64_t n = rw.cnt[k];
-    if (n > 0) mm_into(doc[k].narrow(0, 0, n), dhg[k].narrow(0, 0, n), Wco[k].t());
+    gemm_rm<S>(n, cv, H, dhg_p + k * B * H, H, wco_p + k * cv * H, H, S(0), doc_w + k * B * cv, cv,
+               true);
+    gemm_rm<S>(cv, H, n, ogb_w + k * B * cv, cv, dhg_p + k * B * H, H, S(1), gWco_w + k * cv * H,
+               H, false, true);
   };
 
   rows.build(mask_p + (T - 1) * B * K, B, K);
-  parallel_over(K, [&](int64_t k) { head(T - 1, k, rows); });
+  par_over(K, [&](int64_t k) { head(T - 1, k, rows); });
   for (int64_t t = T - 1; t >= 0; --t) {
     const S* hp = t == 0 ? h0.const_data_ptr<S>() : out_p + (t - 1) * BKH;
     const S* cp = !d.lstm ? nullptr : t == 0 ? c0.const_data_ptr<S>() : cs_p + (t - 1) * BKH;
@@ -535,8 +843,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
     // 4. Communication attention backward -> d(Q|K|V) of this step, per sample.
     const S* qkvt = qkv_p + t * B * K * C3;
     const S* bpt = bp_p + t * B * K * n_c * K;
-    S* dqkvt = dQKV_p + t * B * K * C3;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    S* dqkvt = dQKV_p;
+    team.run(B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<S> db(K);
       for (int64_t b = b0; b < b1; ++b) {
         std::fill_n(dqkvt + b * K * C3, K * C3, S(0));
@@ -549,8 +857,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
             const S* dov = dor + n * dcv;
             for (int64_t j = 0; j < K; ++j) {
               const S* vc = qkvt + (b * K + j) * C3 + 2 * ck + n * dcv;
-              S dot = S(0);
-              for (int64_t i = 0; i < dcv; ++i) dot += dov[i] * vc[i];
+              S dot = dot_n(dov, vc, dcv);
               S bd = y[j];
               if (d.drop_c()) {
                 const bool keep =
@@ -582,19 +889,18 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
     // Per mechanism: dh~ (the Q|K|V path, cut for inactive k under block_inactive_grad), cell
     // backward, input attention backward (dq, d scores), dh_{t-1}, then the head of step t-1.
     if (t > 0) rows_prev.build(mask_p + (t - 1) * B * K, B, K);
-    const Tensor dqkv_t = dQKV[t], dq_t = dQ[t];
     const S* gt = gates_p + t * B * K * GW;
-    S* dgt = dG_p + t * B * K * GW;
+    S* dgt = dG_p;
     const S* at_ = a_p + t * B * K * n_in * M;
     const S* kt = keys_p + t * B * M * nk;
-    const S* xwt = xw_p + t * B * M * K * n_in * GH;
-    S* dqt = dQ_p + t * B * K * nk;
+    S* dqt = dQ_p;
     S* dst_ = dS_p + t * B * K * n_in * M;
     const S* go = (t > 0 && go_p != nullptr) ? go_p + (t - 1) * BKH : nullptr;
-    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    team.run(K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<S> dht(H), da(M);
       for (int64_t k = k0; k < k1; ++k) {
-        mm_into(mech(tmp, B, K, k), mech(dqkv_t, B, K, k), Wc[k].t());
+        gemm_rm<S>(B, H, C3, dQKV_p + k * C3, K * C3, wc_p + k * H * C3, C3, S(0),
+                   tmp_w + k * H, K * H, true);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = b * K + k, r = rows.pos[row];
           const bool active = r >= 0;
@@ -630,12 +936,42 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
                                 dgh[j], dgh[H + j], dgh[2 * H + j], dhn[j]);
             std::copy_n(dgh, GH, dgg_p + (k * B + r) * GH);
           }
-          // gi = sum_{n,m} a~ xw + bias: d a~ = dgi . xw; through dropout; null softmax bwd.
+          std::copy_n(dg, GH, dgi_w + (k * B + r) * GH);
+          S* gbk = gb_w + k * GW;  // bias gradients: sum of the active rows' dg (LSTM: one
+          for (int64_t j = 0; j < GW; ++j) gbk[j] += dg[j];  // for both; GRU: d(gi) | d(gh))
+        }
+        // gi = sum_n xa_n fold[:, k, n] + bias, xa_n = sum_m a~ x_m: dgf_n = dgi fold[:, k, n]^T
+        // (active rows, one GEMM per head), d a~ = dgf_n . x_m; through dropout; null softmax bwd.
+        const int64_t cnt = rows.cnt[k];
+        const int64_t nD = n_in * D;
+        for (int64_t n = 0; n < n_in; ++n)
+          gemm_rm<S>(cnt, D, GH, dgi_w + k * B * GH, GH, fold_p + (k * n_in + n) * GH,
+                     K * n_in * GH, S(0), dgfg_w + k * B * nD + n * D, nD, true);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t row = b * K + k, r = rows.pos[row];
+          S* dgfr = dgf_w + (t * B * K + row) * nD;
+          if (r < 0) {
+            std::fill_n(dgfr, nD, S(0));
+            continue;
+          }
+          std::copy_n(dgfg_w + (k * B + r) * nD, nD, dgfr);
+          std::copy_n(hp + row * H, H, hgb_w + (k * B + r) * H);
+          S* xar = xag_w + (k * B + r) * nD;  // xa_n = sum_m a~ x_m
+          std::fill_n(xar, nD, S(0));
+          for (int64_t n = 0; n < n_in; ++n)
+            for (int64_t m = 0; m < M; ++m) {
+              S w = at_[(row * n_in + n) * M + m];
+              if (d.drop_in())
+                w = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in))
+                        ? w / keep_in : S(0);
+              const S* xr = xin_p + ((t * B + b) * M + m) * D;
+              for (int64_t i = 0; i < D; ++i) xar[n * D + i] += w * xr[i];
+            }
+          S* dqr = dqt + row * nk;
+          S* dsr = dst_ + row * n_in * M;
           for (int64_t n = 0; n < n_in; ++n) {
             for (int64_t m = 0; m < M; ++m) {
-              const S* src = xwt + ((b * M + m) * K + k) * n_in * GH + n * GH;
-              S dot = S(0);
-              for (int64_t j = 0; j < GH; ++j) dot += dg[j] * src[j];
+              S dot = dot_n(dgfr + n * D, xin_p + ((t * B + b) * M + m) * D, D);
               if (d.drop_in())
                 dot = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in))
                           ? dot / keep_in : S(0);
@@ -652,9 +988,22 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
           }
         }
         // dh_{t-1} = direct + dgh Whh^T (active rows) + dq Wq^T (+ grad of out[t-1]).
-        const int64_t cnt = rows.cnt[k];
-        if (cnt > 0) mm_into(dhc[k].narrow(0, 0, cnt), dgg[k].narrow(0, 0, cnt), Whh[k].t());
-        mech(dh_next, B, K, k).addmm_(mech(dq_t, B, K, k), Wq[k].t());
+        gemm_rm<S>(cnt, H, GH, dgg_p + k * B * GH, GH, whh_p + k * H * GH, GH, S(0),
+                   dhc_w + k * B * H, H, true);
+        gemm_rm<S>(B, H, nk, dQ_p + k * nk, K * nk, wq_p + k * H * nk, nk, S(1),
+                   dhn_p + k * H, K * H, true);
+        // Weight gradients of this step and mechanism (the task owns k: no race):
+        // g_Wq += h_{t-1}^T dq, g_Whh += h_{t-1}^T dgh, g_fold[:, k, n] += xa_n^T dgi (active rows),
+        // g_Wc += h~^T d(Q|K|V) (all rows).
+        gemm_rm<S>(H, nk, B, hp + k * H, K * H, dQ_p + k * nk, K * nk, S(1), gWq_w + k * H * nk, nk,
+                   false, true);
+        gemm_rm<S>(H, GH, cnt, hgb_w + k * B * H, H, dgg_p + k * B * GH, GH, S(1),
+                   gWhh_w + k * H * GH, GH, false, true);
+        for (int64_t n = 0; n < n_in; ++n)
+          gemm_rm<S>(D, GH, cnt, xag_w + k * B * nD + n * D, nD, dgi_w + k * B * GH, GH, S(1),
+                     gfold_w + (k * n_in + n) * GH, K * n_in * GH, false, true);
+        gemm_rm<S>(H, C3, B, htil_p + t * BKH + k * H, K * H, dQKV_p + k * C3, K * C3, S(1),
+                   gWc_w + k * H * C3, C3, false, true);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = b * K + k, r = rows.pos[row];
           S* dst = dh_p + row * H;
@@ -673,16 +1022,13 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
     std::swap(rows, rows_prev);
   }
 
-  // Weight gradients: per mechanism, large single-threaded GEMMs over all T*B rows (strided
-  // views, no copies), run in parallel over mechanisms.
-  const Tensor hprev = T > 1 ? at::cat({h0.unsqueeze(0), out.view({T, B, K, H}).narrow(0, 0, T - 1)})
-                             : h0.unsqueeze(0);
-  const Tensor dGI = dG.narrow(-1, 0, GH), dGH = d.lstm ? dGI : dG.narrow(-1, GH, GH);
+  // The weight gradients were accumulated in the sweep; what is left: dKEY, dx, the einsums.
+  const int64_t TB = T * B;
   Tensor ad = a.clone();  // a~: the dropped input probabilities
   if (d.drop_in()) {
     S* ad_p = ad.mutable_data_ptr<S>();
     const int64_t per_t = B * K * n_in * M;
-    parallel_over(T, [&](int64_t t) {
+    par_over(T, [&](int64_t t) {
       for (int64_t i = 0; i < per_t; ++i) {
         S& v = ad_p[t * per_t + i];
         v = dropout_keep(d.seed, 0, static_cast<uint64_t>(t * per_t + i), float(d.p_in))
@@ -690,27 +1036,18 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
       }
     });
   }
-  // xa[t,b,k,n] = sum_m a~ x_m (the input term is xa fold[:,k,n]); dKEY from the d scores.
-  Tensor xa = at::empty({T, B, K, n_in, D}, opt);
+  // dKEY from the d scores.
   Tensor dKEY = at::empty({T, B, M, nk}, opt);
   {
-    const S* ad_p = ad.const_data_ptr<S>();
-    const S* x_p = x.const_data_ptr<S>();
-    S* xa_p = xa.mutable_data_ptr<S>();
     S* dkey_p = dKEY.mutable_data_ptr<S>();
-    parallel_over(T * B, [&](int64_t tb) {
-      const S* xr = x_p + tb * M * D;
+    par_over(T * B, [&](int64_t tb) {
       S* dkr = dkey_p + tb * M * nk;
       std::fill_n(dkr, M * nk, S(0));
       for (int64_t k = 0; k < K; ++k)
         for (int64_t n = 0; n < n_in; ++n) {
-          const S* w = ad_p + ((tb * K + k) * n_in + n) * M;
           const S* ds = dS_p + ((tb * K + k) * n_in + n) * M;
           const S* qv = q_p + (tb * K + k) * nk + n * dk;
-          S* dst = xa_p + ((tb * K + k) * n_in + n) * D;
-          std::fill_n(dst, D, S(0));
           for (int64_t m = 0; m < M; ++m) {
-            for (int64_t i = 0; i < D; ++i) dst[i] += w[m] * xr[m * D + i];
             const S g = ds[m] * scale_in;
             S* dkv = dkr + m * nk + n * dk;
             for (int64_t i = 0; i < dk; ++i) dkv[i] += g * qv[i];
@@ -718,27 +1055,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
         }
     });
   }
-  Tensor g_Wq = at::empty({K, H, nk}, opt), g_Whh = at::empty({K, H, GH}, opt);
-  Tensor g_Wc = at::empty({K, H, C3}, opt), g_Wco = at::empty({K, cv, H}, opt);
-  Tensor g_fold = at::empty({D, K, n_in, GH}, opt), dgf = at::empty({T, B, K, n_in, D}, opt);
-  const Tensor fold4 = fold.view({D, K, n_in, GH});
-  const int64_t TB = T * B;
-  parallel_over(K, [&](int64_t k) {
-    const Tensor hk = mech(hprev, TB, K, k);
-    mm_into(g_Wq[k], hk.t(), mech(dQ, TB, K, k));
-    mm_into(g_Whh[k], hk.t(), mech(dGH, TB, K, k));
-    mm_into(g_Wc[k], mech(htil, TB, K, k).t(), mech(dQKV, TB, K, k));
-    mm_into(g_Wco[k], mech(o, TB, K, k).t(), mech(dHP, TB, K, k));
-    const Tensor dgi_k = mech(dGI, TB, K, k);
-    for (int64_t n = 0; n < n_in; ++n) {
-      const Tensor xa_kn = xa.view({TB, K, n_in, D}).select(1, k).select(1, n);
-      mm_into(g_fold.select(1, k).select(1, n), xa_kn.t(), dgi_k);
-      mm_into(dgf.view({TB, K, n_in, D}).select(1, k).select(1, n), dgi_k,
-              fold4.select(1, k).select(1, n).t());
-    }
-  });
-  Tensor g_bhh = dGH.sum(at::IntArrayRef{0, 1});
-  Tensor g_bih = d.lstm ? g_bhh.clone() : dGI.sum(at::IntArrayRef{0, 1});
+  Tensor g_bih = gbias.narrow(1, 0, GH).contiguous();
+  Tensor g_bhh = d.lstm ? g_bih.clone() : gbias.narrow(1, GH, GH).contiguous();
   const Tensor x2 = x.view({T * B * M, D});
   Tensor g_Wk = at::mm(x2.t(), dKEY.view({T * B * M, nk}));
   Tensor dx = at::mm(dKEY.view({T * B * M, nk}), Wk.t()).view({T, B, M, D});
@@ -746,7 +1064,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
     const S* ad_p = ad.const_data_ptr<S>();
     const S* dgf_p = dgf.const_data_ptr<S>();
     S* dx_p = dx.mutable_data_ptr<S>();
-    parallel_over(TB, [&](int64_t tb) {
+    par_over(TB, [&](int64_t tb) {
       for (int64_t k = 0; k < K; ++k)
         for (int64_t n = 0; n < n_in; ++n) {
           const S* w = ad_p + ((tb * K + k) * n_in + n) * M;
@@ -786,7 +1104,7 @@ auto rim_cpu_bwd(
                             weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
                             comm_value, comm_output, top_k, input_heads, comm_heads,
                             input_dropout, comm_dropout, seed);
-  TORCH_CHECK(htil.dim() == 4 && htil.size(0) == d.T && xw.numel() > 0,
+  TORCH_CHECK(htil.dim() == 4 && htil.size(0) == d.T,
               "rims_fast::rim_cpu_bwd: the forward ran with save=False, so nothing was saved for "
               "backward");
   auto opt_grad = [&](const std::optional<Tensor>& g) {

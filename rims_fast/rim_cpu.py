@@ -138,7 +138,7 @@ def _register() -> None:
         return (*out, new((T, B, K, H) if lstm else (0,)), new((T, B, K, H)), new((T, B, K, nk)),
                 new((T, B, K, input_heads, M)), new((T, B, K, GH if lstm else 2 * GH)),
                 new((T, B, K, 2 * ck + cv)), new((T, B, K, comm_heads, K)), new((T, B, K, cv)),
-                new((T, B, M, nk)), new((T, B, M, K, input_heads, GH)),
+                new((T, B, M, nk)), new((0,)),  # xw: no longer computed (kept in the schema)
                 new((D, K * input_heads * GH)))
 
     @torch.library.register_fake(lib + "rim_cpu_bwd")

@@ -130,6 +130,33 @@ def test_noncontiguous_x_and_larger_sizes(cell):
             _compare_mixed(got, want, leaves, leaves64, dtype)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_threads_and_batch_tiles(cell):
+    """B = 37 at 2 threads: the forward splits the batch into tiles (>= 8 samples each) run on
+    separate threads, the backward's phases run on the team; same results as 1 thread (float64,
+    to round-off) and as the reference."""
+    old = torch.get_num_threads()
+    try:
+        res = {}
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            rim, x, h0, c0, P, leaves = _inputs(cell, 2, 2, 2, 5, 2, 4, True, torch.float64, B=37,
+                                                hidden_size=11)
+            _compare(rc.rim_cpu(x, h0, c0, P, rim.config),
+                     rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+            got = rc.rim_cpu(x, h0, c0, P, rim.config)
+            res[nt] = (got, _grads(got[:3], leaves))
+        (o1, g1), (o2, g2) = res[1], res[2]
+        assert torch.equal(o1[3], o2[3])
+        for a, b in zip(o1[:3], o2[:3]):
+            if a is not None:
+                assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        for n in g1:
+            assert torch.allclose(g1[n], g2[n], rtol=1e-10, atol=1e-10), n
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_computes_in_float32(dtype):
     rim, x, h0, c0, P, leaves = _inputs("lstm", 2, 2, 2, 4, 2, 4, True, dtype)
@@ -237,7 +264,7 @@ def test_long_sequence_memory():
     ck, cv, n_in, n_c = cfg.comm_heads * cfg.comm_key_size, cfg.comm_heads * cfg.comm_value_size, \
         cfg.input_heads, cfg.comm_heads
     per_step = B * K * (H + H + nk + n_in * M + GH + 2 * ck + cv + n_c * K + cv) \
-        + B * M * (nk + K * n_in * GH)  # c, h~, q, a, gates, qkv, b, o; keys, xw
+        + B * M * nk  # c, h~, q, a, gates, qkv, b, o; keys (xw = x fold is not kept)
     assert sum(t.numel() for t in saved[4:-1]) == T * per_step
     assert saved[-1].numel() == 5 * K * n_in * GH  # fold: independent of T
 
