@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._config import RimConfig
+from .reference import compute_dtype
 
 __all__ = ["unavailable_reason", "rim_cpu", "dropout_masks", "PARAM_NAMES"]
 
@@ -60,10 +61,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return _op_registered()
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False,
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
@@ -83,7 +80,7 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     why = unavailable_reason(x.device, x.dtype)
     if why is not None:
         raise RuntimeError(why)
-    dtype, ct = x.dtype, _compute_dtype(x.dtype)
+    dtype, ct = x.dtype, compute_dtype(x.dtype)
     lstm = cfg.cell == "lstm"
     if (c0 is not None) != lstm:
         raise ValueError("c0 must be given for cell='lstm' and None for cell='gru'")
