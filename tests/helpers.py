@@ -37,10 +37,14 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
     torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+#: The head sizes of :func:`make_rim`'s layer, for building a twin (RIMCell, BRIM) of it.
+SMALL_HEADS = dict(input_heads=2, input_key_size=4, input_value_size=3, comm_heads=2,
+                   comm_key_size=3, comm_value_size=2)
+
+
 def make_rim(seed=0, dtype=torch.float64, **kw):
     """A small RIM with the given overrides; parameters drawn under ``seed``."""
-    args = dict(input_size=5, hidden_size=3, num_units=4, top_k=2, input_heads=2, input_key_size=4,
-                input_value_size=3, comm_heads=2, comm_key_size=3, comm_value_size=2)
+    args = dict(input_size=5, hidden_size=3, num_units=4, top_k=2, **SMALL_HEADS)
     args.update(kw)
     torch.manual_seed(seed)
     return rims_fast.RIM(args.pop("input_size"), args.pop("hidden_size"), args.pop("num_units"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rims_fast
-from helpers import assert_close, make_rim, random_state
+from helpers import SMALL_HEADS, assert_close, make_rim, random_state
 from plain_rim import plain_brim
 
 SMALL = dict(input_heads=2, input_key_size=3, input_value_size=2, comm_heads=2, comm_key_size=2,
@@ -48,9 +48,7 @@ def test_parameter_names():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_one_layer_equals_rim(cell):
     rim = make_rim(cell=cell)
-    brim = rims_fast.BRIM(5, 3, 4, 2, cell=cell, input_heads=2, input_key_size=4,
-                          input_value_size=3, comm_heads=2, comm_key_size=3, comm_value_size=2,
-                          dtype=torch.float64)
+    brim = rims_fast.BRIM(5, 3, 4, 2, cell=cell, dtype=torch.float64, **SMALL_HEADS)
     sd = {("layers.0." + k.replace("input_key", "input_key_bottom_up")
            .replace("input_value", "input_value_bottom_up")): v for k, v in rim.state_dict().items()}
     brim.load_state_dict(sd)

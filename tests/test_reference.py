@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rims_fast
-from helpers import TOL, assert_close, make_rim, random_state
+from helpers import SMALL_HEADS, TOL, assert_close, make_rim, random_state
 from plain_rim import plain_rim
 
 PARAMS = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -206,9 +206,7 @@ def test_state_carried_across_calls_equals_one_call(cell, dtype):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_rimcell_steps_equal_rim(cell):
     rim = make_rim(cell=cell)
-    rcell = rims_fast.RIMCell(5, 3, 4, 2, cell=cell, input_heads=2, input_key_size=4,
-                              input_value_size=3, comm_heads=2, comm_key_size=3, comm_value_size=2,
-                              dtype=torch.float64)
+    rcell = rims_fast.RIMCell(5, 3, 4, 2, cell=cell, dtype=torch.float64, **SMALL_HEADS)
     rcell.load_state_dict(rim.state_dict())
     x = torch.randn(4, 3, 2, 5, dtype=torch.float64)
     out, state, masks = rim(x, return_masks=True)
