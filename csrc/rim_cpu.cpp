@@ -74,26 +74,48 @@ struct Dims {
   bool lstm;
   double p_in, p_c;
   uint64_t seed;
+  // Where the input term's elements come from. Folded (x given): head n reads x_m itself
+  // (width D) against fold[:, k, n] = input_value_n weight_ih[k]_n. Pre-projected (keys and
+  // values given, `kv`): head n reads v_{m,n} (width dv) against weight_ih[k]_n itself.
+  bool kv;
+  int64_t Dx, xrow, xhead;  // element width per head, row stride of an element, head offset
   bool drop_in() const { return p_in > 0.0; }
   bool drop_c() const { return p_c > 0.0; }
 };
 
-// Argument checks shared by both ops; returns the sizes.
-Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::optional<Tensor>& c0,
-                const Tensor& input_key, const Tensor& input_value, const Tensor& input_query,
+void check_tensor(const char* op, const char* name, const Tensor& t, at::ScalarType dtype,
+                  const std::vector<int64_t>& shape_) {
+  const at::IntArrayRef shape(shape_);
+  TORCH_CHECK(t.scalar_type() == dtype, "rims_fast::", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but the input has dtype ", dtype);
+  TORCH_CHECK(t.device().is_cpu(), "rims_fast::", op, ": ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.sizes() == shape, "rims_fast::", op, ": ", name, " must have shape ", shape,
+              ", got shape ", t.sizes());
+}
+
+// The input's rank and dtype; T, B, M (and D) from its shape.
+Dims check_input(const char* op, const char* name, const Tensor& x, const char* layout) {
+  TORCH_CHECK(x.dim() == 4, "rims_fast::", op, ": ", name, " must have dim 4 ", layout,
+              ", got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "rims_fast::", op, ": ", name,
+              " must be float32 or float64 (rims_fast.rim_cpu converts half precision), got ",
+              dtype);
+  Dims d{};
+  d.T = x.size(0), d.B = x.size(1), d.M = x.size(2), d.D = x.size(3);
+  return d;
+}
+
+// Checks of everything but the input elements (shared by both op pairs); fills the sizes.
+// nk, nv: the input key and value widths.
+void check_core(const char* op, Dims& d, at::ScalarType dtype, int64_t nk, int64_t nv,
+                const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& input_query,
                 const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
                 const Tensor& bias_hh, const Tensor& comm_query, const Tensor& comm_key,
                 const Tensor& comm_value, const Tensor& comm_output, int64_t top_k,
                 int64_t input_heads, int64_t comm_heads, double input_dropout,
                 double comm_dropout, int64_t seed) {
-  TORCH_CHECK(x.dim() == 4, "rims_fast::", op, ": x must have dim 4 (T, B, M, D), got shape ",
-              x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "rims_fast::", op,
-              ": x must be float32 or float64 (rims_fast.rim_cpu converts half precision), got ",
-              dtype);
-  Dims d{};
-  d.T = x.size(0), d.B = x.size(1), d.M = x.size(2), d.D = x.size(3);
   TORCH_CHECK(weight_hh.dim() == 3, "rims_fast::", op, ": weight_hh must be (K, H, G*H), got ",
               weight_hh.sizes());
   d.K = weight_hh.size(0), d.H = weight_hh.size(1), d.GH = weight_hh.size(2);
@@ -106,7 +128,7 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::op
               d.lstm ? ": c0 is required for an LSTM cell" : ": c0 must be None for a GRU cell");
   TORCH_CHECK(input_heads >= 1 && comm_heads >= 1, "rims_fast::", op, ": heads must be >= 1");
   d.n_in = input_heads, d.n_c = comm_heads;
-  d.nk = input_key.size(-1), d.nv = input_value.size(-1);
+  d.nk = nk, d.nv = nv;
   d.ck = comm_query.size(-1), d.cv = comm_value.size(-1);
   TORCH_CHECK(d.nk % d.n_in == 0 && d.nv % d.n_in == 0, "rims_fast::", op,
               ": input_key/input_value widths must be divisible by input_heads");
@@ -123,18 +145,10 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::op
 
   const int64_t K = d.K, H = d.H;
   auto check = [&](const char* name, const Tensor& t, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.scalar_type() == dtype, "rims_fast::", op, ": ", name, " has dtype ",
-                t.scalar_type(), " but x has dtype ", dtype);
-    TORCH_CHECK(t.device().is_cpu(), "rims_fast::", op, ": ", name, " must be a CPU tensor, got ",
-                t.device());
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "rims_fast::", op, ": ", name,
-                " must have shape ", at::IntArrayRef(shape), ", got shape ", t.sizes());
+    check_tensor(op, name, t, dtype, shape);
   };
-  check("x", x, {d.T, d.B, d.M, d.D});
   check("h0", h0, {d.B, K, H});
   if (d.lstm) check("c0", *c0, {d.B, K, H});
-  check("input_key", input_key, {d.D, d.nk});
-  check("input_value", input_value, {d.D, d.nv});
   check("input_query", input_query, {K, H, d.nk});
   check("weight_ih", weight_ih, {K, d.nv, d.GH});
   check("weight_hh", weight_hh, {K, H, d.GH});
@@ -144,6 +158,49 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::op
   check("comm_key", comm_key, {K, H, d.ck});
   check("comm_value", comm_value, {K, H, d.cv});
   check("comm_output", comm_output, {K, d.cv, H});
+}
+
+// rim_cpu_fwd/bwd: the input elements x (T, B, M, D) and the input key/value projections.
+Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::optional<Tensor>& c0,
+                const Tensor& input_key, const Tensor& input_value, const Tensor& input_query,
+                const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
+                const Tensor& bias_hh, const Tensor& comm_query, const Tensor& comm_key,
+                const Tensor& comm_value, const Tensor& comm_output, int64_t top_k,
+                int64_t input_heads, int64_t comm_heads, double input_dropout,
+                double comm_dropout, int64_t seed) {
+  Dims d = check_input(op, "x", x, "(T, B, M, D)");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(input_key.dim() == 2 && input_value.dim() == 2, "rims_fast::", op,
+              ": input_key and input_value must be (D, width) matrices");
+  check_core(op, d, dtype, input_key.size(-1), input_value.size(-1), h0, c0, input_query,
+             weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
+             comm_output, top_k, input_heads, comm_heads, input_dropout, comm_dropout, seed);
+  check_tensor(op, "input_key", input_key, dtype, {d.D, d.nk});
+  check_tensor(op, "input_value", input_value, dtype, {d.D, d.nv});
+  d.kv = false, d.Dx = d.D, d.xrow = d.D, d.xhead = 0;
+  return d;
+}
+
+// rim_cpu_kv_fwd/bwd: the input elements' keys (T, B, M, n_in d_k) and values (T, B, M, n_in d_v)
+// are given (computed by the caller, e.g. a BRIM layer's per-step sources).
+Dims check_kv_args(const char* op, const Tensor& keys, const Tensor& values, const Tensor& h0,
+                   const std::optional<Tensor>& c0, const Tensor& input_query,
+                   const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
+                   const Tensor& bias_hh, const Tensor& comm_query, const Tensor& comm_key,
+                   const Tensor& comm_value, const Tensor& comm_output, int64_t top_k,
+                   int64_t input_heads, int64_t comm_heads, double input_dropout,
+                   double comm_dropout, int64_t seed) {
+  Dims d = check_input(op, "keys", keys, "(T, B, M, n_in*d_k)");
+  const auto dtype = keys.scalar_type();
+  TORCH_CHECK(input_query.dim() == 3 && weight_ih.dim() == 3, "rims_fast::", op,
+              ": input_query must be (K, H, n_in*d_k) and weight_ih (K, n_in*d_v, G*H)");
+  check_core(op, d, dtype, input_query.size(-1), weight_ih.size(1), h0, c0, input_query,
+             weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
+             comm_output, top_k, input_heads, comm_heads, input_dropout, comm_dropout, seed);
+  check_tensor(op, "keys", keys, dtype, {d.T, d.B, d.M, d.nk});
+  check_tensor(op, "values", values, dtype, {d.T, d.B, d.M, d.nv});
+  d.D = d.nv;
+  d.kv = true, d.Dx = d.dv, d.xrow = d.nv, d.xhead = d.dv;
   return d;
 }
 
@@ -409,8 +466,13 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const S* A, int64_t lda, const S* 
 // xa[b, k, n] = sum_m a~[b, k, n, m] x_m, so xa fold[:, k, n] is the input term u_k weight_ih[k]
 // reassociated. No multi-threaded ATen op runs before the tiles (an OpenMP team left spinning
 // would compete with them).
+//
+// Pre-projected mode (d.kv): `x` is the values (T, B, M, n_in d_v) and `keys_in` the keys; head
+// n's xa_n = sum_m a~ v_{m,n} multiplies weight_ih[k]_n itself (two GEMMs against the weights in
+// place, nothing packed or folded per call: a BRIM calls this once per layer-step).
 template <typename S>
-std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h0, const Tensor& c0,
+std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& keys_in,
+                                 const Tensor& h0, const Tensor& c0,
                                  const Tensor& Wk, const Tensor& Wq, const Tensor& Wv,
                                  const Tensor& Wih, const Tensor& Whh, const Tensor& bih,
                                  const Tensor& bhh, const Tensor& Cq, const Tensor& Ck,
@@ -418,7 +480,8 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
   const int64_t T = d.T, B = d.B, M = d.M, D = d.D, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
-  const int64_t XW = H + n_in * D;  // width of a gathered [h | xa] row
+  const int64_t Dx = d.Dx, xrow = d.xrow, xhead = d.xhead;
+  const int64_t XW = H + n_in * Dx;  // width of a gathered [h | xa] row
   const auto opt = x.options();
   const S scale_in = S(1.0 / std::sqrt(double(dk)));
   const S scale_c = S(1.0 / std::sqrt(double(dc)));
@@ -429,10 +492,10 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
   // Packed weights, built per mechanism in parallel: Wcat[k] = [weight_hh[k]; fold[:, k, 0];
   // ...] with fold[:, k, n] = input_value[:, n] weight_ih[k, n] (D, GH), and
   // Wc[k] = [comm_query[k] | comm_key[k] | comm_value[k]] (H, C3).
-  Tensor Wcat = at::empty({K, XW, GH}, opt), Wc = at::empty({K, H, C3}, opt);
+  Tensor Wcat = at::empty({d.kv ? 0 : K, XW, GH}, opt), Wc = at::empty({K, H, C3}, opt);
   {
     const int64_t dv = d.dv, nv = d.nv;
-    const S* wv = Wv.const_data_ptr<S>();
+    const S* wv = d.kv ? nullptr : Wv.const_data_ptr<S>();
     const S* wih = Wih.const_data_ptr<S>();
     const S* whh = Whh.const_data_ptr<S>();
     const S* cqp = Cq.const_data_ptr<S>();
@@ -442,10 +505,12 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
     S* wc = Wc.mutable_data_ptr<S>();
     team.run(K, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        std::copy_n(whh + k * H * GH, H * GH, wcat + k * XW * GH);
-        for (int64_t n = 0; n < n_in; ++n)
-          gemm_rm<S>(D, GH, dv, wv + n * dv, nv, wih + (k * nv + n * dv) * GH, GH, S(0),
-                     wcat + (k * XW + H + n * D) * GH, GH);
+        if (!d.kv) {
+          std::copy_n(whh + k * H * GH, H * GH, wcat + k * XW * GH);
+          for (int64_t n = 0; n < n_in; ++n)
+            gemm_rm<S>(D, GH, dv, wv + n * dv, nv, wih + (k * nv + n * dv) * GH, GH, S(0),
+                       wcat + (k * XW + H + n * D) * GH, GH);
+        }
         for (int64_t h = 0; h < H; ++h) {
           S* dst = wc + (k * H + h) * C3;
           std::copy_n(cqp + (k * H + h) * ck, ck, dst);
@@ -456,7 +521,8 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
     });
   }
 
-  Tensor keys = at::empty({T, B, M, nk}, opt);  // x input_key, per step inside the tiles
+  // x input_key, per step inside the tiles (given in pre-projected mode)
+  Tensor keys = d.kv ? keys_in : at::empty({T, B, M, nk}, opt);
 
   const int64_t Ts = save ? T : 1;                        // per-step buffers: all, or one reused
   const int64_t Tc = save ? T : std::min<int64_t>(T, 2);  // c history: all, or ping-pong
@@ -474,8 +540,11 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
   const S* x_p = x.const_data_ptr<S>();
   const S* h0_p = h0.const_data_ptr<S>();
   const S* c0_p = d.lstm ? c0.const_data_ptr<S>() : nullptr;
-  S* keys_p = keys.mutable_data_ptr<S>();
-  const S* wk_p = Wk.const_data_ptr<S>();
+  S* keys_w = d.kv ? nullptr : keys.mutable_data_ptr<S>();
+  const S* keys_p = keys.const_data_ptr<S>();
+  const S* wk_p = d.kv ? nullptr : Wk.const_data_ptr<S>();
+  const S* whh_p = Whh.const_data_ptr<S>();
+  const S* wih_p = Wih.const_data_ptr<S>();
   const S* wq_p = Wq.const_data_ptr<S>();
   const S* wcat_p = Wcat.const_data_ptr<S>();
   const S* wc_p = Wc.const_data_ptr<S>();
@@ -516,12 +585,13 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
       S* outt = out_p + t * BKH;
       bool* mt = mask_p + t * B * K;
       const S* kt = keys_p + t * B * M * nk;
-      const S* xt = x_p + t * B * M * D;
+      const S* xt = x_p + t * B * M * xrow;
 
       // 1. Keys of the tile's input elements; queries of every mechanism (its state decides p,
       // active or not).
-      gemm_rm<S>(Bt * M, nk, D, xt + b0 * M * D, D, wk_p, nk, S(0),
-                 keys_p + (t * B + b0) * M * nk, nk);
+      if (!d.kv)
+        gemm_rm<S>(Bt * M, nk, D, xt + b0 * M * D, D, wk_p, nk, S(0),
+                   keys_w + (t * B + b0) * M * nk, nk);
       for (int64_t k = 0; k < K; ++k)
         gemm_rm<S>(Bt, nk, H, hp + (b0 * K + k) * H, K * H, wq_p + k * H * nk, nk, S(0),
                    qt + (b0 * K + k) * nk, K * nk);
@@ -561,24 +631,29 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
           S* dst = hxk + r * XW;
           std::copy_n(hp + (b * K + k) * H, H, dst);
           for (int64_t n = 0; n < n_in; ++n) {
-            S* xa = dst + H + n * D;
-            std::fill_n(xa, D, S(0));
+            S* xa = dst + H + n * Dx;
+            std::fill_n(xa, Dx, S(0));
             for (int64_t m = 0; m < M; ++m) {
               S w = at_[((b * K + k) * n_in + n) * M + m];
               if (d.drop_in())
                 w = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in))
                         ? w / keep_in : S(0);
-              axpy_n(w, xt + (b * M + m) * D, xa, D);
+              axpy_n(w, xt + (b * M + m) * xrow + n * xhead, xa, Dx);
             }
           }
         }
         S* ggk = gg.data() + k * Bt * GG;
-        const S* wk = wcat_p + k * XW * GH;
-        if (d.lstm) {
-          gemm_rm<S>(nact, GH, XW, hxk, XW, wk, GH, S(0), ggk, GH);
+        // [weight_hh[k]; input rows]: packed Wcat (folded) or the weights in place (kv).
+        const S* wh = d.kv ? whh_p + k * H * GH : wcat_p + k * XW * GH;
+        const S* wx = d.kv ? wih_p + k * d.nv * GH : wh + H * GH;
+        if (d.lstm && !d.kv) {
+          gemm_rm<S>(nact, GH, XW, hxk, XW, wh, GH, S(0), ggk, GH);
+        } else if (d.lstm) {
+          gemm_rm<S>(nact, GH, H, hxk, XW, wh, GH, S(0), ggk, GH);
+          gemm_rm<S>(nact, GH, XW - H, hxk + H, XW, wx, GH, S(1), ggk, GH);
         } else {  // gi | gh
-          gemm_rm<S>(nact, GH, XW - H, hxk + H, XW, wk + H * GH, GH, S(0), ggk, 2 * GH);
-          gemm_rm<S>(nact, GH, H, hxk, XW, wk, GH, S(0), ggk + GH, 2 * GH);
+          gemm_rm<S>(nact, GH, XW - H, hxk + H, XW, wx, GH, S(0), ggk, 2 * GH);
+          gemm_rm<S>(nact, GH, H, hxk, XW, wh, GH, S(0), ggk + GH, 2 * GH);
         }
         const S* bi = bih_p + k * GH;
         const S* bh = bhh_p + k * GH;
@@ -672,9 +747,10 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
   team.run(B, 8, tile);
   // Saved for backward: fold as (D, K*n_in*GH) (after the tiles: a multi-threaded copy leaves
   // an OpenMP team spinning).
-  const Tensor fold = save ? Wcat.narrow(1, H, n_in * D).view({K, n_in, D, GH})
+  const Tensor fold = save && !d.kv
+                           ? Wcat.narrow(1, H, n_in * D).view({K, n_in, D, GH})
                                  .permute({2, 0, 1, 3}).contiguous().view({D, K * n_in * GH})
-                           : Tensor();
+                           : at::empty({0}, opt);
 
   Tensor h_n = out[T - 1].clone();
   Tensor c_n = d.lstm ? cs[(T - 1) % Tc].clone() : at::empty({0}, opt);
@@ -683,7 +759,7 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& h
     return {out.view({T, B, K * H}), h_n, c_n, masks, none, none, none, none, none,
             none, none, none, none, none, none};
   return {out.view({T, B, K * H}), h_n, c_n, masks, cs, htil, q, a, gates, qkv, bprob, o,
-          keys.view({T, B, M, nk}), none, fold};
+          d.kv ? none : keys.view({T, B, M, nk}), none, fold};
 }
 
 auto rim_cpu_fwd(const Tensor& x_, const Tensor& h0_, const std::optional<Tensor>& c0_,
@@ -704,7 +780,7 @@ auto rim_cpu_fwd(const Tensor& x_, const Tensor& h0_, const std::optional<Tensor
   const Tensor c0 = d.lstm ? c0_->contiguous() : Tensor();
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rim_cpu_fwd", [&] {
-    res = forward_impl<scalar_t>(d, x, h0, c0, input_key.contiguous(), input_query.contiguous(),
+    res = forward_impl<scalar_t>(d, x, Tensor(), h0, c0, input_key.contiguous(), input_query.contiguous(),
                                  input_value.contiguous(), weight_ih.contiguous(),
                                  weight_hh.contiguous(), bias_ih.contiguous(),
                                  bias_hh.contiguous(), comm_query.contiguous(),
@@ -712,6 +788,33 @@ auto rim_cpu_fwd(const Tensor& x_, const Tensor& h0_, const std::optional<Tensor
                                  comm_output.contiguous(), save);
   });
   return to_tuple<15>(res);
+}
+
+// Pre-projected input: keys (T, B, M, n_in d_k) and values (T, B, M, n_in d_v) given. Returns
+// rim_cpu_fwd's outputs but keys/xw/fold (the caller has the keys; weight_ih is the fold).
+auto rim_cpu_kv_fwd(const Tensor& keys_, const Tensor& values_, const Tensor& h0_,
+                    const std::optional<Tensor>& c0_, const Tensor& input_query,
+                    const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
+                    const Tensor& bias_hh, const Tensor& comm_query, const Tensor& comm_key,
+                    const Tensor& comm_value, const Tensor& comm_output, int64_t top_k,
+                    int64_t input_heads, int64_t comm_heads, double input_dropout,
+                    double comm_dropout, int64_t seed, bool /*block_inactive_grad*/, bool save) {
+  const Dims d = check_kv_args("rim_cpu_kv_fwd", keys_, values_, h0_, c0_, input_query,
+                               weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
+                               comm_value, comm_output, top_k, input_heads, comm_heads,
+                               input_dropout, comm_dropout, seed);
+  const Tensor h0 = h0_.contiguous(), c0 = d.lstm ? c0_->contiguous() : Tensor();
+  std::vector<Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(keys_.scalar_type(), "rim_cpu_kv_fwd", [&] {
+    res = forward_impl<scalar_t>(d, values_.contiguous(), keys_.contiguous(), h0, c0, Tensor(),
+                                 input_query.contiguous(), Tensor(), weight_ih.contiguous(),
+                                 weight_hh.contiguous(), bias_ih.contiguous(),
+                                 bias_hh.contiguous(), comm_query.contiguous(),
+                                 comm_key.contiguous(), comm_value.contiguous(),
+                                 comm_output.contiguous(), save);
+  });
+  res.resize(12);
+  return to_tuple<12>(res);
 }
 
 // ================================= backward =================================
@@ -732,6 +835,12 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const int64_t T = d.T, B = d.B, M = d.M, D = d.D, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
+  const int64_t Dx = d.Dx, xrow = d.xrow, xhead = d.xhead;
+  // Head n of mechanism k multiplies F_kn (Dx, GH) at fold_p + k fk + n fn, row stride fr: the
+  // saved fold (D, K, n_in, GH) when folded, weight_ih (K, n_in, d_v, GH) itself when kv. Its
+  // gradient g_fold has the same layout.
+  const int64_t fk = d.kv ? d.nv * GH : n_in * GH, fn = d.kv ? d.dv * GH : GH;
+  const int64_t fr = d.kv ? GH : K * n_in * GH;
   const auto opt = x.options();
   const S scale_in = S(1.0 / std::sqrt(double(dk)));
   const S scale_c = S(1.0 / std::sqrt(double(dc)));
@@ -753,14 +862,14 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   Tensor dQKV = at::empty({B, K, C3}, opt);
   Tensor g_Wq = at::zeros({K, H, nk}, opt), g_Whh = at::zeros({K, H, GH}, opt);
   Tensor g_Wc = at::zeros({K, H, C3}, opt), g_Wco = at::zeros({K, cv, H}, opt);
-  Tensor g_fold = at::zeros({D, K, n_in, GH}, opt);
+  Tensor g_fold = d.kv ? at::zeros({K, d.nv, GH}, opt) : at::zeros({D, K, n_in, GH}, opt);
   S* gWq_w = g_Wq.mutable_data_ptr<S>();
   S* gWhh_w = g_Whh.mutable_data_ptr<S>();
   S* gWc_w = g_Wc.mutable_data_ptr<S>();
   S* gWco_w = g_Wco.mutable_data_ptr<S>();
   S* gfold_w = g_fold.mutable_data_ptr<S>();
   // Gathered active rows per mechanism: h_{t-1}, xa = sum_m a~ x_m, the read o.
-  Tensor hgb = at::empty({K, B, H}, opt), xag = at::empty({K, B, n_in * D}, opt);
+  Tensor hgb = at::empty({K, B, H}, opt), xag = at::empty({K, B, n_in * Dx}, opt);
   Tensor ogb = at::empty({K, B, cv}, opt);
   S* hgb_w = hgb.mutable_data_ptr<S>();
   S* xag_w = xag.mutable_data_ptr<S>();
@@ -773,8 +882,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   Tensor dh_next = at::empty({B, K, H}, opt), tmp = at::empty({B, K, H}, opt);
   Tensor dhg = at::empty({K, B, H}, opt), doc = at::empty({K, B, cv}, opt);
   Tensor dgg = at::empty({K, B, GH}, opt), dhc = at::empty({K, B, H}, opt);
-  Tensor dgi = at::empty({K, B, GH}, opt), dgfg = at::empty({K, B, n_in * D}, opt);
-  Tensor dgf = at::empty({T, B, K, n_in, D}, opt);  // dgi fold[:, k, n]^T, 0 on inactive rows
+  Tensor dgi = at::empty({K, B, GH}, opt), dgfg = at::empty({K, B, n_in * Dx}, opt);
+  Tensor dgf = at::empty({T, B, K, n_in, Dx}, opt);  // dgi F_kn^T, 0 on inactive rows
   S* dgi_w = dgi.mutable_data_ptr<S>();
   S* dgfg_w = dgfg.mutable_data_ptr<S>();
   S* dgf_w = dgf.mutable_data_ptr<S>();
@@ -791,7 +900,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const S* qkv_p = qkv.const_data_ptr<S>();
   const S* bp_p = bprob.const_data_ptr<S>();
   const S* keys_p = keys.const_data_ptr<S>();
-  const S* fold_p = fold.const_data_ptr<S>();
+  const S* fold_p = d.kv ? Wih.const_data_ptr<S>() : fold.const_data_ptr<S>();
   const S* xin_p = x.const_data_ptr<S>();
   S* dQ_p = dQ.mutable_data_ptr<S>();
   S* dS_p = dS.mutable_data_ptr<S>();
@@ -943,10 +1052,10 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
         // gi = sum_n xa_n fold[:, k, n] + bias, xa_n = sum_m a~ x_m: dgf_n = dgi fold[:, k, n]^T
         // (active rows, one GEMM per head), d a~ = dgf_n . x_m; through dropout; null softmax bwd.
         const int64_t cnt = rows.cnt[k];
-        const int64_t nD = n_in * D;
+        const int64_t nD = n_in * Dx;
         for (int64_t n = 0; n < n_in; ++n)
-          gemm_rm<S>(cnt, D, GH, dgi_w + k * B * GH, GH, fold_p + (k * n_in + n) * GH,
-                     K * n_in * GH, S(0), dgfg_w + k * B * nD + n * D, nD, true);
+          gemm_rm<S>(cnt, Dx, GH, dgi_w + k * B * GH, GH, fold_p + k * fk + n * fn, fr, S(0),
+                     dgfg_w + k * B * nD + n * Dx, nD, true);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = b * K + k, r = rows.pos[row];
           S* dgfr = dgf_w + (t * B * K + row) * nD;
@@ -964,14 +1073,14 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
               if (d.drop_in())
                 w = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in))
                         ? w / keep_in : S(0);
-              const S* xr = xin_p + ((t * B + b) * M + m) * D;
-              for (int64_t i = 0; i < D; ++i) xar[n * D + i] += w * xr[i];
+              const S* xr = xin_p + ((t * B + b) * M + m) * xrow + n * xhead;
+              for (int64_t i = 0; i < Dx; ++i) xar[n * Dx + i] += w * xr[i];
             }
           S* dqr = dqt + row * nk;
           S* dsr = dst_ + row * n_in * M;
           for (int64_t n = 0; n < n_in; ++n) {
             for (int64_t m = 0; m < M; ++m) {
-              S dot = dot_n(dgfr + n * D, xin_p + ((t * B + b) * M + m) * D, D);
+              S dot = dot_n(dgfr + n * Dx, xin_p + ((t * B + b) * M + m) * xrow + n * xhead, Dx);
               if (d.drop_in())
                 dot = dropout_keep(d.seed, 0, in_index(d, t, b, k, n, m), float(d.p_in))
                           ? dot / keep_in : S(0);
@@ -1000,8 +1109,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
         gemm_rm<S>(H, GH, cnt, hgb_w + k * B * H, H, dgg_p + k * B * GH, GH, S(1),
                    gWhh_w + k * H * GH, GH, false, true);
         for (int64_t n = 0; n < n_in; ++n)
-          gemm_rm<S>(D, GH, cnt, xag_w + k * B * nD + n * D, nD, dgi_w + k * B * GH, GH, S(1),
-                     gfold_w + (k * n_in + n) * GH, K * n_in * GH, false, true);
+          gemm_rm<S>(Dx, GH, cnt, xag_w + k * B * nD + n * Dx, nD, dgi_w + k * B * GH, GH, S(1),
+                     gfold_w + k * fk + n * fn, fr, false, true);
         gemm_rm<S>(H, C3, B, htil_p + t * BKH + k * H, K * H, dQKV_p + k * C3, K * C3, S(1),
                    gWc_w + k * H * C3, C3, false, true);
         for (int64_t b = 0; b < B; ++b) {
@@ -1057,10 +1166,15 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   }
   Tensor g_bih = gbias.narrow(1, 0, GH).contiguous();
   Tensor g_bhh = d.lstm ? g_bih.clone() : gbias.narrow(1, GH, GH).contiguous();
-  const Tensor x2 = x.view({T * B * M, D});
-  Tensor g_Wk = at::mm(x2.t(), dKEY.view({T * B * M, nk}));
-  Tensor dx = at::mm(dKEY.view({T * B * M, nk}), Wk.t()).view({T, B, M, D});
-  {  // dx_m += sum_{k,n} a~[k,n,m] dgf[k,n]
+  Tensor g_Wk, dx;
+  if (d.kv) {  // x is the values: dx_{m, n} = sum_k a~[k,n,m] dgf[k,n] (zero-initialised below)
+    dx = at::zeros({T, B, M, d.nv}, opt);
+  } else {
+    const Tensor x2 = x.view({T * B * M, D});
+    g_Wk = at::mm(x2.t(), dKEY.view({T * B * M, nk}));
+    dx = at::mm(dKEY.view({T * B * M, nk}), Wk.t()).view({T, B, M, D});
+  }
+  {  // dx_m (+ head n's offset) += sum_{k,n} a~[k,n,m] dgf[k,n]
     const S* ad_p = ad.const_data_ptr<S>();
     const S* dgf_p = dgf.const_data_ptr<S>();
     S* dx_p = dx.mutable_data_ptr<S>();
@@ -1068,22 +1182,24 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
       for (int64_t k = 0; k < K; ++k)
         for (int64_t n = 0; n < n_in; ++n) {
           const S* w = ad_p + ((tb * K + k) * n_in + n) * M;
-          const S* src = dgf_p + ((tb * K + k) * n_in + n) * D;
+          const S* src = dgf_p + ((tb * K + k) * n_in + n) * Dx;
           for (int64_t m = 0; m < M; ++m) {
-            S* dst = dx_p + (tb * M + m) * D;
-            for (int64_t i = 0; i < D; ++i) dst[i] += w[m] * src[i];
+            S* dst = dx_p + (tb * M + m) * xrow + n * xhead;
+            for (int64_t i = 0; i < Dx; ++i) dst[i] += w[m] * src[i];
           }
         }
     });
   }
+  const Tensor dh0 = dh;  // after the t = 0 step: d h_0 (no grad_out is added there)
+  Tensor dc0 = d.lstm ? dcar : at::empty({0}, opt);
+  auto parts = g_Wc.split({ck, ck, cv}, -1);
+  if (d.kv)  // (d keys, d values, ...): g_fold is d weight_ih itself
+    return {dKEY, dx, dh0, dc0, g_Wq, g_fold, g_Whh, g_bih, g_bhh, parts[0].contiguous(),
+            parts[1].contiguous(), parts[2].contiguous(), g_Wco};
   Tensor g_Wv = at::einsum("dkng,knvg->dnv", {g_fold, Wih.view({K, n_in, d.dv, GH})})
                     .reshape({D, d.nv});
   Tensor g_Wih = at::einsum("dnv,dkng->knvg", {Wv.view({D, n_in, d.dv}), g_fold})
                      .reshape({K, d.nv, GH});
-
-  const Tensor dh0 = dh;  // after the t = 0 step: d h_0 (no grad_out is added there)
-  Tensor dc0 = d.lstm ? dcar : at::empty({0}, opt);
-  auto parts = g_Wc.split({ck, ck, cv}, -1);
   return {dx, dh0, dc0, g_Wk, g_Wv, g_Wq, g_Wih, g_Whh, g_bih, g_bhh,
           parts[0].contiguous(), parts[1].contiguous(), parts[2].contiguous(), g_Wco};
 }
@@ -1128,6 +1244,46 @@ auto rim_cpu_bwd(
   return to_tuple<14>(res);
 }
 
+// Gradients of rim_cpu_kv_fwd: (d keys, d values, d h0, d c0, then d of its 9 weights).
+auto rim_cpu_kv_bwd(
+    const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_h_n_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& keys_, const Tensor& values_,
+    const Tensor& h0_, const std::optional<Tensor>& c0_, const Tensor& input_query,
+    const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
+    const Tensor& bias_hh, const Tensor& comm_query, const Tensor& comm_key,
+    const Tensor& comm_value, const Tensor& comm_output, const Tensor& out, const Tensor& masks,
+    const Tensor& cs, const Tensor& htil, const Tensor& q, const Tensor& a, const Tensor& gates,
+    const Tensor& qkv, const Tensor& bprob, const Tensor& o, int64_t top_k, int64_t input_heads,
+    int64_t comm_heads, double input_dropout, double comm_dropout, int64_t seed,
+    bool block_inactive_grad) {
+  const Dims d = check_kv_args("rim_cpu_kv_bwd", keys_, values_, h0_, c0_, input_query,
+                               weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
+                               comm_value, comm_output, top_k, input_heads, comm_heads,
+                               input_dropout, comm_dropout, seed);
+  TORCH_CHECK(htil.dim() == 4 && htil.size(0) == d.T,
+              "rims_fast::rim_cpu_kv_bwd: the forward ran with save=False, so nothing was saved "
+              "for backward");
+  auto opt_grad = [&](const std::optional<Tensor>& g) {
+    return g.has_value() && g->defined() ? g->contiguous() : Tensor();
+  };
+  Tensor grad_out = opt_grad(grad_out_);
+  if (grad_out.defined()) grad_out = grad_out.view({d.T, d.B, d.K, d.H});
+  const Tensor grad_h_n = opt_grad(grad_h_n_);
+  const Tensor grad_c_n = d.lstm ? opt_grad(grad_c_n_) : Tensor();
+  const Tensor Wc = at::cat({comm_query, comm_key, comm_value}, -1).contiguous();
+  std::vector<Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(keys_.scalar_type(), "rim_cpu_kv_bwd", [&] {
+    res = backward_impl<scalar_t>(
+        d, block_inactive_grad, grad_out, grad_h_n, grad_c_n, values_.contiguous(),
+        h0_.contiguous(), d.lstm ? c0_->contiguous() : Tensor(), Tensor(), Tensor(),
+        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), Wc,
+        comm_output.contiguous(), out.contiguous(), masks.contiguous(), cs.contiguous(),
+        htil.contiguous(), q.contiguous(), a.contiguous(), gates.contiguous(), qkv.contiguous(),
+        bprob.contiguous(), o.contiguous(), keys_.contiguous(), Tensor(), Tensor());
+  });
+  return to_tuple<13>(res);
+}
+
 // Keep-masks of the dropout stream of one call, in rim_ref's `dropout_masks` layout, so the
 // reference can replay this backend's draw exactly (tests).
 std::tuple<Tensor, Tensor> rim_cpu_dropout_masks(int64_t seed, int64_t T, int64_t B, int64_t K,
@@ -1167,6 +1323,23 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor grad_input_query, Tensor grad_weight_ih, Tensor grad_weight_hh,"
         " Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_comm_query, Tensor grad_comm_key,"
         " Tensor grad_comm_value, Tensor grad_comm_output)");
+  m.def("rim_cpu_kv_fwd(Tensor keys, Tensor values, Tensor h0, Tensor? c0, Tensor input_query,"
+        " Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, Tensor comm_query,"
+        " Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k, int input_heads,"
+        " int comm_heads, float input_dropout, float comm_dropout, int seed,"
+        " bool block_inactive_grad, bool save) -> (Tensor out, Tensor h_n, Tensor c_n,"
+        " Tensor masks, Tensor cs, Tensor htil, Tensor q, Tensor a, Tensor gates, Tensor qkv,"
+        " Tensor bprob, Tensor o)");
+  m.def("rim_cpu_kv_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor keys,"
+        " Tensor values, Tensor h0, Tensor? c0, Tensor input_query, Tensor weight_ih,"
+        " Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key,"
+        " Tensor comm_value, Tensor comm_output, Tensor out, Tensor masks, Tensor cs, Tensor htil,"
+        " Tensor q, Tensor a, Tensor gates, Tensor qkv, Tensor bprob, Tensor o, int top_k,"
+        " int input_heads, int comm_heads, float input_dropout, float comm_dropout, int seed,"
+        " bool block_inactive_grad) -> (Tensor grad_keys, Tensor grad_values, Tensor grad_h0,"
+        " Tensor grad_c0, Tensor grad_input_query, Tensor grad_weight_ih, Tensor grad_weight_hh,"
+        " Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_comm_query, Tensor grad_comm_key,"
+        " Tensor grad_comm_value, Tensor grad_comm_output)");
   m.def("rim_cpu_dropout_masks(int seed, int T, int B, int K, int input_heads, int M,"
         " int comm_heads, float input_dropout, float comm_dropout) -> (Tensor, Tensor)");
 }
@@ -1174,6 +1347,8 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
 TORCH_LIBRARY_IMPL(rims_fast, CPU, m) {
   m.impl("rim_cpu_fwd", &rims::rim_cpu_fwd);
   m.impl("rim_cpu_bwd", &rims::rim_cpu_bwd);
+  m.impl("rim_cpu_kv_fwd", &rims::rim_cpu_kv_fwd);
+  m.impl("rim_cpu_kv_bwd", &rims::rim_cpu_kv_bwd);
 }
 
 // No tensor inputs: registered for every backend, so it needs no dispatch key.

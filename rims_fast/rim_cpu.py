@@ -26,11 +26,14 @@ from torch import Tensor
 from ._config import RimConfig
 from .reference import compute_dtype
 
-__all__ = ["unavailable_reason", "rim_cpu", "dropout_masks", "PARAM_NAMES"]
+__all__ = ["unavailable_reason", "rim_cpu", "rim_cpu_kv", "dropout_masks", "draw_seed",
+           "PARAM_NAMES", "KV_PARAM_NAMES"]
 
 #: The op's parameter order (SPEC's table).
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
                "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
+#: Parameters of the pre-projected op ``rim_cpu_kv_fwd`` (no input key/value projection).
+KV_PARAM_NAMES = PARAM_NAMES[2:]
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OP = "rims_fast::rim_cpu_fwd"
 
@@ -88,9 +91,7 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     weights = [up(params[n]) for n in PARAM_NAMES]
     p_in = cfg.input_dropout if training else 0.0
     p_c = cfg.comm_dropout if training else 0.0
-    seed = 0
-    if p_in > 0.0 or p_c > 0.0:  # one draw per call from torch's default generator
-        seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+    seed = draw_seed() if p_in > 0.0 or p_c > 0.0 else 0
     leaves = [x, h0, c0, *weights]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     res = torch.ops.rims_fast.rim_cpu_fwd(
@@ -100,6 +101,49 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     if ct != dtype:
         out, h_n = out.to(dtype), h_n.to(dtype)
         c_n = c_n.to(dtype) if lstm else c_n
+    return out, h_n, (c_n if lstm else None), masks
+
+
+def draw_seed() -> int:
+    """One 62-bit dropout seed from PyTorch's default generator (reproducible under
+    ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+
+
+def rim_cpu_kv(keys: Tensor, values: Tensor, h0: Tensor, c0: Optional[Tensor],
+               params: Mapping[str, Tensor], cfg: RimConfig, *, training: bool = False,
+               seed: int = 0) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """One RIM layer over a sequence whose input elements come already projected: the C++ driver
+    in its pre-projected mode (``rims_fast::rim_cpu_kv_fwd``/``_bwd``).
+
+    This is :func:`rim_cpu` with ``keys = x input_key`` and ``values = x input_value`` computed by
+    the caller; the cell's input term is ``(sum_m a~ v_m) weight_ih[k]`` (not folded). A BRIM layer
+    calls it once per step, its sources' keys and values being per-step products of states.
+
+    Args:
+        keys: ``(T, B, M, n_in*d_k)``; values: ``(T, B, M, n_in*d_v)``, float32 or float64.
+        h0, c0: ``(B, K, H)`` (``c0`` None for GRU), same dtype.
+        params: the 9 parameters of :data:`KV_PARAM_NAMES` (others are ignored), same dtype.
+        cfg: the layer's :class:`RimConfig`.
+        training: dropout only when true (and its probability > 0).
+        seed: the dropout stream's seed (see :func:`dropout_masks`); the caller draws it.
+
+    Returns:
+        ``out (T, B, K*H)``, ``h_n``, ``c_n`` (``None`` for GRU), ``masks (T, B, K)``;
+        differentiable w.r.t. keys, values, state and the 9 parameters.
+    """
+    why = unavailable_reason(keys.device, keys.dtype)
+    if why is not None:
+        raise RuntimeError(why)
+    lstm = cfg.cell == "lstm"
+    weights = [params[n] for n in KV_PARAM_NAMES]
+    p_in = cfg.input_dropout if training else 0.0
+    p_c = cfg.comm_dropout if training else 0.0
+    leaves = [keys, values, h0, c0, *weights]
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    out, h_n, c_n, masks = torch.ops.rims_fast.rim_cpu_kv_fwd(
+        keys, values, h0, c0 if lstm else None, *weights, cfg.top_k, cfg.input_heads,
+        cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)[:4]
     return out, h_n, (c_n if lstm else None), masks
 
 
@@ -175,6 +219,56 @@ def _register() -> None:
         return (gx, gh0, gc0 if ctx.has_c0 else None, *gw, *([None] * 8))
 
     torch.library.register_autograd(lib + "rim_cpu_fwd", backward, setup_context=setup_context)
+
+    @torch.library.register_fake(lib + "rim_cpu_kv_fwd")
+    def _(keys, values, h0, c0, input_query, weight_ih, weight_hh, bias_ih, bias_hh, comm_query,
+          comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, input_dropout,
+          comm_dropout, seed, block_inactive_grad, save):
+        T, B, M, nk = keys.shape
+        K, H, GH = weight_hh.shape
+        lstm = GH == 4 * H
+        ck, cv = comm_query.shape[-1], comm_value.shape[-1]
+        new = keys.new_empty
+        out = [new((T, B, K * H)), new((B, K, H)), new((B, K, H) if lstm else (0,)),
+               keys.new_empty((T, B, K), dtype=torch.bool)]
+        if not save:
+            return (*out, *[new((0,)) for _ in range(8)])
+        return (*out, new((T, B, K, H) if lstm else (0,)), new((T, B, K, H)), new((T, B, K, nk)),
+                new((T, B, K, input_heads, M)), new((T, B, K, GH if lstm else 2 * GH)),
+                new((T, B, K, 2 * ck + cv)), new((T, B, K, comm_heads, K)), new((T, B, K, cv)))
+
+    @torch.library.register_fake(lib + "rim_cpu_kv_bwd")
+    def _(grad_out, grad_h_n, grad_c_n, keys, values, h0, c0, *rest):
+        weights = rest[:9]
+        grads = [keys.new_empty(keys.shape), values.new_empty(values.shape),
+                 h0.new_empty(h0.shape),
+                 c0.new_empty(c0.shape) if c0 is not None else keys.new_empty((0,))]
+        return (*grads, *[w.new_empty(w.shape) for w in weights])
+
+    def kv_setup_context(ctx, inputs, output):
+        (keys, values, h0, c0, *rest) = inputs
+        weights, (top_k, n_in, n_c, p_in, p_c, seed, block, save) = rest[:9], rest[9:]
+        ctx.cfg = (top_k, n_in, n_c, p_in, p_c, seed, block)
+        ctx.set_materialize_grads(False)
+        ctx.has_c0 = c0 is not None
+        ctx.saved_ok = save
+        out, _h_n, _c_n, masks, *saved = output
+        ctx.save_for_backward(keys, values, h0, c0, *weights, out, masks, *saved)
+
+    def kv_backward(ctx, grad_out, grad_h_n, grad_c_n, *_unused):
+        if not ctx.saved_ok:
+            raise RuntimeError("rims_fast::rim_cpu_kv_fwd ran with save=False (no input required "
+                               "grad when it ran), so it cannot be differentiated")
+        keys, values, h0, c0, *rest = ctx.saved_tensors
+        weights, out, masks, saved = rest[:9], rest[9], rest[10], rest[11:]
+        grads = torch.ops.rims_fast.rim_cpu_kv_bwd(
+            grad_out, grad_h_n, grad_c_n if ctx.has_c0 else None, keys, values, h0, c0, *weights,
+            out, masks, *saved, *ctx.cfg)
+        gk, gv, gh0, gc0, *gw = grads
+        return (gk, gv, gh0, gc0 if ctx.has_c0 else None, *gw, *([None] * 8))
+
+    torch.library.register_autograd(lib + "rim_cpu_kv_fwd", kv_backward,
+                                    setup_context=kv_setup_context)
 
 
 if _op_registered() is None:

@@ -285,3 +285,82 @@ def test_long_sequence_memory():
     assert sum(sizes) == inputs + out.numel() + masks.numel() + T * per_step + saved[-1].numel()
     out_g.sum().backward()
     assert torch.isfinite(xg.grad).all()
+
+
+# ---- pre-projected mode (rim_cpu_kv): the keys and values are given, the input term unfolded --
+
+def _kv_run(x, h0, c0, P, cfg, **kw):
+    """rim_cpu_kv with keys = x input_key, values = x input_value (autograd through both)."""
+    return rc.rim_cpu_kv(x @ P["input_key"], x @ P["input_value"], h0, c0, P, cfg, **kw)
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_kv_matches_reference(case, dtype):
+    """Keys and values projected outside: same outputs, masks and every gradient (x, state and
+    all parameters, input_key/input_value through the caller's products) as rim_ref."""
+    rim, x, h0, c0, P, leaves = _inputs(*case, dtype=dtype)
+    got = _kv_run(x, h0, c0, P, rim.config)
+    if dtype == torch.float64:
+        _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, dtype)
+        return
+    leaves64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    P64 = {n: leaves64[n] for n in PARAMS}
+    want = rims_fast.rim_ref(leaves64["x"], leaves64["h0"], leaves64.get("c0"), P64, rim.config,
+                             masks=got[3])
+    _compare_mixed(got, want, leaves, leaves64, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_kv_threads_dropout_and_wide_values(cell):
+    """B = 37 over several batch tiles at 2 threads, d_v = 7 > D, both dropouts replayed by the
+    reference from the driver's keep-masks."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rim, x, h0, c0, P, leaves = _inputs(cell, 3, 2, 2, 5, 2, 4, True, torch.float64, B=37,
+                                            hidden_size=11, input_value_size=7,
+                                            input_dropout=0.3, comm_dropout=0.4)
+        got = _kv_run(x, h0, c0, P, rim.config, training=True, seed=1234)
+        keep = rc.dropout_masks(1234, x.shape[0], x.shape[1], x.shape[2], rim.config)
+        want = rims_fast.rim_ref(x, h0, c0, P, rim.config, training=True, dropout_masks=keep)
+        _compare(got, want, leaves, torch.float64)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_kv_gradcheck(cell):
+    rim, x, h0, c0, P, _ = _inputs(cell, 2, 2, 2, 4, 2, 3, False, torch.float64, B=2,
+                                   input_dropout=0.25, comm_dropout=0.25)
+    keys = (x @ P["input_key"]).detach().requires_grad_(True)
+    vals = (x @ P["input_value"]).detach().requires_grad_(True)
+    state = [h0] + ([c0] if c0 is not None else [])
+    W = [P[n] for n in rc.KV_PARAM_NAMES]
+
+    def f(keys, vals, *rest):
+        h, c = rest[0], (rest[1] if c0 is not None else None)
+        w = dict(zip(rc.KV_PARAM_NAMES, rest[len(state):]))
+        out, h_n, c_n, _ = rc.rim_cpu_kv(keys, vals, h, c, w, rim.config, training=True, seed=5)
+        return (out, h_n) if c_n is None else (out, h_n, c_n)
+
+    assert torch.autograd.gradcheck(f, (keys, vals, *state, *W), eps=1e-6, atol=1e-7)
+
+
+def test_kv_opcheck_and_errors():
+    rim, x, h0, c0, P, _ = _inputs("lstm", 2, 2, 2, 3, 2, 2, True, torch.float64, B=2)
+    cfg = rim.config
+    keys, vals = (x @ P["input_key"]).detach(), (x @ P["input_value"]).detach()
+    W = [P[n].detach() for n in rc.KV_PARAM_NAMES]
+    tail = (cfg.top_k, cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
+    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_kv_fwd.default,
+                          (keys, vals, h0.detach(), c0.detach(), *W, *tail))
+    with pytest.raises(RuntimeError, match="values must have shape"):
+        torch.ops.rims_fast.rim_cpu_kv_fwd(keys, vals[..., :-1], h0.detach(), c0.detach(), *W,
+                                           *tail)
+    with pytest.raises(RuntimeError, match="keys must have shape"):
+        torch.ops.rims_fast.rim_cpu_kv_fwd(keys[..., :-1], vals, h0.detach(), c0.detach(), *W,
+                                           *tail)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.rims_fast.rim_cpu_kv_fwd(keys.float(), vals, h0.detach(), c0.detach(), *W,
+                                           *tail)
