@@ -7,9 +7,11 @@
   :func:`rims_fast.available_backends` when that backend cannot run here.
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
-- ``brim2``: a two-layer :class:`rims_fast.BRIM` with the config's K, top_k, H in both layers
-  (``backend="auto"``): what a stack costs next to one layer. It computes another function, so it
-  is timed but not gated here (tests/test_brim.py checks it against a plain loop).
+- ``brim2``, ``brim2_cpu``, ``brim2_cuda``: a two-layer :class:`rims_fast.BRIM` with the config's
+  K, top_k, H in both layers, on the reference (``brim2``), the C++ driver one fused layer-step per
+  call (``brim2_cpu``) and the reference with the fused CUDA cell (``brim2_cuda``): what a stack
+  costs next to one layer. It computes another function, so it is timed but not gated here
+  (tests/test_brim.py and tests/test_brim_cpu.py check it against the reference and a plain loop).
 
 Every RIM provider runs the parameters of one reference module (copied or shared), so outputs can
 be compared with the reference's.
@@ -30,7 +32,8 @@ from .naive import NaiveRIM
 
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
-PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "lstm", "naive", "brim2")
+PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "lstm", "naive", "brim2",
+             "brim2_cpu", "brim2_cuda")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "naive")
 
@@ -134,21 +137,29 @@ def _naive(ctx: Context) -> Provider:
     return Provider("naive", run, list(m.parameters()), module=m)
 
 
-def _brim2(ctx: Context) -> Provider:
-    c = ctx.cfg
-    torch.manual_seed(2)
-    m = rims_fast.BRIM(c.D, c.H, c.K, c.top_k, num_layers=2, device=ctx.device, dtype=ctx.dtype)
+def _brim2(backend: str) -> Callable[[Context], Provider]:
+    name = "brim2" if backend == "torch" else f"brim2_{backend}"
 
-    def run(x: Tensor):
-        out, states, masks = m(x, return_masks=True)
-        return out, states[-1][0], states[-1][1], masks[-1]
-    return Provider("brim2", run, list(m.parameters()), is_rim=False, module=m)
+    def build_brim(ctx: Context) -> Provider:
+        why = rims_fast.available_backends(ctx.device, ctx.dtype).get(backend)
+        if why is not None:
+            raise Skip(why)
+        c = ctx.cfg
+        torch.manual_seed(2)
+        m = rims_fast.BRIM(c.D, c.H, c.K, c.top_k, num_layers=2, backend=backend,
+                           device=ctx.device, dtype=ctx.dtype)
+
+        def run(x: Tensor):
+            out, states, masks = m(x, return_masks=True)
+            return out, states[-1][0], states[-1][1], masks[-1]
+        return Provider(name, run, list(m.parameters()), is_rim=False, module=m)
+    return build_brim
 
 
 _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "torch": _torch, "torch_compile": _torch_compile, "triton": _backend("triton"),
     "cuda": _backend("cuda"), "cpu": _backend("cpu"), "lstm": _lstm, "naive": _naive,
-    "brim2": _brim2,
+    "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
 }
 
 

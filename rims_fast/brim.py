@@ -18,8 +18,11 @@ from .reference import brim_ref
 
 PerLayer = Union[int, Sequence[int], None]
 
-#: Backends that run a BRIM stack in this version (the fused ones are single-layer for now).
-BRIM_BACKENDS = ("torch", "cuda")
+#: Backends that run a BRIM stack in this version: the reference, the reference with the fused
+#: CUDA cell, and the C++ driver one layer-step per call (:mod:`rims_fast.brim_cpu`).
+BRIM_BACKENDS = ("torch", "cuda", "cpu")
+#: ``backend="auto"`` tries these in order for the tensors' device type.
+BRIM_AUTO_ORDER = {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
 class BrimLayer(nn.Module):
@@ -69,8 +72,11 @@ class BRIM(nn.Module):
         batch_first: ``x``, ``out`` and masks are ``(B, T, ...)``; states stay ``(B, K, H)``.
         output_all_layers: return every layer's ``h_t`` concatenated on the last dim (bottom to
             top) instead of the top layer's.
-        backend: ``"auto"``, ``"torch"`` or ``"cuda"`` (the fused Triton and C++ sequence
-            backends do not run BRIM stacks yet; asking for them raises ``RuntimeError``).
+        backend: ``"auto"``, ``"torch"`` (the reference), ``"cuda"`` (the reference with the
+            fused CUDA cell) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
+            :mod:`rims_fast.brim_cpu`). ``"auto"`` picks ``"cpu"`` on CPU tensors and
+            ``"cuda"`` on CUDA tensors when built, else ``"torch"``. ``"triton"`` does not run
+            BRIM stacks yet and raises ``RuntimeError``.
         device, dtype: factory arguments of the parameters.
 
     Call: ``out, states = brim(x, states=None)`` with ``states`` a list of per-layer ``(h, c)``
@@ -133,7 +139,10 @@ class BRIM(nn.Module):
         name = self._resolve(x)
         self.last_backend = name
         run = brim_ref
-        if name == "cuda":
+        if name == "cpu":
+            from .brim_cpu import brim_cpu
+            run = brim_cpu
+        elif name == "cuda":
             from .masked_cell import masked_gru_cell, masked_lstm_cell
             run = functools.partial(brim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
         params = [dict(layer.named_parameters()) for layer in self.layers]
@@ -146,7 +155,10 @@ class BRIM(nn.Module):
 
     def _resolve(self, x: Tensor) -> str:
         if self.backend == "auto":
-            return "cuda" if _backend.unavailable_reason("cuda", x.device, x.dtype) is None else "torch"
+            for name in BRIM_AUTO_ORDER.get(x.device.type, ("torch",)):
+                if _backend.unavailable_reason(name, x.device, x.dtype) is None:
+                    return name
+            return "torch"
         if self.backend not in BRIM_BACKENDS:
             raise RuntimeError(f"backend={self.backend!r} does not run BRIM stacks in this version; "
                                f"use one of {BRIM_BACKENDS} or 'auto'")

@@ -277,6 +277,7 @@ def brim_ref(
     training: bool = False,
     lstm_cell: Callable = lstm_cell_ref,
     gru_cell: Callable = gru_cell_ref,
+    dropout_masks: Optional[Sequence[Optional[tuple[Optional[Tensor], Optional[Tensor]]]]] = None,
 ) -> tuple[list[Tensor], list[tuple[Tensor, Optional[Tensor]]], list[Tensor]]:
     """A BRIM stack over a sequence, exactly SPEC.md "Multi-layer: BRIM".
 
@@ -293,6 +294,10 @@ def brim_ref(
             ``input_key_top_down``/``input_value_top_down``.
         cfgs: per layer :class:`RimConfig` (its ``input_size`` is the bottom-up width).
         masks: optional per-layer ``(T, B, K_l)`` bool selections to impose.
+        dropout_masks: optional per-layer pairs of bool keep-masks ``(T, B, K_l, n_in, M_l)``
+            (``M_l`` = the layer's input elements: its bottom-up ones, then the top-down one) and
+            ``(T, B, K_l, n_c, K_l)``, as :func:`rim_ref`'s, to replay a backend's dropout draw;
+            ``None`` entries are drawn.
 
     Returns:
         per-layer outputs ``(T, B, K_l*H_l)``, per-layer final ``(h_n, c_n)``, per-layer masks.
@@ -314,6 +319,11 @@ def brim_ref(
              for m in (masks if masks is not None else [None] * L)]
     outs = [[] for _ in range(L)]
     selected = [[] for _ in range(L)]
+    keeps = [[(None, None)] * T for _ in range(L)]  # per layer, per step (K, B, n, .) or None
+    for l, pair in enumerate(dropout_masks if dropout_masks is not None else []):
+        if pair is not None:
+            keeps[l] = list(zip(*(m.transpose(1, 2).unbind(0) if m is not None else [None] * T
+                                  for m in pair)))
 
     def flat(state: Tensor) -> Tensor:  # (K, B, H) -> one element (B, 1, K*H), mechanism-major
         return rnd(state.transpose(0, 1).reshape(B, 1, -1))
@@ -340,7 +350,7 @@ def brim_ref(
                 return _bmm(rnd(u), Pl["weight_ih"], Pl["bias_ih"])
 
             h[l], c[l], mask = rim_step(h[l], c[l], k_t, input_term, P[l], cfg, rnd, lowers[l],
-                                        given[l][t], training, lstm_cell, gru_cell)
+                                        given[l][t], training, lstm_cell, gru_cell, keeps[l][t])
             outs[l].append(h[l])
             selected[l].append(mask)
 

@@ -8,6 +8,12 @@ import torch
 import rims_fast
 from helpers import SMALL_HEADS, assert_close, make_rim, random_state
 from plain_rim import plain_brim
+from rims_fast import brim_cpu
+
+_NO_CPU = brim_cpu.unavailable_reason(torch.device("cpu"), torch.float64)
+#: The backends these tests run on CPU tensors: the reference and the C++ driver.
+BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    _NO_CPU is not None, reason=f"C++ driver not built: {_NO_CPU}"))]
 
 SMALL = dict(input_heads=2, input_key_size=3, input_value_size=2, comm_heads=2, comm_key_size=2,
              comm_value_size=2)
@@ -15,7 +21,7 @@ SMALL = dict(input_heads=2, input_key_size=3, input_value_size=2, comm_heads=2, 
 
 def make_brim(seed=0, **kw):
     args = dict(input_size=5, hidden_sizes=[3, 4, 2], num_units=[4, 3, 3], top_k=[2, 1, 3],
-                dtype=torch.float64, **SMALL)
+                dtype=torch.float64, backend="torch", **SMALL)
     args.update(kw)
     torch.manual_seed(seed)
     return rims_fast.BRIM(args.pop("input_size"), args.pop("hidden_sizes"), args.pop("num_units"),
@@ -45,10 +51,12 @@ def test_parameter_names():
     assert "layers.2.input_key_top_down" not in names  # the top layer has nothing above
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_one_layer_equals_rim(cell):
-    rim = make_rim(cell=cell)
-    brim = rims_fast.BRIM(5, 3, 4, 2, cell=cell, dtype=torch.float64, **SMALL_HEADS)
+def test_one_layer_equals_rim(cell, backend):
+    rim = make_rim(cell=cell, backend="torch")
+    brim = rims_fast.BRIM(5, 3, 4, 2, cell=cell, dtype=torch.float64, backend=backend,
+                          **SMALL_HEADS)
     sd = {("layers.0." + k.replace("input_key", "input_key_bottom_up")
            .replace("input_value", "input_value_bottom_up")): v for k, v in rim.state_dict().items()}
     brim.load_state_dict(sd)
@@ -65,15 +73,17 @@ def test_one_layer_equals_rim(cell):
         assert_close(name, a, b, torch.float64, "grad_w")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("L", [2, 3])
-def test_stack_matches_plain_loop(cell, L):
+def test_stack_matches_plain_loop(cell, L, backend):
     brim = make_brim(cell=cell, hidden_sizes=[3, 4, 2][:L], num_units=[4, 3, 3][:L],
-                     top_k=[2, 1, 3][:L], block_inactive_grad=False)
+                     top_k=[2, 1, 3][:L], block_inactive_grad=False, backend=backend)
     B, T = 3, 4
     x = torch.randn(T, B, 2, 5, dtype=torch.float64, requires_grad=True)
     states = brim_states(brim, B)
     out, final, masks = brim(x, states, return_masks=True)
+    assert brim.last_backend == backend
     P = [dict(layer.named_parameters()) for layer in brim.layers]
     as_pairs = [s if cell == "lstm" else (s, None) for s in states]
     p_outs, p_final, p_masks = plain_brim(x, as_pairs, P, brim.configs)
@@ -99,9 +109,10 @@ def test_stack_matches_plain_loop(cell, L):
         assert_close("d" + name, a, b, torch.float64, "grad_w")
 
 
-def test_top_down_reaches_every_layer():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_down_reaches_every_layer(backend):
     # The public code feeds the top layer back to layer 0 only; here layer l hears layer l+1.
-    brim = make_brim()
+    brim = make_brim(backend=backend)
     x = torch.randn(3, 2, 1, 5, dtype=torch.float64)
     states = brim_states(brim, 2)
     for l in range(2):
@@ -123,8 +134,9 @@ def test_output_all_layers_and_batch_first():
     assert torch.equal(top(x)[0], out[..., 24:])
 
 
-def test_state_carried_across_calls():
-    brim = make_brim()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_carried_across_calls(backend):
+    brim = make_brim(backend=backend)
     x = torch.randn(5, 2, 5, dtype=torch.float64)
     out, s = brim(x)
     o1, s1 = brim(x[:2])
@@ -158,3 +170,6 @@ def test_call_errors():
         make_brim(backend="triton")(x)
     brim(x)
     assert brim.last_backend == "torch"
+    auto = make_brim(backend="auto")
+    auto(x)
+    assert auto.last_backend == ("cpu" if _NO_CPU is None else "torch")

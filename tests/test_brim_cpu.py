@@ -1,0 +1,145 @@
+"""``BRIM(backend="cpu")`` (rims_fast.brim_cpu: the C++ driver, one fused layer-step per call)
+against ``brim_ref``: float32 and half precision against the float64 reference under the
+backend's masks, dropout replayed from the backend's own keep-masks, batch tiles on 2 threads.
+(Float64 equality with a plain loop, for L = 1, 2, 3 and every gradient, is in test_brim.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rims_fast
+from helpers import assert_close
+from rims_fast import brim_cpu
+from test_brim import brim_states, make_brim
+
+pytestmark = pytest.mark.skipif(
+    brim_cpu.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
+    reason=f"C++ driver not built: {brim_cpu.unavailable_reason(torch.device('cpu'), torch.float32)}")
+
+
+def _leaves(brim, x, states):
+    flat = [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
+    return [x, *flat, *brim.parameters()]
+
+
+def _run(brim, x, states, **kw):
+    """brim_cpu / brim_ref on the module's parameters, states as (h, c) pairs."""
+    P = [dict(layer.named_parameters()) for layer in brim.layers]
+    pairs = [s if isinstance(s, tuple) else (s, None) for s in states]
+    return P, pairs
+
+
+def _loss(outs, finals, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    terms = list(outs) + [t for hc in finals for t in hc if t is not None]
+    return sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
+               for t in terms)
+
+
+def _compare(brim, x, states, dtype, training=False, **kw):
+    """Run brim_cpu in ``dtype`` and brim_ref in float64 (under brim_cpu's masks and, with
+    dropout, its keep-masks); compare outputs, final states and every gradient."""
+    brim64 = brim
+    x64 = x.detach().requires_grad_(True)
+    s64 = [tuple(t.detach().requires_grad_(True) for t in s) if isinstance(s, tuple)
+           else s.detach().requires_grad_(True) for s in states]
+    brim_d = make_brim(dtype=dtype, **kw)
+    brim_d.load_state_dict({k: v.to(dtype) for k, v in brim64.state_dict().items()})
+    xd = x.detach().to(dtype).requires_grad_(True)
+    sd = [tuple(t.detach().to(dtype).requires_grad_(True) for t in s) if isinstance(s, tuple)
+          else s.detach().to(dtype).requires_grad_(True) for s in states]
+    P, pairs = _run(brim_d, xd, sd)
+    seed = 4321
+    got = brim_cpu.brim_cpu(xd, pairs, P, brim_d.configs, training=training, seed=seed)
+    keep = None
+    if training:
+        T, B, M = x.shape[0], x.shape[1], x.shape[2]
+        keep = brim_cpu.dropout_masks(seed, T, B, M, brim_d.configs)
+        assert 0.4 < keep[0][0].float().mean() < 0.9
+    P64, pairs64 = _run(brim64, x64, s64)
+    want = rims_fast.brim_ref(x64, pairs64, P64, brim64.configs, masks=got[2],
+                              training=training, dropout_masks=keep)
+    for l in range(len(got[0])):
+        assert got[0][l].dtype == dtype
+        assert_close(f"out[{l}]", got[0][l], want[0][l], dtype)
+        for name, a, b in zip(("h_n", "c_n"), got[1][l], want[1][l]):
+            if b is not None:
+                assert_close(f"{name}[{l}]", a, b, dtype)
+    g_got = torch.autograd.grad(_loss(got[0], got[1]), _leaves(brim_d, xd, sd), allow_unused=True)
+    g_want = torch.autograd.grad(_loss(want[0], want[1]), _leaves(brim64, x64, s64),
+                                 allow_unused=True)
+    names = ["x"] + [f"state{i}" for i in range(len(g_got) - 1 - len(list(brim64.parameters())))]
+    names += [n for n, _ in brim64.named_parameters()]
+    for name, a, b in zip(names, g_got, g_want):
+        a = torch.zeros(1) if a is None else a
+        b = torch.zeros(1) if b is None else b
+        assert_close("d" + name, a, b, dtype, "grad_w" if "." in name else "grad_in")
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_matches_float64_reference(cell, dtype):
+    brim = make_brim(cell=cell)
+    x = torch.randn(4, 3, 2, 5, dtype=torch.float64)
+    _compare(brim, x, brim_states(brim, 3), dtype, cell=cell)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_replays_in_reference(cell):
+    kw = dict(cell=cell, input_dropout=0.3, comm_dropout=0.4)
+    brim = make_brim(**kw)
+    x = torch.randn(4, 3, 2, 5, dtype=torch.float64)
+    got = _compare(brim, x, brim_states(brim, 3), torch.float64, training=True, **kw)
+    P, pairs = _run(brim, x, brim_states(brim, 3))
+    plain = brim_cpu.brim_cpu(x, pairs, P, brim.configs, training=False)
+    assert (plain[0][-1] - got[0][-1]).abs().max() > 1e-3, "dropout had no effect"
+
+
+def test_dropout_reproducible_under_manual_seed():
+    brim = make_brim(input_dropout=0.5, comm_dropout=0.5, backend="cpu").train()
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        outs.append(brim(x)[0])
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(8)
+    assert not torch.equal(outs[0], brim(x)[0])
+
+
+def test_batch_tiles_on_two_threads():
+    """B = 37 (several batch tiles per layer-step) at 2 threads: equal to 1 thread to round-off,
+    and to the float64 reference."""
+    old = torch.get_num_threads()
+    try:
+        brim = make_brim(hidden_sizes=[5, 6, 3], num_units=[5, 4, 3], top_k=[3, 2, 1])
+        x = torch.randn(3, 37, 2, 5, dtype=torch.float64)
+        res = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            P, pairs = _run(brim, x, brim_states(brim, 37))
+            res.append(brim_cpu.brim_cpu(x, pairs, P, brim.configs))
+        for a, b in zip(res[0][0], res[1][0]):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        _compare(brim, x, brim_states(brim, 37), torch.float64,
+                 hidden_sizes=[5, 6, 3], num_units=[5, 4, 3], top_k=[3, 2, 1])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_no_grad_saves_nothing():
+    """Under no_grad each layer-step runs with save=False (no activations kept)."""
+    brim = make_brim(backend="cpu")
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.no_grad():
+        out, _ = brim(x)
+    assert sizes == [] and out.shape == (6, 2, 6)
