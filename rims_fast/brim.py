@@ -18,11 +18,14 @@ from .reference import brim_ref
 
 PerLayer = Union[int, Sequence[int], None]
 
-#: Backends that run a BRIM stack in this version: the reference, the reference with the fused
-#: CUDA cell, and the C++ driver one layer-step per call (:mod:`rims_fast.brim_cpu`).
-BRIM_BACKENDS = ("torch", "cuda", "cpu")
-#: ``backend="auto"`` tries these in order for the tensors' device type.
-BRIM_AUTO_ORDER = {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")}
+#: Backends that run a BRIM stack: the reference, the reference with the fused CUDA cell, the C++
+#: driver one layer-step per call (:mod:`rims_fast.brim_cpu`) and the Triton RIM kernels one
+#: layer-step at a time (:mod:`rims_fast.brim_triton`).
+BRIM_BACKENDS = ("torch", "cuda", "cpu", "triton")
+#: ``backend="auto"`` tries these in order for the tensors' device type. On CUDA, ``cuda`` comes
+#: before ``triton`` because the Triton stack's backward is a recompute through the reference
+#: (``cuda`` trains faster by construction) and the stack has not been timed on a GPU yet.
+BRIM_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 class BrimLayer(nn.Module):
@@ -74,9 +77,9 @@ class BRIM(nn.Module):
             top) instead of the top layer's.
         backend: ``"auto"``, ``"torch"`` (the reference), ``"cuda"`` (the reference with the
             fused CUDA cell) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
-            :mod:`rims_fast.brim_cpu`). ``"auto"`` picks ``"cpu"`` on CPU tensors and
-            ``"cuda"`` on CUDA tensors when built, else ``"torch"``. ``"triton"`` does not run
-            BRIM stacks yet and raises ``RuntimeError``.
+            :mod:`rims_fast.brim_cpu`) or ``"triton"`` (the Triton RIM kernels per layer-step,
+            backward by recompute; see :mod:`rims_fast.brim_triton`). ``"auto"`` picks ``"cpu"``
+            on CPU tensors and ``"cuda"`` on CUDA tensors when built, else ``"torch"``.
         device, dtype: factory arguments of the parameters.
 
     Call: ``out, states = brim(x, states=None)`` with ``states`` a list of per-layer ``(h, c)``
@@ -142,6 +145,9 @@ class BRIM(nn.Module):
         if name == "cpu":
             from .brim_cpu import brim_cpu
             run = brim_cpu
+        elif name == "triton":
+            from .brim_triton import brim_triton
+            run = brim_triton
         elif name == "cuda":
             from .masked_cell import masked_gru_cell, masked_lstm_cell
             run = functools.partial(brim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
