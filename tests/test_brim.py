@@ -174,3 +174,29 @@ def test_call_errors():
     auto = make_brim(backend="auto")
     auto(x)
     assert auto.last_backend == ("cpu" if _NO_CPU is None else "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_backend_matches_reference(cell):
+    """backend="cuda" (the reference with the fused CUDA cell) against backend="torch" on the
+    same CUDA tensors, float64: outputs, masks and every gradient."""
+    from rims_fast._backend import unavailable_reason
+    why = unavailable_reason("cuda", torch.device("cuda"), torch.float64)
+    if why is not None:
+        pytest.skip(why)
+    res = {}
+    for backend in ("cuda", "torch"):
+        brim = make_brim(cell=cell, backend=backend).cuda()
+        x = torch.randn(4, 3, 2, 5, dtype=torch.float64, device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0)).requires_grad_(True)
+        out, _, masks = brim(x, return_masks=True)
+        assert brim.last_backend == backend
+        grads = torch.autograd.grad(out.square().sum(), [x, *brim.parameters()])
+        res[backend] = (out, masks, grads)
+    (o1, m1, g1), (o2, m2, g2) = res["cuda"], res["torch"]
+    assert all(torch.equal(a, b) for a, b in zip(m1, m2))
+    assert_close("out", o1, o2, torch.float64)
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert_close(f"grad{i}", a, b, torch.float64, "grad_w")
