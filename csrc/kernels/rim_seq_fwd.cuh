@@ -1,0 +1,321 @@
+// Torch-free persistent whole-sequence RIM forward (SPEC.md steps 1-5 for all T steps, one call).
+//
+// One thread block owns a tile of S samples for the whole sequence: samples never interact, so a
+// tile needs no grid-wide synchronisation, and its carried state (h, c in the compute type) lives
+// in shared memory from step 0 to T-1. Each step is nine phases separated by block barriers; each
+// phase is a parallel loop over independent items, so the same code runs
+//   - on the GPU (DeviceExec: items strided over the block's threads, __syncthreads after), and
+//   - on the host (HostExec: items in order), which is how CI checks this kernel's arithmetic
+//     against the reference without a GPU (rims_fast::rim_seq_fwd's CPU implementation).
+// Weight-stationary phases (gates, communication projections, output) give each item one
+// (mechanism, column) pair and loop over the tile's samples inside, so every weight element is
+// read once per tile and step (from L2 once the first tile touched it).
+//
+// Input term: as the C++ driver (csrc/rim_cpu.cpp), head n of mechanism k reads xa_n =
+// sum_m a~_{k,n,m} x_{m,n} and multiplies F[k, n] (Dx, G*H): folded (x_{m,n} = x_m, F = the fold
+// input_value_n weight_ih[k]_n) or pre-projected (x_{m,n} = v_{m,n}, F = weight_ih[k]_n).
+// Dropout uses the driver's counter-based stream (same seed -> same keep-masks as backend="cpu").
+//
+// Numerics: every product accumulates in the compute type C (float, or double for float64);
+// operands are the storage type T converted up (no rounding of activations to T, as the driver).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#include "masked_cell.cuh"
+#include "rim_numerics.h"
+
+namespace rims {
+
+// Sizes and options of one call (SPEC names; Dx, xrow, xhead: the input term's source, above).
+struct RimSeqDims {
+  int64_t T_, B, M, K, H, GH, n_in, dk, nk, Dx, xrow, xhead, n_c, dc, dcv, ck, cv, top_k;
+  int64_t S;              // samples per tile (<= the kernel's SMAX)
+  bool lstm;
+  float p_in, p_c;
+  uint64_t seed;
+};
+
+template <typename T>
+struct RimSeqFwdParams : RimSeqDims {
+  // Inputs (contiguous). keys (T, B, M, nk) and xsrc (T, B, M, xrow) are in the compute type.
+  const void* keys;
+  const void* xsrc;
+  const T* h0;            // (B, K, H)
+  const T* c0;            // (B, K, H) or nullptr (GRU)
+  const T* w_query;       // input_query (K, H, nk)
+  const T* w_hh;          // (K, H, GH)
+  const void* w_x;        // F (K, n_in, Dx, GH), compute type
+  const T* b_ih;          // (K, GH)
+  const T* b_hh;          // (K, GH)
+  const T* c_query;       // (K, H, ck)
+  const T* c_key;         // (K, H, ck)
+  const T* c_value;       // (K, H, cv)
+  const T* c_output;      // (K, cv, H)
+  // Outputs.
+  T* out;                 // (T, B, K*H)
+  T* h_n;                 // (B, K, H)
+  T* c_n;                 // (B, K, H) or nullptr (GRU)
+  bool* masks;            // (T, B, K)
+};
+
+// Storage <-> compute conversions. Half types only under nvcc (CUDA's own types).
+RIMS_HD float to_c(float v) { return v; }
+RIMS_HD double to_c(double v) { return v; }
+template <typename C>
+RIMS_HD void from_c(C v, float* p) { *p = static_cast<float>(v); }
+template <typename C>
+RIMS_HD void from_c(C v, double* p) { *p = static_cast<double>(v); }
+#if defined(__CUDACC__)
+RIMS_HD float to_c(__half v) { return __half2float(v); }
+RIMS_HD float to_c(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename C>
+RIMS_HD void from_c(C v, __half* p) { *p = __float2half_rn(static_cast<float>(v)); }
+template <typename C>
+RIMS_HD void from_c(C v, __nv_bfloat16* p) { *p = __float2bfloat16_rn(static_cast<float>(v)); }
+#endif
+
+// Compute-type elements of shared memory for one tile (the launcher sizes it with this).
+RIMS_HD int64_t rim_seq_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
+                                   int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck,
+                                   int64_t cv, bool lstm) {
+  const int64_t GW = lstm ? GH : 2 * GH;
+  const int64_t per_sample = K * (H * (lstm ? 3 : 2)  // h, (c), h~
+                                  + nk + n_in * M + 1 + 1  // q, a, p, active
+                                  + n_in * Dx + GW + 2 * ck + cv + n_c * K + cv);
+  return S * per_sample;
+}
+
+// The tile's shared-memory arrays, carved from one buffer, (S, K, .) each.
+template <typename C>
+struct RimSeqSmem {
+  C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *qkv, *bp, *o;
+  RIMS_HD RimSeqSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
+                     int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
+                     bool lstm) {
+    const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
+    C* cur = base;
+    auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
+    h = take(R * H);
+    c = lstm ? take(R * H) : nullptr;
+    ht = take(R * H);
+    q = take(R * nk);
+    a = take(R * n_in * M);
+    p = take(R);
+    act = take(R);
+    xa = take(R * n_in * Dx);
+    g = take(R * GW);
+    qkv = take(R * (2 * ck + cv));
+    bp = take(R * n_c * K);
+    o = take(R * cv);
+  }
+};
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+// The whole sequence for tile `tile` (samples tile*S .. min(B, tile*S + S) - 1). Exec provides
+// parallel_for(n, f): f(i) for every i in [0, n), then a barrier. C: compute type; SMAX: the
+// largest S the accumulators hold.
+template <int SMAX, typename C, typename T, class Exec>
+RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem) {
+  const int64_t B = p.B, M = p.M, K = p.K, H = p.H, GH = p.GH, n_in = p.n_in, dk = p.dk;
+  const int64_t nk = p.nk, Dx = p.Dx, n_c = p.n_c, dc = p.dc, dcv = p.dcv, ck = p.ck, cv = p.cv;
+  const int64_t C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
+  const int64_t b0 = tile * p.S;
+  const int64_t S = (B - b0) < p.S ? (B - b0) : p.S;  // samples in this tile
+  const C* keys = static_cast<const C*>(p.keys);
+  const C* xsrc = static_cast<const C*>(p.xsrc);
+  const C* wx = static_cast<const C*>(p.w_x);
+  const C scale_in = C(1) / sqrt(C(dk));
+  const C scale_c = C(1) / sqrt(C(dc));
+  const C keep_in = C(1) - C(p.p_in), keep_c = C(1) - C(p.p_c);
+  RimSeqSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+
+  // The initial state, converted to the compute type.
+  ex.parallel_for(S * K * H, [&](int64_t i) {
+    sm.h[i] = to_c(p.h0[b0 * K * H + i]);
+    if (p.lstm) sm.c[i] = to_c(p.c0[b0 * K * H + i]);
+  });
+
+  for (int64_t t = 0; t < p.T_; ++t) {
+    const C* kt = keys + (t * B + b0) * M * nk;
+    const C* xt = xsrc + (t * B + b0) * M * p.xrow;
+    // 1a. Input queries q[s, k] = h[s, k] input_query[k].
+    ex.parallel_for(S * K * nk, [&](int64_t i) {
+      const int64_t e = i % nk, r = i / nk, k = r % K;
+      const C* hr = sm.h + r * H;
+      const T* w = p.w_query + k * H * nk + e;
+      C acc = C(0);
+      for (int64_t j = 0; j < H; ++j) acc += hr[j] * to_c(w[j * nk]);
+      sm.q[i] = acc;
+    });
+    // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
+    ex.parallel_for(S * K, [&](int64_t r) {
+      const int64_t s = r / K;
+      C psum = C(0);
+      for (int64_t n = 0; n < n_in; ++n) {
+        C* an = sm.a + (r * n_in + n) * M;
+        const C* qn = sm.q + r * nk + n * dk;
+        for (int64_t m = 0; m < M; ++m) {
+          const C* km = kt + (s * M + m) * nk + n * dk;
+          C dot = C(0);
+          for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
+          an[m] = dot * scale_in;
+        }
+        psum += null_softmax(an, M, an);
+      }
+      sm.p[r] = psum / C(n_in);
+    });
+    // 2. The rank rule per (sample, mechanism).
+    ex.parallel_for(S * K, [&](int64_t r) {
+      const int64_t s = r / K, k = r % K;
+      const bool on = competition_active(sm.p + s * K, K, k, p.top_k);
+      sm.act[r] = on ? C(1) : C(0);
+      p.masks[(t * B + b0 + s) * K + k] = on;
+    });
+    // 3a. xa[s, k, n] = sum_m a~[s, k, n, m] x_{m, n} (active rows; dropout on a).
+    ex.parallel_for(S * K * XW, [&](int64_t i) {
+      const int64_t r = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
+      if (sm.act[r] == C(0)) return;
+      const int64_t s = r / K, k = r % K;
+      C acc = C(0);
+      for (int64_t m = 0; m < M; ++m) {
+        C w = sm.a[(r * n_in + n) * M + m];
+        if (p.p_in > 0.f) {
+          const uint64_t idx = static_cast<uint64_t>(
+              (((t * B + b0 + s) * K + k) * n_in + n) * M + m);
+          w = dropout_keep(p.seed, 0, idx, p.p_in) ? w / keep_in : C(0);
+        }
+        acc += w * xt[(s * M + m) * p.xrow + n * p.xhead + d];
+      }
+      sm.xa[i] = acc;
+    });
+    // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
+    // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
+    ex.parallel_for(K * GH, [&](int64_t i) {
+      const int64_t k = i / GH, col = i % GH;
+      C gi[SMAX], gh[SMAX];
+      for (int64_t s = 0; s < S; ++s) gi[s] = gh[s] = C(0);
+      const C* f = wx + k * XW * GH + col;
+      for (int64_t j = 0; j < XW; ++j) {
+        const C w = f[j * GH];
+        for (int64_t s = 0; s < S; ++s) gi[s] += sm.xa[(s * K + k) * XW + j] * w;
+      }
+      const T* wh = p.w_hh + k * H * GH + col;
+      for (int64_t j = 0; j < H; ++j) {
+        const C w = to_c(wh[j * GH]);
+        for (int64_t s = 0; s < S; ++s) gh[s] += sm.h[(s * K + k) * H + j] * w;
+      }
+      const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t r = s * K + k;
+        if (sm.act[r] == C(0)) continue;
+        if (p.lstm) {
+          sm.g[r * GW + col] = gi[s] + gh[s] + (bi + bh);
+        } else {
+          sm.g[r * GW + col] = gi[s] + bi;
+          sm.g[r * GW + GH + col] = gh[s] + bh;
+        }
+      }
+    });
+    // 3c. Masked cell: active rows step, inactive rows copy (bit-exact).
+    ex.parallel_for(S * K * H, [&](int64_t i) {
+      const int64_t r = i / H, j = i % H;
+      if (sm.act[r] == C(0)) {
+        sm.ht[i] = sm.h[i];
+        return;
+      }
+      const C* g = sm.g + r * GW;
+      if (p.lstm) {
+        C hn, cn;
+        lstm_pointwise_fwd(g[j], g[H + j], g[2 * H + j], g[3 * H + j], sm.c[i], hn, cn);
+        sm.ht[i] = hn;
+        sm.c[i] = cn;
+      } else {
+        const C* gh = g + GH;
+        sm.ht[i] = gru_pointwise_fwd(g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
+                                     gh[2 * H + j], sm.h[i]);
+      }
+    });
+    // 4a. Communication Q | K | V of every mechanism from h~, weight-stationary.
+    ex.parallel_for(K * C3, [&](int64_t i) {
+      const int64_t k = i / C3, col = i % C3;
+      const T* w = col < ck ? p.c_query + k * H * ck + col
+                   : col < 2 * ck ? p.c_key + k * H * ck + (col - ck)
+                                  : p.c_value + k * H * cv + (col - 2 * ck);
+      const int64_t ld = col < 2 * ck ? ck : cv;
+      C acc[SMAX];
+      for (int64_t s = 0; s < S; ++s) acc[s] = C(0);
+      for (int64_t j = 0; j < H; ++j) {
+        const C wj = to_c(w[j * ld]);
+        for (int64_t s = 0; s < S; ++s) acc[s] += sm.ht[(s * K + k) * H + j] * wj;
+      }
+      for (int64_t s = 0; s < S; ++s) sm.qkv[(s * K + k) * C3 + col] = acc[s];
+    });
+    // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
+    ex.parallel_for(S * K * n_c, [&](int64_t i) {
+      const int64_t r = i / n_c, n = i % n_c, s = r / K, k = r % K;
+      C* y = sm.bp + (r * n_c + n) * K;
+      C* on = sm.o + r * cv + n * dcv;
+      for (int64_t d = 0; d < dcv; ++d) on[d] = C(0);
+      if (sm.act[r] == C(0)) return;
+      const C* qn = sm.qkv + r * C3 + n * dc;
+      for (int64_t j = 0; j < K; ++j) {
+        const C* kj = sm.qkv + (s * K + j) * C3 + ck + n * dc;
+        C dot = C(0);
+        for (int64_t e = 0; e < dc; ++e) dot += qn[e] * kj[e];
+        y[j] = dot * scale_c;
+      }
+      softmax(y, K, y);
+      for (int64_t j = 0; j < K; ++j) {
+        C w = y[j];
+        if (p.p_c > 0.f) {
+          const uint64_t idx = static_cast<uint64_t>(
+              (((t * B + b0 + s) * K + k) * n_c + n) * K + j);
+          w = dropout_keep(p.seed, 1, idx, p.p_c) ? w / keep_c : C(0);
+        }
+        const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
+        for (int64_t d = 0; d < dcv; ++d) on[d] += w * vj[d];
+      }
+    });
+    // 5. h' = h~ + o comm_output[k] for active rows, h~ for the rest; out[t] in the storage type.
+    ex.parallel_for(K * H, [&](int64_t i) {
+      const int64_t k = i / H, j = i % H;
+      C acc[SMAX];
+      for (int64_t s = 0; s < S; ++s) acc[s] = C(0);
+      const T* w = p.c_output + k * cv * H + j;
+      for (int64_t e = 0; e < cv; ++e) {
+        const C we = to_c(w[e * H]);
+        for (int64_t s = 0; s < S; ++s) acc[s] += sm.o[(s * K + k) * cv + e] * we;
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t r = s * K + k;
+        const C v = sm.act[r] != C(0) ? sm.ht[r * H + j] + acc[s] : sm.ht[r * H + j];
+        sm.h[r * H + j] = v;
+        from_c(v, p.out + ((t * B + b0 + s) * K + k) * H + j);
+      }
+    });
+  }
+  // Final state in the storage type.
+  ex.parallel_for(S * K * H, [&](int64_t i) {
+    from_c(sm.h[i], p.h_n + b0 * K * H + i);
+    if (p.lstm) from_c(sm.c[i], p.c_n + b0 * K * H + i);
+  });
+}
+
+// Host execution of a tile: items in order, the barrier is the end of the loop.
+struct HostExec {
+  template <class F>
+  void parallel_for(int64_t n, const F& f) const {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+};
+
+}  // namespace rims
