@@ -77,7 +77,7 @@ RimSeqDims seq_fwd_check(
   d.top_k = top_k;
   TORCH_CHECK(input_dropout >= 0.0 && input_dropout < 1.0 && comm_dropout >= 0.0 &&
                   comm_dropout < 1.0, op, "dropout must be in [0, 1)");
-  d.p_in = static_cast<float>(input_dropout), d.p_c = static_cast<float>(comm_dropout);
+  d.p_in = input_dropout, d.p_c = comm_dropout;
   d.seed = static_cast<uint64_t>(seed);
   TORCH_CHECK(tile >= 0 && tile <= kSeqTileMax, op, "tile must be in 0..", kSeqTileMax,
               " (0 = automatic), got ", tile);

@@ -1,6 +1,6 @@
 // rims_fast::rim_seq_fwd: the persistent whole-sequence forward (csrc/kernels/rim_seq_fwd.cuh).
 // Schema, argument checks and the CPU implementation (the kernel's tile function run on the host,
-// for tests) are in rim_seq_fwd.cpp; the CUDA launcher in rim_seq_fwd.cu.
+// for tests) are in rim_seq_fwd.cpp; the CUDA launcher in rim_seq_fwd_cuda.cu.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 CELLS = {"lstm": 4, "gru": 3}  # cell name -> number of gate blocks G
@@ -99,3 +100,21 @@ def _is_int(v) -> bool:
 def _check_positive_int(name: str, v) -> None:
     if not _is_int(v) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def cfg_args(cfg: RimConfig) -> tuple[list[int], str, float, float, bool]:
+    """A config as custom-op arguments: sizes, cell, dropouts, block_inactive_grad."""
+    sizes = [cfg.input_size, cfg.hidden_size, cfg.num_units, cfg.top_k, cfg.input_heads,
+             cfg.input_key_size, cfg.input_value_size, cfg.comm_heads, cfg.comm_key_size,
+             cfg.comm_value_size]
+    return sizes, cfg.cell, float(cfg.input_dropout), float(cfg.comm_dropout), cfg.block_inactive_grad
+
+
+def cfg_from(sizes: Sequence[int], cell: str, input_dropout: float, comm_dropout: float,
+             block_inactive_grad: bool) -> RimConfig:
+    """The inverse of :func:`cfg_args`."""
+    D, H, K, top_k, n_in, d_k, d_v, n_c, d_c, d_cv = (int(s) for s in sizes)
+    return RimConfig(D, H, K, top_k, cell=cell, input_heads=n_in, input_key_size=d_k,
+                     input_value_size=d_v, comm_heads=n_c, comm_key_size=d_c, comm_value_size=d_cv,
+                     input_dropout=input_dropout, comm_dropout=comm_dropout,
+                     block_inactive_grad=block_inactive_grad)

@@ -64,7 +64,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._config import RimConfig
+from ._config import RimConfig, cfg_args, cfg_from
 from .reference import _Rounder, compute_dtype, rim_ref
 
 def _import_kernels():
@@ -131,20 +131,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 # ------------------------------------------------------------------ config <-> op arguments
 
 
-def _cfg_args(cfg: RimConfig) -> tuple[list[int], str, float, float, bool]:
-    sizes = [cfg.input_size, cfg.hidden_size, cfg.num_units, cfg.top_k, cfg.input_heads,
-             cfg.input_key_size, cfg.input_value_size, cfg.comm_heads, cfg.comm_key_size,
-             cfg.comm_value_size]
-    return sizes, cfg.cell, float(cfg.input_dropout), float(cfg.comm_dropout), cfg.block_inactive_grad
-
-
-def _cfg_from(sizes: Sequence[int], cell: str, input_dropout: float, comm_dropout: float,
-              block_inactive_grad: bool) -> RimConfig:
-    D, H, K, top_k, n_in, d_k, d_v, n_c, d_c, d_cv = (int(s) for s in sizes)
-    return RimConfig(D, H, K, top_k, cell=cell, input_heads=n_in, input_key_size=d_k,
-                     input_value_size=d_v, comm_heads=n_c, comm_key_size=d_c, comm_value_size=d_cv,
-                     input_dropout=input_dropout, comm_dropout=comm_dropout,
-                     block_inactive_grad=block_inactive_grad)
+_cfg_args, _cfg_from = cfg_args, cfg_from
 
 
 #: ``tl.dot`` precision of float32 products when PyTorch's TF32 is off. Triton's "ieee" float32

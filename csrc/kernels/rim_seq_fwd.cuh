@@ -38,7 +38,7 @@ struct RimSeqDims {
   int64_t T_, B, M, K, H, GH, n_in, dk, nk, Dx, xrow, xhead, n_c, dc, dcv, ck, cv, top_k;
   int64_t S;              // samples per tile (<= the kernel's SMAX)
   bool lstm;
-  float p_in, p_c;
+  double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
 };
 
@@ -135,7 +135,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const C* wx = static_cast<const C*>(p.w_x);
   const C scale_in = C(1) / sqrt(C(dk));
   const C scale_c = C(1) / sqrt(C(dc));
-  const C keep_in = C(1) - C(p.p_in), keep_c = C(1) - C(p.p_c);
+  const C keep_in = C(1.0 - p.p_in), keep_c = C(1.0 - p.p_c);
+  const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
   RimSeqSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
 
   // The initial state, converted to the compute type.
@@ -188,10 +189,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc = C(0);
       for (int64_t m = 0; m < M; ++m) {
         C w = sm.a[(r * n_in + n) * M + m];
-        if (p.p_in > 0.f) {
+        if (drop_in > 0.f) {
           const uint64_t idx = static_cast<uint64_t>(
               (((t * B + b0 + s) * K + k) * n_in + n) * M + m);
-          w = dropout_keep(p.seed, 0, idx, p.p_in) ? w / keep_in : C(0);
+          w = dropout_keep(p.seed, 0, idx, drop_in) ? w / keep_in : C(0);
         }
         acc += w * xt[(s * M + m) * p.xrow + n * p.xhead + d];
       }
@@ -276,10 +277,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       softmax(y, K, y);
       for (int64_t j = 0; j < K; ++j) {
         C w = y[j];
-        if (p.p_c > 0.f) {
+        if (drop_c > 0.f) {
           const uint64_t idx = static_cast<uint64_t>(
               (((t * B + b0 + s) * K + k) * n_c + n) * K + j);
-          w = dropout_keep(p.seed, 1, idx, p.p_c) ? w / keep_c : C(0);
+          w = dropout_keep(p.seed, 1, idx, drop_c) ? w / keep_c : C(0);
         }
         const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
         for (int64_t d = 0; d < dcv; ++d) on[d] += w * vj[d];

@@ -51,8 +51,8 @@ SeqFwdResult launch(RimSeqDims d, const at::Tensor& keys, const at::Tensor& xsrc
   // The largest tile whose shared memory fits this device's per-block opt-in limit.
   int dev = h0.get_device(), max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  auto bytes = [&](int64_t S) {
-    return rim_seq_smem_elems(S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
+  auto bytes = [&](int64_t tile_s) {
+    return rim_seq_smem_elems(tile_s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
                               d.lstm) * static_cast<int64_t>(sizeof(C));
   };
   while (d.S > 1 && bytes(d.S) > max_smem) --d.S;

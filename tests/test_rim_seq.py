@@ -1,0 +1,202 @@
+"""``rims_fast::rim_seq_fwd`` (the persistent whole-sequence CUDA kernel) against ``rim_ref``.
+
+Without a GPU the op's CPU implementation runs the kernel's tile function on the host (the same
+code as the device, barriers trivially satisfied), so these tests check the kernel's arithmetic
+in CI: outputs, final states, masks (exactly), every gradient (the backward is a recompute through
+the reference under the kernel's masks), dropout (the C++ driver's stream, replayed), tiles of 1,
+3 and 8 samples, folded and per-head input terms. The ``gpu`` tests run the CUDA kernel itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rims_fast
+from helpers import assert_close, make_rim, random_state
+from rims_fast import rim_cpu as rc
+from rims_fast import rim_seq as rs
+
+_WHY = rs.unavailable_reason(torch.device("cpu"), torch.float64)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"rim_seq_fwd not built: {_WHY}")
+
+PARAMS = rs.PARAM_NAMES
+
+# (cell, M, input_heads, comm_heads, K, top_k, T, input_value_size); H = 3 from make_rim.
+# M * D <= n*d_v folds the input term (the kernel reads x); above it reads per-head values.
+GRID = [
+    ("lstm", 1, 2, 2, 4, 2, 5, 3),    # folded (5 <= 3? no: 5 > 3 -> per-head values)
+    ("lstm", 1, 1, 1, 4, 2, 5, 8),    # folded: M*D = 5 <= 8
+    ("lstm", 3, 2, 2, 4, 1, 4, 3),    # top_k = 1, per-head values
+    ("lstm", 2, 1, 2, 5, 5, 1, 16),   # top_k = K, T = 1, folded
+    ("gru", 1, 1, 1, 4, 2, 5, 8),
+    ("gru", 3, 2, 2, 4, 2, 4, 3),
+    ("gru", 1, 2, 1, 3, 3, 3, 4),
+]
+
+
+def _setup(cell, M, n_in, n_c, K, top_k, T, dv, dtype=torch.float64, B=5, seed=0, **kw):
+    rim = make_rim(seed=seed, cell=cell, num_units=K, top_k=top_k, input_heads=n_in,
+                   comm_heads=n_c, input_value_size=dv, dtype=dtype, **kw)
+    g = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(T, B, M, rim.input_size, generator=g, dtype=dtype).requires_grad_(True)
+    st = random_state(rim, B, dtype=dtype, seed=seed + 1)
+    h0, c0 = st if cell == "lstm" else (st, None)
+    h0.requires_grad_(True)
+    if c0 is not None:
+        c0.requires_grad_(True)
+    P = dict(rim.named_parameters())
+    leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
+    return rim, x, h0, c0, P, leaves
+
+
+def _grads(outputs, leaves, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+               for o in outputs if o is not None)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: (gr if gr is not None else torch.zeros_like(v))
+            for (n, v), gr in zip(leaves.items(), grads)}
+
+
+def _compare(got, want, leaves, dtype, leaves_want=None):
+    assert torch.equal(got[3], want[3]), "masks differ"
+    for name, a, b in zip(("out", "h_n", "c_n"), got[:3], want[:3]):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype
+        assert_close(name, a, b, dtype)
+    g_got = _grads(got[:3], leaves)
+    g_want = _grads(want[:3], leaves_want if leaves_want is not None else leaves)
+    for name in leaves:
+        assert_close("d" + name, g_got[name], g_want[name], dtype,
+                     "grad_w" if name in PARAMS else "grad_in")
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("tile", [1, 3, 0])
+def test_host_run_matches_reference_float64(case, tile):
+    rim, x, h0, c0, P, leaves = _setup(*case)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile)
+    _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+
+
+@pytest.mark.parametrize("case", GRID[:3] + GRID[4:6], ids=lambda c: "-".join(map(str, c)))
+def test_host_run_float32_against_float64(case):
+    rim, x, h0, c0, P, leaves = _setup(*case, dtype=torch.float32)
+    got = rs.rim_seq(x, h0, c0, P, rim.config)
+    l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"), {n: l64[n] for n in PARAMS},
+                             rim.config, masks=got[3])
+    _compare(got, want, leaves, torch.float32, l64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_is_the_cpu_driver_stream(cell):
+    """Training with both dropouts: the keep-masks are the C++ driver's for the same seed, the
+    reference replays them, and the gradients (recompute) see the same draw."""
+    rim, x, h0, c0, P, leaves = _setup(cell, 3, 2, 2, 4, 2, 4, 3, input_dropout=0.3,
+                                       comm_dropout=0.4)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, training=True, seed=99)
+    keep = rc.dropout_masks(99, 4, x.shape[1], 3, rim.config)
+    want = rims_fast.rim_ref(x, h0, c0, P, rim.config, training=True, dropout_masks=keep)
+    _compare(got, want, leaves, torch.float64)
+    if rc.unavailable_reason(torch.device("cpu"), torch.float64) is None:
+        drv = rc.rim_cpu_kv(x @ P["input_key"], x @ P["input_value"], h0, c0, P, rim.config,
+                            training=True, seed=99)
+        assert_close("out vs cpu driver", got[0], drv[0], torch.float64)
+    plain = rs.rim_seq(x, h0, c0, P, rim.config, training=False)
+    assert (plain[0] - got[0]).abs().max() > 1e-3
+
+
+def test_opcheck_and_errors():
+    rim, x, h0, c0, P, _ = _setup("lstm", 2, 2, 2, 3, 2, 2, 3, B=2)
+    cfg = rim.config
+    p = {n: t.detach() for n, t in P.items()}
+    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
+    args = (keys, xsrc, w_x, h0.detach(), c0.detach(), p["input_query"], p["weight_hh"],
+            p["bias_ih"], p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"],
+            p["comm_output"], cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, 0.0, 0.0, 0,
+            0)
+    torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args)
+    sizes, cell, p_in, p_c, big = rims_fast._config.cfg_args(cfg)
+    torch.library.opcheck(rs.rim_seq_op, (x.detach(), h0.detach(), c0.detach(),
+                                          [p[n] for n in PARAMS], sizes, cell, p_in, p_c, big,
+                                          False, 0, 0))
+    bad = list(args)
+    bad[-1] = 9
+    with pytest.raises(RuntimeError, match="tile must be in 0..8"):
+        torch.ops.rims_fast.rim_seq_fwd(*bad)
+    bad = list(args)
+    bad[13] = 4
+    with pytest.raises(RuntimeError, match="top_k must be in 1..K=3"):
+        torch.ops.rims_fast.rim_seq_fwd(*bad)
+    bad = list(args)
+    bad[1] = xsrc[..., :-1]
+    with pytest.raises(RuntimeError, match="does not match w_x"):
+        torch.ops.rims_fast.rim_seq_fwd(*bad)
+    bad = list(args)
+    bad[3] = h0.detach().float()
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.rims_fast.rim_seq_fwd(*bad)
+
+
+def test_backend_cuda_env_switch(monkeypatch):
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "bogus")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_FWD"):
+        rs.cuda_fwd_mode()
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "persistent")
+    assert rs.cuda_fwd_mode() == "persistent"
+
+
+# ---- on a GPU: the CUDA kernel itself ---------------------------------------------------------
+
+_GPU = torch.cuda.is_available() and rs.unavailable_reason(torch.device("cuda"), torch.float32) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _GPU, reason="needs a CUDA device and a CUDA build of rims_fast._C")
+class TestCUDA:
+    @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+    def test_kernel_equals_host_run(self, case):
+        """float64 on the GPU against the host run of the same tile function, and the reference."""
+        rim, x, h0, c0, P, leaves = _setup(*case, B=19)
+        host = rs.rim_seq(x, h0, c0, P, rim.config)
+        cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
+        Pc = {n: cu[n] for n in PARAMS}
+        got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config)
+        assert torch.equal(got[3].cpu(), host[3])
+        for a, b in zip(got[:3], host[:3]):
+            if b is not None:
+                assert_close("cuda vs host", a.cpu(), b, torch.float64)
+        want = rims_fast.rim_ref(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config)
+        _compare(got, want, cu, torch.float64)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_paper_shape(self, cell, dtype):
+        """B=64, T=20, D=64, K=6, top_k=4, H=100 (the paper layer, default heads) against the
+        float64 reference under the kernel's masks."""
+        torch.manual_seed(0)
+        rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, dtype=dtype, device="cuda")
+        x = torch.randn(20, 64, 64, device="cuda", dtype=dtype)
+        P = dict(rim.named_parameters())
+        h0 = torch.zeros(64, 6, 100, device="cuda", dtype=dtype)
+        c0 = torch.zeros_like(h0) if cell == "lstm" else None
+        got = rs.rim_seq(x.unsqueeze(2), h0, c0, P, rim.config)
+        P64 = {n: p.detach().double() for n, p in P.items()}
+        want = rims_fast.rim_ref(x.unsqueeze(2).double(), h0.double(),
+                                 c0.double() if c0 is not None else None, P64, rim.config,
+                                 masks=got[3])
+        assert_close("out", got[0], want[0], dtype)
+        assert got[3].sum(-1).eq(4).all()
+
+    def test_module_backend_cuda_persistent(self, monkeypatch):
+        monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "persistent")
+        rim = make_rim(backend="cuda", dtype=torch.float32).cuda()
+        x = torch.randn(6, 4, 5, device="cuda")
+        out, _ = rim(x)
+        rim.backend = "torch"
+        ref, _ = rim(x)
+        assert_close("out", out, ref, torch.float32)
