@@ -5,6 +5,8 @@
   so compile time grows with T and every new shape recompiles).
 - ``triton``, ``cuda``, ``cpu``: ``rims_fast.RIM(backend=...)``; skipped with the reason from
   :func:`rims_fast.available_backends` when that backend cannot run here.
+- ``cuda_seq``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=persistent``: the
+  persistent whole-sequence forward kernel (``rims_fast::rim_seq_fwd``), backward by recompute.
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
 - ``brim2``, ``brim2_cpu``, ``brim2_cuda``: a two-layer :class:`rims_fast.BRIM` with the config's
@@ -19,6 +21,7 @@ be compared with the reference's.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,10 +35,10 @@ from .naive import NaiveRIM
 
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
-PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "lstm", "naive", "brim2",
-             "brim2_cpu", "brim2_cuda")
+PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cuda_seq", "cpu", "lstm", "naive",
+             "brim2", "brim2_cpu", "brim2_cuda")
 #: Providers that compute the RIM and so must pass the correctness gate.
-RIM_PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cpu", "naive")
+RIM_PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cuda_seq", "cpu", "naive")
 
 
 class Skip(Exception):
@@ -98,9 +101,15 @@ def _torch_compile(ctx: Context) -> Provider:
     return Provider("torch_compile", _rim_run(compiled), list(m.parameters()), module=compiled)
 
 
-def _backend(name: str) -> Callable[[Context], Provider]:
+def _backend(name: str, env: Optional[dict] = None, label: Optional[str] = None,
+             ) -> Callable[[Context], Provider]:
+    """``RIM(backend=name)``; ``env``: environment variables set around each call (they select
+    an implementation inside the backend, read at call time)."""
     def build_backend(ctx: Context) -> Provider:
         why = rims_fast.available_backends(ctx.device, ctx.dtype).get(name)
+        if why is None and env and env.get("RIMS_FAST_CUDA_FWD") == "persistent":
+            from rims_fast.rim_seq import unavailable_reason
+            why = unavailable_reason(ctx.device, ctx.dtype)
         if why is not None:
             raise Skip(why)
         c = ctx.cfg
@@ -109,11 +118,20 @@ def _backend(name: str) -> Callable[[Context], Provider]:
         inner = _rim_run(m)
 
         def run(x):
-            res = inner(x)
+            old = {k: os.environ.get(k) for k in (env or {})}
+            os.environ.update(env or {})
+            try:
+                res = inner(x)
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             if m.last_backend != name:
                 raise RuntimeError(f"asked for backend={name!r} but {m.last_backend!r} ran")
             return res
-        return Provider(name, run, list(m.parameters()), module=m)
+        return Provider(label or name, run, list(m.parameters()), module=m)
     return build_backend
 
 
@@ -158,7 +176,8 @@ def _brim2(backend: str) -> Callable[[Context], Provider]:
 
 _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "torch": _torch, "torch_compile": _torch_compile, "triton": _backend("triton"),
-    "cuda": _backend("cuda"), "cpu": _backend("cpu"), "lstm": _lstm, "naive": _naive,
+    "cuda": _backend("cuda"), "cpu": _backend("cpu"),
+    "cuda_seq": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "cuda_seq"), "lstm": _lstm, "naive": _naive,
     "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
 }
 

@@ -1,5 +1,9 @@
-"""A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward)
-and one short RIM forward+backward on each CUDA backend."""
+"""A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward),
+one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
+(rims_fast::rim_seq_fwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout). With
+``--seq-only`` only the persistent kernel runs (for racecheck/synccheck, which are slow)."""
+
+import sys
 
 import torch
 
@@ -8,6 +12,27 @@ from rims_fast.masked_cell import masked_gru_cell, masked_lstm_cell
 
 torch.manual_seed(0)
 dev = "cuda"
+
+
+def persistent_kernel():
+    from rims_fast.rim_seq import rim_seq
+    for cell in ("lstm", "gru"):
+        rim = rims_fast.RIM(6, 5, 3, 2, cell=cell, input_heads=2, comm_heads=2, device=dev,
+                            input_dropout=0.2, comm_dropout=0.2)
+        x = torch.randn(4, 5, 2, 6, device=dev)
+        h0 = torch.randn(5, 3, 5, device=dev)
+        c0 = torch.randn(5, 3, 5, device=dev) if cell == "lstm" else None
+        for tile in (1, 3):
+            rim_seq(x, h0, c0, dict(rim.named_parameters()), rim.config, training=True,
+                    seed=1, tile=tile)
+    torch.cuda.synchronize()
+
+
+if "--seq-only" in sys.argv:
+    persistent_kernel()
+    print("sanitize_case --seq-only: ok")
+    sys.exit(0)
+
 B, K, H = 5, 3, 7
 mask = torch.rand(B, K, device=dev) > 0.5
 gates = torch.randn(B, K, 4 * H, device=dev, requires_grad=True)
@@ -24,5 +49,6 @@ for backend in ("cuda", "triton"):
                             device=dev)
         out, _ = rim(torch.randn(3, 4, 2, 6, device=dev))
         out.square().sum().backward()
+persistent_kernel()
 torch.cuda.synchronize()
 print("sanitize_case: ok")

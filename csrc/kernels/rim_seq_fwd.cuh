@@ -31,6 +31,12 @@
 #include "masked_cell.cuh"
 #include "rim_numerics.h"
 
+#if defined(__CUDACC__)
+#define RIMS_UNROLL _Pragma("unroll")
+#else
+#define RIMS_UNROLL
+#endif
+
 namespace rims {
 
 // Sizes and options of one call (SPEC names; Dx, xrow, xhead: the input term's source, above).
@@ -202,22 +208,29 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
     ex.parallel_for(K * GH, [&](int64_t i) {
       const int64_t k = i / GH, col = i % GH;
+      // Accumulators indexed by compile-time s (unrolled to SMAX, guarded by S): registers.
       C gi[SMAX], gh[SMAX];
-      for (int64_t s = 0; s < S; ++s) gi[s] = gh[s] = C(0);
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) gi[s] = gh[s] = C(0);
       const C* f = wx + k * XW * GH + col;
       for (int64_t j = 0; j < XW; ++j) {
         const C w = f[j * GH];
-        for (int64_t s = 0; s < S; ++s) gi[s] += sm.xa[(s * K + k) * XW + j] * w;
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) gi[s] += sm.xa[(s * K + k) * XW + j] * w;
       }
       const T* wh = p.w_hh + k * H * GH + col;
       for (int64_t j = 0; j < H; ++j) {
         const C w = to_c(wh[j * GH]);
-        for (int64_t s = 0; s < S; ++s) gh[s] += sm.h[(s * K + k) * H + j] * w;
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) gh[s] += sm.h[(s * K + k) * H + j] * w;
       }
       const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
-      for (int64_t s = 0; s < S; ++s) {
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
         const int64_t r = s * K + k;
-        if (sm.act[r] == C(0)) continue;
+        if (s >= S || sm.act[r] == C(0)) continue;
         if (p.lstm) {
           sm.g[r * GW + col] = gi[s] + gh[s] + (bi + bh);
         } else {
@@ -253,12 +266,17 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
                                   : p.c_value + k * H * cv + (col - 2 * ck);
       const int64_t ld = col < 2 * ck ? ck : cv;
       C acc[SMAX];
-      for (int64_t s = 0; s < S; ++s) acc[s] = C(0);
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
       for (int64_t j = 0; j < H; ++j) {
         const C wj = to_c(w[j * ld]);
-        for (int64_t s = 0; s < S; ++s) acc[s] += sm.ht[(s * K + k) * H + j] * wj;
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) acc[s] += sm.ht[(s * K + k) * H + j] * wj;
       }
-      for (int64_t s = 0; s < S; ++s) sm.qkv[(s * K + k) * C3 + col] = acc[s];
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s)
+        if (s < S) sm.qkv[(s * K + k) * C3 + col] = acc[s];
     });
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
     ex.parallel_for(S * K * n_c, [&](int64_t i) {
@@ -290,13 +308,18 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     ex.parallel_for(K * H, [&](int64_t i) {
       const int64_t k = i / H, j = i % H;
       C acc[SMAX];
-      for (int64_t s = 0; s < S; ++s) acc[s] = C(0);
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
       const T* w = p.c_output + k * cv * H + j;
       for (int64_t e = 0; e < cv; ++e) {
         const C we = to_c(w[e * H]);
-        for (int64_t s = 0; s < S; ++s) acc[s] += sm.o[(s * K + k) * cv + e] * we;
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) acc[s] += sm.o[(s * K + k) * cv + e] * we;
       }
-      for (int64_t s = 0; s < S; ++s) {
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        if (s >= S) continue;
         const int64_t r = s * K + k;
         const C v = sm.act[r] != C(0) ? sm.ht[r * H + j] + acc[s] : sm.ht[r * H + j];
         sm.h[r * H + j] = v;
