@@ -38,11 +38,21 @@ from torch import Tensor
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype, rim_ref
 
-__all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "PARAM_NAMES"]
+__all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
                "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
 _OP = "rims_fast::rim_seq_fwd"
+
+
+def tile_size() -> int:
+    """``RIMS_FAST_CUDA_TILE``: samples per thread block of the persistent kernel, 1..8; 0 (the
+    default) takes 8, fewer when shared memory is short. A tuning knob until a GPU run picks the
+    default from measurements."""
+    v = os.environ.get("RIMS_FAST_CUDA_TILE", "0")
+    if not v.isdigit() or int(v) > 8:
+        raise ValueError(f"RIMS_FAST_CUDA_TILE must be an integer in 0..8, got {v!r}")
+    return int(v)
 
 
 def cuda_fwd_mode() -> str:
@@ -181,10 +191,13 @@ rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
 
 def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
-            tile: int = 0) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+            tile: Optional[int] = None) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernel; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
-    ``tile``: samples per thread block, 1..8 (0: 8, fewer when shared memory is short)."""
+    ``tile``: samples per thread block, 1..8 (0: 8, fewer when shared memory is short; None:
+    :func:`tile_size`)."""
+    if tile is None:
+        tile = tile_size()
     why = unavailable_reason(x.device, x.dtype)
     if why is not None:
         raise RuntimeError(why)

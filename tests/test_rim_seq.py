@@ -148,6 +148,11 @@ def test_backend_cuda_env_switch(monkeypatch):
         rs.cuda_fwd_mode()
     monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "persistent")
     assert rs.cuda_fwd_mode() == "persistent"
+    monkeypatch.setenv("RIMS_FAST_CUDA_TILE", "9")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_TILE"):
+        rs.tile_size()
+    monkeypatch.setenv("RIMS_FAST_CUDA_TILE", "3")
+    assert rs.tile_size() == 3
 
 
 # ---- on a GPU: the CUDA kernel itself ---------------------------------------------------------
