@@ -5,6 +5,8 @@
   so compile time grows with T and every new shape recompiles).
 - ``triton``, ``cuda``, ``cpu``: ``rims_fast.RIM(backend=...)``; skipped with the reason from
   :func:`rims_fast.available_backends` when that backend cannot run here.
+- ``triton_graph``: ``rims_fast.RIM(backend="triton")`` with ``RIMS_FAST_TRITON_GRAPH=1``: the
+  no-grad forward replays a captured CUDA graph (fwd+bwd runs as ``triton``).
 - ``cuda_seq``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=persistent``: the
   persistent whole-sequence forward kernel (``rims_fast::rim_seq_fwd``), backward by recompute.
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
@@ -35,10 +37,11 @@ from .naive import NaiveRIM
 
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
-PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cuda_seq", "cpu", "lstm", "naive",
-             "brim2", "brim2_cpu", "brim2_cuda")
+PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq", "cpu", "lstm",
+             "naive", "brim2", "brim2_cpu", "brim2_cuda")
 #: Providers that compute the RIM and so must pass the correctness gate.
-RIM_PROVIDERS = ("torch", "torch_compile", "triton", "cuda", "cuda_seq", "cpu", "naive")
+RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq", "cpu",
+                 "naive")
 
 
 class Skip(Exception):
@@ -177,7 +180,8 @@ def _brim2(backend: str) -> Callable[[Context], Provider]:
 _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "torch": _torch, "torch_compile": _torch_compile, "triton": _backend("triton"),
     "cuda": _backend("cuda"), "cpu": _backend("cpu"),
-    "cuda_seq": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "cuda_seq"), "lstm": _lstm, "naive": _naive,
+    "cuda_seq": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "cuda_seq"),
+    "triton_graph": _backend("triton", {"RIMS_FAST_TRITON_GRAPH": "1"}, "triton_graph"), "lstm": _lstm, "naive": _naive,
     "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
 }
 

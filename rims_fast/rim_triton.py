@@ -52,6 +52,12 @@ values; the reference unfolds when ``M*D > d_v``), and the ``M`` input elements 
 register tile, so large ``M`` costs memory and registers. The time loop launches from Python: at
 B=64, H=100 on an H100 a step is ~22 us of GPU time (bfloat16) but ~100 us of wall time.
 
+CUDA graphs (opt-in, ``RIMS_FAST_TRITON_GRAPH=1``): a forward without saved activations and
+without dropout on CUDA captures its ``2T`` launches once per (shapes, dtype, config, parameter
+storage) and replays them: the inputs (keys, ``XW``, initial state) are copied into the graph's
+static buffers, the outputs copied out. Parameters are read in place, so in-place optimizer
+updates are seen by later replays. Not yet run on a GPU, hence not the default.
+
 The sequence op is ``torch.library.custom_op("rims_fast::rim_triton_fwd")`` with a fake impl and
 ``register_autograd``, so ``torch.compile`` sees one node per layer and ``opcheck`` can test it.
 """
@@ -177,6 +183,8 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
                             p["weight_ih"].to(ct).view(K, NI, DV, G * H)))  # (K, NI, D, G*H)
     xw = torch.einsum("tbmd,kndg->tbknmg", xc, fold).contiguous()  # (T, B, K, NI, M, G*H)
 
+    if not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0:
+        return _graph_forward(x, h0, c0, p, cfg, keys, xw)
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
         hs[0] = h0
@@ -202,25 +210,14 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     out = torch.empty(T, B, K * H, device=dev, dtype=dtype)
     masks = torch.empty(T, B, K, device=dev, dtype=torch.int8)
     prec = _dot_precision(dtype)
-    seed_in, seed_c = seed, seed + 1
-    for t in range(T):
-        if save:
-            h_in, h_out, c_in, c_out = hs[t], hs[t + 1], cs[t] if lstm else cs, cs[t + 1] if lstm else cs
-            ht, qc, kc, vc = hts[t], qcs[t], kcs[t], vcs[t]
-            extra_cell, extra_comm = dict(gates=gates, a=a_s), dict(bp=bps, o=os_)
-        else:
-            h_in = h_out = h
-            c_in, c_out = c_a, c_b
-            extra_cell, extra_comm = {}, {}
-        _k.rim_cell_fwd(h_in, c_in, keys, xw, p["input_query"], p["weight_hh"], p["bias_ih"],
-                        p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"], ht, c_out,
-                        masks, qc, kc, vc, t=t, M=M, K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC,
-                        DCV=DCV, top_k=cfg.top_k, lstm=lstm, seed=seed_in, p_drop=drop_in,
-                        prec=prec, **extra_cell)
-        _k.rim_comm_fwd(ht, masks, qc, kc, vc, p["comm_output"], h_out, out, t=t, K=K, H=H, NC=NC,
-                        DC=DC, DCV=DCV, seed=seed_c, p_drop=drop_c, prec=prec, **extra_comm)
-        if lstm and not save:
-            c_a, c_b = c_b, c_a
+    if save:
+        for t in range(T):
+            _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs, hs[t + 1],
+                         hts[t], qcs[t], kcs[t], vcs[t], keys, xw, masks, out, p, cfg, M, seed,
+                         drop_in, drop_c, prec, dict(gates=gates, a=a_s), dict(bp=bps, o=os_))
+    else:
+        c_a = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed,
+                         drop_in, drop_c, prec)
     if save:
         h_n = hs[T].to(dtype, copy=True)  # not a view of the saved hs (ops may not alias)
         c_n = cs[T].to(dtype, copy=True) if lstm else x.new_empty(0)
@@ -230,6 +227,107 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
         c_n = c_a.to(dtype) if lstm else x.new_empty(0)
         saved = tuple(x.new_empty(0, dtype=torch.float32) for _ in SAVED)
     return (out, h_n, c_n, masks.bool(), *saved)
+
+
+def _launch_step(t, h_in, c_in, c_out, h_out, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M,
+                 seed, drop_in, drop_c, prec, extra_cell=None, extra_comm=None) -> None:
+    """The two kernels of step ``t`` (cell, communication); ``extra_*``: the save buffers."""
+    K, H, lstm = cfg.num_units, cfg.hidden_size, cfg.cell == "lstm"
+    NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
+    _k.rim_cell_fwd(h_in, c_in, keys, xw, p["input_query"], p["weight_hh"], p["bias_ih"],
+                    p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"], ht, c_out,
+                    masks, qc, kc, vc, t=t, M=M, K=K, H=H, NI=cfg.input_heads,
+                    DK=cfg.input_key_size, NC=NC, DC=DC, DCV=DCV, top_k=cfg.top_k, lstm=lstm,
+                    seed=seed, p_drop=drop_in, prec=prec, **(extra_cell or {}))
+    _k.rim_comm_fwd(ht, masks, qc, kc, vc, p["comm_output"], h_out, out, t=t, K=K, H=H, NC=NC,
+                    DC=DC, DCV=DCV, seed=seed + 1, p_drop=drop_c, prec=prec, **(extra_comm or {}))
+
+
+def _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed, drop_in,
+               drop_c, prec) -> Tensor:
+    """All T steps on reused workspaces (``h`` in place, ``c`` ping-pong); returns the buffer
+    that holds the final ``c`` (for GRU: ``c_a``, unused)."""
+    for t in range(keys.shape[0]):
+        _launch_step(t, h, c_a, c_b, h, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed,
+                     drop_in, drop_c, prec)
+        if cfg.cell == "lstm":
+            c_a, c_b = c_b, c_a
+    return c_a
+
+
+# ------------------------------------------------------------------ CUDA-graph replay (opt-in)
+
+
+def graph_mode() -> bool:
+    """``RIMS_FAST_TRITON_GRAPH=1``: the no-grad, dropout-free forward on CUDA replays a captured
+    CUDA graph of its ``2T`` launches (one graph per shapes, config and parameter storage)."""
+    v = os.environ.get("RIMS_FAST_TRITON_GRAPH", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_TRITON_GRAPH must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+class _Captured:
+    """One captured T-step loop: its static inputs (keys, XW, initial state), workspaces and
+    outputs, and the parameters it reads (held, so their storage outlives the graph)."""
+
+    def __init__(self, keys, xw, h0, c0, p, cfg, M, prec):
+        self.p = p
+        f32 = dict(device=keys.device, dtype=torch.float32)
+        T, B = keys.shape[:2]
+        K, H, NC = cfg.num_units, cfg.hidden_size, cfg.comm_heads
+        self.keys, self.xw = torch.empty_like(keys), torch.empty_like(xw)
+        self.h = torch.empty(B, K, H, **f32)
+        lstm = cfg.cell == "lstm"
+        self.c_a = torch.empty(B, K, H, **f32) if lstm else self.h.new_empty(0)
+        c_b = torch.empty_like(self.c_a)
+        ht = torch.empty(B, K, H, **f32)
+        qc = torch.empty(B, K, NC * cfg.comm_key_size, **f32)
+        kc = torch.empty_like(qc)
+        vc = torch.empty(B, K, NC * cfg.comm_value_size, **f32)
+        self.out = torch.empty(T, B, K * H, device=keys.device, dtype=h0.dtype)
+        self.masks = torch.empty(T, B, K, device=keys.device, dtype=torch.int8)
+        args = (self.h, self.c_a, c_b, ht, qc, kc, vc, self.keys, self.xw, self.masks, self.out,
+                p, cfg, M, 0, 0.0, 0.0, prec)
+        self.fill(keys, xw, h0, c0)
+        side = torch.cuda.Stream(device=keys.device)  # warm-up: Triton compiles before capture
+        side.wait_stream(torch.cuda.current_stream(keys.device))
+        with torch.cuda.stream(side):
+            _run_steps(*args)
+        torch.cuda.current_stream(keys.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.c_final = _run_steps(*args)
+
+    def fill(self, keys, xw, h0, c0) -> None:
+        self.keys.copy_(keys)
+        self.xw.copy_(xw)
+        self.h.copy_(h0)
+        if c0 is not None:
+            self.c_a.copy_(c0)
+
+
+_GRAPHS: "dict[tuple, _Captured]" = {}
+_GRAPHS_MAX = 8  # captured loops kept (each holds its keys/XW buffers); oldest dropped first
+
+
+def _graph_forward(x, h0, c0, p, cfg, keys, xw) -> tuple[Tensor, ...]:
+    T, B, M, _ = x.shape
+    lstm = cfg.cell == "lstm"
+    prec = _dot_precision(x.dtype)
+    key = (tuple(x.shape), x.dtype, x.device, cfg, prec,
+           tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in p.items()))
+    cap = _GRAPHS.get(key)
+    if cap is None:
+        while len(_GRAPHS) >= _GRAPHS_MAX:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        cap = _GRAPHS[key] = _Captured(keys, xw, h0, c0 if lstm else None, p, cfg, M, prec)
+    cap.fill(keys, xw, h0, c0 if lstm else None)
+    cap.graph.replay()
+    # Copies: the next replay overwrites the static buffers.
+    c_n = cap.c_final.to(x.dtype, copy=True) if lstm else x.new_empty(0)
+    saved = tuple(x.new_empty(0, dtype=torch.float32) for _ in SAVED)
+    return (cap.out.clone(), cap.h.to(x.dtype, copy=True), c_n, cap.masks.bool(), *saved)
 
 
 #: Names of the activations the forward saves for the Triton backward (float32, all steps).

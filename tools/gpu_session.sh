@@ -19,7 +19,7 @@ tail -2 /tmp/build.log
 python3 -m rims_fast.info
 stamp "benchmarks"
 timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper,large}" \
-  --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,triton}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
+  --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,triton,triton_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
 stamp "tests (GPU present: gpu-marked tests run, Triton compiles for real)"
 timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests -v -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest.log" | tail -5
