@@ -1,4 +1,5 @@
-// rims_fast::rim_seq_fwd — the persistent whole-sequence forward of csrc/kernels/rim_seq_fwd.cuh.
+// rims_fast::rim_seq_fwd / rim_seq_bwd — the persistent whole-sequence forward and backward of
+// csrc/kernels/rim_seq_fwd.cuh and rim_seq_bwd.cuh.
 // Here: the schema, the argument checks (shared with the CUDA launcher) and the CPU
 // implementation, which runs the kernel's tile function on the host with HostExec (items in
 // order, so every barrier holds trivially). It exists so that CI checks the kernel's arithmetic
@@ -101,45 +102,72 @@ RimSeqDims seq_fwd_check(
   return d;
 }
 
+std::vector<int64_t> seq_saved_widths(const RimSeqDims& d) {
+  const int64_t GW = d.lstm ? d.GH : 2 * d.GH;
+  return {d.H, d.lstm ? d.H : 0, d.H, d.nk, d.n_in * d.M, GW, 2 * d.ck + d.cv, d.n_c * d.K, d.cv};
+}
+
+SeqFwdResult seq_fwd_alloc(const RimSeqDims& d, const at::Tensor& h0, bool save) {
+  const auto opt = h0.options();
+  const auto copt = opt.dtype(h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  SeqFwdResult res = {at::empty({d.T_, d.B, d.K * d.H}, opt), at::empty({d.B, d.K, d.H}, opt),
+                      d.lstm ? at::empty({d.B, d.K, d.H}, opt) : at::empty({0}, opt),
+                      at::empty({d.T_, d.B, d.K}, opt.dtype(at::kBool))};
+  for (int64_t w : seq_saved_widths(d))
+    res.push_back(save && w > 0 ? at::empty({d.T_, d.B, d.K, w}, copt) : at::empty({0}, copt));
+  return res;
+}
+
+SeqBwdResult seq_bwd_alloc(const RimSeqDims& d, const at::Tensor& keys, const at::Tensor& xsrc) {
+  const auto opt = keys.options();  // the compute type
+  const int64_t T = d.T_, B = d.B, K = d.K, GW = d.lstm ? d.GH : 2 * d.GH;
+  return {at::empty(keys.sizes(), opt), at::empty(xsrc.sizes(), opt),
+          at::empty({B, K, d.H}, opt),
+          d.lstm ? at::empty({B, K, d.H}, opt) : at::empty({0}, opt),
+          at::empty({T, B, K, d.nk}, opt), at::empty({T, B, K, GW}, opt),
+          at::empty({T, B, K, 2 * d.ck + d.cv}, opt), at::empty({T, B, K, d.H}, opt),
+          at::empty({T, B, K, d.n_in * d.Dx}, opt)};
+}
+
+RimSeqDims seq_bwd_check(
+    const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
+    const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,
+    const at::Tensor& w_x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+    const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
+    const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
+    const std::vector<at::Tensor>& saved, int64_t top_k, int64_t input_heads, int64_t comm_heads,
+    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile) {
+  const RimSeqDims d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
+                                     bias_hh, comm_query, comm_key, comm_value, comm_output,
+                                     top_k, input_heads, comm_heads, per_head, input_dropout,
+                                     comm_dropout, seed, tile);
+  const auto ct = keys.scalar_type();
+  const at::Device dev = h0.device();
+  check_tensor("masks", masks, at::kBool, dev, {d.T_, d.B, d.K});
+  const std::vector<int64_t> widths = seq_saved_widths(d);
+  TORCH_CHECK(saved.size() == widths.size(), "rims_fast::rim_seq_bwd: expected ", widths.size(),
+              " saved activations, got ", saved.size());
+  static const char* names[] = {"saved h", "saved c", "saved h~", "saved q", "saved a",
+                                "saved gates", "saved qkv", "saved b", "saved o"};
+  for (size_t i = 0; i < widths.size(); ++i) {
+    if (widths[i] == 0) continue;
+    TORCH_CHECK(saved[i].numel() > 0, "rims_fast::rim_seq_bwd: ", names[i],
+                " is empty (the forward ran with save=False)");
+    check_tensor(names[i], saved[i], ct, dev, {d.T_, d.B, d.K, widths[i]});
+  }
+  if (g_out.has_value() && g_out->defined())
+    check_tensor("grad_out", *g_out, ct, dev, {d.T_, d.B, d.K * d.H});
+  if (g_hn.has_value() && g_hn->defined()) check_tensor("grad_h_n", *g_hn, ct, dev, {d.B, d.K, d.H});
+  if (d.lstm && g_cn.has_value() && g_cn->defined())
+    check_tensor("grad_c_n", *g_cn, ct, dev, {d.B, d.K, d.H});
+  return d;
+}
+
 namespace {
 
-// Host run of the kernel: every tile in order, one shared-memory buffer reused.
-template <typename T>
-SeqFwdResult seq_fwd_host(const RimSeqDims& d, const at::Tensor& keys, const at::Tensor& xsrc,
-                          const at::Tensor& w_x, const at::Tensor& h0, const at::Tensor& c0,
-                          const at::Tensor& wq, const at::Tensor& whh, const at::Tensor& bih,
-                          const at::Tensor& bhh, const at::Tensor& cq, const at::Tensor& ck,
-                          const at::Tensor& cv, const at::Tensor& co) {
-  const auto opt = h0.options();
-  at::Tensor out = at::empty({d.T_, d.B, d.K * d.H}, opt);
-  at::Tensor h_n = at::empty({d.B, d.K, d.H}, opt);
-  at::Tensor c_n = d.lstm ? at::empty({d.B, d.K, d.H}, opt) : at::empty({0}, opt);
-  at::Tensor masks = at::empty({d.T_, d.B, d.K}, opt.dtype(at::kBool));
-  RimSeqFwdParams<T> p;
-  static_cast<RimSeqDims&>(p) = d;
-  p.keys = keys.const_data_ptr();
-  p.xsrc = xsrc.const_data_ptr();
-  p.w_x = w_x.const_data_ptr();
-  p.h0 = h0.const_data_ptr<T>();
-  p.c0 = d.lstm ? c0.const_data_ptr<T>() : nullptr;
-  p.w_query = wq.const_data_ptr<T>();
-  p.w_hh = whh.const_data_ptr<T>();
-  p.b_ih = bih.const_data_ptr<T>();
-  p.b_hh = bhh.const_data_ptr<T>();
-  p.c_query = cq.const_data_ptr<T>();
-  p.c_key = ck.const_data_ptr<T>();
-  p.c_value = cv.const_data_ptr<T>();
-  p.c_output = co.const_data_ptr<T>();
-  p.out = out.mutable_data_ptr<T>();
-  p.h_n = h_n.mutable_data_ptr<T>();
-  p.c_n = d.lstm ? c_n.mutable_data_ptr<T>() : nullptr;
-  p.masks = masks.mutable_data_ptr<bool>();
-  std::vector<T> smem(rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c,
-                                         d.ck, d.cv, d.lstm));
-  const int64_t tiles = (d.B + d.S - 1) / d.S;
-  for (int64_t tile = 0; tile < tiles; ++tile)
-    rim_seq_fwd_tile<kSeqTileMax, T>(HostExec{}, p, tile, smem.data());
-  return {out, h_n, c_n, masks};
+at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
 SeqFwdResult rim_seq_fwd_cpu(
@@ -148,7 +176,8 @@ SeqFwdResult rim_seq_fwd_cpu(
     const at::Tensor& weight_hh, const at::Tensor& bias_ih, const at::Tensor& bias_hh,
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
-    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile) {
+    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
+    bool save) {
   const RimSeqDims d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                      bias_hh, comm_query, comm_key, comm_value, comm_output,
                                      top_k, input_heads, comm_heads, per_head, input_dropout,
@@ -159,11 +188,56 @@ SeqFwdResult rim_seq_fwd_cpu(
               "for tests) takes float32 and float64, got ", st);
   auto c = [](const at::Tensor& t) { return t.contiguous(); };
   const at::Tensor c0c = d.lstm ? c0->contiguous() : at::Tensor();
-  SeqFwdResult res;
+  SeqFwdResult res = seq_fwd_alloc(d, h0, save);
+  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), h_ = c(h0), q_ = c(input_query),
+                   hh = c(weight_hh), bi = c(bias_ih), bh = c(bias_hh), cq = c(comm_query),
+                   ck = c(comm_key), cv = c(comm_value), co = c(comm_output);
   AT_DISPATCH_FLOATING_TYPES(st, "rim_seq_fwd_cpu", [&] {
-    res = seq_fwd_host<scalar_t>(d, c(keys), c(xsrc), c(w_x), c(h0), c0c, c(input_query),
-                                 c(weight_hh), c(bias_ih), c(bias_hh), c(comm_query),
-                                 c(comm_key), c(comm_value), c(comm_output));
+    RimSeqFwdParams<scalar_t> p;
+    seq_fwd_fill(p, d, k_, x_, w_, h_, c0c, q_, hh, bi, bh, cq, ck, cv, co, res);
+    std::vector<scalar_t> smem(rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx,
+                                                  d.n_c, d.ck, d.cv, d.lstm));
+    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
+      rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, smem.data());
+  });
+  return res;
+}
+
+SeqBwdResult rim_seq_bwd_cpu(
+    const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
+    const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,
+    const at::Tensor& w_x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+    const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
+    const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
+    at::TensorList saved_, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
+    double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
+    int64_t tile) {
+  std::vector<at::Tensor> saved;
+  for (const auto& t : saved_) saved.push_back(t.contiguous());
+  const RimSeqDims d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
+                                     weight_hh, bias_ih, bias_hh, comm_query, comm_key,
+                                     comm_value, comm_output, masks, saved, top_k, input_heads,
+                                     comm_heads, per_head, input_dropout, comm_dropout, seed,
+                                     tile);
+  const auto st = h0.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
+              "rims_fast::rim_seq_bwd: the CPU implementation takes float32 and float64, got ", st);
+  auto c = [](const at::Tensor& t) { return t.contiguous(); };
+  SeqBwdResult res = seq_bwd_alloc(d, keys, xsrc);
+  const at::Tensor go = contig_or_undef(g_out), ghn = contig_or_undef(g_hn),
+                   gcn = d.lstm ? contig_or_undef(g_cn) : at::Tensor();
+  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), q_ = c(input_query),
+                   hh = c(weight_hh), cq = c(comm_query), ck = c(comm_key), cv = c(comm_value),
+                   co = c(comm_output), m_ = c(masks);
+  AT_DISPATCH_FLOATING_TYPES(st, "rim_seq_bwd_cpu", [&] {
+    RimSeqBwdParams<scalar_t> p;
+    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, w_, q_, hh, cq, ck, cv, co,
+                 m_, saved, res);
+    std::vector<scalar_t> smem(rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk,
+                                                      d.Dx, d.n_c, d.ck, d.cv, d.lstm));
+    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
+      rim_seq_bwd_tile<scalar_t>(HostExec{}, p, tile_i, smem.data());
   });
   return res;
 }
@@ -176,16 +250,23 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor input_query, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh,"
         " Tensor comm_query, Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k,"
         " int input_heads, int comm_heads, bool per_head, float input_dropout,"
-        " float comm_dropout, int seed, int tile) -> (Tensor out, Tensor h_n, Tensor c_n,"
-        " Tensor masks)");
+        " float comm_dropout, int seed, int tile, bool save) -> Tensor[]");
+  m.def("rim_seq_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor keys,"
+        " Tensor xsrc, Tensor w_x, Tensor h0, Tensor? c0, Tensor input_query, Tensor weight_hh,"
+        " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"
+        " Tensor comm_output, Tensor masks, Tensor[] saved, int top_k, int input_heads,"
+        " int comm_heads, bool per_head, float input_dropout, float comm_dropout, int seed,"
+        " bool block_inactive_grad, int tile) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rims_fast, CPU, m) {
   m.impl("rim_seq_fwd", &rims::rim_seq_fwd_cpu);
+  m.impl("rim_seq_bwd", &rims::rim_seq_bwd_cpu);
 }
 
 #ifdef RIMS_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(rims_fast, CUDA, m) {
   m.impl("rim_seq_fwd", &rims::rim_seq_fwd_cuda);
+  m.impl("rim_seq_bwd", &rims::rim_seq_bwd_cuda);
 }
 #endif

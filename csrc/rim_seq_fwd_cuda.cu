@@ -1,6 +1,7 @@
-// CUDA launcher of rims_fast::rim_seq_fwd: one thread block per tile of S samples runs the whole
-// sequence (csrc/kernels/rim_seq_fwd.cuh), its state and per-step activations in shared memory.
-// Registered for the CUDA key in rim_seq_fwd.cpp; checks are shared with the CPU implementation.
+// CUDA launchers of rims_fast::rim_seq_fwd / rim_seq_bwd: one thread block per tile of S samples
+// runs the whole sequence (csrc/kernels/rim_seq_fwd.cuh, rim_seq_bwd.cuh), its state and per-step
+// activations in shared memory. Registered for the CUDA key in rim_seq_fwd.cpp; the argument
+// checks and buffer allocation are shared with the CPU implementation there.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,66 +30,38 @@ __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFw
                                    reinterpret_cast<C*>(smem_raw));
 }
 
+template <typename C, typename T>
+__global__ void __launch_bounds__(kSeqThreads) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  rim_seq_bwd_tile<C>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
+                      reinterpret_cast<C*>(smem_raw));
+}
+
 // at:: storage types -> CUDA's.
 template <typename S> struct CudaType { using type = S; };
 template <> struct CudaType<at::Half> { using type = __half; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
-template <typename S>
-SeqFwdResult launch(RimSeqDims d, const at::Tensor& keys, const at::Tensor& xsrc,
-                    const at::Tensor& w_x, const at::Tensor& h0, const at::Tensor& c0,
-                    const at::Tensor& wq, const at::Tensor& whh, const at::Tensor& bih,
-                    const at::Tensor& bhh, const at::Tensor& cq, const at::Tensor& ck,
-                    const at::Tensor& cv, const at::Tensor& co) {
-  using T = typename CudaType<S>::type;
-  using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
-  const auto opt = h0.options();
-  at::Tensor out = at::empty({d.T_, d.B, d.K * d.H}, opt);
-  at::Tensor h_n = at::empty({d.B, d.K, d.H}, opt);
-  at::Tensor c_n = d.lstm ? at::empty({d.B, d.K, d.H}, opt) : at::empty({0}, opt);
-  at::Tensor masks = at::empty({d.T_, d.B, d.K}, opt.dtype(at::kBool));
-
-  // The largest tile whose shared memory fits this device's per-block opt-in limit.
-  int dev = h0.get_device(), max_smem = 0;
+// The largest tile (<= d.S) whose shared memory fits the device's per-block opt-in limit.
+template <typename C, typename Bytes>
+int64_t fit_tile(int64_t S, int dev, const Bytes& bytes) {
+  int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  auto bytes = [&](int64_t tile_s) {
-    return rim_seq_smem_elems(tile_s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                              d.lstm) * static_cast<int64_t>(sizeof(C));
-  };
-  while (d.S > 1 && bytes(d.S) > max_smem) --d.S;
-  TORCH_CHECK(bytes(d.S) <= max_smem, "rims_fast::rim_seq_fwd: one sample needs ", bytes(1),
+  while (S > 1 && bytes(S) > max_smem) --S;
+  TORCH_CHECK(bytes(S) <= max_smem, "rims_fast::rim_seq: one sample needs ", bytes(1),
               " bytes of shared memory, more than this GPU's ", max_smem,
               " per block (K, H or the input width too large for the persistent kernel)");
+  return S;
+}
 
-  RimSeqFwdParams<T> p;
-  static_cast<RimSeqDims&>(p) = d;
-  p.keys = keys.const_data_ptr();
-  p.xsrc = xsrc.const_data_ptr();
-  p.w_x = w_x.const_data_ptr();
-  p.h0 = reinterpret_cast<const T*>(h0.const_data_ptr());
-  p.c0 = d.lstm ? reinterpret_cast<const T*>(c0.const_data_ptr()) : nullptr;
-  p.w_query = reinterpret_cast<const T*>(wq.const_data_ptr());
-  p.w_hh = reinterpret_cast<const T*>(whh.const_data_ptr());
-  p.b_ih = reinterpret_cast<const T*>(bih.const_data_ptr());
-  p.b_hh = reinterpret_cast<const T*>(bhh.const_data_ptr());
-  p.c_query = reinterpret_cast<const T*>(cq.const_data_ptr());
-  p.c_key = reinterpret_cast<const T*>(ck.const_data_ptr());
-  p.c_value = reinterpret_cast<const T*>(cv.const_data_ptr());
-  p.c_output = reinterpret_cast<const T*>(co.const_data_ptr());
-  p.out = reinterpret_cast<T*>(out.mutable_data_ptr());
-  p.h_n = reinterpret_cast<T*>(h_n.mutable_data_ptr());
-  p.c_n = d.lstm ? reinterpret_cast<T*>(c_n.mutable_data_ptr()) : nullptr;
-  p.masks = masks.mutable_data_ptr<bool>();
-
-  const int64_t smem = bytes(d.S);
-  const int64_t tiles = (d.B + d.S - 1) / d.S;
-  auto kernel = rim_seq_fwd_kernel<C, T>;
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, const Params& p, int64_t smem, int dev) {
+  const int64_t tiles = (p.B + p.S - 1) / p.S;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(tiles), kSeqThreads, static_cast<size_t>(smem),
            c10::cuda::getCurrentCUDAStream(dev)>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, h_n, c_n, masks};
 }
 
 }  // namespace
@@ -99,20 +72,75 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& weight_hh, const at::Tensor& bias_ih, const at::Tensor& bias_hh,
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
-    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile) {
-  const RimSeqDims d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
-                                     bias_hh, comm_query, comm_key, comm_value, comm_output,
-                                     top_k, input_heads, comm_heads, per_head, input_dropout,
-                                     comm_dropout, seed, tile);
+    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
+    bool save) {
+  RimSeqDims d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
+                               comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
+                               comm_heads, per_head, input_dropout, comm_dropout, seed, tile);
   const c10::cuda::CUDAGuard guard(h0.device());
+  const int dev = h0.get_device();
   auto c = [](const at::Tensor& t) { return t.contiguous(); };
   const at::Tensor c0c = d.lstm ? c0->contiguous() : at::Tensor();
-  SeqFwdResult res;
+  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), h_ = c(h0), q_ = c(input_query),
+                   hh = c(weight_hh), bi = c(bias_ih), bh = c(bias_hh), cq = c(comm_query),
+                   ck = c(comm_key), cv = c(comm_value), co = c(comm_output);
+  SeqFwdResult res = seq_fwd_alloc(d, h0, save);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_fwd_cuda",
                                   [&] {
-    res = launch<scalar_t>(d, c(keys), c(xsrc), c(w_x), c(h0), c0c, c(input_query),
-                           c(weight_hh), c(bias_ih), c(bias_hh), c(comm_query), c(comm_key),
-                           c(comm_value), c(comm_output));
+    using T = typename CudaType<scalar_t>::type;
+    using C = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto bytes = [&](int64_t s) {
+      return rim_seq_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
+                                d.lstm) * static_cast<int64_t>(sizeof(C));
+    };
+    d.S = fit_tile<C>(d.S, dev, bytes);
+    RimSeqFwdParams<T> p;
+    seq_fwd_fill(p, d, k_, x_, w_, h_, c0c, q_, hh, bi, bh, cq, ck, cv, co, res);
+    launch(rim_seq_fwd_kernel<C, T>, p, bytes(d.S), dev);
+  });
+  return res;
+}
+
+SeqBwdResult rim_seq_bwd_cuda(
+    const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
+    const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,
+    const at::Tensor& w_x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+    const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
+    const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
+    at::TensorList saved_, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
+    double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
+    int64_t tile) {
+  std::vector<at::Tensor> saved;
+  for (const auto& t : saved_) saved.push_back(t.contiguous());
+  RimSeqDims d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
+                               weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
+                               comm_output, masks, saved, top_k, input_heads, comm_heads,
+                               per_head, input_dropout, comm_dropout, seed, tile);
+  const c10::cuda::CUDAGuard guard(h0.device());
+  const int dev = h0.get_device();
+  auto c = [](const at::Tensor& t) { return t.contiguous(); };
+  auto opt = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor go = opt(g_out), ghn = opt(g_hn), gcn = d.lstm ? opt(g_cn) : at::Tensor();
+  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), q_ = c(input_query),
+                   hh = c(weight_hh), cq = c(comm_query), ck = c(comm_key), cv = c(comm_value),
+                   co = c(comm_output), m_ = c(masks);
+  SeqBwdResult res = seq_bwd_alloc(d, keys, xsrc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_bwd_cuda",
+                                  [&] {
+    using T = typename CudaType<scalar_t>::type;
+    using C = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto bytes = [&](int64_t s) {
+      return rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck,
+                                    d.cv, d.lstm) * static_cast<int64_t>(sizeof(C));
+    };
+    d.S = fit_tile<C>(d.S, dev, bytes);
+    RimSeqBwdParams<T> p;
+    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, w_, q_, hh, cq, ck, cv, co, m_,
+                 saved, res);
+    launch(rim_seq_bwd_kernel<C, T>, p, bytes(d.S), dev);
   });
   return res;
 }

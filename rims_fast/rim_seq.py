@@ -1,4 +1,5 @@
-"""The persistent whole-sequence forward (``rims_fast::rim_seq_fwd``, CUDA C++) as a sequence op.
+"""The persistent whole-sequence kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``, CUDA
+C++) as one differentiable sequence op.
 
 :func:`rim_seq` has :func:`rims_fast.reference.rim_ref`'s contract. What runs where:
 
@@ -11,9 +12,15 @@
   no grid synchronisation. Before it, PyTorch hoists the state-independent work: the input keys of
   all steps and either the fold ``input_value_n weight_ih[k]_n`` (when ``M*D <= d_v``, the
   reference's rule; the kernel reads ``x``) or the values of all steps (the kernel reads them and
-  multiplies ``weight_ih`` in place).
-- **Backward — recompute**: :func:`rim_ref` (with the fused CUDA masked cell on CUDA tensors)
-  under the forward's masks and dropout keep-masks, differentiated by autograd.
+  multiplies ``weight_ih`` in place). When a gradient is required the forward also writes, per
+  step, what the backward needs (:data:`SAVED`: ``h_{t-1}``, ``c_{t-1}``, ``h~``, the queries,
+  the undropped input and communication probabilities, the gate pre-activations, Q|K|V, the read).
+- **Backward — one CUDA kernel launch** (``csrc/kernels/rim_seq_bwd.cuh``): the reverse-time
+  sweep, ``dh``/``dc`` of the tile in shared memory, writing per step the gradients of that
+  step's keys and input elements and the per-step gradients the weights need (dq, d gates,
+  d Q|K|V, dh', xa); the weight gradients are then GEMMs over all ``T*B`` rows (deterministic, no
+  atomics), and autograd carries the hoisted products' gradients back to ``x`` and the input
+  key/value projections. Dropout keep-decisions are recomputed from the counter-based stream.
 
 Numerics: products accumulate in float32 (float64 for float64) from storage-dtype weights;
 activations are not rounded to bfloat16/float16 between products (as the C++ CPU driver), so half
@@ -21,10 +28,10 @@ precision results differ from the reference's operand rounding within the tolera
 Dropout uses the C++ driver's counter-based stream, so the keep-masks equal ``backend="cpu"``'s
 for the same seed (:func:`rims_fast.rim_cpu.dropout_masks`).
 
-The op's CPU implementation runs the same tile function on the host (no threads, slow): it is how
-the kernel's arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
+The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
+how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
 ``backend="cuda"`` use this op; the default, ``cell``, keeps the reference loop with the fused
-masked cell, because the persistent kernel has not run on a GPU yet.
+masked cell, because the persistent kernels have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ._config import RimConfig, cfg_args, cfg_from
-from .reference import compute_dtype, rim_ref
+from .reference import compute_dtype
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "PARAM_NAMES"]
 
@@ -98,16 +105,52 @@ def _hoisted(x: Tensor, p: Mapping[str, Tensor], cfg: RimConfig) -> tuple[Tensor
     return keys.contiguous(), vals.contiguous(), w_ih.contiguous(), True
 
 
+#: Weights of the C++ ops, in their order (the input key/value projections are hoisted).
+OP_WEIGHTS = ("input_query", "weight_hh", "bias_ih", "bias_hh", "comm_query", "comm_key",
+              "comm_value", "comm_output")
+#: Activations the forward saves for the backward kernel (compute dtype, (T, B, K, width)).
+SAVED = ("h", "c", "ht", "q", "a", "gates", "qkv", "b", "o")
+
+
+def _saved_widths(cfg: RimConfig, M: int) -> list[int]:
+    H, G = cfg.hidden_size, cfg.gates
+    lstm = cfg.cell == "lstm"
+    ck, cv = cfg.comm_heads * cfg.comm_key_size, cfg.comm_heads * cfg.comm_value_size
+    return [H, H if lstm else 0, H, cfg.input_heads * cfg.input_key_size, cfg.input_heads * M,
+            G * H if lstm else 2 * G * H, 2 * ck + cv, cfg.comm_heads * cfg.num_units, cv]
+
+
 def _register_fake() -> None:
-    """Shapes of the C++ op for torch.compile / opcheck."""
+    """Shapes of the C++ ops for torch.compile / opcheck."""
 
     @torch.library.register_fake(_OP)
-    def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, *rest):
-        T, B = keys.shape[:2]
+    def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
+          comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
+          input_dropout, comm_dropout, seed, tile, save):
+        T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
+        lstm = GH == 4 * H
+        ck, cv = comm_query.shape[-1], comm_value.shape[-1]
         new = h0.new_empty
-        return (new((T, B, K * H)), new((B, K, H)), new((B, K, H) if GH == 4 * H else (0,)),
-                h0.new_empty((T, B, K), dtype=torch.bool))
+        res = [new((T, B, K * H)), new((B, K, H)), new((B, K, H) if lstm else (0,)),
+               h0.new_empty((T, B, K), dtype=torch.bool)]
+        widths = [H, H if lstm else 0, H, input_query.shape[-1], input_heads * M,
+                  GH if lstm else 2 * GH, 2 * ck + cv, comm_heads * K, cv]
+        res += [keys.new_empty((T, B, K, w) if save and w else (0,)) for w in widths]
+        return res
+
+    @torch.library.register_fake("rims_fast::rim_seq_bwd")
+    def _(grad_out, grad_h_n, grad_c_n, keys, xsrc, w_x, h0, c0, input_query, weight_hh, *rest):
+        T, B, M, _ = keys.shape
+        K, H, GH = weight_hh.shape
+        lstm = GH == 4 * H
+        comm_query, comm_value = rest[2], rest[4]
+        ck, cv = comm_query.shape[-1], comm_value.shape[-1]
+        new = keys.new_empty
+        return [new(keys.shape), new(xsrc.shape), new((B, K, H)), new((B, K, H) if lstm else (0,)),
+                new((T, B, K, input_query.shape[-1])), new((T, B, K, GH if lstm else 2 * GH)),
+                new((T, B, K, 2 * ck + cv)), new((T, B, K, H)),
+                new((T, B, K, w_x.shape[1] * w_x.shape[2]))]
 
 
 if unavailable_reason(torch.device("cpu"), torch.float32) is None:
@@ -115,75 +158,88 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 
 
 @torch.library.custom_op("rims_fast::rim_seq", mutates_args=(), device_types=("cuda", "cpu"))
-def rim_seq_op(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
-               sizes: list[int], cell: str, input_dropout: float, comm_dropout: float,
-               block_inactive_grad: bool, training: bool, seed: int, tile: int
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The whole sequence: ``out, h_n, c_n (empty for GRU), masks``."""
+def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
+               weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
+               comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
+               tile: int, save: bool) -> list[Tensor]:
+    """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
+    (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
+    unless ``save``). Dropout probabilities are the effective ones (0 outside training)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
-    p = dict(zip(PARAM_NAMES, params))
-    keys, xsrc, w_x, per_head = _hoisted(x, p, cfg)
-    p_in = input_dropout if training else 0.0
-    p_c = comm_dropout if training else 0.0
-    out, h_n, c_n, masks = torch.ops.rims_fast.rim_seq_fwd(
-        keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if c0 is not None else None,
-        p["input_query"], p["weight_hh"], p["bias_ih"], p["bias_hh"], p["comm_query"],
-        p["comm_key"], p["comm_value"], p["comm_output"], cfg.top_k, cfg.input_heads,
-        cfg.comm_heads, per_head, p_in, p_c, seed, tile)
-    return out, h_n, c_n, masks
+    return list(torch.ops.rims_fast.rim_seq_fwd(
+        keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
+        input_dropout, comm_dropout, seed, tile, save))
 
 
 @rim_seq_op.register_fake
-def _(x, h0, c0, params, sizes, cell, input_dropout, comm_dropout, block_inactive_grad, training,
-      seed, tile):
-    T, B = x.shape[:2]
-    H, K = sizes[1], sizes[2]
-    return (x.new_empty(T, B, K * H), x.new_empty(B, K, H),
-            x.new_empty(B, K, H) if cell == "lstm" else x.new_empty(0),
-            x.new_empty(T, B, K, dtype=torch.bool))
+def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
+      block_inactive_grad, per_head, seed, tile, save):
+    cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
+    T, B, M, _ = keys.shape
+    K, H = cfg.num_units, cfg.hidden_size
+    res = [h0.new_empty(T, B, K * H), h0.new_empty(B, K, H),
+           h0.new_empty(B, K, H) if cell == "lstm" else h0.new_empty(0),
+           h0.new_empty(T, B, K, dtype=torch.bool)]
+    res += [keys.new_empty((T, B, K, w) if save and w else (0,)) for w in _saved_widths(cfg, M)]
+    return res
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, params, sizes, cell, p_in, p_c, big, training, seed, tile = inputs
+    (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
+     save) = inputs
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
-    ctx.training, ctx.seed = training, seed
+    ctx.args = (per_head, p_in, p_c, seed, tile)
     ctx.has_c0 = c0 is not None
-    ctx.n_params = len(params)
-    ctx.mark_non_differentiable(output[3])
-    ctx.save_for_backward(x, h0, *([c0] if c0 is not None else []), *params, output[3])
+    ctx.save = save
+    ctx.dtypes = (h0.dtype, [w.dtype for w in weights])
+    ctx.mark_non_differentiable(*output[3:])
+    ctx.save_for_backward(keys, xsrc, w_x, h0, *([c0] if c0 is not None else []), *weights,
+                          *output[3:])
 
 
-def _backward(ctx, g_out, g_hn, g_cn, _g_masks):
-    saved = ctx.saved_tensors
-    x, h0 = saved[0], saved[1]
-    i = 3 if ctx.has_c0 else 2
-    c0 = saved[2] if ctx.has_c0 else None
-    params, masks = list(saved[i:i + ctx.n_params]), saved[-1]
+def _backward(ctx, grads):
+    if not ctx.save:
+        raise RuntimeError("rims_fast::rim_seq ran with save=False (no input required grad), so "
+                           "it cannot be differentiated")
     cfg = ctx.cfg
+    per_head, p_in, p_c, seed, tile = ctx.args
+    saved = ctx.saved_tensors
+    keys, xsrc, w_x, h0 = saved[:4]
+    i = 5 if ctx.has_c0 else 4
+    c0 = saved[4] if ctx.has_c0 else None
+    weights = list(saved[i:i + len(OP_WEIGHTS)])
+    masks, acts = saved[i + len(OP_WEIGHTS)], list(saved[i + len(OP_WEIGHTS) + 1:])
+    ct = keys.dtype
     lstm = cfg.cell == "lstm"
-    hooks = {}
-    if x.is_cuda:
-        from .masked_cell import masked_gru_cell, masked_lstm_cell
-        hooks = dict(lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (x, h0, *([c0] if c0 is not None else []), *params)]
-        named = dict(zip(PARAM_NAMES, leaves[-ctx.n_params:]))
-        keep = None
-        if ctx.training and (cfg.input_dropout > 0 or cfg.comm_dropout > 0):
-            from .rim_cpu import dropout_masks
-            T, B, M, _ = x.shape
-            keep = tuple(m.to(x.device) for m in dropout_masks(ctx.seed, T, B, M, cfg))
-        out, h_n, c_n, _ = rim_ref(leaves[0], leaves[1], leaves[2] if c0 is not None else None,
-                                   named, cfg, masks=masks, training=keep is not None,
-                                   dropout_masks=keep, **hooks)
-        pairs = [(o, g) for o, g in ((out, g_out), (h_n, g_hn), (c_n if lstm else None, g_cn))
-                 if o is not None and g is not None]
-        res = torch.autograd.grad([o for o, _ in pairs], leaves, [g.contiguous() for _, g in pairs],
-                                  allow_unused=True)
-    res = [torch.zeros_like(l) if r is None else r for r, l in zip(res, leaves)]
-    g_c0 = res[2] if c0 is not None else None
-    return (res[0], res[1], g_c0, list(res[-ctx.n_params:]), None, None, None, None, None, None,
-            None, None)
+    g_out, g_hn, g_cn = grads[0], grads[1], grads[2] if lstm else None
+    up = lambda g: None if g is None else g.to(ct).contiguous()  # noqa: E731
+    (d_keys, d_xsrc, d_h0, d_c0, dq, dg, dqkv, dhp, xa) = torch.ops.rims_fast.rim_seq_bwd(
+        up(g_out), up(g_hn), up(g_cn), keys, xsrc, w_x, h0, c0, *weights, masks, acts,
+        cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, p_in, p_c, seed,
+        cfg.block_inactive_grad, tile)
+    # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients.
+    T, B = keys.shape[:2]
+    K, H, GH = cfg.num_units, cfg.hidden_size, cfg.gates * cfg.hidden_size
+    hprev, ht, o = acts[0], acts[2], acts[8]
+    dgi, dgh = (dg, dg) if lstm else (dg[..., :GH], dg[..., GH:])
+    ck = cfg.comm_heads * cfg.comm_key_size
+    g_c = torch.einsum("tbkh,tbkc->khc", ht, dqkv)
+    g = {
+        "input_query": torch.einsum("tbkh,tbke->khe", hprev, dq),
+        "weight_hh": torch.einsum("tbkh,tbkg->khg", hprev, dgh),
+        "bias_ih": dgi.sum((0, 1)),
+        "bias_hh": dgh.sum((0, 1)),
+        "comm_query": g_c[..., :ck],
+        "comm_key": g_c[..., ck:2 * ck],
+        "comm_value": g_c[..., 2 * ck:],
+        "comm_output": torch.einsum("tbkv,tbkh->kvh", o, dhp),
+    }
+    n, Dx = w_x.shape[1], w_x.shape[2]
+    d_wx = torch.einsum("tbknd,tbkg->kndg", xa.view(T, B, K, n, Dx), dgi)
+    h_dt, w_dts = ctx.dtypes
+    d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
+    return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
+            d_weights, None, None, None, None, None, None, None, None, None)
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -192,22 +248,29 @@ rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
 def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
             tile: Optional[int] = None) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """One RIM layer over a sequence with the persistent kernel; :func:`rim_ref`'s contract.
+    """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
     ``tile``: samples per thread block, 1..8 (0: 8, fewer when shared memory is short; None:
-    :func:`tile_size`)."""
-    if tile is None:
-        tile = tile_size()
+    :func:`tile_size`). Gradients flow into ``x``, ``h0``, ``c0`` and all parameters (the input
+    key/value projections through the hoisted PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
     if why is not None:
         raise RuntimeError(why)
+    if tile is None:
+        tile = tile_size()
     sizes, cell, p_in, p_c, big = cfg_args(cfg)
-    dropping = training and (p_in > 0 or p_c > 0)
+    if not training:
+        p_in = p_c = 0.0
     if seed is None:
         from .rim_cpu import draw_seed
-        seed = draw_seed() if dropping else 0
+        seed = draw_seed() if (p_in > 0 or p_c > 0) else 0
     lstm = cfg.cell == "lstm"
-    out, h_n, c_n, masks = rim_seq_op(x, h0, c0 if lstm else None,
-                                      [params[n] for n in PARAM_NAMES], sizes, cell, p_in, p_c,
-                                      big, bool(training), seed, tile)
+    c0 = c0 if lstm else None
+    keys, xsrc, w_x, per_head = _hoisted(x, params, cfg)
+    weights = [params[n] for n in OP_WEIGHTS]
+    leaves = (keys, xsrc, w_x, h0, c0, *weights)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
+                     weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save)
+    out, h_n, c_n, masks = res[:4]
     return out, h_n, (c_n if lstm else None), masks

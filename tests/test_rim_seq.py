@@ -1,10 +1,11 @@
-"""``rims_fast::rim_seq_fwd`` (the persistent whole-sequence CUDA kernel) against ``rim_ref``.
+"""``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd`` (the persistent whole-sequence CUDA kernels)
+against ``rim_ref``.
 
-Without a GPU the op's CPU implementation runs the kernel's tile function on the host (the same
-code as the device, barriers trivially satisfied), so these tests check the kernel's arithmetic
-in CI: outputs, final states, masks (exactly), every gradient (the backward is a recompute through
-the reference under the kernel's masks), dropout (the C++ driver's stream, replayed), tiles of 1,
-3 and 8 samples, folded and per-head input terms. The ``gpu`` tests run the CUDA kernel itself.
+Without a GPU the ops' CPU implementations run the kernels' tile functions on the host (the same
+code as the device, barriers trivially satisfied), so these tests check the kernels' arithmetic
+in CI: outputs, final states, masks (exactly), every gradient (the backward kernel's sweep plus
+the weight-gradient GEMMs), dropout (the C++ driver's stream, replayed), tiles of 1, 3 and 8
+samples, folded and per-head input terms. The ``gpu`` tests run the CUDA kernels themselves.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"rim_seq_fwd not built
 
 PARAMS = rs.PARAM_NAMES
 
-# (cell, M, input_heads, comm_heads, K, top_k, T, input_value_size); H = 3 from make_rim.
-# M * D <= n*d_v folds the input term (the kernel reads x); above it reads per-head values.
+# (cell, M, input_heads, comm_heads, K, top_k, T, input_value_size); H = 3, D = 5 (make_rim).
+# M * D <= d_v folds the input term (the kernel reads x); above, it reads per-head values.
 GRID = [
-    ("lstm", 1, 2, 2, 4, 2, 5, 3),    # folded (5 <= 3? no: 5 > 3 -> per-head values)
-    ("lstm", 1, 1, 1, 4, 2, 5, 8),    # folded: M*D = 5 <= 8
+    ("lstm", 1, 2, 2, 4, 2, 5, 3),    # per-head values (M*D = 5 > 3)
+    ("lstm", 1, 1, 1, 4, 2, 5, 8),    # folded (5 <= 8)
     ("lstm", 3, 2, 2, 4, 1, 4, 3),    # top_k = 1, per-head values
     ("lstm", 2, 1, 2, 5, 5, 1, 16),   # top_k = K, T = 1, folded
-    ("gru", 1, 1, 1, 4, 2, 5, 8),
-    ("gru", 3, 2, 2, 4, 2, 4, 3),
-    ("gru", 1, 2, 1, 3, 3, 3, 4),
+    ("gru", 1, 1, 1, 4, 2, 5, 8),     # folded
+    ("gru", 3, 2, 2, 4, 2, 4, 3),     # per-head values
+    ("gru", 1, 2, 1, 3, 3, 3, 4),     # top_k = K, per-head values
 ]
 
 
@@ -110,6 +111,26 @@ def test_dropout_is_the_cpu_driver_stream(cell):
     assert (plain[0] - got[0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["folded", "per_head"])
+def test_gradcheck(cell, per_head):
+    """torch.autograd.gradcheck through the kernels in float64 (random state: no near-ties;
+    block_inactive_grad=False so the K|V path of inactive mechanisms is exercised; dropout on)."""
+    rim, x, h0, c0, P, leaves = _setup(cell, 2, 2, 2, 4, 2, 3, 2 if per_head else 16, B=3,
+                                       block_inactive_grad=False, input_dropout=0.25,
+                                       comm_dropout=0.25)
+    assert rs._hoisted(x, P, rim.config)[3] == per_head  # M*D = 10 vs d_v = 2 or 16
+    names = list(leaves)
+
+    def f(*tensors):
+        d = dict(zip(names, tensors))
+        out, h_n, c_n, _ = rs.rim_seq(d["x"], d["h0"], d.get("c0"), {n: d[n] for n in PARAMS},
+                                      rim.config, training=True, seed=17)
+        return (out, h_n) if c_n is None else (out, h_n, c_n)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)
+
+
 def test_opcheck_and_errors():
     rim, x, h0, c0, P, _ = _setup("lstm", 2, 2, 2, 3, 2, 2, 3, B=2)
     cfg = rim.config
@@ -118,14 +139,15 @@ def test_opcheck_and_errors():
     args = (keys, xsrc, w_x, h0.detach(), c0.detach(), p["input_query"], p["weight_hh"],
             p["bias_ih"], p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"],
             p["comm_output"], cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, 0.0, 0.0, 0,
-            0)
+            0, True)
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args)
     sizes, cell, p_in, p_c, big = rims_fast._config.cfg_args(cfg)
-    torch.library.opcheck(rs.rim_seq_op, (x.detach(), h0.detach(), c0.detach(),
-                                          [p[n] for n in PARAMS], sizes, cell, p_in, p_c, big,
-                                          False, 0, 0))
+    weights = [p[n].requires_grad_(True) for n in rs.OP_WEIGHTS]
+    torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
+                                          h0.detach().requires_grad_(True), c0.detach(), weights,
+                                          sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True))
     bad = list(args)
-    bad[-1] = 9
+    bad[-2] = 9
     with pytest.raises(RuntimeError, match="tile must be in 0..8"):
         torch.ops.rims_fast.rim_seq_fwd(*bad)
     bad = list(args)

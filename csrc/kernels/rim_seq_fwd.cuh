@@ -69,6 +69,11 @@ struct RimSeqFwdParams : RimSeqDims {
   T* h_n;                 // (B, K, H)
   T* c_n;                 // (B, K, H) or nullptr (GRU)
   bool* masks;            // (T, B, K)
+  // Saved for the backward (compute type; all null when nothing is saved): h_{t-1} and c_{t-1}
+  // of every step, h~, the input queries, the undropped input probabilities, the gate
+  // pre-activations, communication Q|K|V, the undropped communication probabilities and the
+  // dropped read o (the last three and the gates zero on inactive rows).
+  void *sv_h, *sv_c, *sv_ht, *sv_q, *sv_a, *sv_g, *sv_qkv, *sv_bp, *sv_o;
 };
 
 // Storage <-> compute conversions. Half types only under nvcc (CUDA's own types).
@@ -139,6 +144,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx = static_cast<const C*>(p.w_x);
+  const bool save = p.sv_h != nullptr;
+  // Row r = s*K + k of the tile, step t, in a saved (T, B, K, width) history.
+  auto sv = [&](void* base, int64_t t, int64_t r, int64_t width) {
+    return static_cast<C*>(base) + ((t * B + b0) * K + r) * width;
+  };
   const C scale_in = C(1) / sqrt(C(dk));
   const C scale_c = C(1) / sqrt(C(dc));
   const C keep_in = C(1.0 - p.p_in), keep_c = C(1.0 - p.p_c);
@@ -162,6 +172,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc = C(0);
       for (int64_t j = 0; j < H; ++j) acc += hr[j] * to_c(w[j * nk]);
       sm.q[i] = acc;
+      if (save) sv(p.sv_q, t, r, nk)[e] = acc;
     });
     // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
     ex.parallel_for(S * K, [&](int64_t r) {
@@ -177,6 +188,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
           an[m] = dot * scale_in;
         }
         psum += null_softmax(an, M, an);
+        if (save)
+          for (int64_t m = 0; m < M; ++m) sv(p.sv_a, t, r, n_in * M)[n * M + m] = an[m];
       }
       sm.p[r] = psum / C(n_in);
     });
@@ -230,20 +243,36 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         const int64_t r = s * K + k;
-        if (s >= S || sm.act[r] == C(0)) continue;
+        if (s >= S) continue;
+        if (sm.act[r] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
+          if (save) {
+            sv(p.sv_g, t, r, GW)[col] = C(0);
+            if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = C(0);
+          }
+          continue;
+        }
         if (p.lstm) {
           sm.g[r * GW + col] = gi[s] + gh[s] + (bi + bh);
         } else {
           sm.g[r * GW + col] = gi[s] + bi;
           sm.g[r * GW + GH + col] = gh[s] + bh;
         }
+        if (save) {
+          sv(p.sv_g, t, r, GW)[col] = sm.g[r * GW + col];
+          if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = sm.g[r * GW + GH + col];
+        }
       }
     });
     // 3c. Masked cell: active rows step, inactive rows copy (bit-exact).
     ex.parallel_for(S * K * H, [&](int64_t i) {
       const int64_t r = i / H, j = i % H;
+      if (save) {
+        sv(p.sv_h, t, r, H)[j] = sm.h[i];
+        if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
+      }
       if (sm.act[r] == C(0)) {
         sm.ht[i] = sm.h[i];
+        if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
         return;
       }
       const C* g = sm.g + r * GW;
@@ -257,6 +286,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         sm.ht[i] = gru_pointwise_fwd(g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
                                      gh[2 * H + j], sm.h[i]);
       }
+      if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
     });
     // 4a. Communication Q | K | V of every mechanism from h~, weight-stationary.
     ex.parallel_for(K * C3, [&](int64_t i) {
@@ -276,7 +306,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
-        if (s < S) sm.qkv[(s * K + k) * C3 + col] = acc[s];
+        if (s < S) {
+          sm.qkv[(s * K + k) * C3 + col] = acc[s];
+          if (save) sv(p.sv_qkv, t, s * K + k, C3)[col] = acc[s];
+        }
     });
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
     ex.parallel_for(S * K * n_c, [&](int64_t i) {
@@ -284,7 +317,13 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C* y = sm.bp + (r * n_c + n) * K;
       C* on = sm.o + r * cv + n * dcv;
       for (int64_t d = 0; d < dcv; ++d) on[d] = C(0);
-      if (sm.act[r] == C(0)) return;
+      if (sm.act[r] == C(0)) {
+        if (save) {
+          for (int64_t d = 0; d < dcv; ++d) sv(p.sv_o, t, r, cv)[n * dcv + d] = C(0);
+          for (int64_t j = 0; j < K; ++j) sv(p.sv_bp, t, r, n_c * K)[n * K + j] = C(0);
+        }
+        return;
+      }
       const C* qn = sm.qkv + r * C3 + n * dc;
       for (int64_t j = 0; j < K; ++j) {
         const C* kj = sm.qkv + (s * K + j) * C3 + ck + n * dc;
@@ -302,6 +341,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         }
         const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
         for (int64_t d = 0; d < dcv; ++d) on[d] += w * vj[d];
+      }
+      if (save) {
+        for (int64_t j = 0; j < K; ++j) sv(p.sv_bp, t, r, n_c * K)[n * K + j] = y[j];
+        for (int64_t d = 0; d < dcv; ++d) sv(p.sv_o, t, r, cv)[n * dcv + d] = on[d];
       }
     });
     // 5. h' = h~ + o comm_output[k] for active rows, h~ for the rest; out[t] in the storage type.

@@ -1,0 +1,317 @@
+// Torch-free persistent whole-sequence RIM backward: the reverse-time sweep of
+// rim_seq_fwd.cuh's forward, one thread block per tile of samples, dh and dc in shared memory.
+//
+// Same execution model as the forward (Exec::parallel_for = items then a barrier; HostExec runs
+// it on the host for tests). Per step, in order: the output projection's backward (d o), the
+// communication attention's backward (score gradients, dQ; then dK, dV of every mechanism as a
+// sum over the querying mechanisms: no atomics), dh~ through Q|K|V (cut for inactive mechanisms
+// under block_inactive_grad), the masked cell's backward, the input term's backward (d xa, the
+// attention-weighted input xa recomputed), the input attention's backward (d scores, dq), the
+// gradients of this step's keys and input elements, and dh_{t-1}, dc_{t-1}.
+// The sweep writes the per-step gradients the weight gradients need (dq, d gates, d Q|K|V, dh'
+// of active rows, xa); the caller turns them into weight gradients with GEMMs over all T*B rows
+// (deterministic). Everything in the compute type C.
+#pragma once
+
+#include <cstdint>
+
+#include "rim_seq_fwd.cuh"
+
+namespace rims {
+
+template <typename T>
+struct RimSeqBwdParams : RimSeqDims {
+  // The forward's inputs (as in RimSeqFwdParams) and its saved activations.
+  const void* keys;
+  const void* xsrc;
+  const void* w_x;
+  const T* w_query;
+  const T* w_hh;
+  const T* c_query;
+  const T* c_key;
+  const T* c_value;
+  const T* c_output;
+  const bool* masks;
+  const void *sv_h, *sv_c, *sv_ht, *sv_q, *sv_a, *sv_g, *sv_qkv, *sv_bp, *sv_o;
+  // Incoming gradients (compute type, nullptr = zero): out (T, B, K*H), h_n, c_n (B, K, H).
+  const void *g_out, *g_hn, *g_cn;
+  bool block_inactive_grad;
+  // Outputs (compute type): d keys (T, B, M, nk), d xsrc (T, B, M, xrow), d h0, d c0 (B, K, H),
+  // and the per-step histories (T, B, K, width): dq (nk), d gates (GW), d Q|K|V (C3),
+  // dh' of active rows (H, zero elsewhere), xa (n_in*Dx, zero on inactive rows).
+  void *d_keys, *d_xsrc, *d_h0, *d_c0, *h_dq, *h_dg, *h_dqkv, *h_dhp, *h_xa;
+};
+
+RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
+                                       int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
+                                       int64_t ck, int64_t cv, bool lstm) {
+  const int64_t GW = lstm ? GH : 2 * GH;
+  return S * K * (H * 4  // dh, dc, dh~, dh_{t-1} (direct part, then the sum)
+                  + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M);
+}
+
+template <typename C>
+struct RimSeqBwdSmem {
+  C *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi;
+  RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
+                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
+                        bool lstm) {
+    const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
+    C* cur = base;
+    auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
+    dh = take(R * H);
+    dc = take(R * H);
+    dht = take(R * H);
+    dhp = take(R * H);
+    dout = take(R * cv);
+    dsc = take(R * n_c * K);
+    dqkv = take(R * (2 * ck + cv));
+    dg = take(R * GW);
+    dgf = take(R * n_in * Dx);
+    dq = take(R * nk);
+    dsi = take(R * n_in * M);
+  }
+};
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename C, typename T, class Exec>
+RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64_t tile, C* smem) {
+  const int64_t B = p.B, M = p.M, K = p.K, H = p.H, GH = p.GH, n_in = p.n_in, dk = p.dk;
+  const int64_t nk = p.nk, Dx = p.Dx, n_c = p.n_c, dc = p.dc, dcv = p.dcv, ck = p.ck, cv = p.cv;
+  const int64_t C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
+  const int64_t b0 = tile * p.S;
+  const int64_t S = (B - b0) < p.S ? (B - b0) : p.S;
+  const int64_t KH = K * H;
+  const C* keys = static_cast<const C*>(p.keys);
+  const C* xsrc = static_cast<const C*>(p.xsrc);
+  const C* wx = static_cast<const C*>(p.w_x);
+  const C* g_out = static_cast<const C*>(p.g_out);
+  const C scale_in = C(1) / sqrt(C(dk));
+  const C scale_c = C(1) / sqrt(C(dc));
+  const C keep_in = C(1.0 - p.p_in), keep_c = C(1.0 - p.p_c);
+  const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
+  RimSeqBwdSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+  // Row r = s*K + k of the tile at step t in a (T, B, K, width) tensor.
+  auto at = [&](const void* base, int64_t t, int64_t r, int64_t width) {
+    return static_cast<const C*>(base) + ((t * B + b0) * K + r) * width;
+  };
+  auto hist = [&](void* base, int64_t t, int64_t r, int64_t width) {
+    return static_cast<C*>(base) + ((t * B + b0) * K + r) * width;
+  };
+  auto active = [&](int64_t t, int64_t r) { return p.masks[(t * B + b0) * K + r]; };
+  // Dropout keep-decisions, the forward's stream.
+  auto keep_a = [&](int64_t t, int64_t r, int64_t n, int64_t m) {
+    const uint64_t idx = static_cast<uint64_t>(((((t * B + b0) * K + r) * n_in + n) * M + m));
+    return drop_in > 0.f ? (dropout_keep(p.seed, 0, idx, drop_in) ? C(1) / keep_in : C(0)) : C(1);
+  };
+  auto keep_b = [&](int64_t t, int64_t r, int64_t n, int64_t j) {
+    const uint64_t idx = static_cast<uint64_t>(((((t * B + b0) * K + r) * n_c + n) * K + j));
+    return drop_c > 0.f ? (dropout_keep(p.seed, 1, idx, drop_c) ? C(1) / keep_c : C(0)) : C(1);
+  };
+
+  const int64_t T_ = p.T_;
+  ex.parallel_for(S * KH, [&](int64_t i) {
+    C v = p.g_hn != nullptr ? static_cast<const C*>(p.g_hn)[b0 * KH + i] : C(0);
+    if (g_out != nullptr) v += g_out[((T_ - 1) * B + b0) * KH + i];
+    sm.dh[i] = v;
+    sm.dc[i] = p.lstm && p.g_cn != nullptr ? static_cast<const C*>(p.g_cn)[b0 * KH + i] : C(0);
+  });
+
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const C* kt = keys + (t * B + b0) * M * nk;
+    const C* xt = xsrc + (t * B + b0) * M * p.xrow;
+    // 5 backward. d o = dh' comm_output[k]^T on active rows; dh' kept for d comm_output.
+    ex.parallel_for(S * K * cv, [&](int64_t i) {
+      const int64_t r = i / cv, e = i % cv, k = r % K;
+      C acc = C(0);
+      if (active(t, r)) {
+        const T* w = p.c_output + (k * cv + e) * H;
+        for (int64_t j = 0; j < H; ++j) acc += sm.dh[r * H + j] * to_c(w[j]);
+      }
+      sm.dout[i] = acc;
+    });
+    ex.parallel_for(S * KH, [&](int64_t i) {
+      hist(p.h_dhp, t, i / H, H)[i % H] = active(t, i / H) ? sm.dh[i] : C(0);
+    });
+    // 4 backward, part 1: per (row, head) of an active mechanism: d b~ = d o . v_j, through the
+    // dropout and the softmax -> scaled d scores; dQ = sum_j d score_j k_j.
+    ex.parallel_for(S * K * n_c, [&](int64_t i) {
+      const int64_t r = i / n_c, n = i % n_c, s = r / K;
+      C* ds = sm.dsc + (r * n_c + n) * K;
+      C* dqc = sm.dqkv + r * C3 + n * dc;
+      if (!active(t, r)) {
+        for (int64_t j = 0; j < K; ++j) ds[j] = C(0);
+        for (int64_t e = 0; e < dc; ++e) dqc[e] = C(0);
+        return;
+      }
+      const C* qkv = at(p.sv_qkv, t, 0, C3);  // row (s, j) at qkv + (s*K + j)*C3
+      const C* don = sm.dout + r * cv + n * dcv;
+      for (int64_t j = 0; j < K; ++j) {
+        const C* vj = qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
+        C dot = C(0);
+        for (int64_t e = 0; e < dcv; ++e) dot += don[e] * vj[e];
+        ds[j] = dot * keep_b(t, r, n, j);
+      }
+      softmax_bwd(at(p.sv_bp, t, r, n_c * K) + n * K, ds, K, ds);
+      for (int64_t j = 0; j < K; ++j) ds[j] *= scale_c;
+      for (int64_t e = 0; e < dc; ++e) {
+        C acc = C(0);
+        for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[(s * K + j) * C3 + ck + n * dc + e];
+        dqc[e] = acc;
+      }
+    });
+    // Part 2: dK_j, dV_j of every mechanism j, summed over the querying mechanisms k.
+    ex.parallel_for(S * K * (ck + cv), [&](int64_t i) {
+      const int64_t r = i / (ck + cv), col = i % (ck + cv), s = r / K, j = r % K;
+      const C* qkv = at(p.sv_qkv, t, 0, C3);
+      C acc = C(0);
+      if (col < ck) {  // d key_j[n, e] = sum_k d score[k, n, j] q_k[n, e]
+        const int64_t n = col / dc;
+        for (int64_t k = 0; k < K; ++k)
+          acc += sm.dsc[((s * K + k) * n_c + n) * K + j] * qkv[(s * K + k) * C3 + col];
+      } else {         // d value_j[n, e] = sum_k b~[k, n, j] d o_k[n, e]
+        const int64_t c2 = col - ck, n = c2 / dcv;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t rk = s * K + k;
+          if (!active(t, rk)) continue;
+          const C b = at(p.sv_bp, t, rk, n_c * K)[n * K + j] * keep_b(t, rk, n, j);
+          acc += b * sm.dout[rk * cv + c2];
+        }
+      }
+      sm.dqkv[r * C3 + ck + col] = acc;
+    });
+    ex.parallel_for(S * K * C3, [&](int64_t i) {
+      hist(p.h_dqkv, t, i / C3, C3)[i % C3] = sm.dqkv[i];
+    });
+    // dh~ = dh' (residual and copy alike) + d(Q|K|V) [comm_query|comm_key|comm_value]^T, the
+    // K|V part cut for inactive mechanisms under block_inactive_grad.
+    ex.parallel_for(S * KH, [&](int64_t i) {
+      const int64_t r = i / H, j = i % H, k = r % K;
+      const C* d = sm.dqkv + r * C3;
+      C acc = C(0);
+      const T* wq = p.c_query + (k * H + j) * ck;
+      for (int64_t e = 0; e < ck; ++e) acc += d[e] * to_c(wq[e]);
+      if (active(t, r) || !p.block_inactive_grad) {
+        const T* wk = p.c_key + (k * H + j) * ck;
+        const T* wv = p.c_value + (k * H + j) * cv;
+        for (int64_t e = 0; e < ck; ++e) acc += d[ck + e] * to_c(wk[e]);
+        for (int64_t e = 0; e < cv; ++e) acc += d[2 * ck + e] * to_c(wv[e]);
+      }
+      sm.dht[i] = sm.dh[i] + acc;
+    });
+    // 3 backward: the masked cell. Inactive rows pass dh~ and dc through unchanged.
+    ex.parallel_for(S * KH, [&](int64_t i) {
+      const int64_t r = i / H, j = i % H;
+      C* dg = sm.dg + r * GW;
+      if (!active(t, r)) {
+        sm.dhp[i] = sm.dht[i];  // direct part of dh_{t-1}
+        for (int64_t q = 0; q < GW / H; ++q) dg[q * H + j] = C(0);
+        return;
+      }
+      const C* g = at(p.sv_g, t, r, GW);
+      if (p.lstm) {
+        const C cprev = at(p.sv_c, t, r, H)[j];
+        lstm_pointwise_bwd(sm.dht[i], sm.dc[i], g[j], g[H + j], g[2 * H + j], g[3 * H + j],
+                           cprev, dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j], sm.dc[i]);
+        sm.dhp[i] = C(0);
+      } else {
+        const C hprev = at(p.sv_h, t, r, H)[j];
+        const C* gh = g + GH;
+        C* dgh = dg + GH;
+        gru_pointwise_bwd(sm.dht[i], g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
+                          gh[2 * H + j], hprev, dg[j], dg[H + j], dg[2 * H + j], dgh[j],
+                          dgh[H + j], dgh[2 * H + j], sm.dhp[i]);
+      }
+    });
+    ex.parallel_for(S * K * GW, [&](int64_t i) { hist(p.h_dg, t, i / GW, GW)[i % GW] = sm.dg[i]; });
+    // Input term backward: d xa_n = d gi F[k, n]^T and xa_n itself (for d F), active rows.
+    ex.parallel_for(S * K * XW, [&](int64_t i) {
+      const int64_t r = i / XW, col = i % XW, n = col / Dx, d = col % Dx, k = r % K, s = r / K;
+      C dacc = C(0), xacc = C(0);
+      if (active(t, r)) {
+        const C* f = wx + ((k * n_in + n) * Dx + d) * GH;
+        const C* dgi = sm.dg + r * GW;  // LSTM: d gates = d gi; GRU: the gi half comes first
+        for (int64_t g = 0; g < GH; ++g) dacc += dgi[g] * f[g];
+        const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
+        for (int64_t m = 0; m < M; ++m)
+          xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * p.xrow + n * p.xhead + d];
+      }
+      sm.dgf[i] = dacc;
+      hist(p.h_xa, t, r, XW)[col] = xacc;
+    });
+    // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax; dq.
+    ex.parallel_for(S * K * n_in, [&](int64_t i) {
+      const int64_t r = i / n_in, n = i % n_in, s = r / K;
+      C* ds = sm.dsi + (r * n_in + n) * M;
+      C* dq = sm.dq + r * nk + n * dk;
+      if (!active(t, r)) {
+        for (int64_t m = 0; m < M; ++m) ds[m] = C(0);
+        for (int64_t e = 0; e < dk; ++e) dq[e] = C(0);
+        return;
+      }
+      const C* dxa = sm.dgf + r * XW + n * Dx;
+      for (int64_t m = 0; m < M; ++m) {
+        const C* xm = xt + (s * M + m) * p.xrow + n * p.xhead;
+        C dot = C(0);
+        for (int64_t d = 0; d < Dx; ++d) dot += dxa[d] * xm[d];
+        ds[m] = dot * keep_a(t, r, n, m);
+      }
+      softmax_bwd(at(p.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
+      for (int64_t m = 0; m < M; ++m) ds[m] *= scale_in;
+      for (int64_t e = 0; e < dk; ++e) {
+        C acc = C(0);
+        for (int64_t m = 0; m < M; ++m) acc += ds[m] * kt[(s * M + m) * nk + n * dk + e];
+        dq[e] = acc;
+      }
+    });
+    ex.parallel_for(S * K * nk, [&](int64_t i) { hist(p.h_dq, t, i / nk, nk)[i % nk] = sm.dq[i]; });
+    // This step's input gradients: d keys (sum over mechanisms of d score q) and d x (sum over
+    // mechanisms of a~ d xa; folded: all heads add to the same x_m).
+    ex.parallel_for(S * M * nk, [&](int64_t i) {
+      const int64_t s = i / (M * nk), m = (i / nk) % M, e = i % nk, n = e / dk;
+      C acc = C(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = s * K + k;
+        acc += sm.dsi[(r * n_in + n) * M + m] * at(p.sv_q, t, r, nk)[e];
+      }
+      static_cast<C*>(p.d_keys)[((t * B + b0) * M) * nk + i] = acc;
+    });
+    ex.parallel_for(S * M * p.xrow, [&](int64_t i) {
+      const int64_t s = i / (M * p.xrow), m = (i / p.xrow) % M, col = i % p.xrow;
+      const int64_t n_lo = p.xhead > 0 ? col / Dx : 0, n_hi = p.xhead > 0 ? n_lo + 1 : n_in;
+      const int64_t d = p.xhead > 0 ? col % Dx : col;
+      C acc = C(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t r = s * K + k;
+        if (!active(t, r)) continue;
+        for (int64_t n = n_lo; n < n_hi; ++n)
+          acc += at(p.sv_a, t, r, n_in * M)[n * M + m] * keep_a(t, r, n, m) *
+                 sm.dgf[r * XW + n * Dx + d];
+      }
+      static_cast<C*>(p.d_xsrc)[((t * B + b0) * M) * p.xrow + i] = acc;
+    });
+    // dh_{t-1} = direct + d gh weight_hh[k]^T (active) + dq input_query[k]^T (+ d out[t-1]).
+    ex.parallel_for(S * KH, [&](int64_t i) {
+      const int64_t r = i / H, j = i % H, k = r % K, s = r / K;
+      C acc = sm.dhp[i];
+      if (active(t, r)) {
+        const C* dgh = sm.dg + r * GW + (p.lstm ? 0 : GH);
+        const T* w = p.w_hh + (k * H + j) * GH;
+        for (int64_t g = 0; g < GH; ++g) acc += dgh[g] * to_c(w[g]);
+        const T* wq = p.w_query + (k * H + j) * nk;
+        for (int64_t e = 0; e < nk; ++e) acc += sm.dq[r * nk + e] * to_c(wq[e]);
+      }
+      if (t > 0 && g_out != nullptr) acc += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
+      sm.dhp[i] = acc;
+    });
+    ex.parallel_for(S * KH, [&](int64_t i) { sm.dh[i] = sm.dhp[i]; });
+  }
+  ex.parallel_for(S * KH, [&](int64_t i) {
+    static_cast<C*>(p.d_h0)[b0 * KH + i] = sm.dh[i];
+    if (p.lstm) static_cast<C*>(p.d_c0)[b0 * KH + i] = sm.dc[i];
+  });
+}
+
+}  // namespace rims
