@@ -8,7 +8,7 @@
 - ``triton_graph``: ``rims_fast.RIM(backend="triton")`` with ``RIMS_FAST_TRITON_GRAPH=1``: the
   no-grad forward replays a captured CUDA graph (fwd+bwd runs as ``triton``).
 - ``cuda_seq``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=persistent``: the
-  persistent whole-sequence forward kernel (``rims_fast::rim_seq_fwd``), backward by recompute.
+  persistent whole-sequence kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
 - ``brim2``, ``brim2_cpu``, ``brim2_cuda``: a two-layer :class:`rims_fast.BRIM` with the config's

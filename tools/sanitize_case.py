@@ -1,6 +1,6 @@
 """A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward),
 one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
-(rims_fast::rim_seq_fwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout). With
+(rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout). With
 ``--seq-only`` only the persistent kernel runs (for racecheck/synccheck, which are slow)."""
 
 import sys
@@ -22,9 +22,11 @@ def persistent_kernel():
         x = torch.randn(4, 5, 2, 6, device=dev)
         h0 = torch.randn(5, 3, 5, device=dev)
         c0 = torch.randn(5, 3, 5, device=dev) if cell == "lstm" else None
-        for tile in (1, 3):
-            rim_seq(x, h0, c0, dict(rim.named_parameters()), rim.config, training=True,
-                    seed=1, tile=tile)
+        for tile in (1, 3):  # forward and the backward kernel
+            out, h_n, c_n, _ = rim_seq(x.requires_grad_(True), h0, c0,
+                                       dict(rim.named_parameters()), rim.config, training=True,
+                                       seed=1, tile=tile)
+            (out.square().sum() + h_n.sum()).backward()
     torch.cuda.synchronize()
 
 
