@@ -15,6 +15,7 @@ from . import _backend
 from ._config import BACKENDS, RimConfig
 from .modules import check_input, check_state
 from .reference import brim_ref
+from .rim_seq import cuda_fwd_mode
 
 PerLayer = Union[int, Sequence[int], None]
 
@@ -76,7 +77,8 @@ class BRIM(nn.Module):
         output_all_layers: return every layer's ``h_t`` concatenated on the last dim (bottom to
             top) instead of the top layer's.
         backend: ``"auto"``, ``"torch"`` (the reference), ``"cuda"`` (the reference with the
-            fused CUDA cell) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
+            fused CUDA cell; with ``RIMS_FAST_CUDA_FWD=persistent`` the persistent kernels, one
+            launch per layer-step, see :mod:`rims_fast.brim_seq`) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
             :mod:`rims_fast.brim_cpu`) or ``"triton"`` (the Triton RIM kernels per layer-step,
             backward by recompute; see :mod:`rims_fast.brim_triton`). ``"auto"`` picks ``"cpu"``
             on CPU tensors and ``"cuda"`` on CUDA tensors when built, else ``"torch"``.
@@ -148,6 +150,9 @@ class BRIM(nn.Module):
         elif name == "triton":
             from .brim_triton import brim_triton
             run = brim_triton
+        elif name == "cuda" and cuda_fwd_mode() == "persistent":
+            from .brim_seq import brim_seq
+            run = brim_seq
         elif name == "cuda":
             from .masked_cell import masked_gru_cell, masked_lstm_cell
             run = functools.partial(brim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)

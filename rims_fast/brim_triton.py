@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import rim_triton as rt
 from ._config import RimConfig
-from .brim_cpu import num_elements
+from .brim_steps import num_elements
 from .reference import _Rounder, brim_ref, compute_dtype
 
 __all__ = ["brim_triton", "unavailable_reason", "step_seed", "dropout_masks"]
@@ -41,7 +41,7 @@ unavailable_reason = rt.unavailable_reason
 
 def step_seed(base: int, t: int, layer: int, num_layers: int) -> int:
     """The Triton dropout seed (< 2^31 - 1) of layer-step ``(t, layer)`` of a call drawn ``base``."""
-    from .brim_cpu import step_seed as mix
+    from .brim_steps import step_seed as mix
     return mix(base, t, layer, num_layers) % (2 ** 31 - 1)
 
 

@@ -1,7 +1,9 @@
-"""``BRIM(backend="cpu")`` (rims_fast.brim_cpu: the C++ driver, one fused layer-step per call)
-against ``brim_ref``: float32 and half precision against the float64 reference under the
-backend's masks, dropout replayed from the backend's own keep-masks, batch tiles on 2 threads.
-(Float64 equality with a plain loop, for L = 1, 2, 3 and every gradient, is in test_brim.py.)"""
+"""BRIM stacks one fused layer-step per call (rims_fast.brim_steps) against ``brim_ref``: on the
+C++ driver (``brim_cpu``, ``BRIM(backend="cpu")``) and on the persistent CUDA kernels
+(``brim_seq``, here their host runs on CPU tensors). Float64, float32 and (C++ driver) half
+precision against the float64 reference under the implementation's masks, every gradient, dropout
+replayed from the implementation's own keep-masks, batch tiles on 2 threads.
+(Float64 equality of ``backend="cpu"`` with a plain loop, L = 1, 2, 3, is in test_brim.py.)"""
 
 from __future__ import annotations
 
@@ -10,12 +12,18 @@ import torch
 
 import rims_fast
 from helpers import assert_close
-from rims_fast import brim_cpu
+from rims_fast import brim_cpu, brim_seq, brim_steps
 from test_brim import brim_states, make_brim
 
 pytestmark = pytest.mark.skipif(
     brim_cpu.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
     reason=f"C++ driver not built: {brim_cpu.unavailable_reason(torch.device('cpu'), torch.float32)}")
+
+_NO_SEQ = brim_seq.unavailable_reason(torch.device("cpu"), torch.float64)
+#: The implementations: the C++ driver, and the persistent kernels' host runs.
+IMPLS = [pytest.param(brim_cpu.brim_cpu, id="cpu"),
+         pytest.param(brim_seq.brim_seq, id="seq", marks=pytest.mark.skipif(
+             _NO_SEQ is not None, reason=f"rim_seq ops not built: {_NO_SEQ}"))]
 
 
 def _leaves(brim, x, states):
@@ -37,7 +45,7 @@ def _loss(outs, finals, seed=5):
                for t in terms)
 
 
-def _compare(brim, x, states, dtype, training=False, **kw):
+def _compare(brim, x, states, dtype, training=False, impl=brim_cpu.brim_cpu, **kw):
     """Run brim_cpu in ``dtype`` and brim_ref in float64 (under brim_cpu's masks and, with
     dropout, its keep-masks); compare outputs, final states and every gradient."""
     brim64 = brim
@@ -51,11 +59,11 @@ def _compare(brim, x, states, dtype, training=False, **kw):
           else s.detach().to(dtype).requires_grad_(True) for s in states]
     P, pairs = _run(brim_d, xd, sd)
     seed = 4321
-    got = brim_cpu.brim_cpu(xd, pairs, P, brim_d.configs, training=training, seed=seed)
+    got = impl(xd, pairs, P, brim_d.configs, training=training, seed=seed)
     keep = None
     if training:
         T, B, M = x.shape[0], x.shape[1], x.shape[2]
-        keep = brim_cpu.dropout_masks(seed, T, B, M, brim_d.configs)
+        keep = brim_steps.dropout_masks(seed, T, B, M, brim_d.configs)
         assert 0.4 < keep[0][0].float().mean() < 0.9
     P64, pairs64 = _run(brim64, x64, s64)
     want = rims_fast.brim_ref(x64, pairs64, P64, brim64.configs, masks=got[2],
@@ -87,14 +95,27 @@ def test_matches_float64_reference(cell, dtype):
     _compare(brim, x, brim_states(brim, 3), dtype, cell=cell)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("L", [1, 2, 3])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_dropout_replays_in_reference(cell):
+def test_stack_sizes(cell, L, dtype, impl):
+    kw = dict(cell=cell, hidden_sizes=[3, 4, 2][:L], num_units=[4, 3, 3][:L], top_k=[2, 1, 3][:L],
+              block_inactive_grad=L != 2)
+    brim = make_brim(**kw)
+    x = torch.randn(3, 3, 2, 5, dtype=torch.float64)
+    _compare(brim, x, brim_states(brim, 3), dtype, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_replays_in_reference(cell, impl):
     kw = dict(cell=cell, input_dropout=0.3, comm_dropout=0.4)
     brim = make_brim(**kw)
     x = torch.randn(4, 3, 2, 5, dtype=torch.float64)
-    got = _compare(brim, x, brim_states(brim, 3), torch.float64, training=True, **kw)
+    got = _compare(brim, x, brim_states(brim, 3), torch.float64, training=True, impl=impl, **kw)
     P, pairs = _run(brim, x, brim_states(brim, 3))
-    plain = brim_cpu.brim_cpu(x, pairs, P, brim.configs, training=False)
+    plain = impl(x, pairs, P, brim.configs, training=False)
     assert (plain[0][-1] - got[0][-1]).abs().max() > 1e-3, "dropout had no effect"
 
 

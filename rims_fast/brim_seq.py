@@ -1,0 +1,49 @@
+"""A BRIM stack on the persistent CUDA kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``), one
+kernel launch per layer-step in their pre-projected mode (``T = 1``, per-head values, ``weight_ih``
+in place). ``BRIM(backend="cuda")`` runs it under ``RIMS_FAST_CUDA_FWD=persistent``. The loop,
+dtype and dropout rules are :mod:`rims_fast.brim_steps`' (the kernels use the C++ driver's dropout
+stream, so the keep-masks equal ``backend="cpu"``'s); :func:`brim_seq` has
+:func:`rims_fast.reference.brim_ref`'s contract. On CPU tensors (float32/float64) the kernels'
+host runs execute it, which is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._config import RimConfig, cfg_args
+from .brim_steps import brim_steps
+from .rim_seq import OP_WEIGHTS, rim_seq_op, tile_size, unavailable_reason
+
+__all__ = ["brim_seq", "unavailable_reason"]
+
+
+def _step(keys, values, h, c, params, cfg, training, seed):
+    sizes, cell, p_in, p_c, big = cfg_args(cfg)
+    if not training:
+        p_in = p_c = 0.0
+    K, n, dv, GH = cfg.num_units, cfg.input_heads, cfg.input_value_size, cfg.gates * cfg.hidden_size
+    w_x = params["weight_ih"].view(K, n, dv, GH)
+    weights = [params[name] for name in OP_WEIGHTS]
+    lstm = cfg.cell == "lstm"
+    leaves = (keys, values, w_x, h, c, *weights)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    res = rim_seq_op(keys.contiguous(), values.contiguous(), w_x.contiguous(), h.contiguous(),
+                     c.contiguous() if lstm else None, weights, sizes, cell, p_in, p_c, big, True,
+                     seed, tile_size(), save)
+    return res[0], res[1], (res[2] if lstm else None), res[3]
+
+
+def brim_seq(x: Tensor, states: Sequence[tuple[Tensor, Optional[Tensor]]],
+             layer_params: Sequence[Mapping[str, Tensor]], cfgs: Sequence[RimConfig], *,
+             training: bool = False, seed: Optional[int] = None,
+             ) -> tuple[list[Tensor], list[tuple[Tensor, Optional[Tensor]]], list[Tensor]]:
+    """A BRIM stack over a sequence on the persistent kernels; see
+    :func:`rims_fast.brim_steps.brim_steps` for the arguments."""
+    why = unavailable_reason(x.device, x.dtype)
+    if why is not None:
+        raise RuntimeError(why)
+    return brim_steps(x, states, layer_params, cfgs, _step, training=training, seed=seed)
