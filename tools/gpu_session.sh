@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# One lease of a GPU machine, in one call: build the extension for sm_90a, run the whole test
-# benchmark suite, the whole test suite on the GPU, compute-sanitizer (memcheck; racecheck and
-# synccheck on the persistent kernel) on a small workload.
-# Everything is logged to $OUT/session.log; benchmark results land in $OUT as JSON/CSV.
+# One lease of a GPU machine, in one call, most valuable first (a lease is short):
+#   1. build the extension for sm_90a and print what is available;
+#   2. the gpu-marked tests (the CUDA kernels, the persistent kernels, Triton at realistic shapes,
+#      CUDA-graph replay) -> $OUT/pytest-gpu.log;
+#   3. the benchmark (bf16, paper and large; every GPU provider) and a tile sweep of the
+#      persistent kernels (RIMS_FAST_CUDA_TILE) -> $OUT/*.json, *.csv;
+#   4. the whole test suite -> $OUT/pytest.log;
+#   5. compute-sanitizer: memcheck on a small workload, racecheck and synccheck on the persistent
+#      kernels.
+# Everything is logged to $OUT/session.log. Time limits per stage: *_TIMEOUT variables.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -17,15 +23,23 @@ stamp "build"
 python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
 tail -2 /tmp/build.log
 python3 -m rims_fast.info
+stamp "gpu-marked tests"
+timeout "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest tests -m gpu -v -rs -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1
+echo "pytest -m gpu exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest-gpu.log" | tail -5
+grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -20
 stamp "benchmarks"
 timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper,large}" \
   --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,triton,triton_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
-stamp "tests (GPU present: gpu-marked tests run, Triton compiles for real)"
+for tile in ${TILES:-2 4}; do
+  RIMS_FAST_CUDA_TILE=$tile timeout "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
+    --configs paper --providers lstm,cuda_seq --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
+done
+stamp "all tests (GPU present: gpu-marked tests run, Triton compiles for real)"
 timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests -v -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest.log" | tail -5
 stamp "compute-sanitizer memcheck"
 [ -n "${SKIP_SANITIZER:-}" ] || timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -8
-stamp "compute-sanitizer racecheck + synccheck (persistent kernel)"
+stamp "compute-sanitizer racecheck + synccheck (persistent kernels)"
 [ -n "${SKIP_SANITIZER:-}" ] || for tool in racecheck synccheck; do
   timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool $tool --print-limit 20 python3 tools/sanitize_case.py --seq-only 2>&1 | tail -4
 done
