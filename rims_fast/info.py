@@ -27,6 +27,23 @@ def _build() -> dict:
         return {"build": "no build metadata (source tree, not installed with setup.py)"}
 
 
+def _modes() -> dict:
+    """The environment switches that pick an implementation inside a backend."""
+    import os
+    from rims_fast import rim_seq
+    res = {"RIMS_FAST_CUDA_FWD": f"{rim_seq.cuda_fwd_mode()} (backend='cuda': 'cell' = reference "
+                                 "loop + fused cell, 'persistent' = rim_seq kernels)",
+           "RIMS_FAST_CUDA_TILE": f"{rim_seq.tile_size()} (0 = automatic)"}
+    try:
+        from rims_fast import rim_triton
+        res["RIMS_FAST_TRITON_BWD"] = rim_triton.bwd_mode()
+        res["RIMS_FAST_TRITON_GRAPH"] = str(int(rim_triton.graph_mode()))
+    except ImportError as e:
+        res["triton switches"] = f"n/a ({e})"
+    res["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
+    return res
+
+
 def report() -> str:
     from rims_fast import masked_cell
     lines = [
@@ -35,10 +52,11 @@ def report() -> str:
         f"torch     {torch.__version__} (CUDA {torch.version.cuda}, cuda available: "
         f"{torch.cuda.is_available()})",
         f"triton    {_triton_version()}",
-        f"TRITON_INTERPRET=1: {_backend.triton_interpreter()}",
         f"extension rims_fast._C: {'loaded' if masked_cell.HAVE_C else masked_cell.C_IMPORT_ERROR}",
     ]
     lines += [f"  build.{k} = {v}" for k, v in _build().items()]
+    lines += ["implementation switches (environment, read at each call):"]
+    lines += [f"  {k} = {v}" for k, v in _modes().items()]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         if dev == "cuda":
