@@ -70,6 +70,8 @@ def cuda_fwd_mode() -> str:
     return mode
 
 
+# torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if the op runs on tensors of this device and dtype (CPU: float32/float64, the
     host run for tests; CUDA: all four float dtypes), else why not."""

@@ -46,3 +46,37 @@ def test_compiled_training_step_matches_eager():
     torch.compile(rim, fullgraph=True, backend="aot_eager")(x)[0].square().sum().backward()
     for g, p in zip(eager, rim.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-12)
+
+
+def test_persistent_kernels_one_op_and_training_step():
+    """The persistent kernels' op (rims_fast::rim_seq, here its host run on CPU tensors): one node
+    under torch.compile(fullgraph=True), and a compiled training step (aot_eager, so the backward
+    kernel runs through the registered autograd) equals eager."""
+    from rims_fast import rim_seq as rs
+    if rs.unavailable_reason(torch.device("cpu"), torch.float64) is not None:
+        pytest.skip(rs.unavailable_reason(torch.device("cpu"), torch.float64))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    rim = rims_fast.RIM(5, 3, 4, 2, input_heads=2, comm_heads=2, dtype=torch.float64)
+    x = torch.randn(6, 2, 1, 5, dtype=torch.float64)
+    h0 = torch.zeros(2, 4, 3, dtype=torch.float64)
+    P = dict(rim.named_parameters())
+
+    def f(x):
+        return rs.rim_seq(x, h0, h0, P, rim.config)[0]
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    out = torch.compile(f, fullgraph=True, backend=backend)(x)
+    assert [s for s in seen if "rims_fast" in s] == ["rims_fast.rim_seq.default"], seen
+    torch.testing.assert_close(out, f(x), atol=0, rtol=0)
+    f(x).square().sum().backward()
+    eager = [p.grad.clone() for p in rim.parameters()]
+    rim.zero_grad()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    for g, p in zip(eager, rim.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-12)
