@@ -164,6 +164,15 @@ RimSeqDims seq_bwd_check(
   return d;
 }
 
+std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tensor& whh,
+                                           const at::Tensor& cq, const at::Tensor& ck,
+                                           const at::Tensor& cv, const at::Tensor& co,
+                                           const at::Tensor& w_x) {
+  return {wq.transpose(1, 2).contiguous(), whh.transpose(1, 2).contiguous(),
+          at::cat({cq, ck, cv}, -1).transpose(1, 2).contiguous(), co.transpose(1, 2).contiguous(),
+          w_x.transpose(2, 3).contiguous()};
+}
+
 namespace {
 
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
@@ -227,17 +236,16 @@ SeqBwdResult rim_seq_bwd_cpu(
   SeqBwdResult res = seq_bwd_alloc(d, keys, xsrc);
   const at::Tensor go = contig_or_undef(g_out), ghn = contig_or_undef(g_hn),
                    gcn = d.lstm ? contig_or_undef(g_cn) : at::Tensor();
-  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), q_ = c(input_query),
-                   hh = c(weight_hh), cq = c(comm_query), ck = c(comm_key), cv = c(comm_value),
-                   co = c(comm_output), m_ = c(masks);
+  const at::Tensor k_ = c(keys), x_ = c(xsrc), m_ = c(masks);
+  const std::vector<at::Tensor> wt = seq_bwd_transposed(input_query, weight_hh, comm_query,
+                                                        comm_key, comm_value, comm_output, w_x);
   AT_DISPATCH_FLOATING_TYPES(st, "rim_seq_bwd_cpu", [&] {
     RimSeqBwdParams<scalar_t> p;
-    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, w_, q_, hh, cq, ck, cv, co,
-                 m_, saved, res);
+    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, wt, m_, saved, res);
     std::vector<scalar_t> smem(rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk,
                                                       d.Dx, d.n_c, d.ck, d.cv, d.lstm));
     for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
-      rim_seq_bwd_tile<scalar_t>(HostExec{}, p, tile_i, smem.data());
+      rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, smem.data());
   });
   return res;
 }

@@ -63,20 +63,26 @@ void seq_fwd_fill(RimSeqFwdParams<T>& p, const RimSeqDims& d, const at::Tensor& 
 }
 
 SeqBwdResult seq_bwd_alloc(const RimSeqDims& d, const at::Tensor& keys, const at::Tensor& xsrc);
+// The backward kernel's transposed weight copies, contiguous: input_query^T (K, nk, H),
+// weight_hh^T (K, GH, H), [comm_query | comm_key | comm_value]^T (K, C3, H),
+// comm_output^T (K, H, cv), w_x^T (K, n_in, GH, Dx).
+std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tensor& whh,
+                                           const at::Tensor& cq, const at::Tensor& ck,
+                                           const at::Tensor& cv, const at::Tensor& co,
+                                           const at::Tensor& w_x);
+
 template <typename T>
 void seq_bwd_fill(RimSeqBwdParams<T>& p, const RimSeqDims& d, bool block,
                   const at::Tensor& g_out, const at::Tensor& g_hn, const at::Tensor& g_cn,
-                  const at::Tensor& keys, const at::Tensor& xsrc, const at::Tensor& w_x,
-                  const at::Tensor& wq, const at::Tensor& whh, const at::Tensor& cq,
-                  const at::Tensor& ck, const at::Tensor& cv, const at::Tensor& co,
-                  const at::Tensor& masks, const std::vector<at::Tensor>& saved,
-                  SeqBwdResult& res) {
+                  const at::Tensor& keys, const at::Tensor& xsrc,
+                  const std::vector<at::Tensor>& wt, const at::Tensor& masks,
+                  const std::vector<at::Tensor>& saved, SeqBwdResult& res) {
   static_cast<RimSeqDims&>(p) = d;
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
-  p.keys = keys.const_data_ptr(), p.xsrc = xsrc.const_data_ptr(), p.w_x = w_x.const_data_ptr();
-  p.w_query = cp(wq), p.w_hh = cp(whh);
-  p.c_query = cp(cq), p.c_key = cp(ck), p.c_value = cp(cv), p.c_output = cp(co);
+  p.keys = keys.const_data_ptr(), p.xsrc = xsrc.const_data_ptr();
+  p.w_query_t = cp(wt[0]), p.w_hh_t = cp(wt[1]), p.c_qkv_t = cp(wt[2]), p.c_output_t = cp(wt[3]);
+  p.w_x_t = wt[4].const_data_ptr();
   p.masks = masks.const_data_ptr<bool>();
   const void** sv[] = {&p.sv_h, &p.sv_c, &p.sv_ht, &p.sv_q, &p.sv_a, &p.sv_g, &p.sv_qkv,
                        &p.sv_bp, &p.sv_o};

@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFw
 template <typename C, typename T>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  rim_seq_bwd_tile<C>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
-                      reinterpret_cast<C*>(smem_raw));
+  rim_seq_bwd_tile<kSeqTileMax, C>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
+                                   reinterpret_cast<C*>(smem_raw));
 }
 
 // at:: storage types -> CUDA's.
@@ -124,9 +124,9 @@ SeqBwdResult rim_seq_bwd_cuda(
     return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
   };
   const at::Tensor go = opt(g_out), ghn = opt(g_hn), gcn = d.lstm ? opt(g_cn) : at::Tensor();
-  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), q_ = c(input_query),
-                   hh = c(weight_hh), cq = c(comm_query), ck = c(comm_key), cv = c(comm_value),
-                   co = c(comm_output), m_ = c(masks);
+  const at::Tensor k_ = c(keys), x_ = c(xsrc), m_ = c(masks);
+  const std::vector<at::Tensor> wt = seq_bwd_transposed(input_query, weight_hh, comm_query,
+                                                        comm_key, comm_value, comm_output, w_x);
   SeqBwdResult res = seq_bwd_alloc(d, keys, xsrc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_bwd_cuda",
                                   [&] {
@@ -138,8 +138,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     };
     d.S = fit_tile<C>(d.S, dev, bytes);
     RimSeqBwdParams<T> p;
-    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, w_, q_, hh, cq, ck, cv, co, m_,
-                 saved, res);
+    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, wt, m_, saved, res);
     launch(rim_seq_bwd_kernel<C, T>, p, bytes(d.S), dev);
   });
   return res;

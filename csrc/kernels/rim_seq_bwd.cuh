@@ -24,13 +24,15 @@ struct RimSeqBwdParams : RimSeqDims {
   // The forward's inputs (as in RimSeqFwdParams) and its saved activations.
   const void* keys;
   const void* xsrc;
-  const void* w_x;
-  const T* w_query;
-  const T* w_hh;
-  const T* c_query;
-  const T* c_key;
-  const T* c_value;
-  const T* c_output;
+  // Weights transposed once per call (the launcher's copies), so that the weight-stationary
+  // phases below read them coalesced: item (k, column) -> consecutive columns, consecutive
+  // addresses. input_query^T (K, nk, H), weight_hh^T (K, GH, H), [comm_query | comm_key |
+  // comm_value]^T (K, C3, H), comm_output^T (K, H, cv), F^T (K, n_in, GH, Dx; compute type).
+  const T* w_query_t;
+  const T* w_hh_t;
+  const T* c_qkv_t;
+  const T* c_output_t;
+  const void* w_x_t;
   const bool* masks;
   const void *sv_h, *sv_c, *sv_ht, *sv_q, *sv_a, *sv_g, *sv_qkv, *sv_bp, *sv_o;
   // Incoming gradients (compute type, nullptr = zero): out (T, B, K*H), h_n, c_n (B, K, H).
@@ -76,7 +78,8 @@ struct RimSeqBwdSmem {
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <typename C, typename T, class Exec>
+// SMAX: the largest tile the per-sample accumulators of the weight-stationary phases hold.
+template <int SMAX, typename C, typename T, class Exec>
 RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64_t tile, C* smem) {
   const int64_t B = p.B, M = p.M, K = p.K, H = p.H, GH = p.GH, n_in = p.n_in, dk = p.dk;
   const int64_t nk = p.nk, Dx = p.Dx, n_c = p.n_c, dc = p.dc, dcv = p.dcv, ck = p.ck, cv = p.cv;
@@ -86,7 +89,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const int64_t KH = K * H;
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
-  const C* wx = static_cast<const C*>(p.w_x);
+  const C* wx_t = static_cast<const C*>(p.w_x_t);
   const C* g_out = static_cast<const C*>(p.g_out);
   const C scale_in = C(1) / sqrt(C(dk));
   const C scale_c = C(1) / sqrt(C(dc));
@@ -122,15 +125,22 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * p.xrow;
-    // 5 backward. d o = dh' comm_output[k]^T on active rows; dh' kept for d comm_output.
-    ex.parallel_for(S * K * cv, [&](int64_t i) {
-      const int64_t r = i / cv, e = i % cv, k = r % K;
-      C acc = C(0);
-      if (active(t, r)) {
-        const T* w = p.c_output + (k * cv + e) * H;
-        for (int64_t j = 0; j < H; ++j) acc += sm.dh[r * H + j] * to_c(w[j]);
+    // 5 backward. d o = dh' comm_output[k]^T on active rows (weight-stationary: item (k, e),
+    // all the tile's samples); dh' kept for d comm_output.
+    ex.parallel_for(K * cv, [&](int64_t i) {
+      const int64_t k = i / cv, e = i % cv;
+      C acc[SMAX];
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
+      for (int64_t j = 0; j < H; ++j) {
+        const C w = to_c(p.c_output_t[(k * H + j) * cv + e]);
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) acc[s] += sm.dh[(s * K + k) * H + j] * w;
       }
-      sm.dout[i] = acc;
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s)
+        if (s < S) sm.dout[(s * K + k) * cv + e] = active(t, s * K + k) ? acc[s] : C(0);
     });
     ex.parallel_for(S * KH, [&](int64_t i) {
       hist(p.h_dhp, t, i / H, H)[i % H] = active(t, i / H) ? sm.dh[i] : C(0);
@@ -187,19 +197,24 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     });
     // dh~ = dh' (residual and copy alike) + d(Q|K|V) [comm_query|comm_key|comm_value]^T, the
     // K|V part cut for inactive mechanisms under block_inactive_grad.
-    ex.parallel_for(S * KH, [&](int64_t i) {
-      const int64_t r = i / H, j = i % H, k = r % K;
-      const C* d = sm.dqkv + r * C3;
-      C acc = C(0);
-      const T* wq = p.c_query + (k * H + j) * ck;
-      for (int64_t e = 0; e < ck; ++e) acc += d[e] * to_c(wq[e]);
-      if (active(t, r) || !p.block_inactive_grad) {
-        const T* wk = p.c_key + (k * H + j) * ck;
-        const T* wv = p.c_value + (k * H + j) * cv;
-        for (int64_t e = 0; e < ck; ++e) acc += d[ck + e] * to_c(wk[e]);
-        for (int64_t e = 0; e < cv; ++e) acc += d[2 * ck + e] * to_c(wv[e]);
+    ex.parallel_for(K * H, [&](int64_t i) {
+      const int64_t k = i / H, j = i % H;
+      C acc[SMAX];
+      bool kv[SMAX];
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        acc[s] = C(0);
+        kv[s] = s < S && (active(t, s * K + k) || !p.block_inactive_grad);
       }
-      sm.dht[i] = sm.dh[i] + acc;
+      for (int64_t c = 0; c < C3; ++c) {
+        const C w = to_c(p.c_qkv_t[(k * C3 + c) * H + j]);
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S && (c < ck || kv[s])) acc[s] += sm.dqkv[(s * K + k) * C3 + c] * w;
+      }
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s)
+        if (s < S) sm.dht[(s * K + k) * H + j] = sm.dh[(s * K + k) * H + j] + acc[s];
     });
     // 3 backward: the masked cell. Inactive rows pass dh~ and dc through unchanged.
     ex.parallel_for(S * KH, [&](int64_t i) {
@@ -226,20 +241,34 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
     });
     ex.parallel_for(S * K * GW, [&](int64_t i) { hist(p.h_dg, t, i / GW, GW)[i % GW] = sm.dg[i]; });
-    // Input term backward: d xa_n = d gi F[k, n]^T and xa_n itself (for d F), active rows.
-    ex.parallel_for(S * K * XW, [&](int64_t i) {
-      const int64_t r = i / XW, col = i % XW, n = col / Dx, d = col % Dx, k = r % K, s = r / K;
-      C dacc = C(0), xacc = C(0);
-      if (active(t, r)) {
-        const C* f = wx + ((k * n_in + n) * Dx + d) * GH;
-        const C* dgi = sm.dg + r * GW;  // LSTM: d gates = d gi; GRU: the gi half comes first
-        for (int64_t g = 0; g < GH; ++g) dacc += dgi[g] * f[g];
-        const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
-        for (int64_t m = 0; m < M; ++m)
-          xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * p.xrow + n * p.xhead + d];
+    // Input term backward: d xa_n = d gi F[k, n]^T (weight-stationary: item (k, n, d)) and
+    // xa_n itself (for d F), active rows; d gi: LSTM all of d gates, GRU its first half.
+    ex.parallel_for(K * XW, [&](int64_t i) {
+      const int64_t k = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
+      C acc[SMAX];
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
+      const C* ft = wx_t + (k * n_in + n) * GH * Dx + d;
+      for (int64_t g = 0; g < GH; ++g) {
+        const C w = ft[g * Dx];
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) acc[s] += sm.dg[(s * K + k) * GW + g] * w;
       }
-      sm.dgf[i] = dacc;
-      hist(p.h_xa, t, r, XW)[col] = xacc;
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        if (s >= S) continue;
+        const int64_t r = s * K + k;
+        const bool on = active(t, r);
+        C xacc = C(0);
+        if (on) {
+          const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
+          for (int64_t m = 0; m < M; ++m)
+            xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * p.xrow + n * p.xhead + d];
+        }
+        sm.dgf[r * XW + col] = on ? acc[s] : C(0);
+        hist(p.h_xa, t, r, XW)[col] = xacc;
+      }
     });
     // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax; dq.
     ex.parallel_for(S * K * n_in, [&](int64_t i) {
@@ -292,19 +321,36 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       static_cast<C*>(p.d_xsrc)[((t * B + b0) * M) * p.xrow + i] = acc;
     });
-    // dh_{t-1} = direct + d gh weight_hh[k]^T (active) + dq input_query[k]^T (+ d out[t-1]).
-    ex.parallel_for(S * KH, [&](int64_t i) {
-      const int64_t r = i / H, j = i % H, k = r % K, s = r / K;
-      C acc = sm.dhp[i];
-      if (active(t, r)) {
-        const C* dgh = sm.dg + r * GW + (p.lstm ? 0 : GH);
-        const T* w = p.w_hh + (k * H + j) * GH;
-        for (int64_t g = 0; g < GH; ++g) acc += dgh[g] * to_c(w[g]);
-        const T* wq = p.w_query + (k * H + j) * nk;
-        for (int64_t e = 0; e < nk; ++e) acc += sm.dq[r * nk + e] * to_c(wq[e]);
+    // dh_{t-1} = direct + d gh weight_hh[k]^T (active) + dq input_query[k]^T (+ d out[t-1]),
+    // weight-stationary: item (k, j). dq is zero on inactive rows, d gh is not read there.
+    ex.parallel_for(K * H, [&](int64_t i) {
+      const int64_t k = i / H, j = i % H;
+      C acc[SMAX];
+      bool on[SMAX];
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        on[s] = s < S && active(t, s * K + k);
+        acc[s] = s < S ? sm.dhp[(s * K + k) * H + j] : C(0);
       }
-      if (t > 0 && g_out != nullptr) acc += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
-      sm.dhp[i] = acc;
+      const int64_t off = p.lstm ? 0 : GH;
+      for (int64_t g = 0; g < GH; ++g) {
+        const C w = to_c(p.w_hh_t[(k * GH + g) * H + j]);
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (on[s]) acc[s] += sm.dg[(s * K + k) * GW + off + g] * w;
+      }
+      for (int64_t e = 0; e < nk; ++e) {
+        const C w = to_c(p.w_query_t[(k * nk + e) * H + j]);
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (on[s]) acc[s] += sm.dq[(s * K + k) * nk + e] * w;
+      }
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        if (s >= S) continue;
+        if (t > 0 && g_out != nullptr) acc[s] += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
+        sm.dhp[(s * K + k) * H + j] = acc[s];
+      }
     });
     ex.parallel_for(S * KH, [&](int64_t i) { sm.dh[i] = sm.dhp[i]; });
   }
