@@ -28,6 +28,11 @@ precision results differ from the reference's operand rounding within the tolera
 Dropout uses the C++ driver's counter-based stream, so the keep-masks equal ``backend="cpu"``'s
 for the same seed (:func:`rims_fast.rim_cpu.dropout_masks`).
 
+Limits: one sample's state and activations must fit a thread block's shared memory (about
+33 KB forward / 35 KB backward at the paper layer in float32; the tile shrinks to fit, and a size
+whose single sample does not fit — e.g. GRU in float64 with inputs wider than ~480 — raises
+``RuntimeError`` saying so); products run on CUDA cores (no tensor cores yet).
+
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
 how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
 ``backend="cuda"`` use this op; the default, ``cell``, keeps the reference loop with the fused
