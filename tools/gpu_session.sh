@@ -9,6 +9,11 @@
 #   5. compute-sanitizer: memcheck on a small workload, racecheck and synccheck on the persistent
 #      kernels.
 # Everything is logged to $OUT/session.log. Time limits per stage: *_TIMEOUT variables.
+# STAGES picks stages (default: all): a device call is limited to 10 minutes, so run e.g.
+#   STAGES="build gputests bench" bash tools/gpu_session.sh      (~8 min)
+#   STAGES="build alltests sanitize" bash tools/gpu_session.sh   (~7 min; the build is cached)
+STAGES=${STAGES:-"build gputests bench alltests sanitize"}
+want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -20,27 +25,33 @@ stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 stamp "machine"; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 stamp "build"
-python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
-tail -2 /tmp/build.log
+if want build; then
+  python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
+  tail -2 /tmp/build.log
+fi
 python3 -m rims_fast.info
 stamp "gpu-marked tests"
-timeout "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest tests -m gpu -v -rs -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1
-echo "pytest -m gpu exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest-gpu.log" | tail -5
-grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -20
+if want gputests; then
+  timeout "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest tests -m gpu -v -rs -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1
+  echo "pytest -m gpu exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest-gpu.log" | tail -5
+  grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -20
+fi
 stamp "benchmarks"
-timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper,large}" \
+want bench && timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper,large}" \
   --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,triton,triton_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
-for tile in ${TILES:-2 4}; do
+want bench && for tile in ${TILES:-4}; do
   RIMS_FAST_CUDA_TILE=$tile timeout "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
     --configs paper --providers lstm,cuda_seq --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
 done
 stamp "all tests (GPU present: gpu-marked tests run, Triton compiles for real)"
-timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests -v -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
-echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest.log" | tail -5
+if want alltests; then
+  timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests -v -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+  echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest.log" | tail -5
+fi
 stamp "compute-sanitizer memcheck"
-[ -n "${SKIP_SANITIZER:-}" ] || timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -8
+want sanitize && timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -8
 stamp "compute-sanitizer racecheck + synccheck (persistent kernels)"
-[ -n "${SKIP_SANITIZER:-}" ] || for tool in racecheck synccheck; do
+want sanitize && for tool in racecheck synccheck; do
   timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool $tool --print-limit 20 python3 tools/sanitize_case.py --seq-only 2>&1 | tail -4
 done
 stamp "done"
