@@ -11,9 +11,11 @@
   persistent whole-sequence kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
-- ``brim2``, ``brim2_cpu``, ``brim2_cuda``: a two-layer :class:`rims_fast.BRIM` with the config's
-  K, top_k, H in both layers, on the reference (``brim2``), the C++ driver one fused layer-step per
-  call (``brim2_cpu``) and the reference with the fused CUDA cell (``brim2_cuda``): what a stack
+- ``brim2``, ``brim2_cpu``, ``brim2_cuda``, ``brim2_triton``, ``brim2_cuda_seq``: a two-layer
+  :class:`rims_fast.BRIM` with the config's K, top_k, H in both layers, on the reference
+  (``brim2``), the C++ driver one fused layer-step per call (``brim2_cpu``), the reference with the
+  fused CUDA cell (``brim2_cuda``), the Triton kernels per layer-step (``brim2_triton``) and the
+  persistent CUDA kernels per layer-step (``brim2_cuda_seq``): what a stack
   costs next to one layer. It computes another function, so it is timed but not gated here
   (tests/test_brim.py and tests/test_brim_cpu.py check it against the reference and a plain loop).
 
@@ -23,6 +25,7 @@ be compared with the reference's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -38,7 +41,7 @@ from .naive import NaiveRIM
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq", "cpu", "lstm",
-             "naive", "brim2", "brim2_cpu", "brim2_cuda")
+             "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq", "cpu",
                  "naive")
@@ -104,6 +107,22 @@ def _torch_compile(ctx: Context) -> Provider:
     return Provider("torch_compile", _rim_run(compiled), list(m.parameters()), module=compiled)
 
 
+@contextlib.contextmanager
+def _environ(env: Optional[dict]):
+    """Environment variables set for the duration of one call (implementation switches that the
+    backends read at call time)."""
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _backend(name: str, env: Optional[dict] = None, label: Optional[str] = None,
              ) -> Callable[[Context], Provider]:
     """``RIM(backend=name)``; ``env``: environment variables set around each call (they select
@@ -121,16 +140,8 @@ def _backend(name: str, env: Optional[dict] = None, label: Optional[str] = None,
         inner = _rim_run(m)
 
         def run(x):
-            old = {k: os.environ.get(k) for k in (env or {})}
-            os.environ.update(env or {})
-            try:
+            with _environ(env):
                 res = inner(x)
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             if m.last_backend != name:
                 raise RuntimeError(f"asked for backend={name!r} but {m.last_backend!r} ran")
             return res
@@ -158,11 +169,15 @@ def _naive(ctx: Context) -> Provider:
     return Provider("naive", run, list(m.parameters()), module=m)
 
 
-def _brim2(backend: str) -> Callable[[Context], Provider]:
-    name = "brim2" if backend == "torch" else f"brim2_{backend}"
+def _brim2(backend: str, env: Optional[dict] = None, label: Optional[str] = None,
+           ) -> Callable[[Context], Provider]:
+    name = label or ("brim2" if backend == "torch" else f"brim2_{backend}")
 
     def build_brim(ctx: Context) -> Provider:
         why = rims_fast.available_backends(ctx.device, ctx.dtype).get(backend)
+        if why is None and env and env.get("RIMS_FAST_CUDA_FWD") == "persistent":
+            from rims_fast.rim_seq import unavailable_reason
+            why = unavailable_reason(ctx.device, ctx.dtype)
         if why is not None:
             raise Skip(why)
         c = ctx.cfg
@@ -171,7 +186,8 @@ def _brim2(backend: str) -> Callable[[Context], Provider]:
                            device=ctx.device, dtype=ctx.dtype)
 
         def run(x: Tensor):
-            out, states, masks = m(x, return_masks=True)
+            with _environ(env):
+                out, states, masks = m(x, return_masks=True)
             return out, states[-1][0], states[-1][1], masks[-1]
         return Provider(name, run, list(m.parameters()), is_rim=False, module=m)
     return build_brim
@@ -183,6 +199,8 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "cuda_seq": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "cuda_seq"),
     "triton_graph": _backend("triton", {"RIMS_FAST_TRITON_GRAPH": "1"}, "triton_graph"), "lstm": _lstm, "naive": _naive,
     "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
+    "brim2_triton": _brim2("triton"),
+    "brim2_cuda_seq": _brim2("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "brim2_cuda_seq"),
 }
 
 
