@@ -17,8 +17,8 @@ constexpr int kSeqThreads = 256;
 
 struct DeviceExec {
   template <class F>
-  __device__ __forceinline__ void parallel_for(int64_t n, const F& f) const {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) f(i);
+  __device__ __forceinline__ void parallel_for(int n, const F& f) const {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
     __syncthreads();
   }
 };

@@ -81,12 +81,18 @@ struct RimSeqBwdSmem {
 // SMAX: the largest tile the per-sample accumulators of the weight-stationary phases hold.
 template <int SMAX, typename C, typename T, class Exec>
 RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64_t tile, C* smem) {
-  const int64_t B = p.B, M = p.M, K = p.K, H = p.H, GH = p.GH, n_in = p.n_in, dk = p.dk;
-  const int64_t nk = p.nk, Dx = p.Dx, n_c = p.n_c, dc = p.dc, dcv = p.dcv, ck = p.ck, cv = p.cv;
-  const int64_t C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
+  // Tile-local sizes and item indices are 32-bit (a tile's S*K*width and a mechanism's weight
+  // block stay far below 2^31; 64-bit division costs many instructions on a GPU); offsets into
+  // (T, B, ...) tensors are 64-bit (every such expression starts from t, B or b0).
+  const int64_t B = p.B;
+  const int M = int(p.M), K = int(p.K), H = int(p.H), GH = int(p.GH), n_in = int(p.n_in);
+  const int dk = int(p.dk), nk = int(p.nk), Dx = int(p.Dx), n_c = int(p.n_c), dc = int(p.dc);
+  const int dcv = int(p.dcv), ck = int(p.ck), cv = int(p.cv);
+  const int xrow = int(p.xrow), xhead = int(p.xhead);
+  const int C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
   const int64_t b0 = tile * p.S;
-  const int64_t S = (B - b0) < p.S ? (B - b0) : p.S;
-  const int64_t KH = K * H;
+  const int S = int((B - b0) < p.S ? (B - b0) : p.S);
+  const int KH = K * H;
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx_t = static_cast<const C*>(p.w_x_t);
@@ -115,7 +121,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   };
 
   const int64_t T_ = p.T_;
-  ex.parallel_for(S * KH, [&](int64_t i) {
+  ex.parallel_for(S * KH, [&](int i) {
     C v = p.g_hn != nullptr ? static_cast<const C*>(p.g_hn)[b0 * KH + i] : C(0);
     if (g_out != nullptr) v += g_out[((T_ - 1) * B + b0) * KH + i];
     sm.dh[i] = v;
@@ -124,11 +130,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
 
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const C* kt = keys + (t * B + b0) * M * nk;
-    const C* xt = xsrc + (t * B + b0) * M * p.xrow;
+    const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 5 backward. d o = dh' comm_output[k]^T on active rows (weight-stationary: item (k, e),
     // all the tile's samples); dh' kept for d comm_output.
-    ex.parallel_for(K * cv, [&](int64_t i) {
-      const int64_t k = i / cv, e = i % cv;
+    ex.parallel_for(K * cv, [&](int i) {
+      const int k = i / cv, e = i % cv;
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
@@ -142,13 +148,13 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       for (int s = 0; s < SMAX; ++s)
         if (s < S) sm.dout[(s * K + k) * cv + e] = active(t, s * K + k) ? acc[s] : C(0);
     });
-    ex.parallel_for(S * KH, [&](int64_t i) {
+    ex.parallel_for(S * KH, [&](int i) {
       hist(p.h_dhp, t, i / H, H)[i % H] = active(t, i / H) ? sm.dh[i] : C(0);
     });
     // 4 backward, part 1: per (row, head) of an active mechanism: d b~ = d o . v_j, through the
     // dropout and the softmax -> scaled d scores; dQ = sum_j d score_j k_j.
-    ex.parallel_for(S * K * n_c, [&](int64_t i) {
-      const int64_t r = i / n_c, n = i % n_c, s = r / K;
+    ex.parallel_for(S * K * n_c, [&](int i) {
+      const int r = i / n_c, n = i % n_c, s = r / K;
       C* ds = sm.dsc + (r * n_c + n) * K;
       C* dqc = sm.dqkv + r * C3 + n * dc;
       if (!active(t, r)) {
@@ -173,16 +179,16 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
     });
     // Part 2: dK_j, dV_j of every mechanism j, summed over the querying mechanisms k.
-    ex.parallel_for(S * K * (ck + cv), [&](int64_t i) {
-      const int64_t r = i / (ck + cv), col = i % (ck + cv), s = r / K, j = r % K;
+    ex.parallel_for(S * K * (ck + cv), [&](int i) {
+      const int r = i / (ck + cv), col = i % (ck + cv), s = r / K, j = r % K;
       const C* qkv = at(p.sv_qkv, t, 0, C3);
       C acc = C(0);
       if (col < ck) {  // d key_j[n, e] = sum_k d score[k, n, j] q_k[n, e]
-        const int64_t n = col / dc;
+        const int n = col / dc;
         for (int64_t k = 0; k < K; ++k)
           acc += sm.dsc[((s * K + k) * n_c + n) * K + j] * qkv[(s * K + k) * C3 + col];
       } else {         // d value_j[n, e] = sum_k b~[k, n, j] d o_k[n, e]
-        const int64_t c2 = col - ck, n = c2 / dcv;
+        const int c2 = col - ck, n = c2 / dcv;
         for (int64_t k = 0; k < K; ++k) {
           const int64_t rk = s * K + k;
           if (!active(t, rk)) continue;
@@ -192,13 +198,13 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       sm.dqkv[r * C3 + ck + col] = acc;
     });
-    ex.parallel_for(S * K * C3, [&](int64_t i) {
+    ex.parallel_for(S * K * C3, [&](int i) {
       hist(p.h_dqkv, t, i / C3, C3)[i % C3] = sm.dqkv[i];
     });
     // dh~ = dh' (residual and copy alike) + d(Q|K|V) [comm_query|comm_key|comm_value]^T, the
     // K|V part cut for inactive mechanisms under block_inactive_grad.
-    ex.parallel_for(K * H, [&](int64_t i) {
-      const int64_t k = i / H, j = i % H;
+    ex.parallel_for(K * H, [&](int i) {
+      const int k = i / H, j = i % H;
       C acc[SMAX];
       bool kv[SMAX];
       RIMS_UNROLL
@@ -217,8 +223,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         if (s < S) sm.dht[(s * K + k) * H + j] = sm.dh[(s * K + k) * H + j] + acc[s];
     });
     // 3 backward: the masked cell. Inactive rows pass dh~ and dc through unchanged.
-    ex.parallel_for(S * KH, [&](int64_t i) {
-      const int64_t r = i / H, j = i % H;
+    ex.parallel_for(S * KH, [&](int i) {
+      const int r = i / H, j = i % H;
       C* dg = sm.dg + r * GW;
       if (!active(t, r)) {
         sm.dhp[i] = sm.dht[i];  // direct part of dh_{t-1}
@@ -240,11 +246,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
                           dgh[H + j], dgh[2 * H + j], sm.dhp[i]);
       }
     });
-    ex.parallel_for(S * K * GW, [&](int64_t i) { hist(p.h_dg, t, i / GW, GW)[i % GW] = sm.dg[i]; });
+    ex.parallel_for(S * K * GW, [&](int i) { hist(p.h_dg, t, i / GW, GW)[i % GW] = sm.dg[i]; });
     // Input term backward: d xa_n = d gi F[k, n]^T (weight-stationary: item (k, n, d)) and
     // xa_n itself (for d F), active rows; d gi: LSTM all of d gates, GRU its first half.
-    ex.parallel_for(K * XW, [&](int64_t i) {
-      const int64_t k = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
+    ex.parallel_for(K * XW, [&](int i) {
+      const int k = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
@@ -264,15 +270,15 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         if (on) {
           const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
           for (int64_t m = 0; m < M; ++m)
-            xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * p.xrow + n * p.xhead + d];
+            xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
         }
         sm.dgf[r * XW + col] = on ? acc[s] : C(0);
         hist(p.h_xa, t, r, XW)[col] = xacc;
       }
     });
     // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax; dq.
-    ex.parallel_for(S * K * n_in, [&](int64_t i) {
-      const int64_t r = i / n_in, n = i % n_in, s = r / K;
+    ex.parallel_for(S * K * n_in, [&](int i) {
+      const int r = i / n_in, n = i % n_in, s = r / K;
       C* ds = sm.dsi + (r * n_in + n) * M;
       C* dq = sm.dq + r * nk + n * dk;
       if (!active(t, r)) {
@@ -282,7 +288,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       const C* dxa = sm.dgf + r * XW + n * Dx;
       for (int64_t m = 0; m < M; ++m) {
-        const C* xm = xt + (s * M + m) * p.xrow + n * p.xhead;
+        const C* xm = xt + (s * M + m) * xrow + n * xhead;
         C dot = C(0);
         for (int64_t d = 0; d < Dx; ++d) dot += dxa[d] * xm[d];
         ds[m] = dot * keep_a(t, r, n, m);
@@ -295,11 +301,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         dq[e] = acc;
       }
     });
-    ex.parallel_for(S * K * nk, [&](int64_t i) { hist(p.h_dq, t, i / nk, nk)[i % nk] = sm.dq[i]; });
+    ex.parallel_for(S * K * nk, [&](int i) { hist(p.h_dq, t, i / nk, nk)[i % nk] = sm.dq[i]; });
     // This step's input gradients: d keys (sum over mechanisms of d score q) and d x (sum over
     // mechanisms of a~ d xa; folded: all heads add to the same x_m).
-    ex.parallel_for(S * M * nk, [&](int64_t i) {
-      const int64_t s = i / (M * nk), m = (i / nk) % M, e = i % nk, n = e / dk;
+    ex.parallel_for(S * M * nk, [&](int i) {
+      const int s = i / (M * nk), m = (i / nk) % M, e = i % nk, n = e / dk;
       C acc = C(0);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = s * K + k;
@@ -307,10 +313,10 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       static_cast<C*>(p.d_keys)[((t * B + b0) * M) * nk + i] = acc;
     });
-    ex.parallel_for(S * M * p.xrow, [&](int64_t i) {
-      const int64_t s = i / (M * p.xrow), m = (i / p.xrow) % M, col = i % p.xrow;
-      const int64_t n_lo = p.xhead > 0 ? col / Dx : 0, n_hi = p.xhead > 0 ? n_lo + 1 : n_in;
-      const int64_t d = p.xhead > 0 ? col % Dx : col;
+    ex.parallel_for(S * M * xrow, [&](int i) {
+      const int s = i / (M * xrow), m = (i / xrow) % M, col = i % xrow;
+      const int n_lo = xhead > 0 ? col / Dx : 0, n_hi = xhead > 0 ? n_lo + 1 : n_in;
+      const int d = xhead > 0 ? col % Dx : col;
       C acc = C(0);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = s * K + k;
@@ -319,12 +325,12 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
           acc += at(p.sv_a, t, r, n_in * M)[n * M + m] * keep_a(t, r, n, m) *
                  sm.dgf[r * XW + n * Dx + d];
       }
-      static_cast<C*>(p.d_xsrc)[((t * B + b0) * M) * p.xrow + i] = acc;
+      static_cast<C*>(p.d_xsrc)[((t * B + b0) * M) * xrow + i] = acc;
     });
     // dh_{t-1} = direct + d gh weight_hh[k]^T (active) + dq input_query[k]^T (+ d out[t-1]),
     // weight-stationary: item (k, j). dq is zero on inactive rows, d gh is not read there.
-    ex.parallel_for(K * H, [&](int64_t i) {
-      const int64_t k = i / H, j = i % H;
+    ex.parallel_for(K * H, [&](int i) {
+      const int k = i / H, j = i % H;
       C acc[SMAX];
       bool on[SMAX];
       RIMS_UNROLL
@@ -352,9 +358,9 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dhp[(s * K + k) * H + j] = acc[s];
       }
     });
-    ex.parallel_for(S * KH, [&](int64_t i) { sm.dh[i] = sm.dhp[i]; });
+    ex.parallel_for(S * KH, [&](int i) { sm.dh[i] = sm.dhp[i]; });
   }
-  ex.parallel_for(S * KH, [&](int64_t i) {
+  ex.parallel_for(S * KH, [&](int i) {
     static_cast<C*>(p.d_h0)[b0 * KH + i] = sm.dh[i];
     if (p.lstm) static_cast<C*>(p.d_c0)[b0 * KH + i] = sm.dc[i];
   });

@@ -132,15 +132,21 @@ struct RimSeqSmem {
 #pragma nv_exec_check_disable
 #endif
 // The whole sequence for tile `tile` (samples tile*S .. min(B, tile*S + S) - 1). Exec provides
-// parallel_for(n, f): f(i) for every i in [0, n), then a barrier. C: compute type; SMAX: the
+// parallel_for(n, f): f(i) for every int i in [0, n), then a barrier. C: compute type; SMAX: the
 // largest S the accumulators hold.
 template <int SMAX, typename C, typename T, class Exec>
 RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem) {
-  const int64_t B = p.B, M = p.M, K = p.K, H = p.H, GH = p.GH, n_in = p.n_in, dk = p.dk;
-  const int64_t nk = p.nk, Dx = p.Dx, n_c = p.n_c, dc = p.dc, dcv = p.dcv, ck = p.ck, cv = p.cv;
-  const int64_t C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
+  // Tile-local sizes and item indices are 32-bit (a tile's S*K*width and a mechanism's weight
+  // block stay far below 2^31; 64-bit division costs many instructions on a GPU); offsets into
+  // (T, B, ...) tensors are 64-bit (every such expression starts from t, B or b0).
+  const int64_t B = p.B;
+  const int M = int(p.M), K = int(p.K), H = int(p.H), GH = int(p.GH), n_in = int(p.n_in);
+  const int dk = int(p.dk), nk = int(p.nk), Dx = int(p.Dx), n_c = int(p.n_c), dc = int(p.dc);
+  const int dcv = int(p.dcv), ck = int(p.ck), cv = int(p.cv);
+  const int xrow = int(p.xrow), xhead = int(p.xhead);
+  const int C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
   const int64_t b0 = tile * p.S;
-  const int64_t S = (B - b0) < p.S ? (B - b0) : p.S;  // samples in this tile
+  const int S = int((B - b0) < p.S ? (B - b0) : p.S);  // samples in this tile
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx = static_cast<const C*>(p.w_x);
@@ -156,17 +162,17 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   RimSeqSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
 
   // The initial state, converted to the compute type.
-  ex.parallel_for(S * K * H, [&](int64_t i) {
+  ex.parallel_for(S * K * H, [&](int i) {
     sm.h[i] = to_c(p.h0[b0 * K * H + i]);
     if (p.lstm) sm.c[i] = to_c(p.c0[b0 * K * H + i]);
   });
 
   for (int64_t t = 0; t < p.T_; ++t) {
     const C* kt = keys + (t * B + b0) * M * nk;
-    const C* xt = xsrc + (t * B + b0) * M * p.xrow;
+    const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 1a. Input queries q[s, k] = h[s, k] input_query[k].
-    ex.parallel_for(S * K * nk, [&](int64_t i) {
-      const int64_t e = i % nk, r = i / nk, k = r % K;
+    ex.parallel_for(S * K * nk, [&](int i) {
+      const int e = i % nk, r = i / nk, k = r % K;
       const C* hr = sm.h + r * H;
       const T* w = p.w_query + k * H * nk + e;
       C acc = C(0);
@@ -175,8 +181,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       if (save) sv(p.sv_q, t, r, nk)[e] = acc;
     });
     // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
-    ex.parallel_for(S * K, [&](int64_t r) {
-      const int64_t s = r / K;
+    ex.parallel_for(S * K, [&](int r) {
+      const int s = r / K;
       C psum = C(0);
       for (int64_t n = 0; n < n_in; ++n) {
         C* an = sm.a + (r * n_in + n) * M;
@@ -194,17 +200,17 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       sm.p[r] = psum / C(n_in);
     });
     // 2. The rank rule per (sample, mechanism).
-    ex.parallel_for(S * K, [&](int64_t r) {
-      const int64_t s = r / K, k = r % K;
+    ex.parallel_for(S * K, [&](int r) {
+      const int s = r / K, k = r % K;
       const bool on = competition_active(sm.p + s * K, K, k, p.top_k);
       sm.act[r] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
     // 3a. xa[s, k, n] = sum_m a~[s, k, n, m] x_{m, n} (active rows; dropout on a).
-    ex.parallel_for(S * K * XW, [&](int64_t i) {
-      const int64_t r = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
+    ex.parallel_for(S * K * XW, [&](int i) {
+      const int r = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
       if (sm.act[r] == C(0)) return;
-      const int64_t s = r / K, k = r % K;
+      const int s = r / K, k = r % K;
       C acc = C(0);
       for (int64_t m = 0; m < M; ++m) {
         C w = sm.a[(r * n_in + n) * M + m];
@@ -213,14 +219,14 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
               (((t * B + b0 + s) * K + k) * n_in + n) * M + m);
           w = dropout_keep(p.seed, 0, idx, drop_in) ? w / keep_in : C(0);
         }
-        acc += w * xt[(s * M + m) * p.xrow + n * p.xhead + d];
+        acc += w * xt[(s * M + m) * xrow + n * xhead + d];
       }
       sm.xa[i] = acc;
     });
     // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
     // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
-    ex.parallel_for(K * GH, [&](int64_t i) {
-      const int64_t k = i / GH, col = i % GH;
+    ex.parallel_for(K * GH, [&](int i) {
+      const int k = i / GH, col = i % GH;
       // Accumulators indexed by compile-time s (unrolled to SMAX, guarded by S): registers.
       C gi[SMAX], gh[SMAX];
       RIMS_UNROLL
@@ -264,8 +270,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
     });
     // 3c. Masked cell: active rows step, inactive rows copy (bit-exact).
-    ex.parallel_for(S * K * H, [&](int64_t i) {
-      const int64_t r = i / H, j = i % H;
+    ex.parallel_for(S * K * H, [&](int i) {
+      const int r = i / H, j = i % H;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
         if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
@@ -289,8 +295,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
     });
     // 4a. Communication Q | K | V of every mechanism from h~, weight-stationary.
-    ex.parallel_for(K * C3, [&](int64_t i) {
-      const int64_t k = i / C3, col = i % C3;
+    ex.parallel_for(K * C3, [&](int i) {
+      const int k = i / C3, col = i % C3;
       const T* w = col < ck ? p.c_query + k * H * ck + col
                    : col < 2 * ck ? p.c_key + k * H * ck + (col - ck)
                                   : p.c_value + k * H * cv + (col - 2 * ck);
@@ -312,8 +318,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         }
     });
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
-    ex.parallel_for(S * K * n_c, [&](int64_t i) {
-      const int64_t r = i / n_c, n = i % n_c, s = r / K, k = r % K;
+    ex.parallel_for(S * K * n_c, [&](int i) {
+      const int r = i / n_c, n = i % n_c, s = r / K, k = r % K;
       C* y = sm.bp + (r * n_c + n) * K;
       C* on = sm.o + r * cv + n * dcv;
       for (int64_t d = 0; d < dcv; ++d) on[d] = C(0);
@@ -348,8 +354,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
     });
     // 5. h' = h~ + o comm_output[k] for active rows, h~ for the rest; out[t] in the storage type.
-    ex.parallel_for(K * H, [&](int64_t i) {
-      const int64_t k = i / H, j = i % H;
+    ex.parallel_for(K * H, [&](int i) {
+      const int k = i / H, j = i % H;
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
@@ -371,7 +377,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     });
   }
   // Final state in the storage type.
-  ex.parallel_for(S * K * H, [&](int64_t i) {
+  ex.parallel_for(S * K * H, [&](int i) {
     from_c(sm.h[i], p.h_n + b0 * K * H + i);
     if (p.lstm) from_c(sm.c[i], p.c_n + b0 * K * H + i);
   });
@@ -380,8 +386,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
 // Host execution of a tile: items in order, the barrier is the end of the loop.
 struct HostExec {
   template <class F>
-  void parallel_for(int64_t n, const F& f) const {
-    for (int64_t i = 0; i < n; ++i) f(i);
+  void parallel_for(int n, const F& f) const {
+    for (int i = 0; i < n; ++i) f(i);
   }
 };
 
