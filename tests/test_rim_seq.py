@@ -53,8 +53,8 @@ def _setup(cell, M, n_in, n_c, K, top_k, T, dv, dtype=torch.float64, B=5, seed=0
 
 def _grads(outputs, leaves, seed=3):
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
-               for o in outputs if o is not None)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device))
+               .sum() for o in outputs if o is not None)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return {n: (gr if gr is not None else torch.zeros_like(v))
             for (n, v), gr in zip(leaves.items(), grads)}
