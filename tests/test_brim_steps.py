@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rims_fast
-from helpers import assert_close
+from brim_compare import assert_brim_close, clone_states, pairs
 from rims_fast import brim_cpu, brim_seq, brim_steps
 from test_brim import brim_states, make_brim
 
@@ -26,23 +26,9 @@ IMPLS = [pytest.param(brim_cpu.brim_cpu, id="cpu"),
              _NO_SEQ is not None, reason=f"rim_seq ops not built: {_NO_SEQ}"))]
 
 
-def _leaves(brim, x, states):
-    flat = [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
-    return [x, *flat, *brim.parameters()]
-
-
 def _run(brim, x, states, **kw):
-    """brim_cpu / brim_ref on the module's parameters, states as (h, c) pairs."""
-    P = [dict(layer.named_parameters()) for layer in brim.layers]
-    pairs = [s if isinstance(s, tuple) else (s, None) for s in states]
-    return P, pairs
-
-
-def _loss(outs, finals, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    terms = list(outs) + [t for hc in finals for t in hc if t is not None]
-    return sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
-               for t in terms)
+    """The module's parameters per layer, states as (h, c) pairs."""
+    return [dict(layer.named_parameters()) for layer in brim.layers], pairs(states)
 
 
 def _compare(brim, x, states, dtype, training=False, impl=brim_cpu.brim_cpu, **kw):
@@ -50,16 +36,14 @@ def _compare(brim, x, states, dtype, training=False, impl=brim_cpu.brim_cpu, **k
     dropout, its keep-masks); compare outputs, final states and every gradient."""
     brim64 = brim
     x64 = x.detach().requires_grad_(True)
-    s64 = [tuple(t.detach().requires_grad_(True) for t in s) if isinstance(s, tuple)
-           else s.detach().requires_grad_(True) for s in states]
+    s64 = clone_states(states, torch.float64, "cpu")
     brim_d = make_brim(dtype=dtype, **kw)
     brim_d.load_state_dict({k: v.to(dtype) for k, v in brim64.state_dict().items()})
     xd = x.detach().to(dtype).requires_grad_(True)
-    sd = [tuple(t.detach().to(dtype).requires_grad_(True) for t in s) if isinstance(s, tuple)
-          else s.detach().to(dtype).requires_grad_(True) for s in states]
-    P, pairs = _run(brim_d, xd, sd)
+    sd = clone_states(states, dtype, "cpu")
+    P, st = _run(brim_d, xd, sd)
     seed = 4321
-    got = impl(xd, pairs, P, brim_d.configs, training=training, seed=seed)
+    got = impl(xd, st, P, brim_d.configs, training=training, seed=seed)
     keep = None
     if training:
         T, B, M = x.shape[0], x.shape[1], x.shape[2]
@@ -68,21 +52,7 @@ def _compare(brim, x, states, dtype, training=False, impl=brim_cpu.brim_cpu, **k
     P64, pairs64 = _run(brim64, x64, s64)
     want = rims_fast.brim_ref(x64, pairs64, P64, brim64.configs, masks=got[2],
                               training=training, dropout_masks=keep)
-    for l in range(len(got[0])):
-        assert got[0][l].dtype == dtype
-        assert_close(f"out[{l}]", got[0][l], want[0][l], dtype)
-        for name, a, b in zip(("h_n", "c_n"), got[1][l], want[1][l]):
-            if b is not None:
-                assert_close(f"{name}[{l}]", a, b, dtype)
-    g_got = torch.autograd.grad(_loss(got[0], got[1]), _leaves(brim_d, xd, sd), allow_unused=True)
-    g_want = torch.autograd.grad(_loss(want[0], want[1]), _leaves(brim64, x64, s64),
-                                 allow_unused=True)
-    names = ["x"] + [f"state{i}" for i in range(len(g_got) - 1 - len(list(brim64.parameters())))]
-    names += [n for n, _ in brim64.named_parameters()]
-    for name, a, b in zip(names, g_got, g_want):
-        a = torch.zeros(1) if a is None else a
-        b = torch.zeros(1) if b is None else b
-        assert_close("d" + name, a, b, dtype, "grad_w" if "." in name else "grad_in")
+    assert_brim_close(got, want, brim_d, xd, sd, brim64, x64, s64, dtype)
     return got
 
 
@@ -114,8 +84,8 @@ def test_dropout_replays_in_reference(cell, impl):
     brim = make_brim(**kw)
     x = torch.randn(4, 3, 2, 5, dtype=torch.float64)
     got = _compare(brim, x, brim_states(brim, 3), torch.float64, training=True, impl=impl, **kw)
-    P, pairs = _run(brim, x, brim_states(brim, 3))
-    plain = impl(x, pairs, P, brim.configs, training=False)
+    P, st = _run(brim, x, brim_states(brim, 3))
+    plain = impl(x, st, P, brim.configs, training=False)
     assert (plain[0][-1] - got[0][-1]).abs().max() > 1e-3, "dropout had no effect"
 
 
@@ -141,8 +111,8 @@ def test_batch_tiles_on_two_threads():
         res = []
         for nt in (1, 2):
             torch.set_num_threads(nt)
-            P, pairs = _run(brim, x, brim_states(brim, 37))
-            res.append(brim_cpu.brim_cpu(x, pairs, P, brim.configs))
+            P, st = _run(brim, x, brim_states(brim, 37))
+            res.append(brim_cpu.brim_cpu(x, st, P, brim.configs))
         for a, b in zip(res[0][0], res[1][0]):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
         _compare(brim, x, brim_states(brim, 37), torch.float64,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rims_fast
+from brim_compare import assert_brim_close, clone_states, pairs
 from helpers import assert_close
 from test_brim import brim_states, make_brim
 
@@ -23,66 +24,30 @@ if bt.unavailable_reason(DEV, torch.float32) is not None:
     pytest.skip(bt.unavailable_reason(DEV, torch.float32), allow_module_level=True)
 
 
-def _pairs(states):
-    return [s if isinstance(s, tuple) else (s, None) for s in states]
-
-
-def _leaves(brim, x, states):
-    flat = [t for s in states for t in (s if isinstance(s, tuple) else (s,))]
-    return [x, *flat, *brim.parameters()]
-
-
-def _loss(outs, finals, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    terms = list(outs) + [t for hc in finals for t in hc if t is not None]
-    return sum((t.double().cpu() * torch.randn(t.shape, generator=g, dtype=torch.float64)).sum()
-               for t in terms)
-
-
-def _clone_states(states, dtype, device):
-    return [tuple(t.detach().to(device, dtype).requires_grad_(True) for t in s)
-            if isinstance(s, tuple) else s.detach().to(device, dtype).requires_grad_(True)
-            for s in states]
-
-
 def _compare(dtype, training=False, T=3, B=3, M=2, **kw):
     brim64 = make_brim(**kw)
     x64 = torch.randn(T, B, M, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x64.requires_grad_(True)
-    s64 = _clone_states(brim_states(brim64, B), torch.float64, "cpu")
+    s64 = clone_states(brim_states(brim64, B), torch.float64, "cpu")
     brim_d = make_brim(dtype=dtype, **kw).to(DEV)
     brim_d.load_state_dict({k: v.to(dtype) for k, v in brim64.state_dict().items()})
     xd = x64.detach().to(DEV, dtype).requires_grad_(True)
-    sd = _clone_states(s64, dtype, DEV)
+    sd = clone_states(s64, dtype, DEV)
     P = [dict(layer.named_parameters()) for layer in brim_d.layers]
-    got = bt.brim_triton(xd, _pairs(sd), P, brim_d.configs, training=training, seed=777)
+    got = bt.brim_triton(xd, pairs(sd), P, brim_d.configs, training=training, seed=777)
     keep = None
     if training:
         keep = bt.dropout_masks(777, T, B, M, brim_d.configs, DEV)
         keep = [tuple(k.cpu() if k is not None else None for k in pair) for pair in keep]
     P64 = [dict(layer.named_parameters()) for layer in brim64.layers]
     masks = [m.cpu() for m in got[2]]
-    want = rims_fast.brim_ref(x64, _pairs(s64), P64, brim64.configs, masks=masks,
+    want = rims_fast.brim_ref(x64, pairs(s64), P64, brim64.configs, masks=masks,
                               training=training, dropout_masks=keep)
     if not training:  # the competition itself: exact unless within round-off of a tie
-        free = rims_fast.brim_ref(x64.detach(), _pairs(s64), P64, brim64.configs)[2]
+        free = rims_fast.brim_ref(x64.detach(), pairs(s64), P64, brim64.configs)[2]
         differ = sum(int((a != b).any(-1).sum()) for a, b in zip(masks, free))
         assert differ == 0 or dtype != torch.float32, f"{differ} mask rows differ in float32"
-    for l in range(len(got[0])):
-        assert got[0][l].dtype == dtype
-        assert_close(f"out[{l}]", got[0][l], want[0][l], dtype)
-        for name, a, b in zip(("h_n", "c_n"), got[1][l], want[1][l]):
-            if b is not None:
-                assert_close(f"{name}[{l}]", a, b, dtype)
-    g_got = torch.autograd.grad(_loss(got[0], got[1]), _leaves(brim_d, xd, sd), allow_unused=True)
-    g_want = torch.autograd.grad(_loss(want[0], want[1]), _leaves(brim64, x64, s64),
-                                 allow_unused=True)
-    names = ["x"] + [f"state{i}" for i in range(len(g_got) - 1 - len(list(brim64.parameters())))]
-    names += [n for n, _ in brim64.named_parameters()]
-    for name, a, b in zip(names, g_got, g_want):
-        a = torch.zeros(1) if a is None else a
-        b = torch.zeros(1) if b is None else b
-        assert_close("d" + name, a, b, dtype, "grad_w" if "." in name else "grad_in")
+    assert_brim_close(got, want, brim_d, xd, sd, brim64, x64, s64, dtype)
     return got
 
 
