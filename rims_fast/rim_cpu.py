@@ -169,7 +169,7 @@ def _register() -> None:
         T, B, M, D = x.shape
         K, H, GH = weight_hh.shape
         lstm = GH == 4 * H
-        nk, nv = input_key.shape[-1], input_value.shape[-1]
+        nk = input_key.shape[-1]
         ck, cv = comm_query.shape[-1], comm_value.shape[-1]
         new = x.new_empty
         out = [new((T, B, K * H)), new((B, K, H)), new((B, K, H) if lstm else (0,)),

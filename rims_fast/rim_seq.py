@@ -42,7 +42,7 @@ masked cell, because the persistent kernels have not run on a GPU yet.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -226,7 +226,7 @@ def _backward(ctx, grads):
         cfg.block_inactive_grad, tile)
     # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients.
     T, B = keys.shape[:2]
-    K, H, GH = cfg.num_units, cfg.hidden_size, cfg.gates * cfg.hidden_size
+    K, GH = cfg.num_units, cfg.gates * cfg.hidden_size
     hprev, ht, o = acts[0], acts[2], acts[8]
     dgi, dgh = (dg, dg) if lstm else (dg[..., :GH], dg[..., GH:])
     ck = cfg.comm_heads * cfg.comm_key_size

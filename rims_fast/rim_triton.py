@@ -165,7 +165,7 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     unless ``save``)."""
     T, B, M, D = x.shape
     K, H = cfg.num_units, cfg.hidden_size
-    NI, DK, DV = cfg.input_heads, cfg.input_key_size, cfg.input_value_size
+    NI, DV = cfg.input_heads, cfg.input_value_size
     NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
     lstm = cfg.cell == "lstm"
     G = cfg.gates

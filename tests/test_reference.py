@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rims_fast
-from helpers import SMALL_HEADS, TOL, assert_close, make_rim, random_state
+from helpers import SMALL_HEADS, assert_close, make_rim, random_state
 from plain_rim import plain_rim
 
 PARAMS = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rims_fast
-from helpers import TOL, assert_close, make_rim, random_state
+from helpers import assert_close, make_rim, random_state
 from rims_fast import rim_cpu as rc
 
 pytestmark = pytest.mark.skipif(
@@ -260,7 +260,7 @@ def test_long_sequence_memory():
     assert all(t.numel() == 0 for t in nosave[4:]), "save=False must keep no per-step tensors"
     saved = torch.ops.rims_fast.rim_cpu_fwd(*args, True)
     assert torch.equal(saved[0], nosave[0]) and torch.equal(saved[3], nosave[3])
-    nk, nv, GH = cfg.input_heads * cfg.input_key_size, cfg.input_heads * cfg.input_value_size, 4 * H
+    nk, GH = cfg.input_heads * cfg.input_key_size, 4 * H
     ck, cv, n_in, n_c = cfg.comm_heads * cfg.comm_key_size, cfg.comm_heads * cfg.comm_value_size, \
         cfg.input_heads, cfg.comm_heads
     per_step = B * K * (H + H + nk + n_in * M + GH + 2 * ck + cv + n_c * K + cv) \

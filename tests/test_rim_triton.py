@@ -17,12 +17,11 @@ except in rows where the ``top_k``-th and ``(top_k+1)``-th smallest ``p`` differ
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-from helpers import TOL, assert_close, make_rim
+from helpers import assert_close, make_rim
 
 import rims_fast
 from rims_fast._backend import unavailable_reason as backend_unavailable_reason
