@@ -154,11 +154,12 @@ def run_config(cfg, args, device, dtype, providers, modes, timer, prog: _Progres
     gates, first = {}, {}
     for name in list(built):
         p = built[name]
-        if not p.is_rim:
+        brim = isinstance(p.module, rims_fast.BRIM)
+        if not p.is_rim and not brim:
             continue
         t0 = time.perf_counter()
         try:
-            ok, detail = harness.gate(p, x, ref, expected)
+            ok, detail = harness.gate_brim(p, x) if brim else harness.gate(p, x, ref, expected)
         except Exception as e:  # noqa: BLE001 - a provider that breaks is reported, not hidden
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             del built[name]

@@ -129,6 +129,34 @@ def gate(provider: Provider, x: Tensor, ref: torch.nn.Module, expected: tuple) -
     return ok, "; ".join(notes)
 
 
+def gate_brim(provider: Provider, x: Tensor) -> tuple[bool, str]:
+    """The gate of a BRIM provider (``provider.module`` a :class:`rims_fast.BRIM`): its top-layer
+    ``out`` and final state against :func:`rims_fast.brim_ref` on the same parameters, run under
+    the provider's own per-layer masks (so the arithmetic is compared even where a near-tie flips
+    a selection and the trajectories part). How many mask rows differ from the reference's own
+    competition is reported, not judged here: the competition of each backend is tested exactly
+    in ``tests/``."""
+    atol, rtol, _ = TOLERANCES[x.dtype]
+    m = provider.module
+    with torch.no_grad():
+        out, states, masks = m(x if x.shape[2] > 1 else x.squeeze(2), return_masks=True)
+        P = [dict(layer.named_parameters()) for layer in m.layers]
+        zero = [(x.new_zeros(x.shape[1], c.num_units, c.hidden_size),) * 2 for c in m.configs]
+        zero = [(h, c if cfg.cell == "lstm" else None) for (h, c), cfg in zip(zero, m.configs)]
+        e_outs, e_final, _ = rims_fast.brim_ref(x, zero, P, m.configs, masks=masks)
+        _, _, own = rims_fast.brim_ref(x, zero, P, m.configs)
+    differ = sum(int((a != b).any(-1).sum()) for a, b in zip(masks, own))
+    notes = [f"run under its own masks ({differ} rows differ from the reference's competition)"]
+    h_n = states[-1][0] if isinstance(states[-1], tuple) else states[-1]
+    ok = True
+    for label, a, b in (("out", out, e_outs[-1]), ("h_n", h_n, e_final[-1][0])):
+        a, b = a.double(), b.double()
+        err = (a - b).abs()
+        notes.append(f"{label} max abs err {err.max().item():.2e}")
+        ok &= not bool((~(err <= atol + rtol * b.abs())).any())
+    return ok, "; ".join(notes)
+
+
 # ---------------------------------------------------------------------------------------------
 # One call of a provider in a mode
 # ---------------------------------------------------------------------------------------------

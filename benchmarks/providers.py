@@ -16,8 +16,8 @@
   (``brim2``), the C++ driver one fused layer-step per call (``brim2_cpu``), the reference with the
   fused CUDA cell (``brim2_cuda``), the Triton kernels per layer-step (``brim2_triton``) and the
   persistent CUDA kernels per layer-step (``brim2_cuda_seq``): what a stack
-  costs next to one layer. It computes another function, so it is timed but not gated here
-  (tests/test_brim.py and tests/test_brim_cpu.py check it against the reference and a plain loop).
+  costs next to one layer. It computes another function than the RIM providers, so it has its own
+  gate (:func:`benchmarks.harness.gate_brim`: ``brim_ref`` under the provider's masks).
 
 Every RIM provider runs the parameters of one reference module (copied or shared), so outputs can
 be compared with the reference's.

@@ -58,8 +58,9 @@ def _provider(cfg: BenchConfig, name: str):
         except Skip as e:
             st["built"][name] = ("skip", str(e))
         else:
-            if p.is_rim:
-                ok, detail = harness.gate(p, st["x"], st["ctx"].reference, st["expected"])
+            if p.is_rim or isinstance(p.module, rims_fast.BRIM):
+                ok, detail = (harness.gate(p, st["x"], st["ctx"].reference, st["expected"])
+                              if p.is_rim else harness.gate_brim(p, st["x"]))
                 print(f"gate {name} on {cfg.name}: {detail}")
                 st["built"][name] = ("ok", p) if ok else ("fail", detail)
             else:
