@@ -47,9 +47,11 @@ What runs where:
   Its bfloat16/float16 gradients use float32 operands throughout (no rounding of gradient
   operands), which is at least as accurate as the reference's rounding but not identical.
 
-Limits of this version: the input term is always the folded ``XW`` (``T*B*K*n_in*M*G*H`` float32
-values; the reference unfolds when ``M*D > d_v``), and the ``M`` input elements of a step are one
-register tile, so large ``M`` costs memory and registers. The time loop launches from Python: at
+Limits of this version: the input term is always the folded ``XW`` (``B*K*n_in*M*G*H`` float32
+values per step; the reference unfolds when ``M*D > d_v``). Without saved activations it is made
+for a chunk of steps at a time (:data:`XW_CHUNK_BYTES`); the ``kernels`` backward and the
+CUDA-graph path keep all ``T`` steps (4.3 GB at ``large``). The ``M`` input elements of a step are
+one register tile, so large ``M`` costs memory and registers. The time loop launches from Python: at
 B=64, H=100 on an H100 a step is ~22 us of GPU time (bfloat16) but ~100 us of wall time.
 
 CUDA graphs (opt-in, ``RIMS_FAST_TRITON_GRAPH=1``): a forward without saved activations and
@@ -181,10 +183,13 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     keys = rnd(xc @ p["input_key"].to(ct)).contiguous()  # (T, B, M, NI*DK)
     fold = rnd(torch.einsum("dnv,knvg->kndg", p["input_value"].to(ct).view(D, NI, DV),
                             p["weight_ih"].to(ct).view(K, NI, DV, G * H)))  # (K, NI, D, G*H)
-    xw = torch.einsum("tbmd,kndg->tbknmg", xc, fold).contiguous()  # (T, B, K, NI, M, G*H)
+
+    def xw_of(t0: int, t1: int) -> Tensor:  # (t1 - t0, B, K, NI, M, G*H): steps t0..t1-1
+        return torch.einsum("tbmd,kndg->tbknmg", xc[t0:t1], fold).contiguous()
 
     if not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0:
-        return _graph_forward(x, h0, c0, p, cfg, keys, xw)
+        return _graph_forward(x, h0, c0, p, cfg, keys, xw_of(0, T))
+    xw = xw_of(0, T) if save else None  # saved for the backward kernels; else made in chunks
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
         hs[0] = h0
@@ -215,9 +220,13 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
             _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs, hs[t + 1],
                          hts[t], qcs[t], kcs[t], vcs[t], keys, xw, masks, out, p, cfg, M, seed,
                          drop_in, drop_c, prec, dict(gates=gates, a=a_s), dict(bp=bps, o=os_))
-    else:
-        c_a = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed,
-                         drop_in, drop_c, prec)
+    else:  # XW in chunks of steps: memory bounded by XW_CHUNK_BYTES, not linear in T
+        step_bytes = 4 * B * K * NI * M * G * H
+        chunk = max(1, min(T, XW_CHUNK_BYTES // step_bytes))
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            c_a, c_b = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw_of(t0, t1), masks, out,
+                                  p, cfg, M, seed, drop_in, drop_c, prec, range(t0, t1))
     if save:
         h_n = hs[T].to(dtype, copy=True)  # not a view of the saved hs (ops may not alias)
         c_n = cs[T].to(dtype, copy=True) if lstm else x.new_empty(0)
@@ -230,29 +239,37 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
 
 
 def _launch_step(t, h_in, c_in, c_out, h_out, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M,
-                 seed, drop_in, drop_c, prec, extra_cell=None, extra_comm=None) -> None:
-    """The two kernels of step ``t`` (cell, communication); ``extra_*``: the save buffers."""
+                 seed, drop_in, drop_c, prec, extra_cell=None, extra_comm=None, t_xw=None) -> None:
+    """The two kernels of step ``t`` (cell, communication); ``extra_*``: the save buffers;
+    ``t_xw``: the step's index in ``xw`` (default ``t``)."""
     K, H, lstm = cfg.num_units, cfg.hidden_size, cfg.cell == "lstm"
     NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
     _k.rim_cell_fwd(h_in, c_in, keys, xw, p["input_query"], p["weight_hh"], p["bias_ih"],
                     p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"], ht, c_out,
                     masks, qc, kc, vc, t=t, M=M, K=K, H=H, NI=cfg.input_heads,
                     DK=cfg.input_key_size, NC=NC, DC=DC, DCV=DCV, top_k=cfg.top_k, lstm=lstm,
-                    seed=seed, p_drop=drop_in, prec=prec, **(extra_cell or {}))
+                    seed=seed, p_drop=drop_in, prec=prec, t_xw=t_xw, **(extra_cell or {}))
     _k.rim_comm_fwd(ht, masks, qc, kc, vc, p["comm_output"], h_out, out, t=t, K=K, H=H, NC=NC,
                     DC=DC, DCV=DCV, seed=seed + 1, p_drop=drop_c, prec=prec, **(extra_comm or {}))
 
 
+#: Bytes of the folded input term ``XW`` the no-save forward materialises at once: it is made
+#: for a chunk of steps at a time (``large``: 8.4 MB per step, so 30 steps instead of all 512).
+XW_CHUNK_BYTES = 256 << 20
+
+
 def _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed, drop_in,
-               drop_c, prec) -> Tensor:
-    """All T steps on reused workspaces (``h`` in place, ``c`` ping-pong); returns the buffer
-    that holds the final ``c`` (for GRU: ``c_a``, unused)."""
-    for t in range(keys.shape[0]):
+               drop_c, prec, steps=None) -> tuple[Tensor, Tensor]:
+    """Steps ``steps`` (default all) on reused workspaces (``h`` in place, ``c`` ping-pong);
+    ``xw`` holds exactly those steps. Returns ``(c_a, c_b)`` swapped as the steps left them:
+    ``c_a`` holds the latest ``c`` (for GRU both are unused)."""
+    steps = range(keys.shape[0]) if steps is None else steps
+    for t in steps:
         _launch_step(t, h, c_a, c_b, h, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed,
-                     drop_in, drop_c, prec)
+                     drop_in, drop_c, prec, t_xw=t - steps[0])
         if cfg.cell == "lstm":
             c_a, c_b = c_b, c_a
-    return c_a
+    return c_a, c_b
 
 
 # ------------------------------------------------------------------ CUDA-graph replay (opt-in)
@@ -297,7 +314,7 @@ class _Captured:
         torch.cuda.current_stream(keys.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.c_final = _run_steps(*args)
+            self.c_final = _run_steps(*args)[0]
 
     def fill(self, keys, xw, h0, c0) -> None:
         self.keys.copy_(keys)

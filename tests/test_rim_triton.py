@@ -487,3 +487,23 @@ def test_bwd_kernels_bf16(monkeypatch, cell):
     calls = _count_bwd_launches(monkeypatch)
     _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=torch.bfloat16)
     assert calls == {"comm": 3, "cell": 3}
+
+
+def test_xw_chunks_equal_one_chunk(monkeypatch):
+    """The no-save forward makes XW for a chunk of steps at a time: chunks of 1 and 2 steps give
+    bit-identical outputs, states and masks to one chunk of all steps (LSTM: the c ping-pong
+    crosses chunk boundaries)."""
+    rim = make_rim(seed=1, dtype=torch.float64, input_heads=2, comm_heads=2)
+    cfg = rim.config
+    pk = {n: p.detach().float().to(DEV) for n, p in rim.named_parameters()}
+    x, h0, c0 = _inputs(rim, 5, 3, 2, torch.float64, False, False)
+    x, h0, c0 = x.float().to(DEV), h0.float().to(DEV), c0.float().to(DEV)
+    res = {}
+    per_step = 4 * 3 * cfg.num_units * cfg.input_heads * 2 * cfg.gates * cfg.hidden_size
+    for steps in (1, 2, 5):
+        monkeypatch.setattr(rt, "XW_CHUNK_BYTES", steps * per_step)
+        with torch.no_grad():
+            res[steps] = rt.rim_triton(x, h0, c0, pk, cfg)
+    for steps in (1, 2):
+        for a, b in zip(res[steps], res[5]):
+            assert torch.equal(a, b), steps

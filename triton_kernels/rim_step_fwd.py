@@ -141,11 +141,11 @@ def _dropout(v, seed, offs, p_drop):
     return tl.where(keep, v / (1.0 - p_drop), 0.0)
 
 
-@triton.jit(do_not_specialize=["t", "seed"])
+@triton.jit(do_not_specialize=["t", "t_xw", "seed"])
 def _rim_cell_fwd_kernel(
     h_ptr, c_ptr,            # (B, K, H) float32 state of step t-1 (c unused for GRU)
     keys_ptr,                # (T, B, M, NI*DK) float32 input keys (rounded to the storage dtype)
-    xw_ptr,                  # (T, B, K, NI, M, G*H) float32 folded input term
+    xw_ptr,                  # (T', B, K, NI, M, G*H) float32 folded input term (step t at t_xw)
     wq_ptr, whh_ptr,         # input_query (K, H, NI*DK), weight_hh (K, H, G*H), storage dtype
     bih_ptr, bhh_ptr,        # bias_ih, bias_hh (K, G*H), storage dtype
     cq_ptr, ck_ptr, cv_ptr,  # comm_query/comm_key (K, H, NC*DC), comm_value (K, H, NC*DCV)
@@ -153,7 +153,7 @@ def _rim_cell_fwd_kernel(
     mask_ptr,                # out: (T, B, K) int8 active mask
     qc_ptr, kc_ptr, vc_ptr,  # out: (B, K, NC*DC|DCV) float32 communication Q, K, V (rounded)
     gates_ptr, a_ptr,        # out if SAVE: (T, B, K, GW) gate pre-activations, (T, B, K, NI, M) a
-    B, M, t, seed, p_drop, scale,
+    B, M, t, t_xw, seed, p_drop, scale,
     K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, DK: tl.constexpr, NC: tl.constexpr,
     DC: tl.constexpr, DCV: tl.constexpr, G: tl.constexpr, TOP_K: tl.constexpr,
     IS_LSTM: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr,
@@ -169,7 +169,7 @@ def _rim_cell_fwd_kernel(
     WDT = wq_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     keys_t = keys_ptr + t64 * B * M * (NI * DK)
-    xw_t = xw_ptr + t64 * B * K * NI * M * (G * H)
+    xw_t = xw_ptr + t_xw.to(tl.int64) * B * K * NI * M * (G * H)
 
     # 1-2. p_j of every mechanism (undropped), then k's rank: active iff fewer than TOP_K beat it.
     p_all = tl.zeros((BLOCK_B, K_P), dtype=tl.float32)
@@ -347,8 +347,9 @@ NUM_WARPS = 4
 
 def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc, *,
                  t, M, K, H, NI, DK, NC, DC, DCV, top_k, lstm, seed, p_drop, prec,
-                 gates=None, a=None):
-    """Launch :func:`_rim_cell_fwd_kernel` for step ``t`` (all tensors contiguous). With
+                 gates=None, a=None, t_xw=None):
+    """Launch :func:`_rim_cell_fwd_kernel` for step ``t`` (all tensors contiguous); ``xw`` holds
+    step ``t`` at index ``t_xw`` (default ``t``: all steps; a chunk of steps otherwise). With
     ``gates`` ``(T, B, K, GW)`` and ``a`` ``(T, B, K, NI, M)`` float32 given, also saves the gate
     pre-activations (LSTM ``i|f|g|o`` sums, GW = 4H; GRU ``gi|gh``, GW = 6H) and the undropped
     input attention probabilities of step ``t`` for the backward."""
@@ -358,7 +359,7 @@ def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, q
     _rim_cell_fwd_kernel[grid](
         h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc,
         gates if save else h, a if save else h,
-        B, M, t, seed, float(p_drop), 1.0 / DK ** 0.5,
+        B, M, t, t if t_xw is None else t_xw, seed, float(p_drop), 1.0 / DK ** 0.5,
         K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC, DCV=DCV, G=4 if lstm else 3, TOP_K=top_k,
         IS_LSTM=lstm, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H), DK_P=pad_dot(DK),
         M_P=pad(M), K_P=pad(K), CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec,
