@@ -86,7 +86,6 @@ def _rim_comm_bwd_kernel(
     dh = tl.where(active[:, None], dh, 0.0)
     ok_h = b_ok[:, None] & (offs_h[None, :] < H)
     tl.store(dhp_ptr + ((t64 * B + offs_b[:, None]) * K + k) * H + offs_h[None, :], dh, mask=ok_h)
-    qc_t = qc_ptr + t64 * B * K * (NC * DC)
     kc_t = kc_ptr + t64 * B * K * (NC * DC)
     vc_t = vc_ptr + t64 * B * K * (NC * DCV)
     for n in tl.static_range(NC):
