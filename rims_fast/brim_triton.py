@@ -153,7 +153,8 @@ class _BrimTritonFn(torch.autograd.Function):
         for l in range(L):
             params.append(dict(zip(names[l], flat[i:i + len(names[l])])))
             i += len(names[l])
-        outs, h_n, c_n, masks = _forward(x, states, params, cfgs, training, seed)
+        with rt._on_device(x):
+            outs, h_n, c_n, masks = _forward(x, states, params, cfgs, training, seed)
         ctx.meta = meta
         ctx.save_for_backward(x, *flat, *masks)
         ctx.mark_non_differentiable(*masks)

@@ -66,6 +66,8 @@ The sequence op is ``torch.library.custom_op("rims_fast::rim_triton_fwd")`` with
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -142,6 +144,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 _cfg_args, _cfg_from = cfg_args, cfg_from
 
 
+def _on_device(x: Tensor):
+    """Triton launches (and graph capture) use the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 #: ``tl.dot`` precision of float32 products when PyTorch's TF32 is off. Triton's "ieee" float32
 #: dot runs on CUDA cores with the weight tile in registers: on an H100 at B=64, K=6, H=100 the
 #: cell kernel took 0.70 ms per step with it and 0.075 ms with "tf32x3" (three TF32 tensor-core
@@ -187,7 +194,8 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     def xw_of(t0: int, t1: int) -> Tensor:  # (t1 - t0, B, K, NI, M, G*H): steps t0..t1-1
         return torch.einsum("tbmd,kndg->tbknmg", xc[t0:t1], fold).contiguous()
 
-    if not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0:
+    if (not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0
+            and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
         return _graph_forward(x, h0, c0, p, cfg, keys, xw_of(0, T))
     xw = xw_of(0, T) if save else None  # saved for the backward kernels; else made in chunks
     if save:  # per-step histories: the kernels write step t's results straight into slot t
@@ -286,9 +294,10 @@ def graph_mode() -> bool:
 
 class _Captured:
     """One captured T-step loop: its static inputs (keys, XW, initial state), workspaces and
-    outputs, and the parameters it reads (held, so their storage outlives the graph)."""
+    outputs, and the parameters it reads — all held here: a CUDA graph keeps no reference to the
+    memory its kernels use, so anything freed would be overwritten by later replays."""
 
-    def __init__(self, keys, xw, h0, c0, p, cfg, M, prec):
+    def __init__(self, keys, xw, h0, c0, p, cfg, M, prec, out_dtype):
         self.p = p
         f32 = dict(device=keys.device, dtype=torch.float32)
         T, B = keys.shape[:2]
@@ -302,10 +311,11 @@ class _Captured:
         qc = torch.empty(B, K, NC * cfg.comm_key_size, **f32)
         kc = torch.empty_like(qc)
         vc = torch.empty(B, K, NC * cfg.comm_value_size, **f32)
-        self.out = torch.empty(T, B, K * H, device=keys.device, dtype=h0.dtype)
+        self.out = torch.empty(T, B, K * H, device=keys.device, dtype=out_dtype)
         self.masks = torch.empty(T, B, K, device=keys.device, dtype=torch.int8)
         args = (self.h, self.c_a, c_b, ht, qc, kc, vc, self.keys, self.xw, self.masks, self.out,
                 p, cfg, M, 0, 0.0, 0.0, prec)
+        self.args = args  # keeps every workspace the graph writes alive
         self.fill(keys, xw, h0, c0)
         side = torch.cuda.Stream(device=keys.device)  # warm-up: Triton compiles before capture
         side.wait_stream(torch.cuda.current_stream(keys.device))
@@ -324,8 +334,8 @@ class _Captured:
             self.c_a.copy_(c0)
 
 
-_GRAPHS: "dict[tuple, _Captured]" = {}
-_GRAPHS_MAX = 8  # captured loops kept (each holds its keys/XW buffers); oldest dropped first
+_GRAPHS: "collections.OrderedDict[tuple, _Captured]" = collections.OrderedDict()
+_GRAPHS_MAX = 8  # captured loops kept (each holds its keys/XW buffers); least recently used out
 
 
 def _graph_forward(x, h0, c0, p, cfg, keys, xw) -> tuple[Tensor, ...]:
@@ -337,8 +347,10 @@ def _graph_forward(x, h0, c0, p, cfg, keys, xw) -> tuple[Tensor, ...]:
     cap = _GRAPHS.get(key)
     if cap is None:
         while len(_GRAPHS) >= _GRAPHS_MAX:
-            _GRAPHS.pop(next(iter(_GRAPHS)))
-        cap = _GRAPHS[key] = _Captured(keys, xw, h0, c0 if lstm else None, p, cfg, M, prec)
+            _GRAPHS.popitem(last=False)
+        cap = _GRAPHS[key] = _Captured(keys, xw, h0, c0 if lstm else None, p, cfg, M, prec,
+                                       x.dtype)
+    _GRAPHS.move_to_end(key)
     cap.fill(keys, xw, h0, c0 if lstm else None)
     cap.graph.replay()
     # Copies: the next replay overwrites the static buffers.
@@ -401,7 +413,9 @@ def rim_triton_bwd(g_out: Optional[Tensor], g_hn: Optional[Tensor], g_cn: Option
     activations: a reverse sweep with :mod:`rim_step_bwd` (two kernels per step), then the
     weight gradients as PyTorch GEMMs over all ``T*B`` rows."""
     cfg = _cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
-    res = _backward_sweep(cfg, training, seed, g_out, g_hn, g_cn, x, h0, c0, params, masks, saved)
+    with _on_device(x):
+        res = _backward_sweep(cfg, training, seed, g_out, g_hn, g_cn, x, h0, c0, params, masks,
+                              saved)
     return list(res)
 
 
@@ -546,7 +560,8 @@ def rim_triton_fwd(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Ten
     cfg = _cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     drop_in = input_dropout if training else 0.0
     drop_c = comm_dropout if training else 0.0
-    return _forward(x, h0, c0, params, cfg, drop_in, drop_c, seed, save)
+    with _on_device(x):
+        return _forward(x, h0, c0, params, cfg, drop_in, drop_c, seed, save)
 
 
 @rim_triton_fwd.register_fake
