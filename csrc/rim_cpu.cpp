@@ -1204,6 +1204,31 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
           parts[0].contiguous(), parts[1].contiguous(), parts[2].contiguous(), g_Wco};
 }
 
+// What both backward ops prepare: the check that the forward saved its activations, the
+// incoming gradients (contiguous, grad_out as (T, B, K, H); undefined = zero) and the packed
+// communication weights [comm_query | comm_key | comm_value].
+struct BwdInputs {
+  Tensor out, h_n, c_n, Wc;
+};
+
+BwdInputs bwd_inputs(const char* op, const Dims& d, const Tensor& htil,
+                     const std::optional<Tensor>& grad_out, const std::optional<Tensor>& grad_h_n,
+                     const std::optional<Tensor>& grad_c_n, const Tensor& comm_query,
+                     const Tensor& comm_key, const Tensor& comm_value) {
+  TORCH_CHECK(htil.dim() == 4 && htil.size(0) == d.T, "rims_fast::", op,
+              ": the forward ran with save=False, so nothing was saved for backward");
+  auto opt_grad = [](const std::optional<Tensor>& g) {
+    return g.has_value() && g->defined() ? g->contiguous() : Tensor();
+  };
+  BwdInputs r;
+  r.out = opt_grad(grad_out);
+  if (r.out.defined()) r.out = r.out.view({d.T, d.B, d.K, d.H});
+  r.h_n = opt_grad(grad_h_n);
+  r.c_n = d.lstm ? opt_grad(grad_c_n) : Tensor();
+  r.Wc = at::cat({comm_query, comm_key, comm_value}, -1).contiguous();
+  return r;
+}
+
 auto rim_cpu_bwd(
     const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& x_, const Tensor& h0_,
@@ -1220,23 +1245,14 @@ auto rim_cpu_bwd(
                             weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
                             comm_value, comm_output, top_k, input_heads, comm_heads,
                             input_dropout, comm_dropout, seed);
-  TORCH_CHECK(htil.dim() == 4 && htil.size(0) == d.T,
-              "rims_fast::rim_cpu_bwd: the forward ran with save=False, so nothing was saved for "
-              "backward");
-  auto opt_grad = [&](const std::optional<Tensor>& g) {
-    return g.has_value() && g->defined() ? g->contiguous() : Tensor();
-  };
-  Tensor grad_out = opt_grad(grad_out_);
-  if (grad_out.defined()) grad_out = grad_out.view({d.T, d.B, d.K, d.H});
-  const Tensor grad_h_n = opt_grad(grad_h_n_);
-  const Tensor grad_c_n = d.lstm ? opt_grad(grad_c_n_) : Tensor();
-  const Tensor Wc = at::cat({comm_query, comm_key, comm_value}, -1).contiguous();
+  const BwdInputs g = bwd_inputs("rim_cpu_bwd", d, htil, grad_out_, grad_h_n_, grad_c_n_,
+                                 comm_query, comm_key, comm_value);
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(x_.scalar_type(), "rim_cpu_bwd", [&] {
     res = backward_impl<scalar_t>(
-        d, block_inactive_grad, grad_out, grad_h_n, grad_c_n, x_.contiguous(), h0_.contiguous(),
+        d, block_inactive_grad, g.out, g.h_n, g.c_n, x_.contiguous(), h0_.contiguous(),
         d.lstm ? c0_->contiguous() : Tensor(), input_key.contiguous(), input_value.contiguous(),
-        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), Wc,
+        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), g.Wc,
         comm_output.contiguous(), out.contiguous(), masks.contiguous(), cs.contiguous(),
         htil.contiguous(), q.contiguous(), a.contiguous(), gates.contiguous(), qkv.contiguous(),
         bprob.contiguous(), o.contiguous(), keys.contiguous(), xw.contiguous(), fold.contiguous());
@@ -1260,23 +1276,14 @@ auto rim_cpu_kv_bwd(
                                weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
                                comm_value, comm_output, top_k, input_heads, comm_heads,
                                input_dropout, comm_dropout, seed);
-  TORCH_CHECK(htil.dim() == 4 && htil.size(0) == d.T,
-              "rims_fast::rim_cpu_kv_bwd: the forward ran with save=False, so nothing was saved "
-              "for backward");
-  auto opt_grad = [&](const std::optional<Tensor>& g) {
-    return g.has_value() && g->defined() ? g->contiguous() : Tensor();
-  };
-  Tensor grad_out = opt_grad(grad_out_);
-  if (grad_out.defined()) grad_out = grad_out.view({d.T, d.B, d.K, d.H});
-  const Tensor grad_h_n = opt_grad(grad_h_n_);
-  const Tensor grad_c_n = d.lstm ? opt_grad(grad_c_n_) : Tensor();
-  const Tensor Wc = at::cat({comm_query, comm_key, comm_value}, -1).contiguous();
+  const BwdInputs g = bwd_inputs("rim_cpu_kv_bwd", d, htil, grad_out_, grad_h_n_, grad_c_n_,
+                                 comm_query, comm_key, comm_value);
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(keys_.scalar_type(), "rim_cpu_kv_bwd", [&] {
     res = backward_impl<scalar_t>(
-        d, block_inactive_grad, grad_out, grad_h_n, grad_c_n, values_.contiguous(),
+        d, block_inactive_grad, g.out, g.h_n, g.c_n, values_.contiguous(),
         h0_.contiguous(), d.lstm ? c0_->contiguous() : Tensor(), Tensor(), Tensor(),
-        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), Wc,
+        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), g.Wc,
         comm_output.contiguous(), out.contiguous(), masks.contiguous(), cs.contiguous(),
         htil.contiguous(), q.contiguous(), a.contiguous(), gates.contiguous(), qkv.contiguous(),
         bprob.contiguous(), o.contiguous(), keys_.contiguous(), Tensor(), Tensor());

@@ -26,8 +26,7 @@ void check_tensor(const char* name, const at::Tensor& t, at::ScalarType dtype,
               ", got shape ", t.sizes());
 }
 
-}  // namespace
-
+// Checks every argument (shapes, dtypes, devices) and returns the sizes.
 RimSeqDims seq_fwd_check(
     const at::Tensor& keys, const at::Tensor& xsrc, const at::Tensor& w_x, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& input_query,
@@ -102,6 +101,7 @@ RimSeqDims seq_fwd_check(
   return d;
 }
 
+// The saved activations' widths, in the order of RimSeqFwdParams::sv_*.
 std::vector<int64_t> seq_saved_widths(const RimSeqDims& d) {
   const int64_t GW = d.lstm ? d.GH : 2 * d.GH;
   return {d.H, d.lstm ? d.H : 0, d.H, d.nk, d.n_in * d.M, GW, 2 * d.ck + d.cv, d.n_c * d.K, d.cv};
@@ -173,10 +173,67 @@ std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tenso
           w_x.transpose(2, 3).contiguous()};
 }
 
-namespace {
-
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+}  // namespace
+
+SeqFwdCall seq_fwd_prepare(
+    const at::Tensor& keys, const at::Tensor& xsrc, const at::Tensor& w_x, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& input_query,
+    const at::Tensor& weight_hh, const at::Tensor& bias_ih, const at::Tensor& bias_hh,
+    const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
+    const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
+    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
+    bool save) {
+  SeqFwdCall c;
+  c.d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
+                      comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
+                      comm_heads, per_head, input_dropout, comm_dropout, seed, tile);
+  c.keys = keys.contiguous(), c.xsrc = xsrc.contiguous(), c.w_x = w_x.contiguous();
+  c.h0 = h0.contiguous(), c.c0 = c.d.lstm ? c0->contiguous() : at::Tensor();
+  c.wq = input_query.contiguous(), c.whh = weight_hh.contiguous();
+  c.bih = bias_ih.contiguous(), c.bhh = bias_hh.contiguous();
+  c.cq = comm_query.contiguous(), c.ck = comm_key.contiguous(), c.cv = comm_value.contiguous();
+  c.co = comm_output.contiguous();
+  c.res = seq_fwd_alloc(c.d, h0, save);
+  return c;
+}
+
+SeqBwdCall seq_bwd_prepare(
+    const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
+    const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,
+    const at::Tensor& w_x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+    const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+    const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
+    const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
+    at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
+    double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
+    int64_t tile) {
+  SeqBwdCall c;
+  for (const auto& t : saved) c.saved.push_back(t.contiguous());
+  c.d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query, weight_hh,
+                      bias_ih, bias_hh, comm_query, comm_key, comm_value, comm_output, masks,
+                      c.saved, top_k, input_heads, comm_heads, per_head, input_dropout,
+                      comm_dropout, seed, tile);
+  c.block = block_inactive_grad;
+  c.g_out = contig_or_undef(g_out), c.g_hn = contig_or_undef(g_hn);
+  c.g_cn = c.d.lstm ? contig_or_undef(g_cn) : at::Tensor();
+  c.keys = keys.contiguous(), c.xsrc = xsrc.contiguous(), c.masks = masks.contiguous();
+  c.wt = seq_bwd_transposed(input_query, weight_hh, comm_query, comm_key, comm_value,
+                            comm_output, w_x);
+  c.res = seq_bwd_alloc(c.d, keys, xsrc);
+  return c;
+}
+
+namespace {
+
+void check_host_dtype(const char* op, const at::Tensor& h0) {
+  const auto st = h0.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "rims_fast::", op,
+              ": the CPU implementation (a host run of the CUDA kernel, for tests) takes float32 "
+              "and float64, got ", st);
 }
 
 SeqFwdResult rim_seq_fwd_cpu(
@@ -187,29 +244,20 @@ SeqFwdResult rim_seq_fwd_cpu(
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
     bool save) {
-  const RimSeqDims d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
-                                     bias_hh, comm_query, comm_key, comm_value, comm_output,
-                                     top_k, input_heads, comm_heads, per_head, input_dropout,
-                                     comm_dropout, seed, tile);
-  const auto st = h0.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
-              "rims_fast::rim_seq_fwd: the CPU implementation (a host run of the CUDA kernel, "
-              "for tests) takes float32 and float64, got ", st);
-  auto c = [](const at::Tensor& t) { return t.contiguous(); };
-  const at::Tensor c0c = d.lstm ? c0->contiguous() : at::Tensor();
-  SeqFwdResult res = seq_fwd_alloc(d, h0, save);
-  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), h_ = c(h0), q_ = c(input_query),
-                   hh = c(weight_hh), bi = c(bias_ih), bh = c(bias_hh), cq = c(comm_query),
-                   ck = c(comm_key), cv = c(comm_value), co = c(comm_output);
-  AT_DISPATCH_FLOATING_TYPES(st, "rim_seq_fwd_cpu", [&] {
-    RimSeqFwdParams<scalar_t> p;
-    seq_fwd_fill(p, d, k_, x_, w_, h_, c0c, q_, hh, bi, bh, cq, ck, cv, co, res);
+  const SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
+                                       bias_hh, comm_query, comm_key, comm_value, comm_output,
+                                       top_k, input_heads, comm_heads, per_head, input_dropout,
+                                       comm_dropout, seed, tile, save);
+  check_host_dtype("rim_seq_fwd", h0);
+  const RimSeqDims& d = c.d;
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_fwd_cpu", [&] {
+    const RimSeqFwdParams<scalar_t> p = seq_fwd_params<scalar_t>(c);
     std::vector<scalar_t> smem(rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx,
                                                   d.n_c, d.ck, d.cv, d.lstm));
     for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
       rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, smem.data());
   });
-  return res;
+  return c.res;
 }
 
 SeqBwdResult rim_seq_bwd_cpu(
@@ -219,35 +267,24 @@ SeqBwdResult rim_seq_bwd_cpu(
     const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
     const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
-    at::TensorList saved_, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
+    at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
     int64_t tile) {
-  std::vector<at::Tensor> saved;
-  for (const auto& t : saved_) saved.push_back(t.contiguous());
-  const RimSeqDims d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
-                                     weight_hh, bias_ih, bias_hh, comm_query, comm_key,
-                                     comm_value, comm_output, masks, saved, top_k, input_heads,
-                                     comm_heads, per_head, input_dropout, comm_dropout, seed,
-                                     tile);
-  const auto st = h0.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
-              "rims_fast::rim_seq_bwd: the CPU implementation takes float32 and float64, got ", st);
-  auto c = [](const at::Tensor& t) { return t.contiguous(); };
-  SeqBwdResult res = seq_bwd_alloc(d, keys, xsrc);
-  const at::Tensor go = contig_or_undef(g_out), ghn = contig_or_undef(g_hn),
-                   gcn = d.lstm ? contig_or_undef(g_cn) : at::Tensor();
-  const at::Tensor k_ = c(keys), x_ = c(xsrc), m_ = c(masks);
-  const std::vector<at::Tensor> wt = seq_bwd_transposed(input_query, weight_hh, comm_query,
-                                                        comm_key, comm_value, comm_output, w_x);
-  AT_DISPATCH_FLOATING_TYPES(st, "rim_seq_bwd_cpu", [&] {
-    RimSeqBwdParams<scalar_t> p;
-    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, wt, m_, saved, res);
+  const SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
+                                       weight_hh, bias_ih, bias_hh, comm_query, comm_key,
+                                       comm_value, comm_output, masks, saved, top_k, input_heads,
+                                       comm_heads, per_head, input_dropout, comm_dropout, seed,
+                                       block_inactive_grad, tile);
+  check_host_dtype("rim_seq_bwd", h0);
+  const RimSeqDims& d = c.d;
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_bwd_cpu", [&] {
+    const RimSeqBwdParams<scalar_t> p = seq_bwd_params<scalar_t>(c);
     std::vector<scalar_t> smem(rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk,
                                                       d.Dx, d.n_c, d.ck, d.cv, d.lstm));
     for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
       rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, smem.data());
   });
-  return res;
+  return c.res;
 }
 
 }  // namespace

@@ -22,88 +22,92 @@ using SeqFwdResult = std::vector<at::Tensor>;
 // d keys, d xsrc, d h0, d c0, then the histories dq, d gates, d Q|K|V, dh', xa.
 using SeqBwdResult = std::vector<at::Tensor>;
 
-// The saved activations' widths, in the order of RimSeqFwdParams::sv_*.
-std::vector<int64_t> seq_saved_widths(const RimSeqDims& d);
+// One checked call of the forward, shared by the CPU and CUDA implementations: the sizes (S is
+// the tile chosen: the `tile` argument, or kSeqTileMax capped by B when it is 0), the inputs made
+// contiguous, and the allocated outputs.
+struct SeqFwdCall {
+  RimSeqDims d;
+  at::Tensor keys, xsrc, w_x, h0, c0, wq, whh, bih, bhh, cq, ck, cv, co;
+  SeqFwdResult res;
+};
 
-// Checks every argument (shapes, dtypes, devices) and returns the sizes; S is the tile chosen
-// (the `tile` argument, or kSeqTileMax capped by B when it is 0).
-RimSeqDims seq_fwd_check(
+SeqFwdCall seq_fwd_prepare(
     const at::Tensor& keys, const at::Tensor& xsrc, const at::Tensor& w_x, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& input_query,
     const at::Tensor& weight_hh, const at::Tensor& bias_ih, const at::Tensor& bias_hh,
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
-    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile);
+    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
+    bool save);
 
-// Shared by the CPU and CUDA implementations: allocate outputs, fill the kernels' parameters.
-SeqFwdResult seq_fwd_alloc(const RimSeqDims& d, const at::Tensor& h0, bool save);
+// The kernel's parameters for a prepared call (T: the storage type as the kernel sees it).
 template <typename T>
-void seq_fwd_fill(RimSeqFwdParams<T>& p, const RimSeqDims& d, const at::Tensor& keys,
-                  const at::Tensor& xsrc, const at::Tensor& w_x, const at::Tensor& h0,
-                  const at::Tensor& c0, const at::Tensor& wq, const at::Tensor& whh,
-                  const at::Tensor& bih, const at::Tensor& bhh, const at::Tensor& cq,
-                  const at::Tensor& ck, const at::Tensor& cv, const at::Tensor& co,
-                  SeqFwdResult& res) {
-  static_cast<RimSeqDims&>(p) = d;
+RimSeqFwdParams<T> seq_fwd_params(const SeqFwdCall& c) {
+  RimSeqFwdParams<T> p;
+  static_cast<RimSeqDims&>(p) = c.d;
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
-  auto mp = [](at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
-  p.keys = keys.const_data_ptr();
-  p.xsrc = xsrc.const_data_ptr();
-  p.w_x = w_x.const_data_ptr();
-  p.h0 = cp(h0);
-  p.c0 = d.lstm ? cp(c0) : nullptr;
-  p.w_query = cp(wq), p.w_hh = cp(whh), p.b_ih = cp(bih), p.b_hh = cp(bhh);
-  p.c_query = cp(cq), p.c_key = cp(ck), p.c_value = cp(cv), p.c_output = cp(co);
-  p.out = mp(res[0]), p.h_n = mp(res[1]), p.c_n = d.lstm ? mp(res[2]) : nullptr;
-  p.masks = res[3].mutable_data_ptr<bool>();
+  auto mp = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
+  p.keys = c.keys.const_data_ptr();
+  p.xsrc = c.xsrc.const_data_ptr();
+  p.w_x = c.w_x.const_data_ptr();
+  p.h0 = cp(c.h0);
+  p.c0 = c.d.lstm ? cp(c.c0) : nullptr;
+  p.w_query = cp(c.wq), p.w_hh = cp(c.whh), p.b_ih = cp(c.bih), p.b_hh = cp(c.bhh);
+  p.c_query = cp(c.cq), p.c_key = cp(c.ck), p.c_value = cp(c.cv), p.c_output = cp(c.co);
+  p.out = mp(c.res[0]), p.h_n = mp(c.res[1]), p.c_n = c.d.lstm ? mp(c.res[2]) : nullptr;
+  p.masks = c.res[3].mutable_data_ptr<bool>();
   void** sv[] = {&p.sv_h, &p.sv_c, &p.sv_ht, &p.sv_q, &p.sv_a, &p.sv_g, &p.sv_qkv, &p.sv_bp,
                  &p.sv_o};
   for (int i = 0; i < 9; ++i)
-    *sv[i] = res[4 + i].numel() > 0 ? res[4 + i].mutable_data_ptr() : nullptr;
+    *sv[i] = c.res[4 + i].numel() > 0 ? c.res[4 + i].mutable_data_ptr() : nullptr;
+  return p;
 }
 
-SeqBwdResult seq_bwd_alloc(const RimSeqDims& d, const at::Tensor& keys, const at::Tensor& xsrc);
-// The backward kernel's transposed weight copies, contiguous: input_query^T (K, nk, H),
-// weight_hh^T (K, GH, H), [comm_query | comm_key | comm_value]^T (K, C3, H),
-// comm_output^T (K, H, cv), w_x^T (K, n_in, GH, Dx).
-std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tensor& whh,
-                                           const at::Tensor& cq, const at::Tensor& ck,
-                                           const at::Tensor& cv, const at::Tensor& co,
-                                           const at::Tensor& w_x);
+// One checked call of the backward: the sizes, the incoming gradients (contiguous, undefined =
+// zero), the inputs it reads, the transposed weight copies (input_query^T (K, nk, H),
+// weight_hh^T (K, GH, H), [comm_query | comm_key | comm_value]^T (K, C3, H), comm_output^T
+// (K, H, cv), w_x^T (K, n_in, GH, Dx)) and the allocated outputs.
+struct SeqBwdCall {
+  RimSeqDims d;
+  bool block;
+  at::Tensor g_out, g_hn, g_cn, keys, xsrc, masks;
+  std::vector<at::Tensor> saved, wt;
+  SeqBwdResult res;
+};
 
-template <typename T>
-void seq_bwd_fill(RimSeqBwdParams<T>& p, const RimSeqDims& d, bool block,
-                  const at::Tensor& g_out, const at::Tensor& g_hn, const at::Tensor& g_cn,
-                  const at::Tensor& keys, const at::Tensor& xsrc,
-                  const std::vector<at::Tensor>& wt, const at::Tensor& masks,
-                  const std::vector<at::Tensor>& saved, SeqBwdResult& res) {
-  static_cast<RimSeqDims&>(p) = d;
-  auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
-  auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
-  p.keys = keys.const_data_ptr(), p.xsrc = xsrc.const_data_ptr();
-  p.w_query_t = cp(wt[0]), p.w_hh_t = cp(wt[1]), p.c_qkv_t = cp(wt[2]), p.c_output_t = cp(wt[3]);
-  p.w_x_t = wt[4].const_data_ptr();
-  p.masks = masks.const_data_ptr<bool>();
-  const void** sv[] = {&p.sv_h, &p.sv_c, &p.sv_ht, &p.sv_q, &p.sv_a, &p.sv_g, &p.sv_qkv,
-                       &p.sv_bp, &p.sv_o};
-  for (int i = 0; i < 9; ++i) *sv[i] = saved[i].numel() > 0 ? saved[i].const_data_ptr() : nullptr;
-  p.g_out = opt(g_out), p.g_hn = opt(g_hn), p.g_cn = opt(g_cn);
-  p.block_inactive_grad = block;
-  void** outs[] = {&p.d_keys, &p.d_xsrc, &p.d_h0, &p.d_c0, &p.h_dq, &p.h_dg, &p.h_dqkv,
-                   &p.h_dhp, &p.h_xa};
-  for (int i = 0; i < 9; ++i) *outs[i] = res[i].numel() > 0 ? res[i].mutable_data_ptr() : nullptr;
-}
-
-// The backward's checks: the forward's, plus the saved activations and incoming gradients.
-RimSeqDims seq_bwd_check(
+SeqBwdCall seq_bwd_prepare(
     const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
     const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,
     const at::Tensor& w_x, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
     const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
     const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
-    const std::vector<at::Tensor>& saved, int64_t top_k, int64_t input_heads, int64_t comm_heads,
-    bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile);
+    at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
+    double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
+    int64_t tile);
+
+template <typename T>
+RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
+  RimSeqBwdParams<T> p;
+  static_cast<RimSeqDims&>(p) = c.d;
+  auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
+  auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
+  p.keys = c.keys.const_data_ptr(), p.xsrc = c.xsrc.const_data_ptr();
+  p.w_query_t = cp(c.wt[0]), p.w_hh_t = cp(c.wt[1]), p.c_qkv_t = cp(c.wt[2]);
+  p.c_output_t = cp(c.wt[3]), p.w_x_t = c.wt[4].const_data_ptr();
+  p.masks = c.masks.const_data_ptr<bool>();
+  const void** sv[] = {&p.sv_h, &p.sv_c, &p.sv_ht, &p.sv_q, &p.sv_a, &p.sv_g, &p.sv_qkv,
+                       &p.sv_bp, &p.sv_o};
+  for (int i = 0; i < 9; ++i)
+    *sv[i] = c.saved[i].numel() > 0 ? c.saved[i].const_data_ptr() : nullptr;
+  p.g_out = opt(c.g_out), p.g_hn = opt(c.g_hn), p.g_cn = opt(c.g_cn);
+  p.block_inactive_grad = c.block;
+  void** outs[] = {&p.d_keys, &p.d_xsrc, &p.d_h0, &p.d_c0, &p.h_dq, &p.h_dg, &p.h_dqkv,
+                   &p.h_dhp, &p.h_xa};
+  for (int i = 0; i < 9; ++i)
+    *outs[i] = c.res[i].numel() > 0 ? c.res[i].mutable_data_ptr() : nullptr;
+  return p;
+}
 
 #ifdef RIMS_FAST_WITH_CUDA
 SeqFwdResult rim_seq_fwd_cuda(

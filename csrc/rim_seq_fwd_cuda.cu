@@ -74,17 +74,13 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
     bool save) {
-  RimSeqDims d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
-                               comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
-                               comm_heads, per_head, input_dropout, comm_dropout, seed, tile);
   const c10::cuda::CUDAGuard guard(h0.device());
+  SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
+                                 bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
+                                 input_heads, comm_heads, per_head, input_dropout, comm_dropout,
+                                 seed, tile, save);
   const int dev = h0.get_device();
-  auto c = [](const at::Tensor& t) { return t.contiguous(); };
-  const at::Tensor c0c = d.lstm ? c0->contiguous() : at::Tensor();
-  const at::Tensor k_ = c(keys), x_ = c(xsrc), w_ = c(w_x), h_ = c(h0), q_ = c(input_query),
-                   hh = c(weight_hh), bi = c(bias_ih), bh = c(bias_hh), cq = c(comm_query),
-                   ck = c(comm_key), cv = c(comm_value), co = c(comm_output);
-  SeqFwdResult res = seq_fwd_alloc(d, h0, save);
+  RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_fwd_cuda",
                                   [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -94,11 +90,9 @@ SeqFwdResult rim_seq_fwd_cuda(
                                 d.lstm) * static_cast<int64_t>(sizeof(C));
     };
     d.S = fit_tile<C>(d.S, dev, bytes);
-    RimSeqFwdParams<T> p;
-    seq_fwd_fill(p, d, k_, x_, w_, h_, c0c, q_, hh, bi, bh, cq, ck, cv, co, res);
-    launch(rim_seq_fwd_kernel<C, T>, p, bytes(d.S), dev);
+    launch(rim_seq_fwd_kernel<C, T>, seq_fwd_params<T>(c), bytes(d.S), dev);
   });
-  return res;
+  return c.res;
 }
 
 SeqBwdResult rim_seq_bwd_cuda(
@@ -108,26 +102,17 @@ SeqBwdResult rim_seq_bwd_cuda(
     const at::Tensor& input_query, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
     const at::Tensor& bias_hh, const at::Tensor& comm_query, const at::Tensor& comm_key,
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
-    at::TensorList saved_, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
+    at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
     int64_t tile) {
-  std::vector<at::Tensor> saved;
-  for (const auto& t : saved_) saved.push_back(t.contiguous());
-  RimSeqDims d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
-                               weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
-                               comm_output, masks, saved, top_k, input_heads, comm_heads,
-                               per_head, input_dropout, comm_dropout, seed, tile);
   const c10::cuda::CUDAGuard guard(h0.device());
+  SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
+                                 weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
+                                 comm_output, masks, saved, top_k, input_heads, comm_heads,
+                                 per_head, input_dropout, comm_dropout, seed,
+                                 block_inactive_grad, tile);
   const int dev = h0.get_device();
-  auto c = [](const at::Tensor& t) { return t.contiguous(); };
-  auto opt = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-  };
-  const at::Tensor go = opt(g_out), ghn = opt(g_hn), gcn = d.lstm ? opt(g_cn) : at::Tensor();
-  const at::Tensor k_ = c(keys), x_ = c(xsrc), m_ = c(masks);
-  const std::vector<at::Tensor> wt = seq_bwd_transposed(input_query, weight_hh, comm_query,
-                                                        comm_key, comm_value, comm_output, w_x);
-  SeqBwdResult res = seq_bwd_alloc(d, keys, xsrc);
+  RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_bwd_cuda",
                                   [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -137,11 +122,9 @@ SeqBwdResult rim_seq_bwd_cuda(
                                     d.cv, d.lstm) * static_cast<int64_t>(sizeof(C));
     };
     d.S = fit_tile<C>(d.S, dev, bytes);
-    RimSeqBwdParams<T> p;
-    seq_bwd_fill(p, d, block_inactive_grad, go, ghn, gcn, k_, x_, wt, m_, saved, res);
-    launch(rim_seq_bwd_kernel<C, T>, p, bytes(d.S), dev);
+    launch(rim_seq_bwd_kernel<C, T>, seq_bwd_params<T>(c), bytes(d.S), dev);
   });
-  return res;
+  return c.res;
 }
 
 }  // namespace rims
