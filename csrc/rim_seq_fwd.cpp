@@ -8,6 +8,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -173,6 +174,37 @@ std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tenso
           w_x.transpose(2, 3).contiguous()};
 }
 
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The tensor-core path's sizes (RimSeqDims::mk ... mc) and its zero-padded operands in the
+// storage type (rounding the fold F to it): per mechanism the gates' [F ; weight_hh] (mk, mn),
+// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo).
+std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
+                                        const at::Tensor& whh, const at::Tensor& cq,
+                                        const at::Tensor& ck, const at::Tensor& cv,
+                                        const at::Tensor& co) {
+  const int64_t XW = d.n_in * d.Dx, GW = d.lstm ? d.GH : 2 * d.GH, C3 = 2 * d.ck + d.cv;
+  d.mma = true;
+  d.mxw = round_up(XW, kMmaK);
+  d.mh = round_up(d.H, kMmaK);
+  d.mk = d.mxw + d.mh;
+  d.mv = round_up(d.cv, kMmaK);
+  d.mn = round_up(GW, kMmaN);
+  d.mq = round_up(C3, kMmaN);
+  d.mo = round_up(d.H, kMmaN);
+  d.ma = std::max(d.mk, d.mv);
+  d.mc = std::max({d.mn, d.mq, d.mo});
+  const auto opt = whh.options();
+  at::Tensor g = at::zeros({d.K, d.mk, d.mn}, opt);
+  g.narrow(1, 0, XW).narrow(2, 0, d.GH).copy_(w_x.reshape({d.K, XW, d.GH}));
+  g.narrow(1, d.mxw, d.H).narrow(2, d.lstm ? 0 : d.GH, d.GH).copy_(whh);
+  at::Tensor qkv = at::zeros({d.K, d.mh, d.mq}, opt);
+  qkv.narrow(1, 0, d.H).narrow(2, 0, C3).copy_(at::cat({cq, ck, cv}, -1));
+  at::Tensor out = at::zeros({d.K, d.mv, d.mo}, opt);
+  out.narrow(1, 0, d.cv).narrow(2, 0, d.H).copy_(co);
+  return {g, qkv, out};
+}
+
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
@@ -186,7 +218,7 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save) {
+    bool save, bool mma) {
   SeqFwdCall c;
   c.d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
                       comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
@@ -197,6 +229,7 @@ SeqFwdCall seq_fwd_prepare(
   c.bih = bias_ih.contiguous(), c.bhh = bias_hh.contiguous();
   c.cq = comm_query.contiguous(), c.ck = comm_key.contiguous(), c.cv = comm_value.contiguous();
   c.co = comm_output.contiguous();
+  if (mma) c.w_mma = seq_mma_weights(c.d, c.w_x, c.whh, c.cq, c.ck, c.cv, c.co);
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;
 }
@@ -243,19 +276,29 @@ SeqFwdResult rim_seq_fwd_cpu(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save) {
+    bool save, bool mma) {
   const SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                        bias_hh, comm_query, comm_key, comm_value, comm_output,
                                        top_k, input_heads, comm_heads, per_head, input_dropout,
-                                       comm_dropout, seed, tile, save);
+                                       comm_dropout, seed, tile, save, mma);
   check_host_dtype("rim_seq_fwd", h0);
   const RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_fwd_cpu", [&] {
     const RimSeqFwdParams<scalar_t> p = seq_fwd_params<scalar_t>(c);
-    std::vector<scalar_t> smem(rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx,
-                                                  d.n_c, d.ck, d.cv, d.lstm));
-    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
-      rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, smem.data());
+    const int64_t bytes = sizeof(scalar_t);
+    const int64_t elems =
+        rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
+                           d.lstm, d.mma) +
+        (d.mma ? rim_seq_mma_elems(d.K, d.ma, d.mc, bytes, bytes) : 0);
+    // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
+    at::Tensor smem = at::empty({elems}, h0.options());
+    scalar_t* base = smem.mutable_data_ptr<scalar_t>();
+    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+      if (d.mma)
+        rim_seq_fwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
+      else
+        rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
+    }
   });
   return c.res;
 }
@@ -295,7 +338,7 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor input_query, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh,"
         " Tensor comm_query, Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k,"
         " int input_heads, int comm_heads, bool per_head, float input_dropout,"
-        " float comm_dropout, int seed, int tile, bool save) -> Tensor[]");
+        " float comm_dropout, int seed, int tile, bool save, bool mma=False) -> Tensor[]");
   m.def("rim_seq_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor keys,"
         " Tensor xsrc, Tensor w_x, Tensor h0, Tensor? c0, Tensor input_query, Tensor weight_hh,"
         " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"

@@ -28,6 +28,9 @@ using SeqBwdResult = std::vector<at::Tensor>;
 struct SeqFwdCall {
   RimSeqDims d;
   at::Tensor keys, xsrc, w_x, h0, c0, wq, whh, bih, bhh, cq, ck, cv, co;
+  // The tensor-core path's padded operands (seq_mma_weights; empty without it): the gates'
+  // [F ; weight_hh], [comm_query | comm_key | comm_value], comm_output.
+  std::vector<at::Tensor> w_mma;
   SeqFwdResult res;
 };
 
@@ -38,12 +41,12 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save);
+    bool save, bool mma);
 
 // The kernel's parameters for a prepared call (T: the storage type as the kernel sees it).
 template <typename T>
 RimSeqFwdParams<T> seq_fwd_params(const SeqFwdCall& c) {
-  RimSeqFwdParams<T> p;
+  RimSeqFwdParams<T> p{};
   static_cast<RimSeqDims&>(p) = c.d;
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto mp = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
@@ -53,6 +56,10 @@ RimSeqFwdParams<T> seq_fwd_params(const SeqFwdCall& c) {
   p.h0 = cp(c.h0);
   p.c0 = c.d.lstm ? cp(c.c0) : nullptr;
   p.w_query = cp(c.wq), p.w_hh = cp(c.whh), p.b_ih = cp(c.bih), p.b_hh = cp(c.bhh);
+  const bool mma = !c.w_mma.empty();
+  p.w_mma = mma ? cp(c.w_mma[0]) : nullptr;
+  p.w_mma_qkv = mma ? cp(c.w_mma[1]) : nullptr;
+  p.w_mma_out = mma ? cp(c.w_mma[2]) : nullptr;
   p.c_query = cp(c.cq), p.c_key = cp(c.ck), p.c_value = cp(c.cv), p.c_output = cp(c.co);
   p.out = mp(c.res[0]), p.h_n = mp(c.res[1]), p.c_n = c.d.lstm ? mp(c.res[2]) : nullptr;
   p.masks = c.res[3].mutable_data_ptr<bool>();
@@ -88,7 +95,7 @@ SeqBwdCall seq_bwd_prepare(
 
 template <typename T>
 RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
-  RimSeqBwdParams<T> p;
+  RimSeqBwdParams<T> p{};
   static_cast<RimSeqDims&>(p) = c.d;
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
@@ -117,7 +124,7 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save);
+    bool save, bool mma);
 SeqBwdResult rim_seq_bwd_cuda(
     const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
     const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,

@@ -21,18 +21,28 @@ struct DeviceExec {
     for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
     __syncthreads();
   }
+  // One warp per item: every lane of warp w calls f(i) for i = w, w + warps, ... (f may be
+  // warp-collective: the item index is uniform across the warp).
+  template <class F>
+  __device__ __forceinline__ void warp_for(int n, const F& f) const {
+    const int warps = static_cast<int>(blockDim.x) >> 5;
+    for (int i = static_cast<int>(threadIdx.x) >> 5; i < n; i += warps) f(i);
+    __syncthreads();
+  }
 };
 
-template <typename C, typename T>
+// MMA: the gate products on tensor cores (half/bfloat16 storage only; rim_seq_fwd_tile).
+template <typename C, typename T, bool MMA>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  rim_seq_fwd_tile<kSeqTileMax, C>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
-                                   reinterpret_cast<C*>(smem_raw));
+  // 128-byte aligned: the tensor-core tiles at the start need 256-bit alignment.
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  rim_seq_fwd_tile<kSeqTileMax, C, MMA>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
+                                        reinterpret_cast<C*>(smem_raw));
 }
 
 template <typename C, typename T>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   rim_seq_bwd_tile<kSeqTileMax, C>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
                                    reinterpret_cast<C*>(smem_raw));
 }
@@ -64,6 +74,19 @@ void launch(Kernel kernel, const Params& p, int64_t smem, int dev) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The forward kernel for the call: the tensor-core variant exists for half/bfloat16 storage only
+// (a function template, so that `if constexpr` keeps it from being instantiated for the rest).
+template <typename C, typename T>
+void launch_fwd(const SeqFwdCall& c, int64_t smem, int dev) {
+  if constexpr (sizeof(T) == 2) {
+    if (c.d.mma) {
+      launch(rim_seq_fwd_kernel<C, T, true>, seq_fwd_params<T>(c), smem, dev);
+      return;
+    }
+  }
+  launch(rim_seq_fwd_kernel<C, T, false>, seq_fwd_params<T>(c), smem, dev);
+}
+
 }  // namespace
 
 SeqFwdResult rim_seq_fwd_cuda(
@@ -73,24 +96,30 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save) {
+    bool save, bool mma) {
   const c10::cuda::CUDAGuard guard(h0.device());
+  const auto st = h0.scalar_type();
+  TORCH_CHECK(!mma || st == at::kHalf || st == at::kBFloat16,
+              "rims_fast::rim_seq_fwd: mma=True (tensor-core gate products) takes float16 or "
+              "bfloat16, got ", st, "; float32/float64 run on CUDA cores (mma=False)");
   SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
-                                 seed, tile, save);
+                                 seed, tile, save, mma);
   const int dev = h0.get_device();
   RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_fwd_cuda",
                                   [&] {
     using T = typename CudaType<scalar_t>::type;
     using C = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    constexpr int64_t cb = sizeof(C), tb = sizeof(T);
     auto bytes = [&](int64_t s) {
-      return rim_seq_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                                d.lstm) * static_cast<int64_t>(sizeof(C));
+      return (rim_seq_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
+                                 d.lstm, d.mma) +
+              (d.mma ? rim_seq_mma_elems(d.K, d.ma, d.mc, tb, cb) : 0)) * cb;
     };
     d.S = fit_tile<C>(d.S, dev, bytes);
-    launch(rim_seq_fwd_kernel<C, T>, seq_fwd_params<T>(c), bytes(d.S), dev);
+    launch_fwd<C, T>(c, bytes(d.S), dev);
   });
   return c.res;
 }

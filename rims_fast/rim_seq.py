@@ -31,7 +31,9 @@ for the same seed (:func:`rims_fast.rim_cpu.dropout_masks`).
 Limits: one sample's state and activations must fit a thread block's shared memory (about
 33 KB forward / 35 KB backward at the paper layer in float32; the tile shrinks to fit, and a size
 whose single sample does not fit — e.g. GRU in float64 with inputs wider than ~480 — raises
-``RuntimeError`` saying so); products run on CUDA cores (no tensor cores yet).
+``RuntimeError`` saying so). Products run on CUDA cores by default; ``RIMS_FAST_CUDA_MMA=1``
+(:func:`mma_mode`) puts the forward's three weight products on tensor cores in float16/bfloat16
+(the backward stays on CUDA cores).
 
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
 how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
@@ -50,7 +52,8 @@ from torch import Tensor
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
-__all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "PARAM_NAMES"]
+__all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "mma_mode",
+           "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
                "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
@@ -65,6 +68,21 @@ def tile_size() -> int:
     if not v.isdigit() or int(v) > 8:
         raise ValueError(f"RIMS_FAST_CUDA_TILE must be an integer in 0..8, got {v!r}")
     return int(v)
+
+
+def mma_mode(device: torch.device, dtype: torch.dtype) -> bool:
+    """``RIMS_FAST_CUDA_MMA=1``: the persistent forward computes its three weight products (gates
+    from ``[xa | h]``, communication Q|K|V from ``h~``, the output projection from the read ``o``:
+    88% of a step's FLOPs at the paper layer) on tensor cores (WMMA m8n32k16, float32
+    accumulation), for float16/bfloat16 on CUDA; float32/float64 stay on CUDA cores. Default
+    ``0``: opt-in until a GPU run has checked it. The operands and the folded input matrix are
+    rounded to the storage dtype (as the reference rounds product operands); the backward is
+    unchanged (CUDA cores, unrounded operands)."""
+    v = os.environ.get("RIMS_FAST_CUDA_MMA", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_MMA must be 0 or 1, got {v!r}")
+    return (v == "1" and torch.device(device).type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16))
 
 
 def cuda_fwd_mode() -> str:
@@ -133,7 +151,7 @@ def _register_fake() -> None:
     @torch.library.register_fake(_OP)
     def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
           comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
-          input_dropout, comm_dropout, seed, tile, save):
+          input_dropout, comm_dropout, seed, tile, save, mma=False):
         T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
         lstm = GH == 4 * H
@@ -168,19 +186,20 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool) -> list[Tensor]:
+               tile: int, save: bool, mma: bool = False) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
-    unless ``save``). Dropout probabilities are the effective ones (0 outside training)."""
+    unless ``save``). Dropout probabilities are the effective ones (0 outside training).
+    ``mma``: the forward's weight products on tensor cores (:func:`mma_mode`)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
-        input_dropout, comm_dropout, seed, tile, save))
+        input_dropout, comm_dropout, seed, tile, save, mma))
 
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save):
+      block_inactive_grad, per_head, seed, tile, save, mma=False):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -193,7 +212,7 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save) = inputs
+     save, *_) = inputs
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
     ctx.has_c0 = c0 is not None
@@ -246,7 +265,7 @@ def _backward(ctx, grads):
     h_dt, w_dts = ctx.dtypes
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
-            d_weights, None, None, None, None, None, None, None, None, None)
+            d_weights, None, None, None, None, None, None, None, None, None, None)
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -254,17 +273,22 @@ rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
 
 def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
-            tile: Optional[int] = None) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+            tile: Optional[int] = None, mma: Optional[bool] = None,
+            ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
     ``tile``: samples per thread block, 1..8 (0: 8, fewer when shared memory is short; None:
-    :func:`tile_size`). Gradients flow into ``x``, ``h0``, ``c0`` and all parameters (the input
-    key/value projections through the hoisted PyTorch products)."""
+    :func:`tile_size`); ``mma``: weight products on tensor cores (None: :func:`mma_mode`; on CPU
+    tensors ``True`` runs the tensor-core tiling in the host run, for tests). Gradients flow into
+    ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
+    PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
     if why is not None:
         raise RuntimeError(why)
     if tile is None:
         tile = tile_size()
+    if mma is None:
+        mma = mma_mode(x.device, x.dtype)
     sizes, cell, p_in, p_c, big = cfg_args(cfg)
     if not training:
         p_in = p_c = 0.0
@@ -278,6 +302,6 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     leaves = (keys, xsrc, w_x, h0, c0, *weights)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
-                     weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save)
+                     weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma)
     out, h_n, c_n, masks = res[:4]
     return out, h_n, (c_n if lstm else None), masks

@@ -83,6 +83,43 @@ def test_host_run_matches_reference_float64(case, tile):
     _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
 
 
+# The tensor-core path's tiling (mma=True): operands padded to multiples of 16, products to 32
+# columns, 8-row tiles. GRID's H = 3 gives one column tile per product; these add H = 20 (gates
+# GH = 80 / GRU 160: several column tiles, the last partial; H padded to 32), an input width of
+# 18 (XW padded to 32) and communication sizes whose padded widths all differ (Q|K|V 88 -> 96
+# columns, comm_output's 40 rows -> 48), so a stride mixed up between the products shows.
+MMA_WIDE = [
+    ("lstm", 1, 1, 2, 4, 2, 4, 18, dict(hidden_size=20, comm_key_size=12,
+                                        comm_value_size=20)),        # folded, XW = 5
+    ("gru", 2, 2, 2, 3, 2, 3, 9, dict(hidden_size=20, input_size=7)),  # per-head, XW = 18
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("tile", [1, 3, 0])
+def test_host_run_mma_matches_reference_float64(case, tile):
+    """The tensor-core gate products (host side of MmaTile8x32, which also asserts WMMA's
+    alignment and leading-dimension rules): outputs, masks and every gradient (the backward reads
+    the gates this forward saved) against the reference in float64."""
+    rim, x, h0, c0, P, leaves = _setup(*case)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, mma=True)
+    _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+
+
+@pytest.mark.parametrize("case", MMA_WIDE, ids=["lstm-H20-folded", "gru-H20-per_head"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_host_run_mma_wide(case, dtype):
+    *args, kw = case
+    rim, x, h0, c0, P, leaves = _setup(*args, dtype=dtype, B=11, **kw)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, mma=True)
+    l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"), {n: l64[n] for n in PARAMS},
+                             rim.config, masks=got[3])
+    _compare(got, want, leaves, dtype, l64)
+    plain = rs.rim_seq(x, h0, c0, P, rim.config, mma=False)
+    assert torch.equal(plain[3], got[3])
+
+
 @pytest.mark.parametrize("case", GRID[:3] + GRID[4:6], ids=lambda c: "-".join(map(str, c)))
 def test_host_run_float32_against_float64(case):
     rim, x, h0, c0, P, leaves = _setup(*case, dtype=torch.float32)
@@ -175,6 +212,15 @@ def test_backend_cuda_env_switch(monkeypatch):
         rs.tile_size()
     monkeypatch.setenv("RIMS_FAST_CUDA_TILE", "3")
     assert rs.tile_size() == 3
+    monkeypatch.setenv("RIMS_FAST_CUDA_MMA", "yes")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_MMA"):
+        rs.mma_mode(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setenv("RIMS_FAST_CUDA_MMA", "1")
+    assert rs.mma_mode(torch.device("cuda"), torch.bfloat16)
+    assert not rs.mma_mode(torch.device("cuda"), torch.float32)  # CUDA cores for fp32
+    assert not rs.mma_mode(torch.device("cpu"), torch.float16)
+    monkeypatch.delenv("RIMS_FAST_CUDA_MMA")
+    assert not rs.mma_mode(torch.device("cuda"), torch.bfloat16)  # opt-in
 
 
 # ---- on a GPU: the CUDA kernel itself ---------------------------------------------------------
@@ -200,20 +246,24 @@ class TestCUDA:
         want = rims_fast.rim_ref(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config)
         _compare(got, want, cu, torch.float64)
 
+    @pytest.mark.parametrize("mma", [False, True], ids=["cuda_cores", "tensor_cores"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
-    def test_paper_shape(self, cell, dtype):
+    def test_paper_shape(self, cell, dtype, mma):
         """B=64, T=20, D=64, K=6, top_k=4, H=100 (the paper layer, default heads) against the
         float64 reference under the kernel's masks: the output elementwise (tolerance table),
         every gradient by relative norm error (bounds per dtype below: weight gradients sum
-        B*T terms, so the elementwise table is not the right yardstick here)."""
+        B*T terms, so the elementwise table is not the right yardstick here). mma: the gate
+        products on tensor cores (float16/bfloat16 only)."""
+        if mma and dtype == torch.float32:
+            pytest.skip("the tensor-core path takes float16/bfloat16 (tested to raise below)")
         torch.manual_seed(0)
         rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, dtype=dtype, device="cuda")
         x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype, requires_grad=True)
         P = dict(rim.named_parameters())
         h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype, requires_grad=True)
         c0 = torch.randn_like(h0).requires_grad_(True) if cell == "lstm" else None
-        got = rs.rim_seq(x, h0, c0, P, rim.config)
+        got = rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)
         leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
         l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
         want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"),
@@ -227,6 +277,12 @@ class TestCUDA:
             rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
             print(f"d{name}: relative norm error {rel:.2e} (bound {bound:g})")
             assert rel <= bound, name
+
+    def test_mma_rejects_float32(self):
+        rim, x, h0, c0, P, _ = _setup("lstm", 1, 1, 1, 4, 2, 3, 8, dtype=torch.float32)
+        with pytest.raises(RuntimeError, match="takes float16 or bfloat16"):
+            rs.rim_seq(x.cuda(), h0.cuda(), c0.cuda(), {n: v.cuda() for n, v in P.items()},
+                       rim.config, mma=True)
 
     def test_cuda_graph_capture(self):
         """The persistent forward has no host sync: a captured CUDA graph of it replays to the

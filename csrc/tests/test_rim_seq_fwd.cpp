@@ -70,7 +70,7 @@ struct Result {
 
 template <typename T>
 Result<T> run(const Problem<T>& pr, int64_t S) {
-  rims::RimSeqFwdParams<T> p;
+  rims::RimSeqFwdParams<T> p{};  // value-initialized: every pointer not set below is null (no saving)
   static_cast<rims::RimSeqDims&>(p) = pr.d;
   p.S = S;
   const auto& d = pr.d;
