@@ -9,7 +9,7 @@
   no-grad forward replays a captured CUDA graph (fwd+bwd runs as ``triton``).
 - ``cuda_seq``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=persistent``: the
   persistent whole-sequence kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``).
-- ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: the forward's weight products on
+- ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: both kernels' weight products on
   tensor cores (float16/bfloat16; in float32 it runs as ``cuda_seq``).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.

@@ -205,6 +205,31 @@ std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
   return {g, qkv, out};
 }
 
+// The backward's tensor-core operands, zero-padded per mechanism in the storage type (rounding F):
+// comm_output^T (bh, bo), [comm_query|comm_key|comm_value]^T (bq, bh2), F^T (bg, bx) and
+// [weight_hh^T ; input_query^T] (bg + bk, bh2); sets the shared tiles' widths ba, bc.
+std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tensor& w_x,
+                                            const std::vector<at::Tensor>& wt, int64_t& ba,
+                                            int64_t& bc) {
+  const int64_t XW = d.n_in * d.Dx, C3 = 2 * d.ck + d.cv;
+  const int64_t bh = round_up(d.H, kMmaK), bq = round_up(C3, kMmaK), bg = round_up(d.GH, kMmaK);
+  const int64_t bk = round_up(d.nk, kMmaK), bo = round_up(d.cv, kMmaN);
+  const int64_t bh2 = round_up(d.H, kMmaN), bx = round_up(XW, kMmaN);
+  ba = std::max({bh, bq, bg + bk});
+  bc = std::max({bo, bh2, bx});
+  const auto opt = wt[1].options();  // the storage type
+  at::Tensor w_out = at::zeros({d.K, bh, bo}, opt);
+  w_out.narrow(1, 0, d.H).narrow(2, 0, d.cv).copy_(wt[3]);
+  at::Tensor w_qkv = at::zeros({d.K, bq, bh2}, opt);
+  w_qkv.narrow(1, 0, C3).narrow(2, 0, d.H).copy_(wt[2]);
+  at::Tensor w_x_t = at::zeros({d.K, bg, bx}, opt);
+  w_x_t.narrow(1, 0, d.GH).narrow(2, 0, XW).copy_(w_x.reshape({d.K, XW, d.GH}).transpose(1, 2));
+  at::Tensor w_h = at::zeros({d.K, bg + bk, bh2}, opt);
+  w_h.narrow(1, 0, d.GH).narrow(2, 0, d.H).copy_(wt[1]);
+  w_h.narrow(1, bg, d.nk).narrow(2, 0, d.H).copy_(wt[0]);
+  return {w_out, w_qkv, w_x_t, w_h};
+}
+
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
@@ -243,7 +268,7 @@ SeqBwdCall seq_bwd_prepare(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile) {
+    int64_t tile, bool mma) {
   SeqBwdCall c;
   for (const auto& t : saved) c.saved.push_back(t.contiguous());
   c.d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query, weight_hh,
@@ -256,6 +281,10 @@ SeqBwdCall seq_bwd_prepare(
   c.keys = keys.contiguous(), c.xsrc = xsrc.contiguous(), c.masks = masks.contiguous();
   c.wt = seq_bwd_transposed(input_query, weight_hh, comm_query, comm_key, comm_value,
                             comm_output, w_x);
+  if (mma) {
+    c.d.mma = true;
+    c.wb = seq_bwd_mma_weights(c.d, w_x, c.wt, c.ba, c.bc);
+  }
   c.res = seq_bwd_alloc(c.d, keys, xsrc);
   return c;
 }
@@ -312,20 +341,29 @@ SeqBwdResult rim_seq_bwd_cpu(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile) {
+    int64_t tile, bool mma) {
   const SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
                                        weight_hh, bias_ih, bias_hh, comm_query, comm_key,
                                        comm_value, comm_output, masks, saved, top_k, input_heads,
                                        comm_heads, per_head, input_dropout, comm_dropout, seed,
-                                       block_inactive_grad, tile);
+                                       block_inactive_grad, tile, mma);
   check_host_dtype("rim_seq_bwd", h0);
   const RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_bwd_cpu", [&] {
     const RimSeqBwdParams<scalar_t> p = seq_bwd_params<scalar_t>(c);
-    std::vector<scalar_t> smem(rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk,
-                                                      d.Dx, d.n_c, d.ck, d.cv, d.lstm));
-    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
-      rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, smem.data());
+    const int64_t bytes = sizeof(scalar_t);
+    const int64_t elems =
+        rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
+                               d.lstm) +
+        (d.mma ? rim_seq_mma_elems(d.K, c.ba, c.bc, bytes, bytes) : 0);
+    at::Tensor smem = at::empty({elems}, h0.options());  // 64-byte aligned, as in the forward
+    scalar_t* base = smem.mutable_data_ptr<scalar_t>();
+    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+      if (d.mma)
+        rim_seq_bwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
+      else
+        rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
+    }
   });
   return c.res;
 }
@@ -344,7 +382,7 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"
         " Tensor comm_output, Tensor masks, Tensor[] saved, int top_k, int input_heads,"
         " int comm_heads, bool per_head, float input_dropout, float comm_dropout, int seed,"
-        " bool block_inactive_grad, int tile) -> Tensor[]");
+        " bool block_inactive_grad, int tile, bool mma=False) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rims_fast, CPU, m) {

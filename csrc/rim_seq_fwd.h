@@ -79,6 +79,10 @@ struct SeqBwdCall {
   bool block;
   at::Tensor g_out, g_hn, g_cn, keys, xsrc, masks;
   std::vector<at::Tensor> saved, wt;
+  // The tensor-core path's padded operands (seq_bwd_mma_weights; empty without it) and the
+  // shared tiles' widths (RimSeqBwdParams::ba, bc).
+  std::vector<at::Tensor> wb;
+  int64_t ba = 0, bc = 0;
   SeqBwdResult res;
 };
 
@@ -91,7 +95,7 @@ SeqBwdCall seq_bwd_prepare(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile);
+    int64_t tile, bool mma);
 
 template <typename T>
 RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
@@ -113,6 +117,12 @@ RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
                    &p.h_dhp, &p.h_xa};
   for (int i = 0; i < 9; ++i)
     *outs[i] = c.res[i].numel() > 0 ? c.res[i].mutable_data_ptr() : nullptr;
+  if (!c.wb.empty()) {  // widths from the padded operands' shapes (seq_bwd_mma_weights)
+    p.wb_out = cp(c.wb[0]), p.wb_qkv = cp(c.wb[1]), p.wb_x = cp(c.wb[2]), p.wb_h = cp(c.wb[3]);
+    p.bh = c.wb[0].size(1), p.bo = c.wb[0].size(2), p.bq = c.wb[1].size(1);
+    p.bh2 = c.wb[1].size(2), p.bg = c.wb[2].size(1), p.bx = c.wb[2].size(2);
+    p.bk = c.wb[3].size(1) - p.bg, p.ba = c.ba, p.bc = c.bc;
+  }
   return p;
 }
 
@@ -134,7 +144,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile);
+    int64_t tile, bool mma);
 #endif
 
 }  // namespace rims

@@ -40,11 +40,11 @@ __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFw
                                         reinterpret_cast<C*>(smem_raw));
 }
 
-template <typename C, typename T>
+template <typename C, typename T, bool MMA>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  rim_seq_bwd_tile<kSeqTileMax, C>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
-                                   reinterpret_cast<C*>(smem_raw));
+  rim_seq_bwd_tile<kSeqTileMax, C, MMA>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
+                                        reinterpret_cast<C*>(smem_raw));
 }
 
 // at:: storage types -> CUDA's.
@@ -53,15 +53,28 @@ template <> struct CudaType<at::Half> { using type = __half; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
 // The largest tile (<= d.S) whose shared memory fits the device's per-block opt-in limit.
+// mma: the call uses the tensor-core tiles, whose K*8-row tiles do not shrink with S.
 template <typename C, typename Bytes>
-int64_t fit_tile(int64_t S, int dev, const Bytes& bytes) {
+int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma) {
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   while (S > 1 && bytes(S) > max_smem) --S;
   TORCH_CHECK(bytes(S) <= max_smem, "rims_fast::rim_seq: one sample needs ", bytes(1),
               " bytes of shared memory, more than this GPU's ", max_smem,
-              " per block (K, H or the input width too large for the persistent kernel)");
+              " per block (K, H or the input width too large for the persistent kernel)",
+              mma ? "; that includes the tensor-core tiles (K x 8 rows of the widest product and "
+                    "operand, whatever the tile), so RIMS_FAST_CUDA_MMA=0 may fit"
+                  : "");
   return S;
+}
+
+// The tensor-core path needs sm_80+ (bfloat16 WMMA; the kernels are built for 8.0 and 9.0a).
+void check_mma_device(bool mma, int dev) {
+  if (!mma) return;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TORCH_CHECK(major >= 8, "rims_fast::rim_seq: mma=True needs compute capability 8.0 or newer, "
+              "this GPU has ", major, ".x; use RIMS_FAST_CUDA_MMA=0");
 }
 
 template <typename Kernel, typename Params>
@@ -87,6 +100,24 @@ void launch_fwd(const SeqFwdCall& c, int64_t smem, int dev) {
   launch(rim_seq_fwd_kernel<C, T, false>, seq_fwd_params<T>(c), smem, dev);
 }
 
+template <typename C, typename T>
+void launch_bwd(const SeqBwdCall& c, int64_t smem, int dev) {
+  if constexpr (sizeof(T) == 2) {
+    if (c.d.mma) {
+      launch(rim_seq_bwd_kernel<C, T, true>, seq_bwd_params<T>(c), smem, dev);
+      return;
+    }
+  }
+  launch(rim_seq_bwd_kernel<C, T, false>, seq_bwd_params<T>(c), smem, dev);
+}
+
+void check_mma_dtype(bool mma, const at::Tensor& h0) {
+  const auto st = h0.scalar_type();
+  TORCH_CHECK(!mma || st == at::kHalf || st == at::kBFloat16,
+              "rims_fast::rim_seq: mma=True (tensor-core products) takes float16 or bfloat16, "
+              "got ", st, "; float32/float64 run on CUDA cores (mma=False)");
+}
+
 }  // namespace
 
 SeqFwdResult rim_seq_fwd_cuda(
@@ -98,15 +129,13 @@ SeqFwdResult rim_seq_fwd_cuda(
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
     bool save, bool mma) {
   const c10::cuda::CUDAGuard guard(h0.device());
-  const auto st = h0.scalar_type();
-  TORCH_CHECK(!mma || st == at::kHalf || st == at::kBFloat16,
-              "rims_fast::rim_seq_fwd: mma=True (tensor-core gate products) takes float16 or "
-              "bfloat16, got ", st, "; float32/float64 run on CUDA cores (mma=False)");
+  check_mma_dtype(mma, h0);
   SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
                                  seed, tile, save, mma);
   const int dev = h0.get_device();
+  check_mma_device(mma, dev);
   RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_fwd_cuda",
                                   [&] {
@@ -118,7 +147,7 @@ SeqFwdResult rim_seq_fwd_cuda(
                                  d.lstm, d.mma) +
               (d.mma ? rim_seq_mma_elems(d.K, d.ma, d.mc, tb, cb) : 0)) * cb;
     };
-    d.S = fit_tile<C>(d.S, dev, bytes);
+    d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
     launch_fwd<C, T>(c, bytes(d.S), dev);
   });
   return c.res;
@@ -133,25 +162,29 @@ SeqBwdResult rim_seq_bwd_cuda(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile) {
+    int64_t tile, bool mma) {
   const c10::cuda::CUDAGuard guard(h0.device());
+  check_mma_dtype(mma, h0);
   SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
                                  weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
                                  comm_output, masks, saved, top_k, input_heads, comm_heads,
                                  per_head, input_dropout, comm_dropout, seed,
-                                 block_inactive_grad, tile);
+                                 block_inactive_grad, tile, mma);
   const int dev = h0.get_device();
+  check_mma_device(mma, dev);
   RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_seq_bwd_cuda",
                                   [&] {
     using T = typename CudaType<scalar_t>::type;
     using C = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    constexpr int64_t cb = sizeof(C), tb = sizeof(T);
     auto bytes = [&](int64_t s) {
-      return rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck,
-                                    d.cv, d.lstm) * static_cast<int64_t>(sizeof(C));
+      return (rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck,
+                                     d.cv, d.lstm) +
+              (d.mma ? rim_seq_mma_elems(d.K, c.ba, c.bc, tb, cb) : 0)) * cb;
     };
-    d.S = fit_tile<C>(d.S, dev, bytes);
-    launch(rim_seq_bwd_kernel<C, T>, seq_bwd_params<T>(c), bytes(d.S), dev);
+    d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
+    launch_bwd<C, T>(c, bytes(d.S), dev);
   });
   return c.res;
 }

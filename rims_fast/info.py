@@ -35,7 +35,7 @@ def _modes() -> dict:
                                  "loop + fused cell, 'persistent' = rim_seq kernels)",
            "RIMS_FAST_CUDA_TILE": f"{rim_seq.tile_size()} (0 = automatic)",
            "RIMS_FAST_CUDA_MMA": os.environ.get("RIMS_FAST_CUDA_MMA", "0")
-           + " (1 = the persistent forward's weight products on tensor cores, float16/bfloat16)"}
+           + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)"}
     try:
         from rims_fast import rim_triton
         res["RIMS_FAST_TRITON_BWD"] = rim_triton.bwd_mode()

@@ -32,8 +32,7 @@ Limits: one sample's state and activations must fit a thread block's shared memo
 33 KB forward / 35 KB backward at the paper layer in float32; the tile shrinks to fit, and a size
 whose single sample does not fit — e.g. GRU in float64 with inputs wider than ~480 — raises
 ``RuntimeError`` saying so). Products run on CUDA cores by default; ``RIMS_FAST_CUDA_MMA=1``
-(:func:`mma_mode`) puts the forward's three weight products on tensor cores in float16/bfloat16
-(the backward stays on CUDA cores).
+(:func:`mma_mode`) puts both kernels' weight products on tensor cores in float16/bfloat16.
 
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
 how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
@@ -71,13 +70,13 @@ def tile_size() -> int:
 
 
 def mma_mode(device: torch.device, dtype: torch.dtype) -> bool:
-    """``RIMS_FAST_CUDA_MMA=1``: the persistent forward computes its three weight products (gates
-    from ``[xa | h]``, communication Q|K|V from ``h~``, the output projection from the read ``o``:
-    88% of a step's FLOPs at the paper layer) on tensor cores (WMMA m8n32k16, float32
-    accumulation), for float16/bfloat16 on CUDA; float32/float64 stay on CUDA cores. Default
-    ``0``: opt-in until a GPU run has checked it. The operands and the folded input matrix are
-    rounded to the storage dtype (as the reference rounds product operands); the backward is
-    unchanged (CUDA cores, unrounded operands)."""
+    """``RIMS_FAST_CUDA_MMA=1``: the persistent kernels compute their weight products on tensor
+    cores (WMMA m8n32k16, float32 accumulation, sm_80+), for float16/bfloat16 on CUDA: forward,
+    the gates from ``[xa | h]``, communication Q|K|V from ``h~`` and the output projection from
+    the read ``o`` (88% of a step's FLOPs at the paper layer); backward, the same four products
+    transposed (d o, dh~, d xa, dh_{t-1}). float32/float64 stay on CUDA cores. Default ``0``:
+    opt-in until a GPU run has checked it. Operands (activations, gradients, the folded input
+    matrix) are rounded to the storage dtype, as the reference rounds product operands."""
     v = os.environ.get("RIMS_FAST_CUDA_MMA", "0")
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_MMA must be 0 or 1, got {v!r}")
@@ -190,7 +189,7 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
     unless ``save``). Dropout probabilities are the effective ones (0 outside training).
-    ``mma``: the forward's weight products on tensor cores (:func:`mma_mode`)."""
+    ``mma``: the weight products on tensor cores (:func:`mma_mode`; the backward follows)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
@@ -212,7 +211,8 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, *_) = inputs
+     save, *rest) = inputs
+    ctx.mma = bool(rest[0]) if rest else False
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
     ctx.has_c0 = c0 is not None
@@ -242,7 +242,7 @@ def _backward(ctx, grads):
     (d_keys, d_xsrc, d_h0, d_c0, dq, dg, dqkv, dhp, xa) = torch.ops.rims_fast.rim_seq_bwd(
         up(g_out), up(g_hn), up(g_cn), keys, xsrc, w_x, h0, c0, *weights, masks, acts,
         cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, p_in, p_c, seed,
-        cfg.block_inactive_grad, tile)
+        cfg.block_inactive_grad, tile, ctx.mma)
     # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients.
     T, B = keys.shape[:2]
     K, GH = cfg.num_units, cfg.gates * cfg.hidden_size

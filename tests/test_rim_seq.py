@@ -178,6 +178,7 @@ def test_opcheck_and_errors():
             p["comm_output"], cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, 0.0, 0.0, 0,
             0, True)
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args)
+    torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (True,))  # mma
     sizes, cell, p_in, p_c, big = rims_fast._config.cfg_args(cfg)
     weights = [p[n].requires_grad_(True) for n in rs.OP_WEIGHTS]
     torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,

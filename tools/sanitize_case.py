@@ -27,10 +27,13 @@ def persistent_kernel():
                                        dict(rim.named_parameters()), rim.config, training=True,
                                        seed=1, tile=tile)
             (out.square().sum() + h_n.sum()).backward()
-        # The tensor-core forward (bfloat16; H = 5, D = 6: every operand padded).
-        P16 = {n: p.detach().bfloat16() for n, p in rim.named_parameters()}
-        rim_seq(x.detach().bfloat16(), h0.bfloat16(), c0.bfloat16() if c0 is not None else None,
-                P16, rim.config, tile=3, mma=True)
+        # The tensor-core kernels, forward and backward (bfloat16; H = 5, D = 6: every operand
+        # padded).
+        P16 = {n: p.detach().bfloat16().requires_grad_(True) for n, p in rim.named_parameters()}
+        out, h_n, _, _ = rim_seq(x.detach().bfloat16(), h0.bfloat16(),
+                                 c0.bfloat16() if c0 is not None else None, P16, rim.config,
+                                 tile=3, mma=True)
+        (out.float().square().sum() + h_n.float().sum()).backward()
     torch.cuda.synchronize()
 
 

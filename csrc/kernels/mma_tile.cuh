@@ -1,7 +1,8 @@
 // One warp's 8 x 32 output tile of a tensor-core product, K in steps of 16 (WMMA m8n32k16):
 // A (8 x 16 per step) and B (16 x 32 per step) row-major in the storage type T, accumulated in
 // the compute type. On the device this is nvcuda::wmma (T = __half or __nv_bfloat16, float
-// accumulators; sm_70+ for half, sm_80+ for bfloat16). On the host it is the same product written
+// accumulators, sm_80+; compiled for an older architecture it traps, and the launchers refuse such
+// a device before launching). On the host it is the same product written
 // out, for any T, with WMMA's operand requirements asserted (pointers 256-bit aligned, leading
 // dimensions multiples of 8 elements for A/B and of 4 for the accumulator store), so that host
 // runs of a kernel check its tiling, padding and alignment, which are all the caller decides.
@@ -26,7 +27,13 @@ RIMS_HD bool mma_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) 
 
 template <typename T, typename Acc>
 struct MmaTile8x32 {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // bfloat16 fragments do not exist below sm_80: never launched there (check_mma_device).
+  float c;
+  __device__ void zero() { __trap(); }
+  __device__ void step(const T*, int, const T*, int) { __trap(); }
+  __device__ void store(float*, int) { __trap(); }
+#elif defined(__CUDA_ARCH__)
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 8, 32, 16, T, nvcuda::wmma::row_major> a;
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 8, 32, 16, T, nvcuda::wmma::row_major> b;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 8, 32, 16, float> c;

@@ -42,6 +42,13 @@ struct RimSeqBwdParams : RimSeqDims {
   // and the per-step histories (T, B, K, width): dq (nk), d gates (GW), d Q|K|V (C3),
   // dh' of active rows (H, zero elsewhere), xa (n_in*Dx, zero on inactive rows).
   void *d_keys, *d_xsrc, *d_h0, *d_c0, *h_dq, *h_dg, *h_dqkv, *h_dhp, *h_xa;
+  // Tensor-core path (rim_seq_bwd_tile's MMA): the four products' zero-padded operands per
+  // mechanism, storage type: comm_output^T (bh, bo), [comm_query|comm_key|comm_value]^T (bq, bh2),
+  // F^T (bg, bx) and [weight_hh^T ; input_query^T] (bg + bk, bh2) (dq's rows from bg).
+  // Widths: bh = H, bq = C3, bg = GH, bk = nk padded to 16; bo = cv, bh2 = H, bx = XW padded to
+  // 32; ba, bc: the largest operand / product width.
+  const T *wb_out, *wb_qkv, *wb_x, *wb_h;
+  int64_t bh, bq, bg, bk, bo, bh2, bx, ba, bc;
 };
 
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
@@ -52,15 +59,25 @@ RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t 
                   + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M);
 }
 
+// With the tensor-core path (op_bytes > 0) the accumulator tile gacc (K, 8, bc) and the operand
+// tile aop (K, 8, ba, storage type) come first (256-bit aligned, as in the forward); their size is
+// rim_seq_mma_elems(K, ba, bc, ...).
 template <typename C>
 struct RimSeqBwdSmem {
   C *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi;
+  C* gacc = nullptr;
+  void* aop = nullptr;
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
-                        bool lstm) {
+                        bool lstm, int64_t op_bytes = 0, int64_t ba = 0, int64_t bc = 0) {
     const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
+    if (op_bytes > 0) {
+      gacc = take(K * kMmaM * bc);
+      aop = cur;
+      cur += (K * kMmaM * ba * op_bytes + int64_t(sizeof(C)) - 1) / int64_t(sizeof(C));
+    }
     dh = take(R * H);
     dc = take(R * H);
     dht = take(R * H);
@@ -79,7 +96,10 @@ struct RimSeqBwdSmem {
 #pragma nv_exec_check_disable
 #endif
 // SMAX: the largest tile the per-sample accumulators of the weight-stationary phases hold.
-template <int SMAX, typename C, typename T, class Exec>
+// MMA: the four weight products of a step (d o, dh~ through Q|K|V, d xa, dh_{t-1} through the
+// gates and queries) on tensor cores, as the forward's (mma_pack / mma_rows: gradient rows
+// rounded to the storage type, the tile padded to 8 rows); the rest unchanged. S <= 8.
+template <int SMAX, typename C, bool MMA = false, typename T, class Exec>
 RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64_t tile, C* smem) {
   // Tile-local sizes and item indices are 32-bit (a tile's S*K*width and a mechanism's weight
   // block stay far below 2^31; 64-bit division costs many instructions on a GPU); offsets into
@@ -101,7 +121,12 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const C scale_c = C(1) / sqrt(C(dc));
   const C keep_in = C(1.0 - p.p_in), keep_c = C(1.0 - p.p_c);
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
-  RimSeqBwdSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+  RimSeqBwdSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm,
+                      MMA ? int64_t(sizeof(T)) : 0, p.ba, p.bc);
+  T* aop = static_cast<T*>(sm.aop);
+  const int bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
+  const int bo = int(p.bo), bh2 = int(p.bh2), bx = int(p.bx);
+  static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
   // Row r = s*K + k of the tile at step t in a (T, B, K, width) tensor.
   auto at = [&](const void* base, int64_t t, int64_t r, int64_t width) {
     return static_cast<const C*>(base) + ((t * B + b0) * K + r) * width;
@@ -133,7 +158,17 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 5 backward. d o = dh' comm_output[k]^T on active rows (weight-stationary: item (k, e),
     // all the tile's samples); dh' kept for d comm_output.
-    ex.parallel_for(K * cv, [&](int i) {
+    if constexpr (MMA) {
+      mma_pack<C>(ex, K, S, bh, aop, [&](int s, int k, int j) {
+        return j < H && active(t, s * K + k) ? sm.dh[(s * K + k) * H + j] : C(0);
+      });
+      mma_rows(ex, K, aop, p.wb_out, bh, bo, sm.gacc);
+      ex.parallel_for(S * K * cv, [&](int i) {
+        const int r = i / cv, e = i % cv;
+        sm.dout[i] = sm.gacc[((r % K) * kMmaM + r / K) * bo + e];  // zero on inactive rows
+      });
+    }
+    if constexpr (!MMA) ex.parallel_for(K * cv, [&](int i) {
       const int k = i / cv, e = i % cv;
       C acc[SMAX];
       RIMS_UNROLL
@@ -203,7 +238,19 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     });
     // dh~ = dh' (residual and copy alike) + d(Q|K|V) [comm_query|comm_key|comm_value]^T, the
     // K|V part cut for inactive mechanisms under block_inactive_grad.
-    ex.parallel_for(K * H, [&](int i) {
+    if constexpr (MMA) {
+      mma_pack<C>(ex, K, S, bq, aop, [&](int s, int k, int c) {
+        const int r = s * K + k;
+        const bool kv = active(t, r) || !p.block_inactive_grad;
+        return c < ck || (c < C3 && kv) ? sm.dqkv[r * C3 + c] : C(0);
+      });
+      mma_rows(ex, K, aop, p.wb_qkv, bq, bh2, sm.gacc);
+      ex.parallel_for(S * KH, [&](int i) {
+        const int r = i / H, j = i % H;
+        sm.dht[i] = sm.dh[i] + sm.gacc[((r % K) * kMmaM + r / K) * bh2 + j];
+      });
+    }
+    if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
       const int k = i / H, j = i % H;
       C acc[SMAX];
       bool kv[SMAX];
@@ -249,7 +296,26 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     ex.parallel_for(S * K * GW, [&](int i) { hist(p.h_dg, t, i / GW, GW)[i % GW] = sm.dg[i]; });
     // Input term backward: d xa_n = d gi F[k, n]^T (weight-stationary: item (k, n, d)) and
     // xa_n itself (for d F), active rows; d gi: LSTM all of d gates, GRU its first half.
-    ex.parallel_for(K * XW, [&](int i) {
+    if constexpr (MMA) {
+      mma_pack<C>(ex, K, S, bg, aop, [&](int s, int k, int g) {
+        const int r = s * K + k;
+        return g < GH && active(t, r) ? sm.dg[r * GW + g] : C(0);
+      });
+      mma_rows(ex, K, aop, p.wb_x, bg, bx, sm.gacc);
+      ex.parallel_for(S * K * XW, [&](int i) {
+        const int r = i / XW, col = i % XW, n = col / Dx, d = col % Dx, s = r / K;
+        const bool on = active(t, r);
+        C xacc = C(0);
+        if (on) {
+          const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
+          for (int64_t m = 0; m < M; ++m)
+            xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
+        }
+        sm.dgf[i] = on ? sm.gacc[((r % K) * kMmaM + s) * bx + col] : C(0);
+        hist(p.h_xa, t, r, XW)[col] = xacc;
+      });
+    }
+    if constexpr (!MMA) ex.parallel_for(K * XW, [&](int i) {
       const int k = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
       C acc[SMAX];
       RIMS_UNROLL
@@ -329,7 +395,23 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     });
     // dh_{t-1} = direct + d gh weight_hh[k]^T (active) + dq input_query[k]^T (+ d out[t-1]),
     // weight-stationary: item (k, j). dq is zero on inactive rows, d gh is not read there.
-    ex.parallel_for(K * H, [&](int i) {
+    if constexpr (MMA) {
+      const int off = p.lstm ? 0 : GH;
+      mma_pack<C>(ex, K, S, bg + bk, aop, [&](int s, int k, int c) {
+        const int r = s * K + k;
+        if (!active(t, r)) return C(0);
+        if (c < bg) return c < GH ? sm.dg[r * GW + off + c] : C(0);
+        return c - bg < nk ? sm.dq[r * nk + (c - bg)] : C(0);
+      });
+      mma_rows(ex, K, aop, p.wb_h, bg + bk, bh2, sm.gacc);
+      ex.parallel_for(S * KH, [&](int i) {
+        const int r = i / H, j = i % H, s = r / K, k = r % K;
+        C v = sm.dhp[i] + sm.gacc[(k * kMmaM + s) * bh2 + j];
+        if (t > 0 && g_out != nullptr) v += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
+        sm.dhp[i] = v;
+      });
+    }
+    if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
       const int k = i / H, j = i % H;
       C acc[SMAX];
       bool on[SMAX];
