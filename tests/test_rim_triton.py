@@ -162,10 +162,12 @@ def test_matches_reference_fp32(case):
     _compare(*case, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_matches_reference_bf16(cell):
-    # Looser documented tolerance: TOL[bfloat16] of tests/helpers.py (8-bit operands).
-    _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=torch.bfloat16)
+def test_matches_reference_half(cell, dtype):
+    # Looser documented tolerances: TOL[bfloat16 / float16] of tests/helpers.py (8 / 11-bit
+    # operands).
+    _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=dtype)
 
 
 def test_two_sample_tiles():
@@ -319,7 +321,7 @@ class TestGPU:
         print("near-tie rows:", _check_masks(masks, p, s["top_k"], TIE_GAP[dtype]))
 
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
     def test_realistic(self, cell, dtype):
         self._case(cell, dtype)
 
@@ -481,12 +483,13 @@ def test_bwd_mode_default_and_invalid(monkeypatch):
         rt.rim_triton(x, h0, torch.zeros_like(h0), p, rim.config)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_bwd_kernels_bf16(monkeypatch, cell):
-    """bfloat16 through the Triton backward (float32 gradient operands): TOL[bfloat16]."""
+def test_bwd_kernels_half(monkeypatch, cell, dtype):
+    """bfloat16 / float16 through the Triton backward (float32 gradient operands): TOL[dtype]."""
     monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
     calls = _count_bwd_launches(monkeypatch)
-    _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=torch.bfloat16)
+    _compare(cell, 3, 3, 3, 4, 2, 5, 2, 2, False, True, dtype=dtype)
     assert calls == {"comm": 3, "cell": 3}
 
 
