@@ -176,7 +176,7 @@ std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tenso
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// The tensor-core path's sizes (RimSeqDims::mk ... mc) and its zero-padded operands in the
+// The tensor-core path's sizes (RimSeqDims::mk ... ma) and its zero-padded operands in the
 // storage type (rounding the fold F to it): per mechanism the gates' [F ; weight_hh] (mk, mn),
 // [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo).
 std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
@@ -193,7 +193,6 @@ std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
   d.mq = round_up(C3, kMmaN);
   d.mo = round_up(d.H, kMmaN);
   d.ma = std::max(d.mk, d.mv);
-  d.mc = std::max({d.mn, d.mq, d.mo});
   const auto opt = whh.options();
   at::Tensor g = at::zeros({d.K, d.mk, d.mn}, opt);
   g.narrow(1, 0, XW).narrow(2, 0, d.GH).copy_(w_x.reshape({d.K, XW, d.GH}));
@@ -207,16 +206,14 @@ std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
 
 // The backward's tensor-core operands, zero-padded per mechanism in the storage type (rounding F):
 // comm_output^T (bh, bo), [comm_query|comm_key|comm_value]^T (bq, bh2), F^T (bg, bx) and
-// [weight_hh^T ; input_query^T] (bg + bk, bh2); sets the shared tiles' widths ba, bc.
+// [weight_hh^T ; input_query^T] (bg + bk, bh2); sets the operand tile's width ba.
 std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tensor& w_x,
-                                            const std::vector<at::Tensor>& wt, int64_t& ba,
-                                            int64_t& bc) {
+                                            const std::vector<at::Tensor>& wt, int64_t& ba) {
   const int64_t XW = d.n_in * d.Dx, C3 = 2 * d.ck + d.cv;
   const int64_t bh = round_up(d.H, kMmaK), bq = round_up(C3, kMmaK), bg = round_up(d.GH, kMmaK);
   const int64_t bk = round_up(d.nk, kMmaK), bo = round_up(d.cv, kMmaN);
   const int64_t bh2 = round_up(d.H, kMmaN), bx = round_up(XW, kMmaN);
   ba = std::max({bh, bq, bg + bk});
-  bc = std::max({bo, bh2, bx});
   const auto opt = wt[1].options();  // the storage type
   at::Tensor w_out = at::zeros({d.K, bh, bo}, opt);
   w_out.narrow(1, 0, d.H).narrow(2, 0, d.cv).copy_(wt[3]);
@@ -283,7 +280,7 @@ SeqBwdCall seq_bwd_prepare(
                             comm_output, w_x);
   if (mma) {
     c.d.mma = true;
-    c.wb = seq_bwd_mma_weights(c.d, w_x, c.wt, c.ba, c.bc);
+    c.wb = seq_bwd_mma_weights(c.d, w_x, c.wt, c.ba);
   }
   c.res = seq_bwd_alloc(c.d, keys, xsrc);
   return c;
@@ -317,8 +314,8 @@ SeqFwdResult rim_seq_fwd_cpu(
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems =
         rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                           d.lstm, d.mma) +
-        (d.mma ? rim_seq_mma_elems(d.K, d.ma, d.mc, bytes, bytes) : 0);
+                           d.lstm) +
+        (d.mma ? mma_smem_elems(d.K, d.S, d.ma, bytes, bytes) : 0);
     // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
     at::Tensor smem = at::empty({elems}, h0.options());
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
@@ -355,7 +352,7 @@ SeqBwdResult rim_seq_bwd_cpu(
     const int64_t elems =
         rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
                                d.lstm) +
-        (d.mma ? rim_seq_mma_elems(d.K, c.ba, c.bc, bytes, bytes) : 0);
+        (d.mma ? mma_smem_elems(d.K, d.S, c.ba, bytes, bytes) : 0);
     at::Tensor smem = at::empty({elems}, h0.options());  // 64-byte aligned, as in the forward
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
     for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {

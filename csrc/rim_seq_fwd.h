@@ -80,9 +80,9 @@ struct SeqBwdCall {
   at::Tensor g_out, g_hn, g_cn, keys, xsrc, masks;
   std::vector<at::Tensor> saved, wt;
   // The tensor-core path's padded operands (seq_bwd_mma_weights; empty without it) and the
-  // shared tiles' widths (RimSeqBwdParams::ba, bc).
+  // operand tile's width (RimSeqBwdParams::ba).
   std::vector<at::Tensor> wb;
-  int64_t ba = 0, bc = 0;
+  int64_t ba = 0;
   SeqBwdResult res;
 };
 
@@ -121,7 +121,7 @@ RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
     p.wb_out = cp(c.wb[0]), p.wb_qkv = cp(c.wb[1]), p.wb_x = cp(c.wb[2]), p.wb_h = cp(c.wb[3]);
     p.bh = c.wb[0].size(1), p.bo = c.wb[0].size(2), p.bq = c.wb[1].size(1);
     p.bh2 = c.wb[1].size(2), p.bg = c.wb[2].size(1), p.bx = c.wb[2].size(2);
-    p.bk = c.wb[3].size(1) - p.bg, p.ba = c.ba, p.bc = c.bc;
+    p.bk = c.wb[3].size(1) - p.bg, p.ba = c.ba;
   }
   return p;
 }

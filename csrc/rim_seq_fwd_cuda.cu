@@ -13,7 +13,7 @@
 namespace rims {
 namespace {
 
-constexpr int kSeqThreads = 256;
+constexpr int kSeqThreads = 32 * kSeqWarps;
 
 struct DeviceExec {
   template <class F>
@@ -21,14 +21,16 @@ struct DeviceExec {
     for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
     __syncthreads();
   }
-  // One warp per item: every lane of warp w calls f(i) for i = w, w + warps, ... (f may be
-  // warp-collective: the item index is uniform across the warp).
+  // One warp per item: every lane of warp w calls f(i, w, lane, 32) for i = w, w + warps, ...
+  // (f may be warp-collective: the item index is uniform across the warp).
   template <class F>
   __device__ __forceinline__ void warp_for(int n, const F& f) const {
-    const int warps = static_cast<int>(blockDim.x) >> 5;
-    for (int i = static_cast<int>(threadIdx.x) >> 5; i < n; i += warps) f(i);
+    const int warps = static_cast<int>(blockDim.x) >> 5, w = static_cast<int>(threadIdx.x) >> 5;
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    for (int i = w; i < n; i += warps) f(i, w, lane, 32);
     __syncthreads();
   }
+  __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
 };
 
 // MMA: the gate products on tensor cores (half/bfloat16 storage only; rim_seq_fwd_tile).
@@ -53,7 +55,7 @@ template <> struct CudaType<at::Half> { using type = __half; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
 // The largest tile (<= d.S) whose shared memory fits the device's per-block opt-in limit.
-// mma: the call uses the tensor-core tiles, whose K*8-row tiles do not shrink with S.
+// mma: the call uses the tensor-core scratch (part of bytes(S), named in the error).
 template <typename C, typename Bytes>
 int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma) {
   int max_smem = 0;
@@ -62,8 +64,8 @@ int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma) {
   TORCH_CHECK(bytes(S) <= max_smem, "rims_fast::rim_seq: one sample needs ", bytes(1),
               " bytes of shared memory, more than this GPU's ", max_smem,
               " per block (K, H or the input width too large for the persistent kernel)",
-              mma ? "; that includes the tensor-core tiles (K x 8 rows of the widest product and "
-                    "operand, whatever the tile), so RIMS_FAST_CUDA_MMA=0 may fit"
+              mma ? "; that includes the tensor-core scratch (mma_smem_elems: the warps' staging "
+                    "tiles and the packed operand rows), so RIMS_FAST_CUDA_MMA=0 may fit"
                   : "");
   return S;
 }
@@ -144,8 +146,8 @@ SeqFwdResult rim_seq_fwd_cuda(
     constexpr int64_t cb = sizeof(C), tb = sizeof(T);
     auto bytes = [&](int64_t s) {
       return (rim_seq_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                                 d.lstm, d.mma) +
-              (d.mma ? rim_seq_mma_elems(d.K, d.ma, d.mc, tb, cb) : 0)) * cb;
+                                 d.lstm) +
+              (d.mma ? mma_smem_elems(d.K, s, d.ma, tb, cb) : 0)) * cb;
     };
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
     launch_fwd<C, T>(c, bytes(d.S), dev);
@@ -181,7 +183,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     auto bytes = [&](int64_t s) {
       return (rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck,
                                      d.cv, d.lstm) +
-              (d.mma ? rim_seq_mma_elems(d.K, c.ba, c.bc, tb, cb) : 0)) * cb;
+              (d.mma ? mma_smem_elems(d.K, s, c.ba, tb, cb) : 0)) * cb;
     };
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
     launch_bwd<C, T>(c, bytes(d.S), dev);

@@ -46,9 +46,9 @@ struct RimSeqBwdParams : RimSeqDims {
   // mechanism, storage type: comm_output^T (bh, bo), [comm_query|comm_key|comm_value]^T (bq, bh2),
   // F^T (bg, bx) and [weight_hh^T ; input_query^T] (bg + bk, bh2) (dq's rows from bg).
   // Widths: bh = H, bq = C3, bg = GH, bk = nk padded to 16; bo = cv, bh2 = H, bx = XW padded to
-  // 32; ba, bc: the largest operand / product width.
+  // 32; ba: the largest operand width (the operand tile's).
   const T *wb_out, *wb_qkv, *wb_x, *wb_h;
-  int64_t bh, bq, bg, bk, bo, bh2, bx, ba, bc;
+  int64_t bh, bq, bg, bk, bo, bh2, bx, ba;
 };
 
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
@@ -59,25 +59,15 @@ RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t 
                   + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M);
 }
 
-// With the tensor-core path (op_bytes > 0) the accumulator tile gacc (K, 8, bc) and the operand
-// tile aop (K, 8, ba, storage type) come first (256-bit aligned, as in the forward); their size is
-// rim_seq_mma_elems(K, ba, bc, ...).
 template <typename C>
 struct RimSeqBwdSmem {
   C *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi;
-  C* gacc = nullptr;
-  void* aop = nullptr;
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
-                        bool lstm, int64_t op_bytes = 0, int64_t ba = 0, int64_t bc = 0) {
+                        bool lstm) {
     const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
-    if (op_bytes > 0) {
-      gacc = take(K * kMmaM * bc);
-      aop = cur;
-      cur += (K * kMmaM * ba * op_bytes + int64_t(sizeof(C)) - 1) / int64_t(sizeof(C));
-    }
     dh = take(R * H);
     dc = take(R * H);
     dht = take(R * H);
@@ -97,8 +87,8 @@ struct RimSeqBwdSmem {
 #endif
 // SMAX: the largest tile the per-sample accumulators of the weight-stationary phases hold.
 // MMA: the four weight products of a step (d o, dh~ through Q|K|V, d xa, dh_{t-1} through the
-// gates and queries) on tensor cores, as the forward's (mma_pack / mma_rows: gradient rows
-// rounded to the storage type, the tile padded to 8 rows); the rest unchanged. S <= 8.
+// gates and queries) on tensor cores, as the forward's (mma_rows.cuh: gradient rows rounded to
+// the storage type, epilogues fused; the scratch first in shared memory); the rest unchanged.
 template <int SMAX, typename C, bool MMA = false, typename T, class Exec>
 RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64_t tile, C* smem) {
   // Tile-local sizes and item indices are 32-bit (a tile's S*K*width and a mechanism's weight
@@ -121,12 +111,16 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const C scale_c = C(1) / sqrt(C(dc));
   const C keep_in = C(1.0 - p.p_in), keep_c = C(1.0 - p.p_c);
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
-  RimSeqBwdSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm,
-                      MMA ? int64_t(sizeof(T)) : 0, p.ba, p.bc);
-  T* aop = static_cast<T*>(sm.aop);
-  const int bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
+  const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ba, sizeof(T), sizeof(C)) : 0;
+  const MmaSmem<C, T> ms(smem);  // used only when MMA
+  RimSeqBwdSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+  const int S_l = int(p.S), bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
   const int bo = int(p.bo), bh2 = int(p.bh2), bx = int(p.bx);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
+  if constexpr (MMA) {  // operand rows no call writes are read (and discarded): keep them finite
+    const int rows = K * S_l + kMmaM - S_l, ba = int(p.ba);
+    ex.parallel_for(rows * ba, [&](int i) { from_c(C(0), ms.aop + i); });
+  }
   // Row r = s*K + k of the tile at step t in a (T, B, K, width) tensor.
   auto at = [&](const void* base, int64_t t, int64_t r, int64_t width) {
     return static_cast<const C*>(base) + ((t * B + b0) * K + r) * width;
@@ -159,13 +153,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // 5 backward. d o = dh' comm_output[k]^T on active rows (weight-stationary: item (k, e),
     // all the tile's samples); dh' kept for d comm_output.
     if constexpr (MMA) {
-      mma_pack<C>(ex, K, S, bh, aop, [&](int s, int k, int j) {
+      mma_pack<C>(ex, K, S, S_l, bh, ms.aop, [&](int s, int k, int j) {
         return j < H && active(t, s * K + k) ? sm.dh[(s * K + k) * H + j] : C(0);
       });
-      mma_rows(ex, K, aop, p.wb_out, bh, bo, sm.gacc);
-      ex.parallel_for(S * K * cv, [&](int i) {
-        const int r = i / cv, e = i % cv;
-        sm.dout[i] = sm.gacc[((r % K) * kMmaM + r / K) * bo + e];  // zero on inactive rows
+      mma_rows(ex, ms, K, S, S_l, p.wb_out, bh, bo, cv, [&](int s, int k, int e, C v) {
+        sm.dout[(s * K + k) * cv + e] = v;  // zero on inactive rows (their operand rows are)
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * cv, [&](int i) {
@@ -239,15 +231,14 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // dh~ = dh' (residual and copy alike) + d(Q|K|V) [comm_query|comm_key|comm_value]^T, the
     // K|V part cut for inactive mechanisms under block_inactive_grad.
     if constexpr (MMA) {
-      mma_pack<C>(ex, K, S, bq, aop, [&](int s, int k, int c) {
+      mma_pack<C>(ex, K, S, S_l, bq, ms.aop, [&](int s, int k, int c) {
         const int r = s * K + k;
         const bool kv = active(t, r) || !p.block_inactive_grad;
         return c < ck || (c < C3 && kv) ? sm.dqkv[r * C3 + c] : C(0);
       });
-      mma_rows(ex, K, aop, p.wb_qkv, bq, bh2, sm.gacc);
-      ex.parallel_for(S * KH, [&](int i) {
-        const int r = i / H, j = i % H;
-        sm.dht[i] = sm.dh[i] + sm.gacc[((r % K) * kMmaM + r / K) * bh2 + j];
+      mma_rows(ex, ms, K, S, S_l, p.wb_qkv, bq, bh2, H, [&](int s, int k, int j, C v) {
+        const int i = (s * K + k) * H + j;
+        sm.dht[i] = sm.dh[i] + v;
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
@@ -297,13 +288,12 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // Input term backward: d xa_n = d gi F[k, n]^T (weight-stationary: item (k, n, d)) and
     // xa_n itself (for d F), active rows; d gi: LSTM all of d gates, GRU its first half.
     if constexpr (MMA) {
-      mma_pack<C>(ex, K, S, bg, aop, [&](int s, int k, int g) {
+      mma_pack<C>(ex, K, S, S_l, bg, ms.aop, [&](int s, int k, int g) {
         const int r = s * K + k;
         return g < GH && active(t, r) ? sm.dg[r * GW + g] : C(0);
       });
-      mma_rows(ex, K, aop, p.wb_x, bg, bx, sm.gacc);
-      ex.parallel_for(S * K * XW, [&](int i) {
-        const int r = i / XW, col = i % XW, n = col / Dx, d = col % Dx, s = r / K;
+      mma_rows(ex, ms, K, S, S_l, p.wb_x, bg, bx, XW, [&](int s, int k, int col, C v) {
+        const int r = s * K + k, n = col / Dx, d = col % Dx;
         const bool on = active(t, r);
         C xacc = C(0);
         if (on) {
@@ -311,7 +301,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
           for (int64_t m = 0; m < M; ++m)
             xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
         }
-        sm.dgf[i] = on ? sm.gacc[((r % K) * kMmaM + s) * bx + col] : C(0);
+        sm.dgf[r * XW + col] = on ? v : C(0);
         hist(p.h_xa, t, r, XW)[col] = xacc;
       });
     }
@@ -397,18 +387,17 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // weight-stationary: item (k, j). dq is zero on inactive rows, d gh is not read there.
     if constexpr (MMA) {
       const int off = p.lstm ? 0 : GH;
-      mma_pack<C>(ex, K, S, bg + bk, aop, [&](int s, int k, int c) {
+      mma_pack<C>(ex, K, S, S_l, bg + bk, ms.aop, [&](int s, int k, int c) {
         const int r = s * K + k;
         if (!active(t, r)) return C(0);
         if (c < bg) return c < GH ? sm.dg[r * GW + off + c] : C(0);
         return c - bg < nk ? sm.dq[r * nk + (c - bg)] : C(0);
       });
-      mma_rows(ex, K, aop, p.wb_h, bg + bk, bh2, sm.gacc);
-      ex.parallel_for(S * KH, [&](int i) {
-        const int r = i / H, j = i % H, s = r / K, k = r % K;
-        C v = sm.dhp[i] + sm.gacc[(k * kMmaM + s) * bh2 + j];
-        if (t > 0 && g_out != nullptr) v += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
-        sm.dhp[i] = v;
+      mma_rows(ex, ms, K, S, S_l, p.wb_h, bg + bk, bh2, H, [&](int s, int k, int j, C v) {
+        const int i = (s * K + k) * H + j;
+        C d = sm.dhp[i] + v;
+        if (t > 0 && g_out != nullptr) d += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
+        sm.dhp[i] = d;
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {

@@ -24,16 +24,14 @@
 #include <cstdint>
 
 #include "masked_cell.cuh"
-#include "mma_tile.cuh"
+#include "mma_rows.cuh"
 #include "rim_numerics.h"
 #include "storage_types.cuh"
 
 #if defined(__CUDACC__)
 #define RIMS_UNROLL _Pragma("unroll")
-#define RIMS_UNROLL4 _Pragma("unroll 4")
 #else
 #define RIMS_UNROLL
-#define RIMS_UNROLL4
 #endif
 
 namespace rims {
@@ -43,12 +41,13 @@ struct RimSeqDims {
   int64_t T_, B, M, K, H, GH, n_in, dk, nk, Dx, xrow, xhead, n_c, dc, dcv, ck, cv, top_k;
   int64_t S;              // samples per tile (<= the kernel's SMAX)
   bool lstm;
-  // Tensor-core products (forward only; see rim_seq_fwd_tile). Operand widths (multiples of 16):
-  // mk of the gates ([xa | h]: XW padded to mxw, then H padded), mh = H padded (Q|K|V), mv = cv
-  // padded (output); product widths (multiples of 32): mn = GW, mq = 2ck + cv, mo = H, padded;
-  // ma, mc: the largest of each (the shared tiles' widths). Zero / false on the CUDA-core path.
+  // Tensor-core products (mma_rows.cuh; the forward's sizes here, the backward's in its params).
+  // Operand widths (multiples of 16): mk of the gates ([xa | h]: XW padded to mxw, then H
+  // padded), mh = H padded (Q|K|V), mv = cv padded (output); ma: the largest (the operand tile's
+  // width). Product widths (multiples of 32): mn = GW, mq = 2ck + cv, mo = H, padded. Zero / false
+  // on the CUDA-core path.
   bool mma;
-  int64_t mk, mn, mxw, mh, mq, mv, mo, ma, mc;
+  int64_t mk, mn, mxw, mh, mq, mv, mo, ma;
   double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
 };
@@ -85,79 +84,28 @@ struct RimSeqFwdParams : RimSeqDims {
   void *sv_h, *sv_c, *sv_ht, *sv_q, *sv_a, *sv_g, *sv_qkv, *sv_bp, *sv_o;
 };
 
-// Compute-type elements of shared memory for one tile (the launcher sizes it with this).
-// no_gates: the tensor-core path keeps the gates in its accumulator tile instead (below).
+// Compute-type elements of shared memory for one tile (the launcher sizes it with this; the
+// tensor-core path adds mma_smem_elems in front).
 RIMS_HD int64_t rim_seq_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                    int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck,
-                                   int64_t cv, bool lstm, bool no_gates = false) {
-  const int64_t GW = no_gates ? 0 : lstm ? GH : 2 * GH;
+                                   int64_t cv, bool lstm) {
+  const int64_t GW = lstm ? GH : 2 * GH;
   const int64_t per_sample = K * (H * (lstm ? 3 : 2)  // h, (c), h~
                                   + nk + n_in * M + 1 + 1  // q, a, p, active
                                   + n_in * Dx + GW + 2 * ck + cv + n_c * K + cv);
   return S * per_sample;
 }
 
-// Extra compute-type elements of the tensor-core path, per tile whatever S: the accumulator tile
-// (K, 8, mc) and the operand tile (K, 8, ma) in the storage type (op_bytes each).
-RIMS_HD int64_t rim_seq_mma_elems(int64_t K, int64_t ma, int64_t mc, int64_t op_bytes,
-                                  int64_t c_bytes) {
-  return K * kMmaM * mc + (K * kMmaM * ma * op_bytes + c_bytes - 1) / c_bytes;
-}
-
-#if defined(__CUDACC__)
-#pragma nv_exec_check_disable
-#endif
-// acc[k, 0:8, 0:n) = A[k, 0:8, 0:kd) W[k, 0:kd, 0:n) for every mechanism k on tensor cores, one
-// warp per (k, 32 columns). A (K, 8, kd), W (K, kd, n) and acc (K, 8, n) contiguous; kd a
-// multiple of 16, n of 32 (so every tile pointer keeps the 256-bit alignment of the bases).
-template <typename T, typename C, class Exec>
-RIMS_HD void mma_rows(const Exec& ex, int K, const T* A, const T* W, int kd, int n, C* acc) {
-  const int ntile = n / kMmaN;
-  ex.warp_for(K * ntile, [&](int i) {
-    const int k = i / ntile, n0 = (i % ntile) * kMmaN;
-    MmaTile8x32<T, C> t;
-    t.zero();
-    const T* a = A + k * kMmaM * kd;
-    const T* w = W + int64_t(k) * kd * n + n0;
-    // Unrolled so that the next steps' operand loads (W from L2) issue before this step's mma.
-    RIMS_UNROLL4
-    for (int j = 0; j < kd; j += kMmaK) t.step(a + j, kd, w + int64_t(j) * n, n);
-    t.store(acc + k * kMmaM * n + n0, n);
-  });
-}
-
-#if defined(__CUDACC__)
-#pragma nv_exec_check_disable
-#endif
-// The operand tile A (K, 8, kd) in the storage type: A[k, s, j] = value(s, k, j) for s < S (which
-// returns 0 for padding columns), 0 for the padding rows s >= S.
-template <typename C, typename T, class Exec, class F>
-RIMS_HD void mma_pack(const Exec& ex, int K, int S, int kd, T* A, const F& value) {
-  ex.parallel_for(K * kMmaM * kd, [&](int i) {
-    const int j = i % kd, s = (i / kd) % kMmaM, k = i / (kd * kMmaM);
-    from_c(s < S ? value(s, k, j) : C(0), A + i);
-  });
-}
-
-// The tile's shared-memory arrays, carved from one buffer, (S, K, .) each. With the tensor-core
-// path (op_bytes > 0) the accumulator tile gacc (K, 8, mc) and the operand tile aop (K, 8, ma,
-// storage type) come first, where the base's alignment makes them 256-bit aligned, and g is absent.
+// The tile's shared-memory arrays, carved from one buffer, (S, K, .) each.
 template <typename C>
 struct RimSeqSmem {
   C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *qkv, *bp, *o;
-  C* gacc = nullptr;
-  void* aop = nullptr;
   RIMS_HD RimSeqSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                      int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
-                     bool lstm, int64_t op_bytes = 0, int64_t ma = 0, int64_t mc = 0) {
+                     bool lstm) {
     const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
-    if (op_bytes > 0) {
-      gacc = take(K * kMmaM * mc);
-      aop = cur;
-      cur += (K * kMmaM * ma * op_bytes + int64_t(sizeof(C)) - 1) / int64_t(sizeof(C));
-    }
     h = take(R * H);
     c = lstm ? take(R * H) : nullptr;
     ht = take(R * H);
@@ -166,7 +114,7 @@ struct RimSeqSmem {
     p = take(R);
     act = take(R);
     xa = take(R * n_in * Dx);
-    g = op_bytes > 0 ? nullptr : take(R * GW);
+    g = take(R * GW);
     qkv = take(R * (2 * ck + cv));
     bp = take(R * n_c * K);
     o = take(R * cv);
@@ -177,14 +125,16 @@ struct RimSeqSmem {
 #pragma nv_exec_check_disable
 #endif
 // The whole sequence for tile `tile` (samples tile*S .. min(B, tile*S + S) - 1). Exec provides
-// parallel_for(n, f): f(i) for every int i in [0, n), then a barrier, and warp_for(n, f): the
-// same with one warp per item (every lane calls f(i); f is warp-collective). C: compute type;
-// SMAX: the largest S the accumulators hold.
+// parallel_for(n, f): f(i) for every int i in [0, n), then a barrier; for the tensor-core path
+// also warp_for(n, f): f(i, warp, lane, lanes) with one warp per item (f may be warp-collective),
+// then a barrier, and syncwarp() (see HostExec). C: compute type; SMAX: the largest S the
+// accumulators hold.
 // MMA: the three weight products of a step (gates 3b, Q|K|V 4a, output 5: 88% of its FLOPs at
-// the paper layer; the input queries stay on CUDA cores) on tensor cores: operand rows packed in
-// the storage type (the reference's operand rounding), the tile's samples padded to 8 rows, one
-// warp per (mechanism, 32 columns) (mma_rows), the products in gacc; the gates' biases are added
-// by the cell phase. Device: storage bf16/fp16 only (MmaTile8x32); host: any type (tests). S <= 8.
+// the paper layer; the input queries stay on CUDA cores) on tensor cores (mma_rows.cuh): operand
+// rows packed in the storage type (the reference's operand rounding), one warp per (mechanism, 32
+// columns), each product's epilogue fused (biases and saving; the residual). The scratch
+// (mma_smem_elems) comes first in shared memory. Device: storage bf16/fp16 only (MmaTile8x32);
+// host: any type (tests). S <= 8.
 template <int SMAX, typename C, bool MMA = false, typename T, class Exec>
 RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem) {
   // Tile-local sizes and item indices are 32-bit (a tile's S*K*width and a mechanism's weight
@@ -210,12 +160,16 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const C scale_c = C(1) / sqrt(C(dc));
   const C keep_in = C(1.0 - p.p_in), keep_c = C(1.0 - p.p_c);
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
-  RimSeqSmem<C> sm(smem, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm,
-                   MMA ? int64_t(sizeof(T)) : 0, p.ma, p.mc);
-  const int mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh), mq = int(p.mq);
-  const int mv = int(p.mv), mo = int(p.mo);
-  T* aop = static_cast<T*>(sm.aop);
+  const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ma, sizeof(T), sizeof(C)) : 0;
+  const MmaSmem<C, T> ms(smem);  // used only when MMA
+  RimSeqSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+  const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
+  const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
+  if constexpr (MMA) {  // operand rows no call writes are read (and discarded): keep them finite
+    const int rows = K * S_l + kMmaM - S_l, ma = int(p.ma);
+    ex.parallel_for(rows * ma, [&](int i) { from_c(C(0), ms.aop + i); });
+  }
 
   // The initial state, converted to the compute type.
   ex.parallel_for(S * K * H, [&](int i) {
@@ -326,71 +280,60 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
     });
     if constexpr (MMA) {
-      // 3b (tensor cores). Operand rows (k, s) = [xa | 0 | h | 0] of active rows, zero otherwise.
-      mma_pack<C>(ex, K, S, mk, aop, [&](int s, int k, int j) {
+      // 3b (tensor cores). Operand rows (k, s) = [xa | 0 | h | 0] of active rows, zero otherwise;
+      // the epilogue adds the biases and saves, as the weight-stationary phase above.
+      mma_pack<C>(ex, K, S, S_l, mk, ms.aop, [&](int s, int k, int j) {
         const int r = s * K + k;
         if (sm.act[r] == C(0)) return C(0);
         if (j < XW) return sm.xa[r * XW + j];
         return j >= mxw && j - mxw < H ? sm.h[r * H + (j - mxw)] : C(0);
       });
-      mma_rows(ex, K, aop, p.w_mma, mk, mn, sm.gacc);
+      mma_rows(ex, ms, K, S, S_l, p.w_mma, mk, mn, GW, [&](int s, int k, int col, C v) {
+        const int r = s * K + k;
+        C g = C(0);  // inactive rows: no gates, saved as zeros
+        if (sm.act[r] != C(0)) {
+          const int gc = col < GH ? col : col - GH;
+          g = p.lstm ? v + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]))
+                     : v + to_c(col < GH ? p.b_ih[k * GH + gc] : p.b_hh[k * GH + gc]);
+          sm.g[r * GW + col] = g;
+        }
+        if (save) sv(p.sv_g, t, r, GW)[col] = g;
+      });
     }
-    // 3c. Masked cell: active rows step, inactive rows copy (bit-exact). The tensor-core path
-    // finishes the gates here: its accumulators plus the biases, saved (zeros on inactive rows).
+    // 3c. Masked cell: active rows step, inactive rows copy (bit-exact).
     ex.parallel_for(S * K * H, [&](int i) {
       const int r = i / H, j = i % H;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
         if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
       }
-      // This item's gate columns are j + H q, q < 4 (LSTM: i, f, g, o) or q < 6 (GRU: r, z, n of
-      // gi, then of gh, which starts at GH = 3H).
-      const int ng = p.lstm ? 4 : 6;
-      C gv[6];
-      if constexpr (MMA) {
-        const int k = r % K, s = r / K;
-        const C* acc = sm.gacc + (k * kMmaM + s) * mn;
-        for (int q = 0; q < ng; ++q) {
-          const int col = j + H * q;
-          if (sm.act[r] == C(0)) {
-            gv[q] = C(0);
-          } else if (p.lstm) {
-            gv[q] = acc[col] + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]));
-          } else {
-            gv[q] = acc[col] + to_c(col < GH ? p.b_ih[k * GH + col] : p.b_hh[k * GH + col - GH]);
-          }
-          if (save) sv(p.sv_g, t, r, GW)[col] = gv[q];
-        }
-      } else if (sm.act[r] != C(0)) {
-        for (int q = 0; q < ng; ++q) gv[q] = sm.g[r * GW + j + H * q];
-      }
       if (sm.act[r] == C(0)) {
         sm.ht[i] = sm.h[i];
         if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
         return;
       }
+      const C* g = sm.g + r * GW;
       if (p.lstm) {
         C hn, cn;
-        lstm_pointwise_fwd(gv[0], gv[1], gv[2], gv[3], sm.c[i], hn, cn);
+        lstm_pointwise_fwd(g[j], g[H + j], g[2 * H + j], g[3 * H + j], sm.c[i], hn, cn);
         sm.ht[i] = hn;
         sm.c[i] = cn;
       } else {
-        sm.ht[i] = gru_pointwise_fwd(gv[0], gv[1], gv[2], gv[3], gv[4], gv[5], sm.h[i]);
+        const C* gh = g + GH;
+        sm.ht[i] = gru_pointwise_fwd(g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
+                                     gh[2 * H + j], sm.h[i]);
       }
       if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
     });
     // 4a. Communication Q | K | V of every mechanism from h~ (inactive mechanisms' K|V are read
-    // too). Tensor cores: h~ rows packed, the product in gacc, then copied into qkv and saved.
+    // too).
     if constexpr (MMA) {
-      mma_pack<C>(ex, K, S, mh, aop, [&](int s, int k, int j) {
+      mma_pack<C>(ex, K, S, S_l, mh, ms.aop, [&](int s, int k, int j) {
         return j < H ? sm.ht[(s * K + k) * H + j] : C(0);
       });
-      mma_rows(ex, K, aop, p.w_mma_qkv, mh, mq, sm.gacc);
-      ex.parallel_for(S * K * C3, [&](int i) {
-        const int r = i / C3, col = i % C3, s = r / K, k = r % K;
-        const C v = sm.gacc[(k * kMmaM + s) * mq + col];
-        sm.qkv[i] = v;
-        if (save) sv(p.sv_qkv, t, r, C3)[col] = v;
+      mma_rows(ex, ms, K, S, S_l, p.w_mma_qkv, mh, mq, C3, [&](int s, int k, int col, C v) {
+        sm.qkv[(s * K + k) * C3 + col] = v;
+        if (save) sv(p.sv_qkv, t, s * K + k, C3)[col] = v;
       });
     }
     // Weight-stationary on CUDA cores: item (k, column), all the tile's samples.
@@ -453,17 +396,15 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
     });
     // 5. h' = h~ + o comm_output[k] for active rows, h~ for the rest; out[t] in the storage type.
-    // Tensor cores: o rows packed (zero on inactive rows), the product in gacc, then the residual.
     if constexpr (MMA) {
-      mma_pack<C>(ex, K, S, mv, aop, [&](int s, int k, int e) {
+      mma_pack<C>(ex, K, S, S_l, mv, ms.aop, [&](int s, int k, int e) {
         return e < cv ? sm.o[(s * K + k) * cv + e] : C(0);
       });
-      mma_rows(ex, K, aop, p.w_mma_out, mv, mo, sm.gacc);
-      ex.parallel_for(S * K * H, [&](int i) {
-        const int r = i / H, j = i % H, s = r / K, k = r % K;
-        const C v = sm.act[r] != C(0) ? sm.ht[i] + sm.gacc[(k * kMmaM + s) * mo + j] : sm.ht[i];
-        sm.h[i] = v;
-        from_c(v, p.out + ((t * B + b0 + s) * K + k) * H + j);
+      mma_rows(ex, ms, K, S, S_l, p.w_mma_out, mv, mo, H, [&](int s, int k, int j, C v) {
+        const int r = s * K + k;
+        const C hv = sm.act[r] != C(0) ? sm.ht[r * H + j] + v : sm.ht[r * H + j];
+        sm.h[r * H + j] = hv;
+        from_c(hv, p.out + ((t * B + b0 + s) * K + k) * H + j);
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
@@ -495,8 +436,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   });
 }
 
-// Host execution of a tile: items in order, the barrier is the end of the loop; a warp is one
-// call (MmaTile8x32's host side computes the whole warp tile).
+// Host execution of a tile: items in order, the barrier is the end of the loop; a warp item is
+// one call as warp 0 with a single lane (MmaTile8x32's host side computes the whole warp tile).
 struct HostExec {
   template <class F>
   void parallel_for(int n, const F& f) const {
@@ -504,8 +445,9 @@ struct HostExec {
   }
   template <class F>
   void warp_for(int n, const F& f) const {
-    for (int i = 0; i < n; ++i) f(i);
+    for (int i = 0; i < n; ++i) f(i, 0, 0, 1);
   }
+  void syncwarp() const {}
 };
 
 }  // namespace rims
