@@ -45,6 +45,8 @@ CONFIGS: dict[str, BenchConfig] = {
     # The issue-2 CPU target: `paper` with T halved, named so that nobody mistakes it for `paper`.
     "paper_T50": replace(PAPER, name="paper_T50", T=50),
     "large": BenchConfig("large", B=256, T=512, D=512, K=8, top_k=4, H=256),
+    # One step of one sample through the paper layer: an RL policy's rollout step (RIMCell's use).
+    "rl_step": replace(PAPER, name="rl_step", B=1, T=1),
     "smoke": BenchConfig("smoke", B=4, T=8, D=16, K=4, top_k=2, H=16),
 }
 
@@ -72,10 +74,10 @@ def default_config_names(device_type: str, smoke: bool) -> list[str]:
     if smoke:
         return ["smoke"]
     if device_type == "cuda":
-        return ["paper", "large", "sweep_T", "sweep_B", "sweep_K", "sweep_H"]
+        return ["paper", "large", "rl_step", "sweep_T", "sweep_B", "sweep_K", "sweep_H"]
     # CPU: a few minutes on 2 cores, so the sweeps stop at `paper`'s T and B (T=200 and B=256
     # run when named); `large` is GPU-only by default (seconds per call here).
-    return ["paper_T50", "paper", "sweep_T:T=10", "sweep_T:T=25", "sweep_T:T=50", "sweep_T:T=100",
+    return ["paper_T50", "paper", "rl_step", "sweep_T:T=10", "sweep_T:T=25", "sweep_T:T=50", "sweep_T:T=100",
             "sweep_B:B=1", "sweep_B:B=16", "sweep_B:B=64"]
 
 

@@ -10,6 +10,13 @@ dtypes: float32 and float64 run as they are; bfloat16 and float16 are computed i
 "Dtypes": inputs, state and parameters are converted up, ``out``/``h_n``/``c_n`` rounded back, the
 state carried in float32 inside the call).
 
+Input term: ``rim_cpu_fwd`` folds ``input_value_n weight_ih[k]_n`` into one ``(D, G*H)`` matrix
+per mechanism and head at every call (``K n D d_v G H`` multiply-adds), which pays off over many
+rows; for short calls (a ``RIMCell`` step in an RL rollout: ``T = 1``; at the paper layer up to
+``T ~ 8`` at ``B = 1``, ``T = 1`` at ``B = 64``) :func:`rim_cpu` pre-projects the values instead
+and runs the driver's pre-projected mode (``rim_cpu_kv_fwd``, ``weight_ih`` in place), by a cost
+model (:func:`fold_pays`). Both are the same math; the dropout stream is the same.
+
 Dropout: one 64-bit seed per call is drawn from PyTorch's default generator (so it is
 reproducible under ``torch.manual_seed``); the C++ side derives every keep-decision from it with a
 counter-based stream, and the backward replays the same decisions. :func:`dropout_masks` returns
@@ -27,7 +34,7 @@ from ._config import RimConfig
 from .reference import compute_dtype
 
 __all__ = ["unavailable_reason", "rim_cpu", "rim_cpu_kv", "dropout_masks", "draw_seed",
-           "PARAM_NAMES", "KV_PARAM_NAMES"]
+           "fold_pays", "PARAM_NAMES", "KV_PARAM_NAMES"]
 
 #: The op's parameter order (SPEC's table).
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -64,6 +71,28 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return _op_registered()
 
 
+#: FLOPs that streaming one byte of weights per step costs, for :func:`fold_pays`: a 2-core
+#: Xeon VM ran the driver's GEMMs at ~150 GFLOP/s and streamed its weights at ~30 GB/s. Fitted
+#: to a sweep of T, B in 1..64 at the paper layer (the crossover: T ~ 8 at B = 1, T ~ 2 at
+#: B = 64), whose every point it decides right or within 10% of the better path.
+BYTE_FLOPS = 4.0
+
+
+def fold_pays(T: int, B: int, M: int, D: int, cfg: RimConfig, elem_bytes: int = 4) -> bool:
+    """Whether ``rim_cpu_fwd``'s per-call fold (one ``(D, GH)`` matrix per mechanism and head)
+    is cheaper than pre-projecting the values (``rim_cpu_kv_fwd``, ``weight_ih`` in place) for a
+    call of ``T`` steps of ``B`` rows of ``M`` elements of width ``D``. Cost in FLOPs: folded, the
+    fold ``2 K n D d_v GH`` once, then per row and mechanism-head ``2 (M D + D GH)`` and per step
+    the fold's bytes streamed; pre-projected, per row the values ``2 M D n d_v`` and per
+    mechanism-head ``2 (M d_v + d_v GH)``, per step ``weight_ih``'s bytes (:data:`BYTE_FLOPS`
+    each). Weight bytes matter at small ``B``: ``weight_ih`` is ``d_v / D`` times the fold."""
+    K, n, dv, GH = cfg.num_units, cfg.input_heads, cfg.input_value_size, cfg.gates * cfg.hidden_size
+    stream = BYTE_FLOPS * elem_bytes * K * n * GH
+    folded = 2 * K * n * D * dv * GH + T * (B * 2 * K * n * (M * D + D * GH) + stream * D)
+    kv = T * (B * 2 * (M * D * n * dv + K * n * (M * dv + dv * GH)) + stream * dv)
+    return folded <= kv
+
+
 def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False,
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
@@ -92,11 +121,18 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     p_in = cfg.input_dropout if training else 0.0
     p_c = cfg.comm_dropout if training else 0.0
     seed = draw_seed() if p_in > 0.0 or p_c > 0.0 else 0
-    leaves = [x, h0, c0, *weights]
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
-    res = torch.ops.rims_fast.rim_cpu_fwd(
-        up(x), up(h0), up(c0) if lstm else None, *weights, cfg.top_k, cfg.input_heads,
-        cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)
+    T, B, M, D = x.shape
+    if fold_pays(T, B, M, D, cfg, elem_bytes=torch.finfo(ct).bits // 8):
+        leaves = [x, h0, c0, *weights]
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+        res = torch.ops.rims_fast.rim_cpu_fwd(
+            up(x), up(h0), up(c0) if lstm else None, *weights, cfg.top_k, cfg.input_heads,
+            cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)
+    else:  # few rows: the values pre-projected, weight_ih in place (no per-call fold)
+        xc = up(x)
+        kv_params = dict(zip(PARAM_NAMES, weights))
+        res = rim_cpu_kv(xc @ kv_params["input_key"], xc @ kv_params["input_value"], up(h0),
+                         up(c0) if lstm else None, kv_params, cfg, training=training, seed=seed)
     out, h_n, c_n, masks = res[:4]
     if ct != dtype:
         out, h_n = out.to(dtype), h_n.to(dtype)

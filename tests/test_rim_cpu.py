@@ -79,10 +79,18 @@ def _compare(got, want, leaves, dtype, masks_exact=True):
                      "grad_w" if name in PARAMS else "grad_in")
 
 
+@pytest.fixture(params=["folded", "kv"])
+def input_path(request, monkeypatch):
+    """rim_cpu runs the folded driver (rim_cpu_fwd) or the pre-projected one (rim_cpu_kv_fwd) by
+    a cost model (rc.fold_pays); each test taking this fixture runs both."""
+    monkeypatch.setattr(rc, "fold_pays", lambda *a, **k: request.param == "folded")
+    return request.param
+
+
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("state", ["state", "zero"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_matches_reference(case, state, dtype):
+def test_matches_reference(case, state, dtype, input_path):
     rim, x, h0, c0, P, leaves = _inputs(*case, dtype=dtype, zero_state=state == "zero")
     got = rc.rim_cpu(x, h0, c0, P, rim.config)
     if dtype == torch.float64:
@@ -158,7 +166,7 @@ def test_threads_and_batch_tiles(cell):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_computes_in_float32(dtype):
+def test_half_precision_computes_in_float32(dtype, input_path):
     rim, x, h0, c0, P, leaves = _inputs("lstm", 2, 2, 2, 4, 2, 4, True, dtype)
     got = rc.rim_cpu(x, h0, c0, P, rim.config)
     assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
@@ -183,7 +191,7 @@ def test_module_backend_cpu_and_auto():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_dropout_replays_in_reference(cell):
+def test_dropout_replays_in_reference(cell, input_path):
     """Training with both dropouts: the reference, given the driver's keep-masks, matches it."""
     rim, x, h0, c0, P, leaves = _inputs(cell, 3, 2, 2, 4, 2, 4, True, torch.float64,
                                         input_dropout=0.3, comm_dropout=0.4)
@@ -213,7 +221,7 @@ def test_dropout_reproducible_under_manual_seed():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gradcheck(cell):
+def test_gradcheck(cell, input_path):
     """torch.autograd.gradcheck of the op in float64 (random state: no ties in the competition;
     block_inactive_grad=False so every path is exercised), with dropout on in training mode."""
     rim, x, h0, c0, P, leaves = _inputs(cell, 2, 2, 2, 4, 2, 3, False, torch.float64, B=2,
@@ -231,6 +239,21 @@ def test_gradcheck(cell):
     assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)
 
 
+def test_fold_pays_picks_by_cost():
+    """The folded driver makes its fold at every call: worth it over many rows, not for one RL
+    step (benchmarks/results/cpu-intel-xeon-processor-fold-rule.md measured the crossover)."""
+    cfg = rims_fast.RIM(64, 100, 6, 4).config
+    assert not rc.fold_pays(1, 1, 1, 64, cfg)      # RIMCell step, B = 1
+    assert not rc.fold_pays(1, 16, 1, 64, cfg)
+    assert not rc.fold_pays(4, 1, 1, 64, cfg)
+    assert rc.fold_pays(16, 1, 1, 64, cfg)
+    assert rc.fold_pays(4, 64, 1, 64, cfg)
+    assert rc.fold_pays(50, 64, 1, 64, cfg)        # paper_T50
+    # Inputs wider than the values: the fold is never cheaper.
+    assert not rc.fold_pays(100, 64, 1, 512, rims_fast.RIM(512, 100, 6, 4,
+                                                           input_value_size=64).config)
+
+
 def test_opcheck():
     rim, x, h0, c0, P, _ = _inputs("lstm", 2, 2, 2, 3, 2, 2, True, torch.float64, B=2)
     cfg = rim.config
@@ -244,10 +267,12 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rims_fast.rim_cpu_fwd.default, args)
 
 
-def test_long_sequence_memory():
+def test_long_sequence_memory(monkeypatch):
     """T = 2000, tiny sizes: under no_grad nothing is saved (the forward runs with save=False and
     reuses one step's buffers); with grad, what autograd saves is exactly the documented set
-    (inputs, out, masks and the per-step activations), linear in T."""
+    (inputs, out, masks and the per-step activations), linear in T. (The folded driver's set:
+    at these sizes, d_v < D, rim_cpu would pick the pre-projected mode.)"""
+    monkeypatch.setattr(rc, "fold_pays", lambda *a, **k: True)
     T, B, K, H, M = 2000, 2, 4, 3, 1
     rim = make_rim(dtype=torch.float32)
     cfg = rim.config

@@ -35,7 +35,8 @@ RIMS_HD int64_t mma_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m;
 // tile of (K S_l + 8 - S_l) rows of width ma in the storage type (op_bytes per element).
 RIMS_HD int64_t mma_smem_elems(int64_t K, int64_t S_l, int64_t ma, int64_t op_bytes,
                                int64_t c_bytes) {
-  return kSeqWarps * kMmaM * kMmaN + ((K * S_l + kMmaM - S_l) * ma * op_bytes + c_bytes - 1) / c_bytes;
+  const int64_t rows = K * S_l + kMmaM - S_l;
+  return kSeqWarps * kMmaM * kMmaN + (rows * ma * op_bytes + c_bytes - 1) / c_bytes;
 }
 
 // The scratch carved from the start of a kernel's shared memory (256-bit aligned there; the
@@ -44,8 +45,8 @@ template <typename C, typename T>
 struct MmaSmem {
   C* stage = nullptr;
   T* aop = nullptr;
-  RIMS_HD MmaSmem() = default;
-  RIMS_HD explicit MmaSmem(C* base) : stage(base), aop(reinterpret_cast<T*>(base + kSeqWarps * kMmaM * kMmaN)) {}
+  RIMS_HD explicit MmaSmem(C* base)
+      : stage(base), aop(reinterpret_cast<T*>(base + kSeqWarps * kMmaM * kMmaN)) {}
 };
 
 #if defined(__CUDACC__)

@@ -117,7 +117,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const int S_l = int(p.S), bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
   const int bo = int(p.bo), bh2 = int(p.bh2), bx = int(p.bx);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
-  if constexpr (MMA) {  // operand rows no call writes are read (and discarded): keep them finite
+  if constexpr (MMA) {  // rows no pack writes feed only discarded outputs; zeroed for hygiene
     const int rows = K * S_l + kMmaM - S_l, ba = int(p.ba);
     ex.parallel_for(rows * ba, [&](int i) { from_c(C(0), ms.aop + i); });
   }
