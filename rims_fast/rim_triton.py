@@ -49,16 +49,18 @@ What runs where:
 
 Limits of this version: the input term is always the folded ``XW`` (``B*K*n_in*M*G*H`` float32
 values per step; the reference unfolds when ``M*D > d_v``). Without saved activations it is made
-for a chunk of steps at a time (:data:`XW_CHUNK_BYTES`); the ``kernels`` backward and the
-CUDA-graph path keep all ``T`` steps (4.3 GB at ``large``). The ``M`` input elements of a step are
+for a chunk of steps at a time (:data:`XW_CHUNK_BYTES`), CUDA-graph replay included; the
+``kernels`` backward keeps all ``T`` steps (4.3 GB at ``large``). The ``M`` input elements of a step are
 one register tile, so large ``M`` costs memory and registers. The time loop launches from Python: at
 B=64, H=100 on an H100 a step is ~22 us of GPU time (bfloat16) but ~100 us of wall time.
 
 CUDA graphs (opt-in, ``RIMS_FAST_TRITON_GRAPH=1``): a forward without saved activations and
-without dropout on CUDA captures its ``2T`` launches once per (shapes, dtype, config, parameter
-storage) and replays them: the inputs (keys, ``XW``, initial state) are copied into the graph's
-static buffers, the outputs copied out. Parameters are read in place, so in-place optimizer
-updates are seen by later replays. Not yet run on a GPU, hence not the default.
+without dropout on CUDA captures the whole no-save forward once per (shapes, dtype, config,
+parameter storage) — the hoisted GEMMs (keys, fold, ``XW`` chunk by chunk) and the ``2T``
+launches, the same code as the eager path (:func:`_run_chunked`) — and replays it: ``x`` and the
+initial state are copied into the graph's static buffers, the outputs copied out. Parameters are
+read in place, so in-place optimizer updates are seen by later replays. Not yet run on a GPU,
+hence not the default.
 
 The sequence op is ``torch.library.custom_op("rims_fast::rim_triton_fwd")`` with a fake impl and
 ``register_autograd``, so ``torch.compile`` sees one node per layer and ``opcheck`` can test it.
@@ -174,10 +176,9 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     unless ``save``)."""
     T, B, M, D = x.shape
     K, H = cfg.num_units, cfg.hidden_size
-    NI, DV = cfg.input_heads, cfg.input_value_size
+    NI = cfg.input_heads
     NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
     lstm = cfg.cell == "lstm"
-    G = cfg.gates
     dtype, dev = x.dtype, x.device
     ct = compute_dtype(dtype)
     rnd = _Rounder(dtype)
@@ -185,19 +186,13 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     x = x.contiguous()
     f32 = dict(device=dev, dtype=torch.float32)
 
-    # State-independent work of all steps (PyTorch GEMMs, float32 accumulation).
     xc = x.to(ct)
-    keys = rnd(xc @ p["input_key"].to(ct)).contiguous()  # (T, B, M, NI*DK)
-    fold = rnd(torch.einsum("dnv,knvg->kndg", p["input_value"].to(ct).view(D, NI, DV),
-                            p["weight_ih"].to(ct).view(K, NI, DV, G * H)))  # (K, NI, D, G*H)
-
-    def xw_of(t0: int, t1: int) -> Tensor:  # (t1 - t0, B, K, NI, M, G*H): steps t0..t1-1
-        return torch.einsum("tbmd,kndg->tbknmg", xc[t0:t1], fold).contiguous()
-
     if (not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
-        return _graph_forward(x, h0, c0, p, cfg, keys, xw_of(0, T))
-    xw = xw_of(0, T) if save else None  # saved for the backward kernels; else made in chunks
+        return _graph_forward(x, xc, h0, c0, p, cfg)
+    keys, fold = _hoisted(xc, p, cfg, rnd)
+    # XW of all steps is saved for the backward kernels; without saving it is made in chunks.
+    xw = _xw(xc, fold) if save else None
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
         hs[0] = h0
@@ -228,13 +223,9 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
             _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs, hs[t + 1],
                          hts[t], qcs[t], kcs[t], vcs[t], keys, xw, masks, out, p, cfg, M, seed,
                          drop_in, drop_c, prec, dict(gates=gates, a=a_s), dict(bp=bps, o=os_))
-    else:  # XW in chunks of steps: memory bounded by XW_CHUNK_BYTES, not linear in T
-        step_bytes = 4 * B * K * NI * M * G * H
-        chunk = max(1, min(T, XW_CHUNK_BYTES // step_bytes))
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            c_a, c_b = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw_of(t0, t1), masks, out,
-                                  p, cfg, M, seed, drop_in, drop_c, prec, range(t0, t1))
+    else:
+        c_a, c_b = _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg,
+                                seed, drop_in, drop_c, prec)
     if save:
         h_n = hs[T].to(dtype, copy=True)  # not a view of the saved hs (ops may not alias)
         c_n = cs[T].to(dtype, copy=True) if lstm else x.new_empty(0)
@@ -244,6 +235,38 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
         c_n = c_a.to(dtype) if lstm else x.new_empty(0)
         saved = tuple(x.new_empty(0, dtype=torch.float32) for _ in SAVED)
     return (out, h_n, c_n, masks.bool(), *saved)
+
+
+def _hoisted(xc: Tensor, p, cfg: RimConfig, rnd: _Rounder) -> tuple[Tensor, Tensor]:
+    """State-independent work of all steps (PyTorch GEMMs, float32 accumulation): the input keys
+    ``(T, B, M, NI*DK)`` and the fold ``input_value_n weight_ih[k]_n`` ``(K, NI, D, G*H)``."""
+    D, ct = xc.shape[-1], xc.dtype
+    K, NI, DV = cfg.num_units, cfg.input_heads, cfg.input_value_size
+    GH = cfg.gates * cfg.hidden_size
+    keys = rnd(xc @ p["input_key"].to(ct)).contiguous()
+    fold = rnd(torch.einsum("dnv,knvg->kndg", p["input_value"].to(ct).view(D, NI, DV),
+                            p["weight_ih"].to(ct).view(K, NI, DV, GH)))
+    return keys, fold
+
+
+def _xw(xc: Tensor, fold: Tensor) -> Tensor:
+    """The folded input term of the steps in ``xc``: ``(T', B, K, NI, M, G*H)``."""
+    return torch.einsum("tbmd,kndg->tbknmg", xc, fold).contiguous()
+
+
+def _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg, seed, drop_in,
+                 drop_c, prec) -> tuple[Tensor, Tensor]:
+    """The no-save forward's steps on reused workspaces (:func:`_run_steps`), ``XW`` made for a
+    chunk of steps at a time: memory bounded by :data:`XW_CHUNK_BYTES`, not linear in ``T``.
+    Shared by the eager forward and the CUDA-graph capture."""
+    T, B, M = xc.shape[:3]
+    step_bytes = 4 * B * cfg.num_units * cfg.input_heads * M * cfg.gates * cfg.hidden_size
+    chunk = max(1, min(T, XW_CHUNK_BYTES // step_bytes))
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        c_a, c_b = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, _xw(xc[t0:t1], fold), masks,
+                              out, p, cfg, M, seed, drop_in, drop_c, prec, range(t0, t1))
+    return c_a, c_b
 
 
 def _launch_step(t, h_in, c_in, c_out, h_out, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M,
@@ -293,16 +316,19 @@ def graph_mode() -> bool:
 
 
 class _Captured:
-    """One captured T-step loop: its static inputs (keys, XW, initial state), workspaces and
-    outputs, and the parameters it reads — all held here: a CUDA graph keeps no reference to the
-    memory its kernels use, so anything freed would be overwritten by later replays."""
+    """One captured forward: the hoisted GEMMs (keys, fold, the input term in chunks of steps)
+    and the 2T launches, exactly :func:`_run_chunked` as the eager forward runs it. Its static
+    input (``x`` in the compute dtype, the initial state), workspaces and outputs, and the
+    parameters it reads are all held here: a CUDA graph keeps no reference to the memory its
+    kernels use, so anything freed would be overwritten by later replays (tensors allocated
+    during capture live in the graph's private pool)."""
 
-    def __init__(self, keys, xw, h0, c0, p, cfg, M, prec, out_dtype):
+    def __init__(self, xc, h0, c0, p, cfg, prec, out_dtype):
         self.p = p
-        f32 = dict(device=keys.device, dtype=torch.float32)
-        T, B = keys.shape[:2]
+        f32 = dict(device=xc.device, dtype=torch.float32)
+        T, B = xc.shape[:2]
         K, H, NC = cfg.num_units, cfg.hidden_size, cfg.comm_heads
-        self.keys, self.xw = torch.empty_like(keys), torch.empty_like(xw)
+        self.xc = torch.empty_like(xc)
         self.h = torch.empty(B, K, H, **f32)
         lstm = cfg.cell == "lstm"
         self.c_a = torch.empty(B, K, H, **f32) if lstm else self.h.new_empty(0)
@@ -311,35 +337,38 @@ class _Captured:
         qc = torch.empty(B, K, NC * cfg.comm_key_size, **f32)
         kc = torch.empty_like(qc)
         vc = torch.empty(B, K, NC * cfg.comm_value_size, **f32)
-        self.out = torch.empty(T, B, K * H, device=keys.device, dtype=out_dtype)
-        self.masks = torch.empty(T, B, K, device=keys.device, dtype=torch.int8)
-        args = (self.h, self.c_a, c_b, ht, qc, kc, vc, self.keys, self.xw, self.masks, self.out,
-                p, cfg, M, 0, 0.0, 0.0, prec)
-        self.args = args  # keeps every workspace the graph writes alive
-        self.fill(keys, xw, h0, c0)
-        side = torch.cuda.Stream(device=keys.device)  # warm-up: Triton compiles before capture
-        side.wait_stream(torch.cuda.current_stream(keys.device))
+        self.out = torch.empty(T, B, K * H, device=xc.device, dtype=out_dtype)
+        self.masks = torch.empty(T, B, K, device=xc.device, dtype=torch.int8)
+        rnd = _Rounder(out_dtype)
+        self.work = (self.h, self.c_a, c_b, ht, qc, kc, vc)  # alive as long as the graph
+
+        def body():
+            keys, fold = _hoisted(self.xc, p, cfg, rnd)
+            return _run_chunked(self.xc, fold, *self.work, keys, self.masks, self.out, p, cfg, 0,
+                                0.0, 0.0, prec)[0]
+
+        self.fill(xc, h0, c0)
+        side = torch.cuda.Stream(device=xc.device)  # warm-up: Triton compiles, cuBLAS sets up
+        side.wait_stream(torch.cuda.current_stream(xc.device))
         with torch.cuda.stream(side):
-            _run_steps(*args)
-        torch.cuda.current_stream(keys.device).wait_stream(side)
+            body()
+        torch.cuda.current_stream(xc.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.c_final = _run_steps(*args)[0]
+            self.c_final = body()
 
-    def fill(self, keys, xw, h0, c0) -> None:
-        self.keys.copy_(keys)
-        self.xw.copy_(xw)
+    def fill(self, xc, h0, c0) -> None:
+        self.xc.copy_(xc)
         self.h.copy_(h0)
         if c0 is not None:
             self.c_a.copy_(c0)
 
 
 _GRAPHS: "collections.OrderedDict[tuple, _Captured]" = collections.OrderedDict()
-_GRAPHS_MAX = 8  # captured loops kept (each holds its keys/XW buffers); least recently used out
+_GRAPHS_MAX = 8  # captured forwards kept (each holds its buffers); least recently used out
 
 
-def _graph_forward(x, h0, c0, p, cfg, keys, xw) -> tuple[Tensor, ...]:
-    T, B, M, _ = x.shape
+def _graph_forward(x, xc, h0, c0, p, cfg) -> tuple[Tensor, ...]:
     lstm = cfg.cell == "lstm"
     prec = _dot_precision(x.dtype)
     key = (tuple(x.shape), x.dtype, x.device, cfg, prec,
@@ -348,10 +377,9 @@ def _graph_forward(x, h0, c0, p, cfg, keys, xw) -> tuple[Tensor, ...]:
     if cap is None:
         while len(_GRAPHS) >= _GRAPHS_MAX:
             _GRAPHS.popitem(last=False)
-        cap = _GRAPHS[key] = _Captured(keys, xw, h0, c0 if lstm else None, p, cfg, M, prec,
-                                       x.dtype)
+        cap = _GRAPHS[key] = _Captured(xc, h0, c0 if lstm else None, p, cfg, prec, x.dtype)
     _GRAPHS.move_to_end(key)
-    cap.fill(keys, xw, h0, c0 if lstm else None)
+    cap.fill(xc, h0, c0 if lstm else None)
     cap.graph.replay()
     # Copies: the next replay overwrites the static buffers.
     c_n = cap.c_final.to(x.dtype, copy=True) if lstm else x.new_empty(0)
