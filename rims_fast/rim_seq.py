@@ -185,7 +185,7 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool, mma: bool = False) -> list[Tensor]:
+               tile: int, save: bool, mma: bool) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
     unless ``save``). Dropout probabilities are the effective ones (0 outside training).
@@ -198,7 +198,7 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save, mma=False):
+      block_inactive_grad, per_head, seed, tile, save, mma):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -211,8 +211,8 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, *rest) = inputs
-    ctx.mma = bool(rest[0]) if rest else False
+     save, mma) = inputs
+    ctx.mma = mma
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
     ctx.has_c0 = c0 is not None

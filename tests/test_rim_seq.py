@@ -183,7 +183,8 @@ def test_opcheck_and_errors():
     weights = [p[n].requires_grad_(True) for n in rs.OP_WEIGHTS]
     torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
                                           h0.detach().requires_grad_(True), c0.detach(), weights,
-                                          sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True))
+                                          sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True,
+                                          False))
     bad = list(args)
     bad[-2] = 9
     with pytest.raises(RuntimeError, match="tile must be in 0..8"):
