@@ -35,11 +35,13 @@ What runs where:
   communication ``Q/K/V`` (rounded as used), the gate pre-activations (LSTM ``i|f|g|o`` sums;
   GRU ``gi|gh``, because ``r`` multiplies ``gh_n`` alone), the undropped input and communication
   probabilities, the (dropped, rounded) communication read ``o`` (for ``d comm_output``), and the
-  hoisted keys and ``XW``. *Recomputed* in the backward: the gate activations (a few pointwise
-  ops from the pre-activations), the dropout keep-masks (from the same counter-based stream, in
-  registers — never stored), the input queries (one GEMM over all rows, for ``d input_key``)
-  and the fold ``input_value_n weight_ih[k]_n`` (small). Saving costs memory linear in ``T``
-  but makes the backward sweep free of any forward recompute.
+  hoisted keys. *Recomputed* in the backward: the gate activations (a few pointwise ops from the
+  pre-activations), the dropout keep-masks (from the same counter-based stream, in registers —
+  never stored), the input queries (one GEMM over all rows, for ``d input_key``), the fold
+  ``input_value_n weight_ih[k]_n`` (small) and the folded input term ``XW`` chunk by chunk in
+  reverse (one GEMM per chunk, the forward's chunks: bit-identical; saving it would be
+  ``B·K·n_in·M·G·H`` floats per step, 4.3 GB at ``large``). The saved histories cost memory
+  linear in ``T``; the sweep recomputes nothing else of the forward.
 
   Why ``recompute`` stays the default: the ``kernels`` path is tested against the float64
   reference (every gradient, LSTM/GRU, dropout, ``block_inactive_grad`` both ways) only under
@@ -49,8 +51,9 @@ What runs where:
 
 Limits of this version: the input term is always the folded ``XW`` (``B*K*n_in*M*G*H`` float32
 values per step; the reference unfolds when ``M*D > d_v``). Without saved activations it is made
-for a chunk of steps at a time (:data:`XW_CHUNK_BYTES`), CUDA-graph replay included; the
-``kernels`` backward keeps all ``T`` steps (4.3 GB at ``large``). The ``M`` input elements of a step are
+for a chunk of steps at a time (:data:`XW_CHUNK_BYTES`) on every path: CUDA-graph replay, and
+with the ``kernels`` backward, whose sweep recomputes it chunk by chunk in reverse rather than
+saving it (it would be 4.3 GB at ``large``). The ``M`` input elements of a step are
 one register tile, so large ``M`` costs memory and registers. The time loop launches from Python: at
 B=64, H=100 on an H100 a step is ~22 us of GPU time (bfloat16) but ~100 us of wall time.
 
@@ -191,8 +194,6 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
         return _graph_forward(x, xc, h0, c0, p, cfg)
     keys, fold = _hoisted(xc, p, cfg, rnd)
-    # XW of all steps is saved for the backward kernels; without saving it is made in chunks.
-    xw = _xw(xc, fold) if save else None
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
         hs[0] = h0
@@ -218,18 +219,22 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     out = torch.empty(T, B, K * H, device=dev, dtype=dtype)
     masks = torch.empty(T, B, K, device=dev, dtype=torch.int8)
     prec = _dot_precision(dtype)
-    if save:
-        for t in range(T):
-            _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs, hs[t + 1],
-                         hts[t], qcs[t], kcs[t], vcs[t], keys, xw, masks, out, p, cfg, M, seed,
-                         drop_in, drop_c, prec, dict(gates=gates, a=a_s), dict(bp=bps, o=os_))
+    if save:  # XW in chunks here too: the backward recomputes it chunk by chunk (not saved)
+        for t0, t1 in _chunks(T, B, M, cfg):
+            xw = _xw(xc[t0:t1], fold)
+            for t in range(t0, t1):
+                _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs,
+                             hs[t + 1], hts[t], qcs[t], kcs[t], vcs[t], keys, xw, masks, out, p,
+                             cfg, M, seed, drop_in, drop_c, prec, dict(gates=gates, a=a_s),
+                             dict(bp=bps, o=os_), t_xw=t - t0)
     else:
         c_a, c_b = _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg,
                                 seed, drop_in, drop_c, prec)
     if save:
         h_n = hs[T].to(dtype, copy=True)  # not a view of the saved hs (ops may not alias)
         c_n = cs[T].to(dtype, copy=True) if lstm else x.new_empty(0)
-        saved = (hs, cs, hts, qcs, kcs, vcs, gates, a_s, bps, os_, keys.float(), xw.float())
+        saved = (hs, cs, hts, qcs, kcs, vcs, gates, a_s, bps, os_, keys.float(),
+                 x.new_empty(0, dtype=torch.float32))
     else:
         h_n = h.to(dtype)
         c_n = c_a.to(dtype) if lstm else x.new_empty(0)
@@ -240,18 +245,27 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
 def _hoisted(xc: Tensor, p, cfg: RimConfig, rnd: _Rounder) -> tuple[Tensor, Tensor]:
     """State-independent work of all steps (PyTorch GEMMs, float32 accumulation): the input keys
     ``(T, B, M, NI*DK)`` and the fold ``input_value_n weight_ih[k]_n`` ``(K, NI, D, G*H)``."""
-    D, ct = xc.shape[-1], xc.dtype
+    return rnd(xc @ p["input_key"].to(xc.dtype)).contiguous(), _fold(p, cfg, xc.dtype, rnd)
+
+
+def _fold(p, cfg: RimConfig, ct: torch.dtype, rnd: _Rounder) -> Tensor:
+    """``input_value_n weight_ih[k]_n``: ``(K, NI, D, G*H)`` in the compute dtype ``ct``."""
     K, NI, DV = cfg.num_units, cfg.input_heads, cfg.input_value_size
-    GH = cfg.gates * cfg.hidden_size
-    keys = rnd(xc @ p["input_key"].to(ct)).contiguous()
-    fold = rnd(torch.einsum("dnv,knvg->kndg", p["input_value"].to(ct).view(D, NI, DV),
+    D, GH = p["input_value"].shape[0], cfg.gates * cfg.hidden_size
+    return rnd(torch.einsum("dnv,knvg->kndg", p["input_value"].to(ct).view(D, NI, DV),
                             p["weight_ih"].to(ct).view(K, NI, DV, GH)))
-    return keys, fold
 
 
 def _xw(xc: Tensor, fold: Tensor) -> Tensor:
     """The folded input term of the steps in ``xc``: ``(T', B, K, NI, M, G*H)``."""
     return torch.einsum("tbmd,kndg->tbknmg", xc, fold).contiguous()
+
+
+def _chunks(T: int, B: int, M: int, cfg: RimConfig) -> list[tuple[int, int]]:
+    """Step ranges ``[t0, t1)`` whose ``XW`` fits :data:`XW_CHUNK_BYTES` (at least one step)."""
+    step_bytes = 4 * B * cfg.num_units * cfg.input_heads * M * cfg.gates * cfg.hidden_size
+    chunk = max(1, min(T, XW_CHUNK_BYTES // step_bytes))
+    return [(t0, min(T, t0 + chunk)) for t0 in range(0, T, chunk)]
 
 
 def _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg, seed, drop_in,
@@ -260,10 +274,7 @@ def _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg
     chunk of steps at a time: memory bounded by :data:`XW_CHUNK_BYTES`, not linear in ``T``.
     Shared by the eager forward and the CUDA-graph capture."""
     T, B, M = xc.shape[:3]
-    step_bytes = 4 * B * cfg.num_units * cfg.input_heads * M * cfg.gates * cfg.hidden_size
-    chunk = max(1, min(T, XW_CHUNK_BYTES // step_bytes))
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
+    for t0, t1 in _chunks(T, B, M, cfg):
         c_a, c_b = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, _xw(xc[t0:t1], fold), masks,
                               out, p, cfg, M, seed, drop_in, drop_c, prec, range(t0, t1))
     return c_a, c_b
@@ -393,12 +404,12 @@ SAVED = ("hs", "cs", "hts", "qc", "kc", "vc", "gates", "a", "bp", "o", "keys", "
 
 def _saved_shapes(T, B, M, cfg: RimConfig) -> list[tuple[int, ...]]:
     K, H, NI, DK = cfg.num_units, cfg.hidden_size, cfg.input_heads, cfg.input_key_size
-    NC, DC, DCV, G = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size, cfg.gates
+    NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
     lstm = cfg.cell == "lstm"
     return [(T + 1, B, K, H), (T + 1, B, K, H) if lstm else (0,), (T, B, K, H),
             (T, B, K, NC * DC), (T, B, K, NC * DC), (T, B, K, NC * DCV),
             (T, B, K, (4 if lstm else 6) * H), (T, B, K, NI, M), (T, B, K, NC, K),
-            (T, B, K, NC * DCV), (T, B, M, NI * DK), (T, B, K, NI, M, G * H)]
+            (T, B, K, NC * DCV), (T, B, M, NI * DK), (0,)]  # XW: recomputed, not saved
 
 
 def bwd_mode() -> str:
@@ -459,7 +470,7 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
                     g_hn: Optional[Tensor], g_cn: Optional[Tensor], x: Tensor, h0: Tensor,
                     c0: Optional[Tensor], params: Sequence[Tensor], masks: Tensor,
                     saved: Sequence[Tensor]) -> list[Tensor]:
-    hs, cs, hts, qcs, kcs, vcs, gates, a_s, bps, os_, keys, xw = (t.contiguous() for t in saved)
+    hs, cs, hts, qcs, kcs, vcs, gates, a_s, bps, os_, keys, _ = (t.contiguous() for t in saved)
     p = dict(zip(PARAM_NAMES, (t.contiguous() for t in params)))
     T, B, M, D = x.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -496,7 +507,13 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
     d_g = torch.empty(T, B, K, gates.shape[-1], **f32)
     d_qi = torch.empty(T, B, K, NI * DK, **f32)
     d_si = torch.empty(T, B, K, NI, M, **f32)
+    # XW again, chunk by chunk in reverse (the forward's chunks and arithmetic: bit-identical).
+    xc, fold = x.to(ct), _fold(p, cfg, ct, rnd)
+    chunks, xw, t0 = _chunks(T, B, M, cfg), None, T
     for t in reversed(range(T)):
+        if t < t0:
+            t0, t1 = next((a, b) for a, b in chunks if a <= t < b)
+            xw = _xw(xc[t0:t1], fold)
         _kb.rim_comm_bwd(dh, m8, qcs, kcs, vcs, bps, p["comm_output"], d_hp, do_ws, ds_ws, d_qc,
                          t=t, K=K, H=H, NC=NC, DC=DC, DCV=DCV, seed=seed + 1, p_drop=drop_c,
                          prec=prec)
@@ -507,11 +524,11 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
                          DK=DK, NC=NC, DC=DC, DCV=DCV, lstm=lstm,
                          block_inactive_grad=cfg.block_inactive_grad,
                          has_gout=gout is not None and t > 0, seed=seed, p_in=drop_in,
-                         p_c=drop_c, prec=prec)
+                         p_c=drop_c, prec=prec, t_xw=t - t0)
+    xw = None
 
     # Weight gradients: GEMMs over all T*B rows (deterministic; float32 accumulation).
     P = {n: t.to(ct) for n, t in p.items()}
-    xc = x.to(ct)
     hprev = rnd(hs[:T])  # (T, B, K, H): h_{t-1} of every step
     d_gi = d_g[..., :GH]
     d_gh = d_g if lstm else d_g[..., GH:]
@@ -536,8 +553,6 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
         keep = _k.rim_dropout_masks((T, B, K, NI, M), seed, drop_in, dev)
         at = torch.where(keep, a_s / (1.0 - drop_in), 0.0)
     at = rnd(at)
-    fold = rnd(torch.einsum("dnv,knvg->kndg", P["input_value"].view(D, NI, DV),
-                            P["weight_ih"].view(K, NI, DV, GH)))
     xa = torch.einsum("tbknm,tbmd->tbknd", at, xc)
     g_fold = torch.einsum("tbknd,tbkg->kndg", xa, d_gi)
     dxa = torch.einsum("tbkg,kndg->tbknd", d_gi, fold)

@@ -203,3 +203,32 @@ def test_cuda_backend_matches_reference(cell, mode, monkeypatch):
     assert_close("out", o1, o2, torch.float64)
     for i, (a, b) in enumerate(zip(g1, g2)):
         assert_close(f"grad{i}", a, b, torch.float64, "grad_w")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_persistent_tensor_cores_bf16(cell, monkeypatch):
+    """RIMS_FAST_CUDA_FWD=persistent with RIMS_FAST_CUDA_MMA=1: the persistent kernels' weight
+    products on tensor cores, one launch per layer-step, bfloat16, against brim_ref in float64
+    under the kernels' masks: every layer's output (TOL[bfloat16]); the backward runs."""
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "persistent")
+    monkeypatch.setenv("RIMS_FAST_CUDA_MMA", "1")
+    from rims_fast._backend import unavailable_reason
+    why = unavailable_reason("cuda", torch.device("cuda"), torch.bfloat16)
+    if why is not None:
+        pytest.skip(why)
+    brim = make_brim(cell=cell, backend="cuda", dtype=torch.bfloat16).cuda()
+    x = torch.randn(4, 3, 2, 5, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    xb = x.bfloat16().requires_grad_(True)
+    out, _, masks = brim(xb, return_masks=True)
+    assert brim.last_backend == "cuda"
+    P64 = [{n: p.detach().double() for n, p in layer.named_parameters()} for layer in brim.layers]
+    states = [(torch.zeros(3, c.num_units, c.hidden_size, dtype=torch.float64, device="cuda"),
+               torch.zeros(3, c.num_units, c.hidden_size, dtype=torch.float64, device="cuda")
+               if c.cell == "lstm" else None) for c in brim.configs]
+    outs, _, _ = rims_fast.brim_ref(x.bfloat16().double(), states, P64, brim.configs,
+                                    masks=masks)
+    assert_close("out", out, outs[-1], torch.bfloat16)
+    out.float().square().sum().backward()
+    assert torch.isfinite(xb.grad).all()

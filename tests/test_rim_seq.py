@@ -306,32 +306,34 @@ class TestCUDA:
             rs.rim_seq(x.cuda(), h0.cuda(), c0.cuda(), {n: v.cuda() for n, v in P.items()},
                        rim.config, mma=True)
 
-    def test_cuda_graph_capture(self):
+    @pytest.mark.parametrize("dtype,mma", [(torch.float32, False), (torch.bfloat16, True)],
+                             ids=["f32", "bf16-tensor_cores"])
+    def test_cuda_graph_capture(self, dtype, mma):
         """The persistent forward has no host sync: a captured CUDA graph of it replays to the
         eager result, also after new inputs are copied into the captured buffers."""
         torch.manual_seed(0)
-        rim = rims_fast.RIM(64, 100, 6, 4, device="cuda")
+        rim = rims_fast.RIM(64, 100, 6, 4, device="cuda", dtype=dtype)
         P = {n: p.detach() for n, p in rim.named_parameters()}
-        x = torch.randn(20, 64, 1, 64, device="cuda")
-        h0 = torch.randn(64, 6, 100, device="cuda")
-        c0 = torch.randn(64, 6, 100, device="cuda")
+        x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype)
+        h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
+        c0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
         with torch.no_grad():
-            eager = rs.rim_seq(x, h0, c0, P, rim.config)
+            eager = rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                rs.rim_seq(x, h0, c0, P, rim.config)  # warm-up outside capture
+                rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)  # warm-up outside capture
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                captured = rs.rim_seq(x, h0, c0, P, rim.config)
+                captured = rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)
             graph.replay()
             for a, b in zip(captured, eager):
                 assert torch.equal(a, b)
             x2 = torch.randn_like(x)
             x.copy_(x2)
             graph.replay()
-            again = rs.rim_seq(x2, h0, c0, P, rim.config)
+            again = rs.rim_seq(x2, h0, c0, P, rim.config, mma=mma)
             for a, b in zip(captured, again):
                 assert torch.equal(a, b)
 

@@ -511,3 +511,30 @@ def test_xw_chunks_equal_one_chunk(monkeypatch):
     for steps in (1, 2):
         for a, b in zip(res[steps], res[5]):
             assert torch.equal(a, b), steps
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bwd_kernels_xw_chunks_equal_one_chunk(monkeypatch, cell):
+    """With the backward kernels the forward makes XW chunk by chunk too and the backward
+    recomputes it chunk by chunk in reverse (XW is not saved): chunks of 1 and 2 steps give
+    bit-identical outputs and gradients to one chunk of all steps."""
+    monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+    rim = make_rim(seed=2, dtype=torch.float64, cell=cell, input_heads=2, comm_heads=2)
+    cfg = rim.config
+    pk = {n: p.detach().float().to(DEV) for n, p in rim.named_parameters()}
+    x, h0, c0 = _inputs(rim, 5, 3, 2, torch.float32, False, False)
+    w = _loss_weights(5, 3, cfg.num_units, cfg.hidden_size)
+    per_step = 4 * 3 * cfg.num_units * cfg.input_heads * 2 * cfg.gates * cfg.hidden_size
+    res = {}
+    for steps in (1, 2, 5):
+        monkeypatch.setattr(rt, "XW_CHUNK_BYTES", steps * per_step)
+        assert len(rt._chunks(5, 3, 2, cfg)) == -(-5 // steps)
+        res[steps] = _run(rt.rim_triton, x.to(DEV), h0.to(DEV),
+                          None if c0 is None else c0.to(DEV), pk, cfg, w)
+    for steps in (1, 2):
+        vals, grads, masks = res[steps]
+        assert torch.equal(masks, res[5][2])
+        for name, v in vals.items():
+            assert v is None or torch.equal(v, res[5][0][name]), (steps, name)
+        for name, g in grads.items():
+            assert torch.equal(g, res[5][1][name]), (steps, name)

@@ -116,7 +116,7 @@ def _rim_comm_bwd_kernel(
                  + offs_d[None, :], dq, mask=b_ok[:, None] & (offs_d[None, :] < DC))
 
 
-@triton.jit(do_not_specialize=["t", "seed_in", "seed_c"])
+@triton.jit(do_not_specialize=["t", "t_xw", "seed_in", "seed_c"])
 def _rim_cell_bwd_kernel(
     dh_ptr, dc_ptr,          # (B, K, H) float32 carried gradients of h_t, c_t; overwritten with
                              # those of h_{t-1}, c_{t-1} (dc unused for GRU)
@@ -127,7 +127,7 @@ def _rim_cell_bwd_kernel(
                              # GW = 4H; GRU gi(r|z|n) | gh(r|z|n), GW = 6H)
     a_ptr,                   # (T, B, K, NI, M) float32 saved undropped input probs
     keys_ptr,                # (T, B, M, NI*DK) float32 input keys
-    xw_ptr,                  # (T, B, K, NI, M, G*H) float32 folded input term
+    xw_ptr,                  # (T', B, K, NI, M, G*H) float32 folded input term (step t at t_xw)
     qc_ptr,                  # (T, B, K, NC*DC) saved Q
     bp_ptr,                  # (T, B, K, NC, K) saved undropped communication probs
     do_ptr, ds_ptr,          # workspaces of _rim_comm_bwd_kernel (this step)
@@ -138,7 +138,7 @@ def _rim_cell_bwd_kernel(
     dg_ptr,                  # out: (T, B, K, GW) gate gradients (0 for inactive)
     dqi_ptr,                 # out: (T, B, K, NI*DK) input query gradients (0 for inactive)
     dsi_ptr,                 # out: (T, B, K, NI, M) input score gradients * scale (0 inactive)
-    B, M, t, seed_in, seed_c, p_in, p_c, scale_in,
+    B, M, t, t_xw, seed_in, seed_c, p_in, p_c, scale_in,
     K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, DK: tl.constexpr, NC: tl.constexpr,
     DC: tl.constexpr, DCV: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
     IS_LSTM: tl.constexpr, BLOCK_INACTIVE: tl.constexpr, HAS_GOUT: tl.constexpr, DROP_IN: tl.constexpr,
@@ -258,7 +258,7 @@ def _rim_cell_bwd_kernel(
 
     # 1. Input attention backward: d a~ = dgi . XW, dropout, null softmax, dq -> dh_{t-1}.
     keys_t = keys_ptr + t64 * B * M * (NI * DK)
-    xw_t = xw_ptr + t64 * B * K * NI * M * (G * H)
+    xw_t = xw_ptr + t_xw.to(tl.int64) * B * K * NI * M * (G * H)
     m_ok = b_ok[:, None] & (offs_m[None, :] < M)
     for n in tl.static_range(NI):
         base = ((offs_b[:, None, None] * K + j) * NI + n) * M
@@ -307,14 +307,16 @@ def rim_comm_bwd(dh, masks, qc, kc, vc, bp, co, dhp, do, ds, dq, *, t, K, H, NC,
 
 def rim_cell_bwd(dh, dc, gout, masks, hs, cs, gates, a, keys, xw, qc, bp, do, ds, dqc, wq, whh,
                  cq, ck, cv, dkc, dvc, dg, dqi, dsi, *, t, M, K, H, NI, DK, NC, DC, DCV, lstm,
-                 block_inactive_grad, has_gout, seed, p_in, p_c, prec):
+                 block_inactive_grad, has_gout, seed, p_in, p_c, prec, t_xw=None):
     """Launch :func:`_rim_cell_bwd_kernel` for step ``t`` (all tensors contiguous). ``has_gout``:
-    add ``gout[t-1]`` (the gradient of ``out[t-1] = h_{t-1}``) to the new ``dh``."""
+    add ``gout[t-1]`` (the gradient of ``out[t-1] = h_{t-1}``) to the new ``dh``. ``xw`` holds
+    step ``t`` at index ``t_xw`` (default ``t``: all steps; a chunk of steps otherwise)."""
     B = dh.shape[0]
     grid = (triton.cdiv(B, BLOCK_B), K)
     _rim_cell_bwd_kernel[grid](
         dh, dc, gout, masks, hs, cs, gates, a, keys, xw, qc, bp, do, ds, dqc, wq, whh, cq, ck, cv,
-        dkc, dvc, dg, dqi, dsi, B, M, t, seed, seed + 1, float(p_in), float(p_c), 1.0 / DK ** 0.5,
+        dkc, dvc, dg, dqi, dsi, B, M, t, t if t_xw is None else t_xw, seed, seed + 1, float(p_in),
+        float(p_c), 1.0 / DK ** 0.5,
         K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC, DCV=DCV, G=4 if lstm else 3,
         GW=(4 if lstm else 6) * H, IS_LSTM=lstm,
         BLOCK_INACTIVE=bool(block_inactive_grad), HAS_GOUT=bool(has_gout), DROP_IN=p_in > 0,
