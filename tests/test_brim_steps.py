@@ -89,6 +89,29 @@ def test_dropout_replays_in_reference(cell, impl):
     assert (plain[0][-1] - got[0][-1]).abs().max() > 1e-3, "dropout had no effect"
 
 
+@pytest.mark.skipif(_NO_SEQ is not None, reason=f"rim_seq ops not built: {_NO_SEQ}")
+@pytest.mark.parametrize("training", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_seq_tensor_cores(cell, training, monkeypatch):
+    """The persistent kernels' tensor-core path (RIMS_FAST_CUDA_MMA's tiling, forced on in the
+    host runs) per layer-step — per-head values, T = 1 calls, L = 3 — against the float64
+    reference: outputs, states, every gradient, dropout replayed."""
+    calls = []
+
+    def forced(device, dtype):
+        calls.append(dtype)
+        return True
+
+    monkeypatch.setattr(brim_seq, "mma_mode", forced)
+    kw = dict(cell=cell, input_dropout=0.3 if training else 0.0,
+              comm_dropout=0.4 if training else 0.0)
+    brim = make_brim(**kw)
+    x = torch.randn(3, 3, 2, 5, dtype=torch.float64)
+    _compare(brim, x, brim_states(brim, 3), torch.float64, training=training,
+             impl=brim_seq.brim_seq, **kw)
+    assert len(calls) == 3 * 3  # every layer-step took the tensor-core path
+
+
 def test_dropout_reproducible_under_manual_seed():
     brim = make_brim(input_dropout=0.5, comm_dropout=0.5, backend="cpu").train()
     x = torch.randn(3, 2, 5, dtype=torch.float64)
