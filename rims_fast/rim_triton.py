@@ -221,6 +221,7 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     prec = _dot_precision(dtype)
     if save:  # XW in chunks here too: the backward recomputes it chunk by chunk (not saved)
         for t0, t1 in _chunks(T, B, M, cfg):
+            xw = None  # the previous chunk freed before the next is made
             xw = _xw(xc[t0:t1], fold)
             for t in range(t0, t1):
                 _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs,
@@ -382,7 +383,8 @@ _GRAPHS_MAX = 8  # captured forwards kept (each holds its buffers); least recent
 def _graph_forward(x, xc, h0, c0, p, cfg) -> tuple[Tensor, ...]:
     lstm = cfg.cell == "lstm"
     prec = _dot_precision(x.dtype)
-    key = (tuple(x.shape), x.dtype, x.device, cfg, prec,
+    # The captured float32 GEMMs (keys, fold, XW) follow the TF32 setting of capture time.
+    key = (tuple(x.shape), x.dtype, x.device, cfg, prec, torch.backends.cuda.matmul.allow_tf32,
            tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in p.items()))
     cap = _GRAPHS.get(key)
     if cap is None:
@@ -508,11 +510,12 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
     d_qi = torch.empty(T, B, K, NI * DK, **f32)
     d_si = torch.empty(T, B, K, NI, M, **f32)
     # XW again, chunk by chunk in reverse (the forward's chunks and arithmetic: bit-identical).
-    xc, fold = x.to(ct), _fold(p, cfg, ct, rnd)
+    xc, fold = x.contiguous().to(ct), _fold(p, cfg, ct, rnd)  # as the forward made them
     chunks, xw, t0 = _chunks(T, B, M, cfg), None, T
     for t in reversed(range(T)):
         if t < t0:
             t0, t1 = next((a, b) for a, b in chunks if a <= t < b)
+            xw = None  # the previous chunk freed before the next is made
             xw = _xw(xc[t0:t1], fold)
         _kb.rim_comm_bwd(dh, m8, qcs, kcs, vcs, bps, p["comm_output"], d_hp, do_ws, ds_ws, d_qc,
                          t=t, K=K, H=H, NC=NC, DC=DC, DCV=DCV, seed=seed + 1, p_drop=drop_c,
