@@ -178,7 +178,9 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // The tensor-core path's sizes (RimSeqDims::mk ... ma) and its zero-padded operands in the
 // storage type (rounding the fold F to it): per mechanism the gates' [F ; weight_hh] (mk, mn),
-// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo).
+// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo). LSTM gate columns are
+// interleaved by hidden unit (4 j + q for gate q of unit j), so that a warp's 32 columns hold
+// whole units and its epilogue runs the cell (rim_seq_fwd_tile).
 std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
                                         const at::Tensor& whh, const at::Tensor& cq,
                                         const at::Tensor& ck, const at::Tensor& cv,
@@ -194,9 +196,13 @@ std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
   d.mo = round_up(d.H, kMmaN);
   d.ma = std::max(d.mk, d.mv);
   const auto opt = whh.options();
+  auto cols = [&](const at::Tensor& w) {  // (K, rows, 4H) gate-major -> unit-major
+    if (!d.lstm) return w;
+    return w.reshape({d.K, w.size(1), 4, d.H}).transpose(2, 3).reshape({d.K, w.size(1), d.GH});
+  };
   at::Tensor g = at::zeros({d.K, d.mk, d.mn}, opt);
-  g.narrow(1, 0, XW).narrow(2, 0, d.GH).copy_(w_x.reshape({d.K, XW, d.GH}));
-  g.narrow(1, d.mxw, d.H).narrow(2, d.lstm ? 0 : d.GH, d.GH).copy_(whh);
+  g.narrow(1, 0, XW).narrow(2, 0, d.GH).copy_(cols(w_x.reshape({d.K, XW, d.GH})));
+  g.narrow(1, d.mxw, d.H).narrow(2, d.lstm ? 0 : d.GH, d.GH).copy_(cols(whh));
   at::Tensor qkv = at::zeros({d.K, d.mh, d.mq}, opt);
   qkv.narrow(1, 0, d.H).narrow(2, 0, C3).copy_(at::cat({cq, ck, cv}, -1));
   at::Tensor out = at::zeros({d.K, d.mv, d.mo}, opt);
@@ -314,7 +320,7 @@ SeqFwdResult rim_seq_fwd_cpu(
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems =
         rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                           d.lstm) +
+                           d.lstm, d.mma && d.lstm) +
         (d.mma ? mma_smem_elems(d.K, d.S, d.ma, bytes, bytes) : 0);
     // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
     at::Tensor smem = at::empty({elems}, h0.options());

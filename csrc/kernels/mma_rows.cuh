@@ -67,9 +67,12 @@ RIMS_HD void mma_pack(const Exec& ex, int K, int S, int S_l, int kd, T* A, const
 #endif
 // The products (header comment). W: (K, kd, n) zero-padded, kd a multiple of 16 and n of 32, so
 // every fragment pointer is 256-bit aligned; A as packed by mma_pack with the same kd.
-template <typename T, typename C, class Exec, class Out>
-RIMS_HD void mma_rows(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S, int S_l,
-                      const T* W, int kd, int n, int n_valid, const Out& out) {
+// The products as tiles: tile(k, n0, st, lane, lanes) gets each warp's 8 x 32 result tile (columns
+// n0..n0+31 of mechanism k, row-major in the warp's staging area st) and runs with the warp's
+// lanes (host: one lane), which must split the tile's work between them.
+template <typename T, typename C, class Exec, class Tile>
+RIMS_HD void mma_tiles(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S_l, const T* W,
+                       int kd, int n, const Tile& tile) {
   const int ntile = n / kMmaN;
   ex.warp_for(K * ntile, [&](int i, int warp, int lane, int lanes) {
     const int k = i / ntile, n0 = (i % ntile) * kMmaN;
@@ -83,11 +86,24 @@ RIMS_HD void mma_rows(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S, int
     C* st = sm.stage + warp * kMmaM * kMmaN;
     t.store(st, kMmaN);
     ex.syncwarp();
+    tile(k, n0, static_cast<const C*>(st), lane, lanes);
+    ex.syncwarp();  // the stage is rewritten by this warp's next item
+  });
+}
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+// The products element by element: out(s, k, col, v) for the tile's samples s < S and columns
+// col < n_valid.
+template <typename T, typename C, class Exec, class Out>
+RIMS_HD void mma_rows(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S, int S_l,
+                      const T* W, int kd, int n, int n_valid, const Out& out) {
+  mma_tiles(ex, sm, K, S_l, W, kd, n, [&](int k, int n0, const C* st, int lane, int lanes) {
     for (int e = lane; e < kMmaM * kMmaN; e += lanes) {
       const int s = e / kMmaN, col = n0 + e % kMmaN;
       if (s < S && col < n_valid) out(s, k, col, st[e]);
     }
-    ex.syncwarp();  // the stage is rewritten by this warp's next item
   });
 }
 

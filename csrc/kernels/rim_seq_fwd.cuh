@@ -85,11 +85,12 @@ struct RimSeqFwdParams : RimSeqDims {
 };
 
 // Compute-type elements of shared memory for one tile (the launcher sizes it with this; the
-// tensor-core path adds mma_smem_elems in front).
+// tensor-core path adds mma_smem_elems in front). no_gates: the tensor-core LSTM runs the cell in
+// the gate product's epilogue and keeps no gate array.
 RIMS_HD int64_t rim_seq_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                    int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck,
-                                   int64_t cv, bool lstm) {
-  const int64_t GW = lstm ? GH : 2 * GH;
+                                   int64_t cv, bool lstm, bool no_gates = false) {
+  const int64_t GW = no_gates ? 0 : lstm ? GH : 2 * GH;
   const int64_t per_sample = K * (H * (lstm ? 3 : 2)  // h, (c), h~
                                   + nk + n_in * M + 1 + 1  // q, a, p, active
                                   + n_in * Dx + GW + 2 * ck + cv + n_c * K + cv);
@@ -102,7 +103,7 @@ struct RimSeqSmem {
   C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *qkv, *bp, *o;
   RIMS_HD RimSeqSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                      int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
-                     bool lstm) {
+                     bool lstm, bool no_gates = false) {
     const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
@@ -114,7 +115,7 @@ struct RimSeqSmem {
     p = take(R);
     act = take(R);
     xa = take(R * n_in * Dx);
-    g = take(R * GW);
+    g = no_gates ? nullptr : take(R * GW);
     qkv = take(R * (2 * ck + cv));
     bp = take(R * n_c * K);
     o = take(R * cv);
@@ -162,7 +163,9 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
   const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ma, sizeof(T), sizeof(C)) : 0;
   const MmaSmem<C, T> ms(smem);  // used only when MMA
-  RimSeqSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+  const bool fused_cell = MMA && p.lstm;  // the LSTM cell in the gate product's epilogue
+  RimSeqSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm,
+                   fused_cell);
   const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
   const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
@@ -288,20 +291,60 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         if (j < XW) return sm.xa[r * XW + j];
         return j >= mxw && j - mxw < H ? sm.h[r * H + (j - mxw)] : C(0);
       });
-      mma_rows(ex, ms, K, S, S_l, p.w_mma, mk, mn, GW, [&](int s, int k, int col, C v) {
-        const int r = s * K + k;
-        C g = C(0);  // inactive rows: no gates, saved as zeros
-        if (sm.act[r] != C(0)) {
-          const int gc = col < GH ? col : col - GH;
-          g = p.lstm ? v + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]))
-                     : v + to_c(col < GH ? p.b_ih[k * GH + gc] : p.b_hh[k * GH + gc]);
-          sm.g[r * GW + col] = g;
-        }
-        if (save) sv(p.sv_g, t, r, GW)[col] = g;
-      });
+      if (fused_cell) {
+        // LSTM: p.w_mma's columns are interleaved by hidden unit (4 j + q for gate q of unit j),
+        // so a warp's tile holds 8 units' four gates and its lanes run the cell (3c) on them:
+        // biases, saving, active rows step, inactive rows copy. No gate array.
+        mma_tiles(ex, ms, K, S_l, p.w_mma, mk, mn, [&](int k, int n0, const C* st, int lane,
+                                                      int lanes) {
+          constexpr int kUnits = kMmaN / 4;
+          for (int e = lane; e < kMmaM * kUnits; e += lanes) {
+            const int s = e / kUnits, j = n0 / 4 + e % kUnits;
+            if (s >= S || j >= H) continue;
+            const int r = s * K + k, i = r * H + j;
+            const C* acc = st + s * kMmaN + 4 * (e % kUnits);  // gates i, f, g, o of unit j
+            if (save) {
+              sv(p.sv_h, t, r, H)[j] = sm.h[i];
+              sv(p.sv_c, t, r, H)[j] = sm.c[i];
+            }
+            if (sm.act[r] == C(0)) {
+              sm.ht[i] = sm.h[i];
+              if (save) {
+                sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
+                for (int q = 0; q < 4; ++q) sv(p.sv_g, t, r, GW)[q * H + j] = C(0);
+              }
+              continue;
+            }
+            C g[4];
+            for (int q = 0; q < 4; ++q) {
+              const int col = q * H + j;
+              g[q] = acc[q] + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]));
+              if (save) sv(p.sv_g, t, r, GW)[col] = g[q];
+            }
+            C hn, cn;
+            lstm_pointwise_fwd(g[0], g[1], g[2], g[3], sm.c[i], hn, cn);
+            sm.ht[i] = hn;
+            sm.c[i] = cn;
+            if (save) sv(p.sv_ht, t, r, H)[j] = hn;
+          }
+        });
+      } else {
+        mma_rows(ex, ms, K, S, S_l, p.w_mma, mk, mn, GW, [&](int s, int k, int col, C v) {
+          const int r = s * K + k;
+          C g = C(0);  // inactive rows: no gates, saved as zeros
+          if (sm.act[r] != C(0)) {
+            const int gc = col < GH ? col : col - GH;
+            g = p.lstm ? v + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]))
+                       : v + to_c(col < GH ? p.b_ih[k * GH + gc] : p.b_hh[k * GH + gc]);
+            sm.g[r * GW + col] = g;
+          }
+          if (save) sv(p.sv_g, t, r, GW)[col] = g;
+        });
+      }
     }
-    // 3c. Masked cell: active rows step, inactive rows copy (bit-exact).
-    ex.parallel_for(S * K * H, [&](int i) {
+    // 3c. Masked cell: active rows step, inactive rows copy (bit-exact). (Fused into 3b's
+    // epilogue on the tensor-core LSTM path.)
+    if (!fused_cell) ex.parallel_for(S * K * H, [&](int i) {
       const int r = i / H, j = i % H;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
