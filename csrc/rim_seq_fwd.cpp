@@ -178,31 +178,35 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // The tensor-core path's sizes (RimSeqDims::mk ... ma) and its zero-padded operands in the
 // storage type (rounding the fold F to it): per mechanism the gates' [F ; weight_hh] (mk, mn),
-// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo). LSTM gate columns are
-// interleaved by hidden unit (4 j + q for gate q of unit j), so that a warp's 32 columns hold
-// whole units and its epilogue runs the cell (rim_seq_fwd_tile).
+// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo). The gate columns are
+// interleaved by hidden unit, U per unit (LSTM 4: i f g o; GRU 8: r z n from F, r z n from
+// weight_hh, 2 zero), so that a warp's 32 columns hold whole units and its epilogue runs the cell
+// (rim_seq_fwd_tile).
 std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
                                         const at::Tensor& whh, const at::Tensor& cq,
                                         const at::Tensor& ck, const at::Tensor& cv,
                                         const at::Tensor& co) {
-  const int64_t XW = d.n_in * d.Dx, GW = d.lstm ? d.GH : 2 * d.GH, C3 = 2 * d.ck + d.cv;
+  const int64_t XW = d.n_in * d.Dx, C3 = 2 * d.ck + d.cv, U = d.lstm ? 4 : 8;
   d.mma = true;
   d.mxw = round_up(XW, kMmaK);
   d.mh = round_up(d.H, kMmaK);
   d.mk = d.mxw + d.mh;
   d.mv = round_up(d.cv, kMmaK);
-  d.mn = round_up(GW, kMmaN);
+  d.mn = round_up(U * d.H, kMmaN);
   d.mq = round_up(C3, kMmaN);
   d.mo = round_up(d.H, kMmaN);
   d.ma = std::max(d.mk, d.mv);
   const auto opt = whh.options();
-  auto cols = [&](const at::Tensor& w) {  // (K, rows, 4H) gate-major -> unit-major
-    if (!d.lstm) return w;
-    return w.reshape({d.K, w.size(1), 4, d.H}).transpose(2, 3).reshape({d.K, w.size(1), d.GH});
-  };
   at::Tensor g = at::zeros({d.K, d.mk, d.mn}, opt);
-  g.narrow(1, 0, XW).narrow(2, 0, d.GH).copy_(cols(w_x.reshape({d.K, XW, d.GH})));
-  g.narrow(1, d.mxw, d.H).narrow(2, d.lstm ? 0 : d.GH, d.GH).copy_(cols(whh));
+  at::Tensor slots = g.narrow(2, 0, U * d.H).view({d.K, d.mk, d.H, U});
+  // w (K, rows, G H), gate-major: gate q of unit j at slot q0 + q of unit j, rows from row0.
+  auto put = [&](const at::Tensor& w, int64_t row0, int64_t q0) {
+    const int64_t rows = w.size(1), G = w.size(2) / d.H;
+    slots.narrow(1, row0, rows).narrow(3, q0, G).copy_(
+        w.reshape({d.K, rows, G, d.H}).transpose(2, 3));
+  };
+  put(w_x.reshape({d.K, XW, d.GH}), 0, 0);
+  put(whh, d.mxw, d.lstm ? 0 : 3);
   at::Tensor qkv = at::zeros({d.K, d.mh, d.mq}, opt);
   qkv.narrow(1, 0, d.H).narrow(2, 0, C3).copy_(at::cat({cq, ck, cv}, -1));
   at::Tensor out = at::zeros({d.K, d.mv, d.mo}, opt);
@@ -320,7 +324,7 @@ SeqFwdResult rim_seq_fwd_cpu(
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems =
         rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                           d.lstm, d.mma && d.lstm) +
+                           d.lstm, d.mma) +
         (d.mma ? mma_smem_elems(d.K, d.S, d.ma, bytes, bytes) : 0);
     // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
     at::Tensor smem = at::empty({elems}, h0.options());

@@ -146,7 +146,7 @@ SeqFwdResult rim_seq_fwd_cuda(
     constexpr int64_t cb = sizeof(C), tb = sizeof(T);
     auto bytes = [&](int64_t s) {
       return (rim_seq_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                                 d.lstm, d.mma && d.lstm) +
+                                 d.lstm, d.mma) +
               (d.mma ? mma_smem_elems(d.K, s, d.ma, tb, cb) : 0)) * cb;
     };
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);

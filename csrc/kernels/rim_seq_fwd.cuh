@@ -85,7 +85,7 @@ struct RimSeqFwdParams : RimSeqDims {
 };
 
 // Compute-type elements of shared memory for one tile (the launcher sizes it with this; the
-// tensor-core path adds mma_smem_elems in front). no_gates: the tensor-core LSTM runs the cell in
+// tensor-core path adds mma_smem_elems in front). no_gates: the tensor-core path runs the cell in
 // the gate product's epilogue and keeps no gate array.
 RIMS_HD int64_t rim_seq_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                    int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck,
@@ -163,9 +163,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
   const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ma, sizeof(T), sizeof(C)) : 0;
   const MmaSmem<C, T> ms(smem);  // used only when MMA
-  const bool fused_cell = MMA && p.lstm;  // the LSTM cell in the gate product's epilogue
-  RimSeqSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm,
-                   fused_cell);
+  // MMA: the cell runs in the gate product's epilogue, no gate array.
+  RimSeqSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm, MMA);
   const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
   const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
@@ -291,60 +290,53 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         if (j < XW) return sm.xa[r * XW + j];
         return j >= mxw && j - mxw < H ? sm.h[r * H + (j - mxw)] : C(0);
       });
-      if (fused_cell) {
-        // LSTM: p.w_mma's columns are interleaved by hidden unit (4 j + q for gate q of unit j),
-        // so a warp's tile holds 8 units' four gates and its lanes run the cell (3c) on them:
-        // biases, saving, active rows step, inactive rows copy. No gate array.
-        mma_tiles(ex, ms, K, S_l, p.w_mma, mk, mn, [&](int k, int n0, const C* st, int lane,
-                                                      int lanes) {
-          constexpr int kUnits = kMmaN / 4;
-          for (int e = lane; e < kMmaM * kUnits; e += lanes) {
-            const int s = e / kUnits, j = n0 / 4 + e % kUnits;
-            if (s >= S || j >= H) continue;
-            const int r = s * K + k, i = r * H + j;
-            const C* acc = st + s * kMmaN + 4 * (e % kUnits);  // gates i, f, g, o of unit j
+      // p.w_mma's columns are interleaved by hidden unit: U columns per unit, its gates at
+      // slots q < NG (LSTM: U = 4, i f g o; GRU: U = 8, r z n of gi then of gh, 2 zero slots),
+      // so a warp's tile holds 32 / U whole units and its lanes run the cell (3c) on them:
+      // biases, saving, active rows step, inactive rows copy. No gate array.
+      const int U = p.lstm ? 4 : 8, NG = p.lstm ? 4 : 6, units = kMmaN / U;
+      mma_tiles(ex, ms, K, S_l, p.w_mma, mk, mn, [&](int k, int n0, const C* st, int lane,
+                                                    int lanes) {
+        for (int e = lane; e < kMmaM * units; e += lanes) {
+          const int s = e / units, j = n0 / U + e % units;
+          if (s >= S || j >= H) continue;
+          const int r = s * K + k, i = r * H + j;
+          const C* acc = st + s * kMmaN + U * (e % units);  // unit j's gate slots
+          if (save) {
+            sv(p.sv_h, t, r, H)[j] = sm.h[i];
+            if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
+          }
+          // Saved gates in their natural layout: gate q of unit j at q H + j (GRU: gh at GH).
+          if (sm.act[r] == C(0)) {
+            sm.ht[i] = sm.h[i];
             if (save) {
-              sv(p.sv_h, t, r, H)[j] = sm.h[i];
-              sv(p.sv_c, t, r, H)[j] = sm.c[i];
+              sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
+              for (int q = 0; q < NG; ++q) sv(p.sv_g, t, r, GW)[q * H + j] = C(0);
             }
-            if (sm.act[r] == C(0)) {
-              sm.ht[i] = sm.h[i];
-              if (save) {
-                sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
-                for (int q = 0; q < 4; ++q) sv(p.sv_g, t, r, GW)[q * H + j] = C(0);
-              }
-              continue;
-            }
-            C g[4];
-            for (int q = 0; q < 4; ++q) {
-              const int col = q * H + j;
-              g[q] = acc[q] + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]));
-              if (save) sv(p.sv_g, t, r, GW)[col] = g[q];
-            }
+            continue;
+          }
+          C g[6];
+          for (int q = 0; q < NG; ++q) {
+            const int col = q * H + j;
+            g[q] = acc[q] + (p.lstm ? to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col])
+                             : to_c(q < 3 ? p.b_ih[k * GH + col] : p.b_hh[k * GH + col - GH]));
+            if (save) sv(p.sv_g, t, r, GW)[col] = g[q];
+          }
+          if (p.lstm) {
             C hn, cn;
             lstm_pointwise_fwd(g[0], g[1], g[2], g[3], sm.c[i], hn, cn);
             sm.ht[i] = hn;
             sm.c[i] = cn;
-            if (save) sv(p.sv_ht, t, r, H)[j] = hn;
+          } else {
+            sm.ht[i] = gru_pointwise_fwd(g[0], g[1], g[2], g[3], g[4], g[5], sm.h[i]);
           }
-        });
-      } else {
-        mma_rows(ex, ms, K, S, S_l, p.w_mma, mk, mn, GW, [&](int s, int k, int col, C v) {
-          const int r = s * K + k;
-          C g = C(0);  // inactive rows: no gates, saved as zeros
-          if (sm.act[r] != C(0)) {
-            const int gc = col < GH ? col : col - GH;
-            g = p.lstm ? v + (to_c(p.b_ih[k * GH + col]) + to_c(p.b_hh[k * GH + col]))
-                       : v + to_c(col < GH ? p.b_ih[k * GH + gc] : p.b_hh[k * GH + gc]);
-            sm.g[r * GW + col] = g;
-          }
-          if (save) sv(p.sv_g, t, r, GW)[col] = g;
-        });
-      }
+          if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
+        }
+      });
     }
     // 3c. Masked cell: active rows step, inactive rows copy (bit-exact). (Fused into 3b's
-    // epilogue on the tensor-core LSTM path.)
-    if (!fused_cell) ex.parallel_for(S * K * H, [&](int i) {
+    // epilogue on the tensor-core path.)
+    if constexpr (!MMA) ex.parallel_for(S * K * H, [&](int i) {
       const int r = i / H, j = i % H;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
