@@ -33,10 +33,14 @@ RIMS_HD int64_t mma_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m;
 
 // Compute-type elements of the tensor-core scratch: the warps' staging tiles, then the operand
 // tile of (K S_l + 8 - S_l) rows of width ma in the storage type (op_bytes per element).
+// Rows of the operand tile: K mechanisms of S_l rows, plus the 8 - S_l that the last
+// mechanism's fragments read past its own.
+RIMS_HD int64_t mma_operand_rows(int64_t K, int64_t S_l) { return K * S_l + kMmaM - S_l; }
+
 RIMS_HD int64_t mma_smem_elems(int64_t K, int64_t S_l, int64_t ma, int64_t op_bytes,
                                int64_t c_bytes) {
-  const int64_t rows = K * S_l + kMmaM - S_l;
-  return kSeqWarps * kMmaM * kMmaN + (rows * ma * op_bytes + c_bytes - 1) / c_bytes;
+  return kSeqWarps * kMmaM * kMmaN +
+         (mma_operand_rows(K, S_l) * ma * op_bytes + c_bytes - 1) / c_bytes;
 }
 
 // The scratch carved from the start of a kernel's shared memory (256-bit aligned there; the
@@ -48,6 +52,16 @@ struct MmaSmem {
   RIMS_HD explicit MmaSmem(C* base)
       : stage(base), aop(reinterpret_cast<T*>(base + kSeqWarps * kMmaM * kMmaN)) {}
 };
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+// Zeroes the operand tile once per kernel: rows no pack writes (past the last tile's S) feed only
+// discarded outputs, but zeros keep every run's tile deterministic.
+template <typename C, typename T, class Exec>
+RIMS_HD void mma_clear(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S_l, int ma) {
+  ex.parallel_for(int(mma_operand_rows(K, S_l)) * ma, [&](int i) { from_c(C(0), sm.aop + i); });
+}
 
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable

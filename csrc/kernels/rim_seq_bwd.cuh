@@ -117,10 +117,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const int S_l = int(p.S), bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
   const int bo = int(p.bo), bh2 = int(p.bh2), bx = int(p.bx);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
-  if constexpr (MMA) {  // rows no pack writes feed only discarded outputs; zeroed for hygiene
-    const int rows = K * S_l + kMmaM - S_l, ba = int(p.ba);
-    ex.parallel_for(rows * ba, [&](int i) { from_c(C(0), ms.aop + i); });
-  }
+  if constexpr (MMA) mma_clear(ex, ms, K, S_l, int(p.ba));
   // Row r = s*K + k of the tile at step t in a (T, B, K, width) tensor.
   auto at = [&](const void* base, int64_t t, int64_t r, int64_t width) {
     return static_cast<const C*>(base) + ((t * B + b0) * K + r) * width;

@@ -168,10 +168,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
   const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
-  if constexpr (MMA) {  // rows no pack writes feed only discarded outputs; zeroed for hygiene
-    const int rows = K * S_l + kMmaM - S_l, ma = int(p.ma);
-    ex.parallel_for(rows * ma, [&](int i) { from_c(C(0), ms.aop + i); });
-  }
+  if constexpr (MMA) mma_clear(ex, ms, K, S_l, int(p.ma));
 
   // The initial state, converted to the compute type.
   ex.parallel_for(S * K * H, [&](int i) {
