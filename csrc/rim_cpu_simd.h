@@ -23,9 +23,11 @@ namespace rims {
 #ifdef RIMS_HAVE_AVX2_PATH
 #define RIMS_AVX2 __attribute__((target("avx2,fma")))
 
+// The clamp's operand order matters: x86 min/max return their second operand when either is NaN,
+// so x goes second and a NaN argument stays NaN (README: NaN propagates) instead of clamping.
 RIMS_AVX2 inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365478515625f)),
-                    _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f),
+                    _mm256_max_ps(_mm256_set1_ps(-87.3365478515625f), x));
   const __m256 fx = _mm256_floor_ps(
       _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -161,9 +163,9 @@ RIMS_AVX2 inline int64_t lstm_row_bwd_avx2(const float* dh, float* dc, const flo
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define RIMS_AVX512 __attribute__((target("avx512f,avx2,fma")))
-RIMS_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365478515625f)),
-                    _mm512_set1_ps(88.3762626647949f));
+RIMS_AVX512 inline __m512 exp512(__m512 x) {  // NaN-preserving clamp: see exp256
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f),
+                    _mm512_max_ps(_mm512_set1_ps(-87.3365478515625f), x));
   const __m512 fx = _mm512_roundscale_ps(
       _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);

@@ -190,6 +190,34 @@ def test_module_backend_cpu_and_auto():
     assert rim.last_backend == "cpu"
 
 
+@pytest.mark.parametrize("where", ["x", "h0", "weight_hh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_nan_propagates(cell, dtype, where, input_path):
+    """README's NaN policy: a NaN in the input, the state or a parameter reaches the outputs
+    and the gradients, as on the reference (the float32 drivers' vector exp once clamped NaN to
+    a finite value: a diverged run then looked healthy)."""
+    rim = make_rim(cell=cell, dtype=dtype, backend="cpu", hidden_size=16)  # the SIMD row widths
+    x = torch.randn(4, 3, 5, dtype=dtype)
+    h0, c0 = random_state(rim, 3, dtype=dtype) if cell == "lstm" else (
+        random_state(rim, 3, dtype=dtype), None)
+    state = (h0, c0) if cell == "lstm" else h0
+    if where == "x":
+        x[1, 0, 2] = float("nan")
+    elif where == "h0":
+        h0[0, 1, 0] = float("nan")
+    else:
+        with torch.no_grad():
+            rim.weight_hh[0, 0, 0] = float("nan")
+    x.requires_grad_(True)
+    out, st = rim(x, state)
+    assert rim.last_backend == "cpu"
+    h_n = st[0] if cell == "lstm" else st
+    assert torch.isnan(out).any() and torch.isnan(h_n).any()
+    out.sum().backward()
+    assert torch.isnan(x.grad).any() or torch.isnan(rim.weight_hh.grad).any()
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_dropout_replays_in_reference(cell, input_path):
     """Training with both dropouts: the reference, given the driver's keep-masks, matches it."""
