@@ -8,6 +8,8 @@
 
 #include <torch/library.h>
 
+#include "kernels/cluster_host.h"
+
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -250,7 +252,7 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma) {
+    bool save, bool mma, int64_t cluster) {
   SeqFwdCall c;
   c.d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
                       comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
@@ -262,6 +264,11 @@ SeqFwdCall seq_fwd_prepare(
   c.cq = comm_query.contiguous(), c.ck = comm_key.contiguous(), c.cv = comm_value.contiguous();
   c.co = comm_output.contiguous();
   if (mma) c.w_mma = seq_mma_weights(c.d, c.w_x, c.whh, c.cq, c.ck, c.cv, c.co);
+  TORCH_CHECK(cluster >= 0 && cluster <= c.d.K, "rims_fast::rim_seq_fwd: cluster (mechanisms per "
+              "block of a cluster) must be in 0..K=", c.d.K, " (0: no cluster), got ", cluster);
+  TORCH_CHECK(cluster == 0 || !mma, "rims_fast::rim_seq_fwd: the cluster variant runs on CUDA "
+              "cores; mma=True needs cluster=0");
+  c.d.kpr = cluster;
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;
 }
@@ -312,11 +319,11 @@ SeqFwdResult rim_seq_fwd_cpu(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma) {
+    bool save, bool mma, int64_t cluster) {
   const SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                        bias_hh, comm_query, comm_key, comm_value, comm_output,
                                        top_k, input_heads, comm_heads, per_head, input_dropout,
-                                       comm_dropout, seed, tile, save, mma);
+                                       comm_dropout, seed, tile, save, mma, cluster);
   check_host_dtype("rim_seq_fwd", h0);
   const RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_fwd_cpu", [&] {
@@ -326,6 +333,19 @@ SeqFwdResult rim_seq_fwd_cpu(
         rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
                            d.lstm, d.mma) +
         (d.mma ? mma_smem_elems(d.K, d.S, d.ma, bytes, bytes) : 0);
+    if (d.kpr > 0) {  // one host thread per block of the cluster, each with its shared memory
+      const int64_t ranks = (d.K + d.kpr - 1) / d.kpr;
+      at::Tensor smem = at::empty({ranks, elems}, h0.options());
+      std::vector<char*> bases;
+      for (int64_t r = 0; r < ranks; ++r)
+        bases.push_back(reinterpret_cast<char*>(smem[r].mutable_data_ptr<scalar_t>()));
+      for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
+        run_cluster_on_host(bases, [&](const ClusterHostExec& ex, int rank) {
+          rim_seq_fwd_tile<kSeqTileMax, scalar_t, false, true>(
+              ex, p, tile_i, reinterpret_cast<scalar_t*>(bases[rank]), rank);
+        });
+      return;
+    }
     // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
     at::Tensor smem = at::empty({elems}, h0.options());
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
@@ -383,7 +403,8 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor input_query, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh,"
         " Tensor comm_query, Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k,"
         " int input_heads, int comm_heads, bool per_head, float input_dropout,"
-        " float comm_dropout, int seed, int tile, bool save, bool mma=False) -> Tensor[]");
+        " float comm_dropout, int seed, int tile, bool save, bool mma=False, int cluster=0)"
+        " -> Tensor[]");
   m.def("rim_seq_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor keys,"
         " Tensor xsrc, Tensor w_x, Tensor h0, Tensor? c0, Tensor input_query, Tensor weight_hh,"
         " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"

@@ -1,11 +1,12 @@
-// CUDA launchers of rims_fast::rim_seq_fwd / rim_seq_bwd: one thread block per tile of S samples
-// runs the whole sequence (csrc/kernels/rim_seq_fwd.cuh, rim_seq_bwd.cuh), its state and per-step
+// CUDA launchers of rims_fast::rim_seq_fwd / rim_seq_bwd: one thread block (forward with
+// cluster > 0: one thread-block cluster) per tile of S samples runs the whole sequence (csrc/kernels/rim_seq_fwd.cuh, rim_seq_bwd.cuh), its state and per-step
 // activations in shared memory. Registered for the CUDA key in rim_seq_fwd.cpp; the argument
 // checks and buffer allocation are shared with the CPU implementation there.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime_api.h>
 
 #include "rim_seq_fwd.h"
@@ -33,6 +34,22 @@ struct DeviceExec {
   __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
 };
 
+// A block of a thread-block cluster (sm_90+): the cluster barrier and DSMEM addresses
+// (rim_seq_fwd_tile's CLUSTER variant). The kernels are also built for sm_80, where clusters do
+// not exist: that device pass has neither this nor the cluster kernel's body (it traps), and the
+// launcher refuses such devices first.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+struct DeviceClusterExec : DeviceExec {
+  __device__ __forceinline__ void cluster_sync() const {
+    cooperative_groups::this_cluster().sync();
+  }
+  template <class P>
+  __device__ __forceinline__ P* peer(P* ptr, int rank) const {
+    return cooperative_groups::this_cluster().map_shared_rank(ptr, static_cast<unsigned>(rank));
+  }
+};
+#endif
+
 // MMA: the gate products on tensor cores (half/bfloat16 storage only; rim_seq_fwd_tile).
 template <typename C, typename T, bool MMA>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
@@ -40,6 +57,22 @@ __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFw
   extern __shared__ __align__(128) unsigned char smem_raw[];
   rim_seq_fwd_tile<kSeqTileMax, C, MMA>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
                                         reinterpret_cast<C*>(smem_raw));
+}
+
+// One tile per cluster of ceil(K / kpr) blocks (grid = tiles * ranks, cluster dims (ranks, 1, 1)).
+template <typename C, typename T>
+__global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_cluster_kernel(
+    const RimSeqFwdParams<T> p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto cluster = cooperative_groups::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t tile = static_cast<int64_t>(blockIdx.x / cluster.dim_blocks().x);
+  rim_seq_fwd_tile<kSeqTileMax, C, false, true>(DeviceClusterExec{}, p, tile,
+                                                reinterpret_cast<C*>(smem_raw), rank);
+#else
+  __trap();
+#endif
 }
 
 template <typename C, typename T, bool MMA>
@@ -89,10 +122,49 @@ void launch(Kernel kernel, const Params& p, int64_t smem, int dev) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The cluster forward: ranks = ceil(K / kpr) blocks per tile, each with `smem` bytes.
+template <typename Kernel, typename Params>
+void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TORCH_CHECK(major >= 9, "rims_fast::rim_seq: cluster > 0 (thread-block clusters) needs compute "
+              "capability 9.0 or newer, this GPU has ", major, ".x; use RIMS_FAST_CUDA_CLUSTER=0");
+  const int64_t ranks = (p.K + p.kpr - 1) / p.kpr, tiles = (p.B + p.S - 1) / p.S;
+  TORCH_CHECK(ranks <= 8, "rims_fast::rim_seq: a cluster of ", ranks, " blocks (K=", p.K,
+              ", ", p.kpr, " mechanisms per block) exceeds the portable cluster size 8");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(tiles * ranks));
+  cfg.blockDim = dim3(kSeqThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = c10::cuda::getCurrentCUDAStream(dev);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(ranks);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // A cluster whose blocks' shared memory cannot be co-scheduled would fail to launch with a
+  // generic error: say why instead.
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  TORCH_CHECK(clusters > 0, "rims_fast::rim_seq: a cluster of ", ranks, " blocks with ", smem,
+              " bytes of shared memory each cannot be scheduled on this GPU; use a smaller tile "
+              "(RIMS_FAST_CUDA_TILE) or RIMS_FAST_CUDA_CLUSTER=0");
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The forward kernel for the call: the tensor-core variant exists for half/bfloat16 storage only
 // (a function template, so that `if constexpr` keeps it from being instantiated for the rest).
 template <typename C, typename T>
 void launch_fwd(const SeqFwdCall& c, int64_t smem, int dev) {
+  if (c.d.kpr > 0) {
+    launch_cluster(rim_seq_fwd_cluster_kernel<C, T>, seq_fwd_params<T>(c), smem, dev);
+    return;
+  }
   if constexpr (sizeof(T) == 2) {
     if (c.d.mma) {
       launch(rim_seq_fwd_kernel<C, T, true>, seq_fwd_params<T>(c), smem, dev);
@@ -129,13 +201,13 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma) {
+    bool save, bool mma, int64_t cluster) {
   const c10::cuda::CUDAGuard guard(h0.device());
   check_mma_dtype(mma, h0);
   SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
-                                 seed, tile, save, mma);
+                                 seed, tile, save, mma, cluster);
   const int dev = h0.get_device();
   check_mma_device(mma, dev);
   RimSeqDims& d = c.d;

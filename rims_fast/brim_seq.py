@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ._config import RimConfig, cfg_args
 from .brim_steps import brim_steps
-from .rim_seq import OP_WEIGHTS, mma_mode, rim_seq_op, tile_size, unavailable_reason
+from .rim_seq import (OP_WEIGHTS, cluster_mechs, mma_mode, rim_seq_op, tile_size,
+                      unavailable_reason)
 
 __all__ = ["brim_seq", "unavailable_reason"]
 
@@ -31,9 +32,10 @@ def _step(keys, values, h, c, params, cfg, training, seed):
     lstm = cfg.cell == "lstm"
     leaves = (keys, values, w_x, h, c, *weights)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    mma = mma_mode(h.device, h.dtype)
     res = rim_seq_op(keys.contiguous(), values.contiguous(), w_x.contiguous(), h.contiguous(),
                      c.contiguous() if lstm else None, weights, sizes, cell, p_in, p_c, big, True,
-                     seed, tile_size(), save, mma_mode(h.device, h.dtype))
+                     seed, tile_size(), save, mma, cluster_mechs(h.device, K, mma))
     return res[0], res[1], (res[2] if lstm else None), res[3]
 
 

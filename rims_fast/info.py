@@ -35,7 +35,9 @@ def _modes() -> dict:
                                  "loop + fused cell, 'persistent' = rim_seq kernels)",
            "RIMS_FAST_CUDA_TILE": f"{rim_seq.tile_size()} (0 = automatic)",
            "RIMS_FAST_CUDA_MMA": os.environ.get("RIMS_FAST_CUDA_MMA", "0")
-           + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)"}
+           + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)",
+           "RIMS_FAST_CUDA_CLUSTER": os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
+           + " (1 = the persistent forward on thread-block clusters, sm_90+)"}
     try:
         from rims_fast import rim_triton
         res["RIMS_FAST_TRITON_BWD"] = rim_triton.bwd_mode()

@@ -33,6 +33,9 @@ Limits: one sample's state and activations must fit a thread block's shared memo
 whose single sample does not fit — e.g. GRU in float64 with inputs wider than ~480 — raises
 ``RuntimeError`` saying so). Products run on CUDA cores by default; ``RIMS_FAST_CUDA_MMA=1``
 (:func:`mma_mode`) puts both kernels' weight products on tensor cores in float16/bfloat16.
+``RIMS_FAST_CUDA_CLUSTER=1`` (:func:`cluster_mechs`, sm_90+) runs the forward's tiles on
+thread-block clusters, the mechanisms split over the blocks (on CPU tensors, ``cluster > 0`` runs
+the blocks as host threads).
 
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
 how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
@@ -52,6 +55,7 @@ from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "mma_mode",
+           "cluster_mechs",
            "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -82,6 +86,26 @@ def mma_mode(device: torch.device, dtype: torch.dtype) -> bool:
         raise ValueError(f"RIMS_FAST_CUDA_MMA must be 0 or 1, got {v!r}")
     return (v == "1" and torch.device(device).type == "cuda"
             and dtype in (torch.float16, torch.bfloat16))
+
+
+def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
+    """``RIMS_FAST_CUDA_CLUSTER=1``: the persistent forward runs each tile on a thread-block
+    cluster (sm_90+) instead of one block: block ``r`` of the cluster owns mechanisms
+    ``r*kpr .. r*kpr + kpr - 1`` with ``kpr = ceil(K / 8)`` (at most 8 blocks, the portable
+    cluster size), computes only their rows and columns, and reads the other blocks' ``p`` (for the
+    competition) and communication keys/values from their shared memory (DSMEM). Returns ``kpr``
+    (the op's ``cluster`` argument), 0 when off (the default: opt-in until a GPU run has checked
+    it). CUDA cores only: it cannot be combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the
+    single-block kernel's."""
+    v = os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_CLUSTER must be 0 or 1, got {v!r}")
+    if v == "0" or torch.device(device).type != "cuda":
+        return 0
+    if mma:
+        raise ValueError("RIMS_FAST_CUDA_CLUSTER=1 runs on CUDA cores; it cannot be combined with "
+                         "RIMS_FAST_CUDA_MMA=1")
+    return -(-num_units // 8)
 
 
 def cuda_fwd_mode() -> str:
@@ -150,7 +174,7 @@ def _register_fake() -> None:
     @torch.library.register_fake(_OP)
     def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
           comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
-          input_dropout, comm_dropout, seed, tile, save, mma=False):
+          input_dropout, comm_dropout, seed, tile, save, mma=False, cluster=0):
         T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
         lstm = GH == 4 * H
@@ -185,20 +209,22 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool, mma: bool) -> list[Tensor]:
+               tile: int, save: bool, mma: bool, cluster: int) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
     unless ``save``). Dropout probabilities are the effective ones (0 outside training).
-    ``mma``: the weight products on tensor cores (:func:`mma_mode`; the backward follows)."""
+    ``mma``: the weight products on tensor cores (:func:`mma_mode`; the backward follows);
+    ``cluster``: mechanisms per block of a thread-block cluster, 0 for one block per tile
+    (:func:`cluster_mechs`; forward only)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
-        input_dropout, comm_dropout, seed, tile, save, mma))
+        input_dropout, comm_dropout, seed, tile, save, mma, cluster))
 
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save, mma):
+      block_inactive_grad, per_head, seed, tile, save, mma, cluster):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -211,7 +237,7 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, mma) = inputs
+     save, mma, _cluster) = inputs
     ctx.mma = mma
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
@@ -265,7 +291,7 @@ def _backward(ctx, grads):
     h_dt, w_dts = ctx.dtypes
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
-            d_weights, None, None, None, None, None, None, None, None, None, None)
+            d_weights, None, None, None, None, None, None, None, None, None, None, None)
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -274,12 +300,16 @@ rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
 def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
             tile: Optional[int] = None, mma: Optional[bool] = None,
+            cluster: Optional[int] = None,
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
     ``tile``: samples per thread block, 1..8 (0: 8, fewer when shared memory is short; None:
     :func:`tile_size`); ``mma``: weight products on tensor cores (None: :func:`mma_mode`; on CPU
-    tensors ``True`` runs the tensor-core tiling in the host run, for tests). Gradients flow into
+    tensors ``True`` runs the tensor-core tiling in the host run, for tests); ``cluster``:
+    mechanisms per block of a thread-block cluster for the forward, 0 for none (None:
+    :func:`cluster_mechs`; on CPU tensors > 0 runs the cluster's blocks as host threads, for
+    tests). Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
@@ -289,6 +319,8 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         tile = tile_size()
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
+    if cluster is None:
+        cluster = cluster_mechs(x.device, cfg.num_units, mma)
     sizes, cell, p_in, p_c, big = cfg_args(cfg)
     if not training:
         p_in = p_c = 0.0
@@ -302,6 +334,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     leaves = (keys, xsrc, w_x, h0, c0, *weights)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
-                     weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma)
+                     weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma,
+                     cluster)
     out, h_n, c_n, masks = res[:4]
     return out, h_n, (c_n if lstm else None), masks

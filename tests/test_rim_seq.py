@@ -120,6 +120,48 @@ def test_host_run_mma_wide(case, dtype):
     assert torch.equal(plain[3], got[3])
 
 
+# The cluster variant (cluster = mechanisms per block > 0): the blocks of a tile's cluster run as
+# host threads, each with its own shared memory, reading the others' p and K|V through peer()
+# after a barrier. Every value is computed by the same item code in the same order as in the
+# single-block kernel, so the results must be bit-identical to it (and that kernel is tested
+# against the reference above). kpr = 3 with K = 4 or 5 leaves the last block fewer mechanisms.
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("kpr", [1, 2, 3])
+@pytest.mark.parametrize("tile", [1, 3])
+def test_host_run_cluster_equals_single_block(case, kpr, tile):
+    rim, x, h0, c0, P, leaves = _setup(*case)
+    if kpr > rim.config.num_units:
+        pytest.skip("kpr > K")
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, cluster=kpr)
+    base = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, cluster=0)
+    for name, a, b in zip(("out", "h_n", "c_n", "masks"), got, base):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), name
+    g_got, g_base = _grads(got[:3], leaves), _grads(base[:3], leaves)
+    for name in leaves:  # the backward reads what the cluster blocks saved
+        assert torch.equal(g_got[name], g_base[name]), "d" + name
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_host_run_cluster_saved_and_dropout(cell):
+    """The op itself, training with both dropouts and save=True: all 13 outputs (including the
+    9 saved histories each block writes for its own rows) equal the single-block kernel's, for
+    K = 7 split 2+2+2+1."""
+    rim, x, h0, c0, P, _ = _setup(cell, 3, 2, 2, 7, 3, 4, 3, B=6, input_dropout=0.3,
+                                  comm_dropout=0.4)
+    cfg = rim.config
+    p = {n: t.detach() for n, t in P.items()}
+    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
+    args = (keys, xsrc, w_x, h0.detach(), None if c0 is None else c0.detach(),
+            *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
+            per_head, 0.3, 0.4, 11, 3, True, False)
+    base = torch.ops.rims_fast.rim_seq_fwd(*args, 0)
+    got = torch.ops.rims_fast.rim_seq_fwd(*args, 2)
+    assert len(got) == 13 and got[4].numel() > 0
+    for i, (a, b) in enumerate(zip(got, base)):
+        assert torch.equal(a, b), i
+
+
 @pytest.mark.parametrize("case", GRID[:3] + GRID[4:6], ids=lambda c: "-".join(map(str, c)))
 def test_host_run_float32_against_float64(case):
     rim, x, h0, c0, P, leaves = _setup(*case, dtype=torch.float32)
@@ -184,11 +226,16 @@ def test_opcheck_and_errors():
     torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
                                           h0.detach().requires_grad_(True), c0.detach(), weights,
                                           sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True,
-                                          False))
+                                          False, 0))
+    torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2))  # cluster
     bad = list(args)
     bad[-2] = 9
     with pytest.raises(RuntimeError, match="tile must be in 0..8"):
         torch.ops.rims_fast.rim_seq_fwd(*bad)
+    with pytest.raises(RuntimeError, match=r"cluster \(mechanisms per block of a cluster\) must"):
+        torch.ops.rims_fast.rim_seq_fwd(*args, False, 4)  # K = 3
+    with pytest.raises(RuntimeError, match="mma=True needs cluster=0"):
+        torch.ops.rims_fast.rim_seq_fwd(*args, True, 1)
     bad = list(args)
     bad[13] = 4
     with pytest.raises(RuntimeError, match="top_k must be in 1..K=3"):
@@ -223,6 +270,16 @@ def test_backend_cuda_env_switch(monkeypatch):
     assert not rs.mma_mode(torch.device("cpu"), torch.float16)
     monkeypatch.delenv("RIMS_FAST_CUDA_MMA")
     assert not rs.mma_mode(torch.device("cuda"), torch.bfloat16)  # opt-in
+    assert rs.cluster_mechs(torch.device("cuda"), 6, False) == 0  # opt-in
+    monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER", "2")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_CLUSTER must be 0 or 1"):
+        rs.cluster_mechs(torch.device("cuda"), 6, False)
+    monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER", "1")
+    assert rs.cluster_mechs(torch.device("cuda"), 6, False) == 1  # one mechanism per block
+    assert rs.cluster_mechs(torch.device("cuda"), 12, False) == 2  # <= 8 blocks
+    assert rs.cluster_mechs(torch.device("cpu"), 6, False) == 0
+    with pytest.raises(ValueError, match="cannot be combined with RIMS_FAST_CUDA_MMA"):
+        rs.cluster_mechs(torch.device("cuda"), 6, True)
 
 
 # ---- on a GPU: the CUDA kernel itself ---------------------------------------------------------
@@ -300,17 +357,49 @@ class TestCUDA:
         got[0].float().square().sum().backward()
         assert torch.isfinite(x.grad).all()
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_cluster_paper_shape(self, cell, dtype):
+        """The cluster forward (thread-block clusters, sm_90+: one mechanism per block, p and K|V
+        exchanged through distributed shared memory) at the paper layer against the single-block
+        kernel: the same masks, outputs within the dtype's tolerance (the same item code, but a
+        separate compilation), and the backward from the histories the cluster's blocks saved."""
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("thread-block clusters need compute capability 9.0+")
+        torch.manual_seed(0)
+        rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, dtype=dtype, device="cuda")
+        x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype, requires_grad=True)
+        P = dict(rim.named_parameters())
+        h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype, requires_grad=True)
+        c0 = torch.randn_like(h0).requires_grad_(True) if cell == "lstm" else None
+        leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
+        got = rs.rim_seq(x, h0, c0, P, rim.config, cluster=1)
+        base = rs.rim_seq(x, h0, c0, P, rim.config, cluster=0)
+        assert torch.equal(got[3], base[3])
+        for name, a, b in zip(("out", "h_n", "c_n"), got[:3], base[:3]):
+            if b is not None:
+                assert_close(name, a, b, dtype)
+        g_got, g_base = _grads(got[:3], leaves), _grads(base[:3], leaves)
+        for name in leaves:
+            assert_close("d" + name, g_got[name], g_base[name], dtype,
+                         "grad_w" if name in PARAMS else "grad_in")
+
     def test_mma_rejects_float32(self):
         rim, x, h0, c0, P, _ = _setup("lstm", 1, 1, 1, 4, 2, 3, 8, dtype=torch.float32)
         with pytest.raises(RuntimeError, match="takes float16 or bfloat16"):
             rs.rim_seq(x.cuda(), h0.cuda(), c0.cuda(), {n: v.cuda() for n, v in P.items()},
                        rim.config, mma=True)
 
-    @pytest.mark.parametrize("dtype,mma", [(torch.float32, False), (torch.bfloat16, True)],
-                             ids=["f32", "bf16-tensor_cores"])
-    def test_cuda_graph_capture(self, dtype, mma):
+    @pytest.mark.parametrize("dtype,mma,cluster", [(torch.float32, False, 0),
+                                                   (torch.bfloat16, True, 0),
+                                                   (torch.float32, False, 1)],
+                             ids=["f32", "bf16-tensor_cores", "f32-cluster"])
+    def test_cuda_graph_capture(self, dtype, mma, cluster):
         """The persistent forward has no host sync: a captured CUDA graph of it replays to the
         eager result, also after new inputs are copied into the captured buffers."""
+        if cluster and torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("thread-block clusters need compute capability 9.0+")
+        kw = dict(mma=mma, cluster=cluster)
         torch.manual_seed(0)
         rim = rims_fast.RIM(64, 100, 6, 4, device="cuda", dtype=dtype)
         P = {n: p.detach() for n, p in rim.named_parameters()}
@@ -318,22 +407,22 @@ class TestCUDA:
         h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
         c0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
         with torch.no_grad():
-            eager = rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)
+            eager = rs.rim_seq(x, h0, c0, P, rim.config, **kw)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)  # warm-up outside capture
+                rs.rim_seq(x, h0, c0, P, rim.config, **kw)  # warm-up outside capture
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                captured = rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)
+                captured = rs.rim_seq(x, h0, c0, P, rim.config, **kw)
             graph.replay()
             for a, b in zip(captured, eager):
                 assert torch.equal(a, b)
             x2 = torch.randn_like(x)
             x.copy_(x2)
             graph.replay()
-            again = rs.rim_seq(x2, h0, c0, P, rim.config, mma=mma)
+            again = rs.rim_seq(x2, h0, c0, P, rim.config, **kw)
             for a, b in zip(captured, again):
                 assert torch.equal(a, b)
 

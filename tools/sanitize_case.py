@@ -1,6 +1,7 @@
 """A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward),
 one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
-(rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout). With
+(rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout;
+the tensor-core variant; on sm_90+ the cluster forward). With
 ``--seq-only`` only the persistent kernel runs (for racecheck/synccheck, which are slow)."""
 
 import sys
@@ -34,6 +35,13 @@ def persistent_kernel():
                                  c0.bfloat16() if c0 is not None else None, P16, rim.config,
                                  tile=3, mma=True)
         (out.float().square().sum() + h_n.float().sum()).backward()
+        if torch.cuda.get_device_capability()[0] >= 9:  # the cluster forward (DSMEM), 2+1 blocks
+            out, h_n, _, _ = rim_seq(x.detach().requires_grad_(True), h0, c0,
+                                     dict(rim.named_parameters()), rim.config, training=True,
+                                     seed=1, tile=3, cluster=1)
+            (out.square().sum() + h_n.sum()).backward()
+            rim_seq(x.detach(), h0, c0, {n: p.detach() for n, p in rim.named_parameters()},
+                    rim.config, tile=2, cluster=2)
     torch.cuda.synchronize()
 
 

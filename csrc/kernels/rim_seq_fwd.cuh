@@ -48,6 +48,9 @@ struct RimSeqDims {
   // on the CUDA-core path.
   bool mma;
   int64_t mk, mn, mxw, mh, mq, mv, mo, ma;
+  // Thread-block cluster (the forward only): mechanisms per block of a tile's cluster, so a tile
+  // is run by ceil(K / kpr) blocks; 0: one block per tile owns all K.
+  int64_t kpr;
   double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
 };
@@ -136,8 +139,17 @@ struct RimSeqSmem {
 // columns), each product's epilogue fused (biases and saving; the residual). The scratch
 // (mma_smem_elems) comes first in shared memory. Device: storage bf16/fp16 only (MmaTile8x32);
 // host: any type (tests). S <= 8.
-template <int SMAX, typename C, bool MMA = false, typename T, class Exec>
-RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem) {
+// CLUSTER: the tile is run by a cluster of blocks, block `rank` owning mechanisms
+// rank*kpr .. rank*kpr + kpr - 1 (RimSeqDims::kpr): every phase runs only its own rows and
+// (mechanism, column) items, so per-step work and weight traffic per block shrink K/kpr-fold.
+// The two cross-mechanism reads (the rank rule needs every p; the communication every K|V) copy
+// the other blocks' rows into this block's arrays after a cluster barrier (gather below). Exec
+// then also provides cluster_sync() and peer(ptr, rank): ptr's address in block rank's shared
+// memory (ClusterHostExec; DSMEM on the device). Each block keeps whole (S, K, .) arrays, so the
+// indexing is the single-block kernel's.
+template <int SMAX, typename C, bool MMA = false, bool CLUSTER = false, typename T, class Exec>
+RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem,
+                              int rank = 0) {
   // Tile-local sizes and item indices are 32-bit (a tile's S*K*width and a mechanism's weight
   // block stay far below 2^31; 64-bit division costs many instructions on a GPU); offsets into
   // (T, B, ...) tensors are 64-bit (every such expression starts from t, B or b0).
@@ -168,30 +180,52 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
   const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
+  static_assert(!(MMA && CLUSTER), "the cluster variant runs on CUDA cores");
   if constexpr (MMA) mma_clear(ex, ms, K, S_l, int(p.ma));
+  // This block's mechanisms k0 .. k0 + kn - 1 (all K without a cluster); row(i): the tile row
+  // s * K + k of the i-th own row (the identity without a cluster).
+  const int kpr = CLUSTER ? int(p.kpr) : K;
+  const int k0 = CLUSTER ? rank * kpr : 0;
+  const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
+  auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
+  // Cluster: columns [off, off + n) of the other blocks' rows of the (S, K, width) array arr,
+  // copied into this block's; a block writes arr again only after the next cluster barrier,
+  // which every block reaches after its copy.
+  auto gather = [&](C* arr, int width, int off, int n) {
+    if constexpr (CLUSTER) {
+      ex.cluster_sync();
+      ex.parallel_for(S * K * n, [&](int i) {
+        const int e = i % n, r = i / n, k = r % K;
+        if (k >= k0 && k < k0 + kn) return;
+        const C* src = ex.peer(arr, k / kpr);
+        arr[r * width + off + e] = src[r * width + off + e];
+      });
+    }
+  };
 
-  // The initial state, converted to the compute type.
-  ex.parallel_for(S * K * H, [&](int i) {
-    sm.h[i] = to_c(p.h0[b0 * K * H + i]);
-    if (p.lstm) sm.c[i] = to_c(p.c0[b0 * K * H + i]);
+  // The initial state of the own rows, converted to the compute type.
+  ex.parallel_for(S * kn * H, [&](int i) {
+    const int x = row(i / H) * H + i % H;
+    sm.h[x] = to_c(p.h0[b0 * K * H + x]);
+    if (p.lstm) sm.c[x] = to_c(p.c0[b0 * K * H + x]);
   });
 
   for (int64_t t = 0; t < p.T_; ++t) {
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 1a. Input queries q[s, k] = h[s, k] input_query[k].
-    ex.parallel_for(S * K * nk, [&](int i) {
-      const int e = i % nk, r = i / nk, k = r % K;
+    ex.parallel_for(S * kn * nk, [&](int i) {
+      const int e = i % nk, r = row(i / nk), k = r % K;
       const C* hr = sm.h + r * H;
       const T* w = p.w_query + k * H * nk + e;
       C acc = C(0);
       for (int64_t j = 0; j < H; ++j) acc += hr[j] * to_c(w[j * nk]);
-      sm.q[i] = acc;
+      sm.q[r * nk + e] = acc;
       if (save) sv(p.sv_q, t, r, nk)[e] = acc;
     });
     // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
-    ex.parallel_for(S * K, [&](int r) {
-      const int s = r / K;
+    ex.parallel_for(S * kn, [&](int i) {
+      const int r = row(i), s = r / K;
       C psum = C(0);
       for (int64_t n = 0; n < n_in; ++n) {
         C* an = sm.a + (r * n_in + n) * M;
@@ -208,16 +242,17 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
       sm.p[r] = psum / C(n_in);
     });
+    gather(sm.p, 1, 0, 1);
     // 2. The rank rule per (sample, mechanism).
-    ex.parallel_for(S * K, [&](int r) {
-      const int s = r / K, k = r % K;
+    ex.parallel_for(S * kn, [&](int i) {
+      const int r = row(i), s = r / K, k = r % K;
       const bool on = competition_active(sm.p + s * K, K, k, p.top_k);
       sm.act[r] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
     // 3a. xa[s, k, n] = sum_m a~[s, k, n, m] x_{m, n} (active rows; dropout on a).
-    ex.parallel_for(S * K * XW, [&](int i) {
-      const int r = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
+    ex.parallel_for(S * kn * XW, [&](int i) {
+      const int r = row(i / XW), col = i % XW, n = col / Dx, d = col % Dx;
       if (sm.act[r] == C(0)) return;
       const int s = r / K, k = r % K;
       C acc = C(0);
@@ -230,12 +265,12 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         }
         acc += w * xt[(s * M + m) * xrow + n * xhead + d];
       }
-      sm.xa[i] = acc;
+      sm.xa[r * XW + col] = acc;
     });
     // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
     // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
-    if constexpr (!MMA) ex.parallel_for(K * GH, [&](int i) {
-      const int k = i / GH, col = i % GH;
+    if constexpr (!MMA) ex.parallel_for(kn * GH, [&](int i) {
+      const int k = k0 + i / GH, col = i % GH;
       // Accumulators indexed by compile-time s (unrolled to SMAX, guarded by S): registers.
       C gi[SMAX], gh[SMAX];
       RIMS_UNROLL
@@ -333,8 +368,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     }
     // 3c. Masked cell: active rows step, inactive rows copy (bit-exact). (Fused into 3b's
     // epilogue on the tensor-core path.)
-    if constexpr (!MMA) ex.parallel_for(S * K * H, [&](int i) {
-      const int r = i / H, j = i % H;
+    if constexpr (!MMA) ex.parallel_for(S * kn * H, [&](int il) {
+      const int r = row(il / H), j = il % H, i = r * H + j;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
         if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
@@ -369,8 +404,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       });
     }
     // Weight-stationary on CUDA cores: item (k, column), all the tile's samples.
-    if constexpr (!MMA) ex.parallel_for(K * C3, [&](int i) {
-      const int k = i / C3, col = i % C3;
+    if constexpr (!MMA) ex.parallel_for(kn * C3, [&](int i) {
+      const int k = k0 + i / C3, col = i % C3;
       const T* w = col < ck ? p.c_query + k * H * ck + col
                    : col < 2 * ck ? p.c_key + k * H * ck + (col - ck)
                                   : p.c_value + k * H * cv + (col - 2 * ck);
@@ -391,9 +426,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
           if (save) sv(p.sv_qkv, t, s * K + k, C3)[col] = acc[s];
         }
     });
+    gather(sm.qkv, C3, ck, ck + cv);  // every mechanism's K | V
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
-    ex.parallel_for(S * K * n_c, [&](int i) {
-      const int r = i / n_c, n = i % n_c, s = r / K, k = r % K;
+    ex.parallel_for(S * kn * n_c, [&](int i) {
+      const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K;
       C* y = sm.bp + (r * n_c + n) * K;
       C* on = sm.o + r * cv + n * dcv;
       for (int64_t d = 0; d < dcv; ++d) on[d] = C(0);
@@ -439,8 +475,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         from_c(hv, p.out + ((t * B + b0 + s) * K + k) * H + j);
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
-      const int k = i / H, j = i % H;
+    if constexpr (!MMA) ex.parallel_for(kn * H, [&](int i) {
+      const int k = k0 + i / H, j = i % H;
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
@@ -461,11 +497,14 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
     });
   }
-  // Final state in the storage type.
-  ex.parallel_for(S * K * H, [&](int i) {
-    from_c(sm.h[i], p.h_n + b0 * K * H + i);
-    if (p.lstm) from_c(sm.c[i], p.c_n + b0 * K * H + i);
+  // Final state of the own rows in the storage type.
+  ex.parallel_for(S * kn * H, [&](int i) {
+    const int x = row(i / H) * H + i % H;
+    from_c(sm.h[x], p.h_n + b0 * K * H + x);
+    if (p.lstm) from_c(sm.c[x], p.c_n + b0 * K * H + x);
   });
+  // No block may exit while another still reads its shared memory (the last K|V gather).
+  if constexpr (CLUSTER) ex.cluster_sync();
 }
 
 // Host execution of a tile: items in order, the barrier is the end of the loop; a warp item is

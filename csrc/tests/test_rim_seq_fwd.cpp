@@ -4,12 +4,15 @@
 // per sample and step, inactive mechanisms' h and c copied bit-exactly, out[T-1] == h_n, finite
 // values, and tiles of 1, 2 and 8 samples giving bit-identical results (samples are independent,
 // and each sample's arithmetic does not depend on its tile). LSTM and GRU, float and double,
-// folded and per-head input terms.
+// folded and per-head input terms. The cluster variant (blocks as host threads, cluster_host.h)
+// with 1, 2 and 3 mechanisms per block (K = 5: 5, 3 and 2 blocks, the last with fewer) must be
+// bit-identical to the single block: the same item code in the same order, split by mechanism.
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "cluster_host.h"
 #include "rim_seq_fwd.cuh"
 
 namespace {
@@ -68,11 +71,13 @@ struct Result {
   std::vector<char> masks;
 };
 
+// kpr > 0: the cluster variant with kpr mechanisms per block.
 template <typename T>
-Result<T> run(const Problem<T>& pr, int64_t S) {
+Result<T> run(const Problem<T>& pr, int64_t S, int64_t kpr = 0) {
   rims::RimSeqFwdParams<T> p{};  // value-initialized: every pointer not set below is null (no saving)
   static_cast<rims::RimSeqDims&>(p) = pr.d;
   p.S = S;
+  p.kpr = kpr;
   const auto& d = pr.d;
   Result<T> r;
   r.out.resize(d.T_ * d.B * d.K * d.H);
@@ -86,10 +91,22 @@ Result<T> run(const Problem<T>& pr, int64_t S) {
   p.c_value = pr.cv.data(), p.c_output = pr.co.data();
   p.out = r.out.data(), p.h_n = r.h_n.data(), p.c_n = d.lstm ? r.c_n.data() : nullptr;
   p.masks = masks;
-  std::vector<T> smem(rims::rim_seq_smem_elems(S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c,
-                                               d.ck, d.cv, d.lstm));
-  for (int64_t tile = 0; tile * S < d.B; ++tile)
-    rims::rim_seq_fwd_tile<8, T>(rims::HostExec{}, p, tile, smem.data());
+  const int64_t elems = rims::rim_seq_smem_elems(S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx,
+                                                 d.n_c, d.ck, d.cv, d.lstm);
+  const int64_t ranks = kpr > 0 ? (d.K + kpr - 1) / kpr : 1;
+  std::vector<T> smem(ranks * elems);
+  std::vector<char*> bases;
+  for (int64_t r = 0; r < ranks; ++r) bases.push_back(reinterpret_cast<char*>(&smem[r * elems]));
+  for (int64_t tile = 0; tile * S < d.B; ++tile) {
+    if (kpr == 0) {
+      rims::rim_seq_fwd_tile<8, T>(rims::HostExec{}, p, tile, smem.data());
+      continue;
+    }
+    rims::run_cluster_on_host(bases, [&](const rims::ClusterHostExec& ex, int rank) {
+      rims::rim_seq_fwd_tile<8, T, false, true>(ex, p, tile,
+                                                reinterpret_cast<T*>(bases[rank]), rank);
+    });
+  }
   r.masks.assign(masks, masks + d.T_ * d.B * d.K);
   delete[] masks;
   return r;
@@ -129,6 +146,12 @@ void test(bool lstm, bool per_head, std::mt19937_64& rng) {
     expect("tiles give identical out", rs.out == r1.out);
     expect("tiles give identical h_n, c_n", rs.h_n == r1.h_n && rs.c_n == r1.c_n);
     expect("tiles give identical masks", rs.masks == r1.masks);
+  }
+  for (int64_t kpr : {1, 2, 3}) {
+    const Result<T> rc = run(pr, 3, kpr);
+    expect("cluster gives identical out", rc.out == r1.out);
+    expect("cluster gives identical h_n, c_n", rc.h_n == r1.h_n && rc.c_n == r1.c_n);
+    expect("cluster gives identical masks", rc.masks == r1.masks);
   }
 }
 
