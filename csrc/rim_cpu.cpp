@@ -41,6 +41,7 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <memory>
 #include <unistd.h>
@@ -418,6 +419,39 @@ void dgemm_(const char*, const char*, const int64_t*, const int64_t*, const int6
             const double*, double*, const int64_t*) __attribute__((weak));
 }
 
+// MKL's GEMMs may round differently when an operand sits at another 64-byte alignment (its
+// results are alignment-independent only under MKL_CBWR). A sequence split into calls must equal
+// one call exactly (SPEC "Dtypes"; RIMCell steps vs RIM), so the forward keeps every GEMM operand
+// at the same alignment whatever T and t: per-step strides of the buffers its GEMMs read or write
+// are padded to 64 bytes (pad64) and the tiles' scratch is 64-byte aligned (AlignedVec).
+inline int64_t pad64(int64_t n, int64_t elem_bytes) {
+  const int64_t q = 64 / elem_bytes;
+  return (n + q - 1) / q * q;
+}
+
+template <typename S>
+struct Aligned64 {
+  using value_type = S;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  S* allocate(size_t n) {
+    return static_cast<S*>(::operator new(n * sizeof(S), std::align_val_t(64)));
+  }
+  void deallocate(S* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename S>
+using AlignedVec = std::vector<S, Aligned64<S>>;
+
+// (rows, stride) buffer -> its first n columns as a contiguous tensor of `shape`.
+inline Tensor unpad(const Tensor& buf, int64_t n, at::IntArrayRef shape) {
+  return (buf.size(1) == n ? buf : buf.narrow(1, 0, n).contiguous()).view(shape);
+}
+
 // transB: Bm is stored (n, k) row-major and C = A Bm^T; transA: A is stored (k, m), C = A^T Bm.
 template <typename S>
 void gemm_rm(int64_t m, int64_t n, int64_t k, const S* A, int64_t lda, const S* Bm, int64_t ldb,
@@ -526,14 +560,17 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
 
   const int64_t Ts = save ? T : 1;                        // per-step buffers: all, or one reused
   const int64_t Tc = save ? T : std::min<int64_t>(T, 2);  // c history: all, or ping-pong
-  Tensor out = at::empty({T, B, K, H}, opt);
+  // Per-step strides (pad64: GEMM operands at one alignment for every t).
+  const int64_t eb = static_cast<int64_t>(sizeof(S)), BKH = B * K * H;
+  const int64_t so = pad64(BKH, eb), sq = pad64(B * K * nk, eb), sc3 = pad64(B * K * C3, eb);
+  Tensor out = at::empty({T, so}, opt);
   Tensor masks = at::empty({T, B, K}, opt.dtype(at::kBool));
   Tensor cs = d.lstm ? at::empty({Tc, B, K, H}, opt) : at::empty({0}, opt);
-  Tensor htil = at::empty({Ts, B, K, H}, opt);
-  Tensor q = at::empty({Ts, B, K, nk}, opt);
+  Tensor htil = at::empty({Ts, so}, opt);
+  Tensor q = at::empty({Ts, sq}, opt);
   Tensor a = at::empty({Ts, B, K, n_in, M}, opt);
   Tensor gates = at::empty({Ts, B, K, GW}, opt);
-  Tensor qkv = at::empty({Ts, B, K, C3}, opt);
+  Tensor qkv = at::empty({Ts, sc3}, opt);
   Tensor bprob = at::empty({Ts, B, K, n_c, K}, opt);
   Tensor o = at::empty({Ts, B, K, cv}, opt);
 
@@ -561,28 +598,28 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
   S* qkv_p = qkv.mutable_data_ptr<S>();
   S* bp_p = bprob.mutable_data_ptr<S>();
   S* o_p = o.mutable_data_ptr<S>();
-  const int64_t BKH = B * K * H;
 
   auto tile = [&](int64_t b0, int64_t b1) {
     const int64_t Bt = b1 - b0;
     // Gathered active rows per mechanism (compact (K, Bt, .)), reused every step.
-    std::vector<S> hx(K * Bt * XW), gg(K * Bt * (d.lstm ? GH : 2 * GH)), og(K * Bt * cv),
-        rc(K * Bt * H), s(std::max(M, n_c * K)), p(K);
+    AlignedVec<S> hx(K * Bt * XW), gg(K * Bt * (d.lstm ? GH : 2 * GH)), og(K * Bt * cv),
+        rc(K * Bt * H), hq(Bt * K * H);
+    std::vector<S> s(std::max(M, n_c * K)), p(K);
     std::vector<int64_t> cnt(K), idx(K * Bt), pos(Bt * K);
     const int64_t GG = d.lstm ? GH : 2 * GH;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t ts = save ? t : 0;
-      const S* hp = t == 0 ? h0_p : out_p + (t - 1) * BKH;
+      const S* hp = t == 0 ? h0_p : out_p + (t - 1) * so;
       const S* cp = !d.lstm ? nullptr : t == 0 ? c0_p : cs_p + ((t - 1) % Tc) * BKH;
       S* cn = d.lstm ? cs_p + (t % Tc) * BKH : nullptr;
-      S* qt = q_p + ts * B * K * nk;
+      S* qt = q_p + ts * sq;
       S* at_ = a_p + ts * B * K * n_in * M;
       S* gt = gates_p + ts * B * K * GW;
-      S* ht = htil_p + ts * BKH;
-      S* qkvt = qkv_p + ts * B * K * C3;
+      S* ht = htil_p + ts * so;
+      S* qkvt = qkv_p + ts * sc3;
       S* bpt = bp_p + ts * B * K * n_c * K;
       S* ot = o_p + ts * B * K * cv;
-      S* outt = out_p + t * BKH;
+      S* outt = out_p + t * so;
       bool* mt = mask_p + t * B * K;
       const S* kt = keys_p + t * B * M * nk;
       const S* xt = x_p + t * B * M * xrow;
@@ -592,8 +629,10 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
       if (!d.kv)
         gemm_rm<S>(Bt * M, nk, D, xt + b0 * M * D, D, wk_p, nk, S(0),
                    keys_w + (t * B + b0) * M * nk, nk);
+      // The queries' A operand from an aligned copy: h0 is the caller's tensor at t = 0.
+      std::copy_n(hp + b0 * K * H, Bt * K * H, hq.data());
       for (int64_t k = 0; k < K; ++k)
-        gemm_rm<S>(Bt, nk, H, hp + (b0 * K + k) * H, K * H, wq_p + k * H * nk, nk, S(0),
+        gemm_rm<S>(Bt, nk, H, hq.data() + k * H, K * H, wq_p + k * H * nk, nk, S(0),
                    qt + (b0 * K + k) * nk, K * nk);
       // 1-2. Scores, null softmax, p and the rank rule, per sample.
       std::fill(cnt.begin(), cnt.end(), 0);
@@ -752,13 +791,16 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
                                  .permute({2, 0, 1, 3}).contiguous().view({D, K * n_in * GH})
                            : at::empty({0}, opt);
 
-  Tensor h_n = out[T - 1].clone();
+  Tensor h_n = out[T - 1].narrow(0, 0, BKH).clone().view({B, K, H});
   Tensor c_n = d.lstm ? cs[(T - 1) % Tc].clone() : at::empty({0}, opt);
   Tensor none = at::empty({0}, opt);
+  const Tensor out_v = unpad(out, BKH, {T, B, K * H});
   if (!save)
-    return {out.view({T, B, K * H}), h_n, c_n, masks, none, none, none, none, none,
+    return {out_v, h_n, c_n, masks, none, none, none, none, none,
             none, none, none, none, none, none};
-  return {out.view({T, B, K * H}), h_n, c_n, masks, cs, htil, q, a, gates, qkv, bprob, o,
+  return {out_v, h_n, c_n, masks, cs, unpad(htil, BKH, {T, B, K, H}),
+          unpad(q, B * K * nk, {T, B, K, nk}), a, gates, unpad(qkv, B * K * C3, {T, B, K, C3}),
+          bprob, o,
           d.kv ? none : keys.view({T, B, M, nk}), none, fold};
 }
 

@@ -10,12 +10,17 @@ dtypes: float32 and float64 run as they are; bfloat16 and float16 are computed i
 "Dtypes": inputs, state and parameters are converted up, ``out``/``h_n``/``c_n`` rounded back, the
 state carried in float32 inside the call).
 
-Input term: ``rim_cpu_fwd`` folds ``input_value_n weight_ih[k]_n`` into one ``(D, G*H)`` matrix
-per mechanism and head at every call (``K n D d_v G H`` multiply-adds), which pays off over many
-rows; for short calls (a ``RIMCell`` step in an RL rollout: ``T = 1``; at the paper layer up to
-``T ~ 8`` at ``B = 1``, ``T = 1`` at ``B = 64``) :func:`rim_cpu` pre-projects the values instead
-and runs the driver's pre-projected mode (``rim_cpu_kv_fwd``, ``weight_ih`` in place), by a cost
-model (:func:`fold_pays`). Both are the same math; the dropout stream is the same.
+Input term: :func:`rim_cpu` runs the driver's pre-projected op (``rim_cpu_kv_fwd``) for every
+call. When ``M*D <= d_v`` (the reference's rule, ``reference._InputGates``) the values are the
+input elements themselves, one copy per head, and ``weight_ih`` is replaced by the fold
+``input_value_n weight_ih[k]_n`` (``(n D, G*H)`` per mechanism, :func:`input_fold`); otherwise the
+values are ``x input_value`` and ``weight_ih`` is used in place. The choice depends on the layer,
+not on ``T``, so splitting a sequence into calls (``RIMCell`` steps) gives exactly one call's
+result (SPEC "Dtypes"). The fold (``K n D d_v G H`` multiply-adds, 123 MFLOP at the paper layer)
+is cached between calls that need no gradient through it, keyed on the two weights' identity,
+storage and version, so an RL rollout's ``T = 1`` steps do not pay it every step; with a
+gradient it is recomputed (and differentiated) per call. The folded driver op ``rim_cpu_fwd``,
+which folds inside every call, is no longer used by :func:`rim_cpu`.
 
 Dropout: one 64-bit seed per call is drawn from PyTorch's default generator (so it is
 reproducible under ``torch.manual_seed``); the C++ side derives every keep-decision from it with a
@@ -34,7 +39,7 @@ from ._config import RimConfig
 from .reference import compute_dtype
 
 __all__ = ["unavailable_reason", "rim_cpu", "rim_cpu_kv", "dropout_masks", "draw_seed",
-           "fold_pays", "PARAM_NAMES", "KV_PARAM_NAMES"]
+           "input_fold", "folds_input", "PARAM_NAMES", "KV_PARAM_NAMES"]
 
 #: The op's parameter order (SPEC's table).
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -71,26 +76,50 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return _op_registered()
 
 
-#: FLOPs that streaming one byte of weights per step costs, for :func:`fold_pays`: a 2-core
-#: Xeon VM ran the driver's GEMMs at ~150 GFLOP/s and streamed its weights at ~30 GB/s. Fitted
-#: to a sweep of T, B in 1..64 at the paper layer (the crossover: T ~ 8 at B = 1, T ~ 2 at
-#: B = 64), whose every point it decides right or within 10% of the better path.
-BYTE_FLOPS = 4.0
+def folds_input(M: int, D: int, cfg: RimConfig) -> bool:
+    """Whether :func:`rim_cpu` folds ``input_value`` into ``weight_ih``: ``M*D <= d_v``, the
+    reference's rule (the folded input term has ``n D`` rows per mechanism instead of ``n d_v``).
+    It depends on the layer only, never on ``T`` or ``B``."""
+    return M * D <= cfg.input_value_size
 
 
-def fold_pays(T: int, B: int, M: int, D: int, cfg: RimConfig, elem_bytes: int = 4) -> bool:
-    """Whether ``rim_cpu_fwd``'s per-call fold (one ``(D, GH)`` matrix per mechanism and head)
-    is cheaper than pre-projecting the values (``rim_cpu_kv_fwd``, ``weight_ih`` in place) for a
-    call of ``T`` steps of ``B`` rows of ``M`` elements of width ``D``. Cost in FLOPs: folded, the
-    fold ``2 K n D d_v GH`` once, then per row and mechanism-head ``2 (M D + D GH)`` and per step
-    the fold's bytes streamed; pre-projected, per row the values ``2 M D n d_v`` and per
-    mechanism-head ``2 (M d_v + d_v GH)``, per step ``weight_ih``'s bytes (:data:`BYTE_FLOPS`
-    each). Weight bytes matter at small ``B``: ``weight_ih`` is ``d_v / D`` times the fold."""
+def _fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtype) -> Tensor:
     K, n, dv, GH = cfg.num_units, cfg.input_heads, cfg.input_value_size, cfg.gates * cfg.hidden_size
-    stream = BYTE_FLOPS * elem_bytes * K * n * GH
-    folded = 2 * K * n * D * dv * GH + T * (B * 2 * K * n * (M * D + D * GH) + stream * D)
-    kv = T * (B * 2 * (M * D * n * dv + K * n * (M * dv + dv * GH)) + stream * dv)
-    return folded <= kv
+    D = input_value.shape[0]
+    return torch.einsum("dnv,knvg->kndg", input_value.to(ct).view(D, n, dv),
+                        weight_ih.to(ct).view(K, n, dv, GH)).reshape(K, n * D, GH)
+
+
+#: id(input_value) -> (weakrefs of input_value and weight_ih, their data pointers, versions and
+#: shapes, compute dtype) and the fold; at most _FOLD_CACHE_SIZE entries (oldest dropped).
+_FOLD_CACHE: dict = {}
+_FOLD_CACHE_SIZE = 16
+
+
+def input_fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtype) -> Tensor:
+    """``fold[k, n*D + d, :] = sum_v input_value[d, n*d_v + v] weight_ih[k, n*d_v + v, :]``:
+    ``(K, n D, G*H)`` in the compute dtype ``ct``, the ``weight_ih`` of the pre-projected op when
+    its values are the input elements repeated per head. Differentiable when a gradient can flow
+    into either weight; otherwise cached across calls (an in-place update of either weight bumps
+    its version and so recomputes it)."""
+    if (torch.is_grad_enabled() and (input_value.requires_grad or weight_ih.requires_grad)) or \
+            torch.compiler.is_compiling():
+        return _fold(input_value, weight_ih, cfg, ct)
+    import weakref
+    state = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+                  for t in (input_value, weight_ih)) + (ct,)
+    hit = _FOLD_CACHE.get(id(input_value))
+    if hit is not None:
+        (r_v, r_w, old), fold = hit
+        if r_v() is input_value and r_w() is weight_ih and old == state:
+            return fold
+    with torch.no_grad():
+        fold = _fold(input_value, weight_ih, cfg, ct)
+    _FOLD_CACHE.pop(id(input_value), None)
+    while len(_FOLD_CACHE) >= _FOLD_CACHE_SIZE:
+        _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
+    _FOLD_CACHE[id(input_value)] = ((weakref.ref(input_value), weakref.ref(weight_ih), state), fold)
+    return fold
 
 
 def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
@@ -122,17 +151,16 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     p_c = cfg.comm_dropout if training else 0.0
     seed = draw_seed() if p_in > 0.0 or p_c > 0.0 else 0
     T, B, M, D = x.shape
-    if fold_pays(T, B, M, D, cfg, elem_bytes=torch.finfo(ct).bits // 8):
-        leaves = [x, h0, c0, *weights]
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
-        res = torch.ops.rims_fast.rim_cpu_fwd(
-            up(x), up(h0), up(c0) if lstm else None, *weights, cfg.top_k, cfg.input_heads,
-            cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)
-    else:  # few rows: the values pre-projected, weight_ih in place (no per-call fold)
-        xc = up(x)
-        kv_params = dict(zip(PARAM_NAMES, weights))
-        res = rim_cpu_kv(xc @ kv_params["input_key"], xc @ kv_params["input_value"], up(h0),
-                         up(c0) if lstm else None, kv_params, cfg, training=training, seed=seed)
+    xc = up(x)
+    kv_params = dict(zip(PARAM_NAMES, weights))
+    if folds_input(M, D, cfg):  # values = x per head, weight_ih = the fold
+        n = cfg.input_heads
+        values = xc.repeat(1, 1, 1, n) if n > 1 else xc
+        kv_params["weight_ih"] = input_fold(params["input_value"], params["weight_ih"], cfg, ct)
+    else:
+        values = xc @ kv_params["input_value"]
+    res = rim_cpu_kv(xc @ kv_params["input_key"], values, up(h0), up(c0) if lstm else None,
+                     kv_params, cfg, training=training, seed=seed)
     out, h_n, c_n, masks = res[:4]
     if ct != dtype:
         out, h_n = out.to(dtype), h_n.to(dtype)

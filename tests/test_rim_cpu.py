@@ -81,9 +81,10 @@ def _compare(got, want, leaves, dtype, masks_exact=True):
 
 @pytest.fixture(params=["folded", "kv"])
 def input_path(request, monkeypatch):
-    """rim_cpu runs the folded driver (rim_cpu_fwd) or the pre-projected one (rim_cpu_kv_fwd) by
-    a cost model (rc.fold_pays); each test taking this fixture runs both."""
-    monkeypatch.setattr(rc, "fold_pays", lambda *a, **k: request.param == "folded")
+    """rim_cpu feeds the pre-projected op either the input elements and the fold
+    input_value weight_ih (rc.input_fold) or the values x input_value and weight_ih itself, by the
+    reference's rule (rc.folds_input: M*D <= d_v); each test taking this fixture runs both."""
+    monkeypatch.setattr(rc, "folds_input", lambda *a, **k: request.param == "folded")
     return request.param
 
 
@@ -267,19 +268,44 @@ def test_gradcheck(cell, input_path):
     assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)
 
 
-def test_fold_pays_picks_by_cost():
-    """The folded driver makes its fold at every call: worth it over many rows, not for one RL
-    step (benchmarks/results/cpu-intel-xeon-processor-fold-rule.md measured the crossover)."""
+def test_folds_input_rule_and_cache():
+    """The fold is chosen by the layer (the reference's rule), never by T; it is cached between
+    calls without a gradient through it and recomputed after an in-place weight update."""
     cfg = rims_fast.RIM(64, 100, 6, 4).config
-    assert not rc.fold_pays(1, 1, 1, 64, cfg)      # RIMCell step, B = 1
-    assert not rc.fold_pays(1, 16, 1, 64, cfg)
-    assert not rc.fold_pays(4, 1, 1, 64, cfg)
-    assert rc.fold_pays(16, 1, 1, 64, cfg)
-    assert rc.fold_pays(4, 64, 1, 64, cfg)
-    assert rc.fold_pays(50, 64, 1, 64, cfg)        # paper_T50
-    # Inputs wider than the values: the fold is never cheaper.
-    assert not rc.fold_pays(100, 64, 1, 512, rims_fast.RIM(512, 100, 6, 4,
-                                                           input_value_size=64).config)
+    assert rc.folds_input(1, 64, cfg) and not rc.folds_input(1, 512, cfg)
+    rim = rims_fast.RIM(64, 20, 3, 2, input_heads=2, input_value_size=40)
+    P = {n: p for n, p in rim.named_parameters()}
+    want = torch.einsum("dnv,knvg->kndg", P["input_value"].view(64, 2, 40),
+                        P["weight_ih"].view(3, 2, 40, 80)).reshape(3, 128, 80)
+    with torch.no_grad():
+        f1 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
+        assert f1 is rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
+        assert torch.equal(f1, want.detach())
+        P["weight_ih"].mul_(2)  # an optimizer step: version bump
+        f2 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
+        assert f2 is not f1 and torch.equal(f2, 2 * f1)
+    f3 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
+    assert f3.requires_grad and f3 is not f2  # with a gradient: recomputed, in the graph
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_split_calls_equal_one_call(cell):
+    """SPEC "Dtypes": a sequence split into calls (RIMCell steps, an RL rollout) equals one call
+    exactly in float32/float64, also at the paper layer where a one-step call once took another
+    input path (and summed in another order)."""
+    torch.manual_seed(0)
+    rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, backend="cpu")
+    cell_m = rims_fast.RIMCell(64, 100, 6, 4, cell=cell, backend="cpu")
+    cell_m.load_state_dict(rim.state_dict())
+    x = torch.randn(7, 3, 64)
+    with torch.no_grad():
+        out, state = rim(x)
+        st, outs = None, []
+        for t in range(7):
+            st, _ = cell_m(x[t], st)
+            outs.append((st[0] if cell == "lstm" else st).reshape(3, -1))
+    assert torch.equal(torch.stack(outs), out)
+    assert torch.equal(st[0] if cell == "lstm" else st, state[0] if cell == "lstm" else state)
 
 
 def test_opcheck():
@@ -295,49 +321,53 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rims_fast.rim_cpu_fwd.default, args)
 
 
-def test_long_sequence_memory(monkeypatch):
+def test_long_sequence_memory():
     """T = 2000, tiny sizes: under no_grad nothing is saved (the forward runs with save=False and
-    reuses one step's buffers); with grad, what autograd saves is exactly the documented set
-    (inputs, out, masks and the per-step activations), linear in T. (The folded driver's set:
-    at these sizes, d_v < D, rim_cpu would pick the pre-projected mode.)"""
-    monkeypatch.setattr(rc, "fold_pays", lambda *a, **k: True)
+    reuses one step's buffers); with grad, what the op saves is exactly the documented set (the
+    per-step activations, linear in T) and what autograd saves in all grows by that plus the
+    step's keys, values, output and masks per step."""
     T, B, K, H, M = 2000, 2, 4, 3, 1
     rim = make_rim(dtype=torch.float32)
     cfg = rim.config
-    x = torch.randn(T, B, M, 5)
+    D = rim.input_size
+    x = torch.randn(T, B, M, D)
     h0 = torch.zeros(B, K, H)
     P = {n: p.detach() for n, p in rim.named_parameters()}
-    args = (x, h0, h0, *[P[n] for n in PARAMS], cfg.top_k, cfg.input_heads, cfg.comm_heads, 0.0,
-            0.0, 0, True)
-    nosave = torch.ops.rims_fast.rim_cpu_fwd(*args, False)
+    keys, values = x @ P["input_key"], x @ P["input_value"]
+    args = (keys, values, h0, h0, *[P[n] for n in rc.KV_PARAM_NAMES], cfg.top_k, cfg.input_heads,
+            cfg.comm_heads, 0.0, 0.0, 0, True)
+    nosave = torch.ops.rims_fast.rim_cpu_kv_fwd(*args, False)
     assert all(t.numel() == 0 for t in nosave[4:]), "save=False must keep no per-step tensors"
-    saved = torch.ops.rims_fast.rim_cpu_fwd(*args, True)
+    saved = torch.ops.rims_fast.rim_cpu_kv_fwd(*args, True)
     assert torch.equal(saved[0], nosave[0]) and torch.equal(saved[3], nosave[3])
     nk, GH = cfg.input_heads * cfg.input_key_size, 4 * H
     ck, cv, n_in, n_c = cfg.comm_heads * cfg.comm_key_size, cfg.comm_heads * cfg.comm_value_size, \
         cfg.input_heads, cfg.comm_heads
-    per_step = B * K * (H + H + nk + n_in * M + GH + 2 * ck + cv + n_c * K + cv) \
-        + B * M * nk  # c, h~, q, a, gates, qkv, b, o; keys (xw = x fold is not kept)
-    assert sum(t.numel() for t in saved[4:-1]) == T * per_step
-    assert saved[-1].numel() == 5 * K * n_in * GH  # fold: independent of T
+    per_step = B * K * (H + H + nk + n_in * M + GH + 2 * ck + cv + n_c * K + cv)  # c, h~, q, a,
+    assert sum(t.numel() for t in saved[4:]) == T * per_step  # gates, qkv, b, o
+    assert not rc.folds_input(M, D, cfg)  # values = x input_value
 
-    sizes = []
+    def saved_by_autograd(T):
+        sizes = []
 
-    def pack(t):
-        sizes.append(t.numel())
-        return t
+        def pack(t):
+            sizes.append(t.numel())
+            return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.no_grad():
-            out, h_n, c_n, masks = rc.rim_cpu(x, h0, h0, P, cfg)
-        assert sizes == [], "no_grad must save nothing"
-        xg = x.clone().requires_grad_(True)
-        out_g = rc.rim_cpu(xg, h0, h0, P, cfg)[0]
-    assert torch.equal(out, out_g)
-    inputs = x.numel() + 2 * h0.numel() + sum(p.numel() for p in P.values())
-    assert sum(sizes) == inputs + out.numel() + masks.numel() + T * per_step + saved[-1].numel()
-    out_g.sum().backward()
-    assert torch.isfinite(xg.grad).all()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.no_grad():
+                rc.rim_cpu(x[:T], h0, h0, P, cfg)
+            assert sizes == [], "no_grad must save nothing"
+            xg = x[:T].clone().requires_grad_(True)
+            out = rc.rim_cpu(xg, h0, h0, P, cfg)[0]
+        out.sum().backward()
+        assert torch.isfinite(xg.grad).all()
+        return sum(sizes)
+
+    # Per step beyond the op's activations: keys and values (the op's inputs), out and masks.
+    # (The parameters are detached here, so the projections save no copy of x.)
+    extra = B * M * (nk + n_in * cfg.input_value_size) + B * K * H + B * K
+    assert saved_by_autograd(T) - saved_by_autograd(T // 2) == (T - T // 2) * (per_step + extra)
 
 
 # ---- pre-projected mode (rim_cpu_kv): the keys and values are given, the input term unfolded --
