@@ -3,16 +3,19 @@
 #   1. build the extension for sm_90a and print what is available;
 #   2. the gpu-marked tests (the CUDA kernels, the persistent kernels, Triton at realistic shapes,
 #      CUDA-graph replay) -> $OUT/pytest-gpu.log;
-#   3. the benchmark (bf16, paper and large; every GPU provider) and a tile sweep of the
-#      persistent kernels (RIMS_FAST_CUDA_TILE) -> $OUT/*.json, *.csv;
-#   4. the whole test suite -> $OUT/pytest.log;
-#   5. compute-sanitizer: memcheck on a small workload, racecheck and synccheck on the persistent
-#      kernels.
+#   3. (bench) the benchmark (bf16, BENCH_CONFIGS, default paper; every GPU provider) and (tiles)
+#      a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE) -> $OUT/*.json, *.csv;
+#   4. (alltests) the whole test suite -> $OUT/pytest.log;
+#   5. compute-sanitizer: (memcheck) memcheck on a small workload; (sanitize) that plus racecheck
+#      and synccheck on the persistent kernels.
 # Everything is logged to $OUT/session.log. Time limits per stage: *_TIMEOUT variables.
-# STAGES picks stages (default: all): a device call is limited to 10 minutes, so run e.g.
-#   STAGES="build gputests bench" bash tools/gpu_session.sh      (~8 min)
-#   STAGES="build alltests sanitize" bash tools/gpu_session.sh   (~7 min; the build is cached)
-STAGES=${STAGES:-"build gputests bench alltests sanitize"}
+# A session's device time is 15 minutes in all, machine start included (a few minutes), and one
+# call is at most 10: so the default is ONE call of ~9 minutes, most valuable first:
+#   bash tools/gpu_session.sh    (build ~3, gpu tests <=150 s, paper benchmark <=150 s, memcheck)
+# and, only if the budget still allows a second call on the warm machine:
+#   STAGES="alltests sanitize" bash tools/gpu_session.sh   (racecheck/synccheck; build cached)
+#   STAGES="bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
+STAGES=${STAGES:-"build gputests bench memcheck"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -37,9 +40,9 @@ if want gputests; then
   grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -20
 fi
 stamp "benchmarks"
-want bench && timeout "${BENCH_TIMEOUT:-200}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper,large}" \
+want bench && timeout "${BENCH_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
   --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_cluster,triton,triton_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
-want bench && for tile in ${TILES:-4}; do
+want tiles && for tile in ${TILES:-4}; do
   RIMS_FAST_CUDA_TILE=$tile timeout "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
     --configs paper --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
 done
@@ -49,7 +52,7 @@ if want alltests; then
   echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest.log" | tail -5
 fi
 stamp "compute-sanitizer memcheck"
-want sanitize && timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -8
+{ want sanitize || want memcheck; } && timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -8
 stamp "compute-sanitizer racecheck + synccheck (persistent kernels)"
 want sanitize && for tool in racecheck synccheck; do
   timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool $tool --print-limit 20 python3 tools/sanitize_case.py --seq-only 2>&1 | tail -4
