@@ -19,8 +19,13 @@ from .reference import rim_ref
 
 log = logging.getLogger("rims_fast")
 
-#: ``backend="auto"`` tries these in order for the tensors' device type.
+#: ``backend="auto"`` tries these in order for the tensors' device type (RIM, RIMCell).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+#: The same for BRIM stacks. On CUDA, ``cuda`` comes before ``triton`` because the Triton stack's
+#: backward is a recompute through the reference (``cuda`` trains faster by construction) and the
+#: stack has not been timed on a GPU yet.
+BRIM_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_AUTO_ORDERS = {"RIM": AUTO_ORDER, "BRIM": BRIM_AUTO_ORDER}
 
 
 def _torch(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -58,14 +63,19 @@ _CHECKS: dict[str, Callable[[torch.device, torch.dtype], Optional[str]]] = {
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if backend ``name`` can run on tensors of this device and dtype, else why not."""
-    return _CHECKS[name](torch.device(device), dtype)
+    device = torch.device(device)
+    # The per-backend checks look at the build only; without a GPU no backend runs on CUDA.
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    return _CHECKS[name](device, dtype)
 
 
 # torch.compile evaluates this at trace time and bakes the answer into the graph (it depends only
 # on the build and the tensors' device and dtype, which the graph's guards already pin).
 @torch.compiler.assume_constant_result
-def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run. An explicit backend that cannot run raises ``RuntimeError``."""
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, module: str = "RIM") -> str:
+    """The backend that will run. An explicit backend that cannot run raises ``RuntimeError``.
+    ``module`` (``"RIM"`` or ``"BRIM"``) picks the ``"auto"`` order."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
@@ -73,17 +83,18 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         if why is not None:
             raise RuntimeError(why)
         return requested
-    return _resolve_auto(torch.device(device).type, dtype)
+    return _resolve_auto(torch.device(device).type, dtype, module)
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_auto(device_type: str, dtype: torch.dtype) -> str:
+def _resolve_auto(device_type: str, dtype: torch.dtype, module: str = "RIM") -> str:
     reasons = []
-    for name in AUTO_ORDER.get(device_type, ("torch",)):
+    for name in _AUTO_ORDERS[module].get(device_type, ("torch",)):
         why = unavailable_reason(name, torch.device(device_type), dtype)
         if why is None:
-            # Say once per (device, dtype) what "auto" chose and what it passed over.
-            log.info("rims_fast: backend='auto' runs %r on %s/%s%s", name, device_type, dtype,
+            # Say once per (module, device, dtype) what "auto" chose and what it passed over.
+            log.info("rims_fast: %sbackend='auto' runs %r on %s/%s%s",
+                     "" if module == "RIM" else f"{module} ", name, device_type, dtype,
                      "".join(f"; skipped {r}" for r in reasons))
             return name
         reasons.append(why)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,18 +37,23 @@ class RimConfig:
 
     def __post_init__(self):
         # Order follows SPEC.md: sizes and counts first, then top_k, dropout, cell, divisibility.
-        for name in ("input_size", "hidden_size", "num_units", "input_heads", "input_key_size",
-                     "comm_heads", "comm_key_size", "comm_value_size"):
-            _check_positive_int(name, getattr(self, name))
-        if self.input_value_size is not None:
-            _check_positive_int("input_value_size", self.input_value_size)
-        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_units:
+        # Integer-like values (NumPy, 0-dim torch ints) are stored as Python ints: the sizes go
+        # into custom-op schemas and cache keys, which want plain ints.
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if v is None and name == "input_value_size":  # None: derived below
+                continue
+            _check_positive_int(name, v)
+            object.__setattr__(self, name, _as_int(v))
+        top_k = _as_int(self.top_k)
+        if top_k is None or not 1 <= top_k <= self.num_units:
             raise ValueError(f"top_k must be an int in 1..num_units={self.num_units}, got {self.top_k!r}")
+        object.__setattr__(self, "top_k", top_k)
         for name in ("input_dropout", "comm_dropout"):
             p = getattr(self, name)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
-        if self.cell not in CELLS:
+        if not isinstance(self.cell, str) or self.cell not in CELLS:  # a list is unhashable
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         if self.input_value_size is None:
             if (4 * self.hidden_size) % self.input_heads:
@@ -93,12 +99,24 @@ class RimConfig:
         return 1.0 / math.sqrt(self.param_shapes()[name][-2])  # fan_in = shape[-2]
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_INT_FIELDS = ("input_size", "hidden_size", "num_units", "input_heads", "input_key_size",
+               "comm_heads", "comm_key_size", "comm_value_size", "input_value_size")
+
+
+def _as_int(v):
+    """``v`` as a Python int if it is an integer (anything with ``__index__``: int, NumPy and
+    0-dim torch integers) but not a bool, else ``None``."""
+    if isinstance(v, bool):  # True would pass as 1
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def _check_positive_int(name: str, v) -> None:
-    if not _is_int(v) or v < 1:
+    n = _as_int(v)
+    if n is None or n < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 

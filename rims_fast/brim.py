@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _backend
-from ._config import BACKENDS, RimConfig
-from .modules import check_input, check_state
+from ._config import BACKENDS, RimConfig, _as_int
+from .modules import check_bool, check_factory_dtype, check_input, check_state
 from .reference import brim_ref
 from .rim_seq import cuda_fwd_mode
 
@@ -23,10 +23,10 @@ PerLayer = Union[int, Sequence[int], None]
 #: driver one layer-step per call (:mod:`rims_fast.brim_cpu`) and the Triton RIM kernels one
 #: layer-step at a time (:mod:`rims_fast.brim_triton`).
 BRIM_BACKENDS = ("torch", "cuda", "cpu", "triton")
-#: ``backend="auto"`` tries these in order for the tensors' device type. On CUDA, ``cuda`` comes
-#: before ``triton`` because the Triton stack's backward is a recompute through the reference
-#: (``cuda`` trains faster by construction) and the stack has not been timed on a GPU yet.
-BRIM_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+#: ``backend="auto"`` tries these in order for the tensors' device type. Defined in
+#: :mod:`rims_fast._backend` beside RIM's order (the reasons are there), so that one resolver
+#: serves and logs both.
+BRIM_AUTO_ORDER = _backend.BRIM_AUTO_ORDER
 
 
 class BrimLayer(nn.Module):
@@ -80,8 +80,10 @@ class BRIM(nn.Module):
             fused CUDA cell; with ``RIMS_FAST_CUDA_FWD=persistent`` the persistent kernels, one
             launch per layer-step, see :mod:`rims_fast.brim_seq`) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
             :mod:`rims_fast.brim_cpu`) or ``"triton"`` (the Triton RIM kernels per layer-step,
-            backward by recompute; see :mod:`rims_fast.brim_triton`). ``"auto"`` picks ``"cpu"``
-            on CPU tensors and ``"cuda"`` on CUDA tensors when built, else ``"torch"``.
+            backward by recompute; see :mod:`rims_fast.brim_triton`). ``"auto"`` picks the first
+            available of ``"cpu"``, ``"torch"`` on CPU tensors and of ``"cuda"``, ``"triton"``,
+            ``"torch"`` on CUDA tensors (:data:`BRIM_AUTO_ORDER`), and logs its choice once per
+            device/dtype on the ``rims_fast`` logger.
         device, dtype: factory arguments of the parameters.
 
     Call: ``out, states = brim(x, states=None)`` with ``states`` a list of per-layer ``(h, c)``
@@ -105,16 +107,17 @@ class BRIM(nn.Module):
         args = [{k: (v[l] if isinstance(v, (list, tuple)) else v) for k, v in per_layer.items()}
                 for l in range(L)]
         cfgs, width = [], input_size
-        for a in args:
-            cfg = RimConfig(width, cell=cell, input_dropout=input_dropout,
-                            comm_dropout=comm_dropout, block_inactive_grad=block_inactive_grad, **a)
+        for l, a in enumerate(args):
+            cfg = _layer_config(l, a, width, cell=cell, input_dropout=input_dropout,
+                                comm_dropout=comm_dropout, block_inactive_grad=block_inactive_grad)
             cfgs.append(cfg)
             width = cfg.num_units * cfg.hidden_size
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_factory_dtype(dtype)
         self.backend = backend
-        self.batch_first = bool(batch_first)
-        self.output_all_layers = bool(output_all_layers)
+        self.batch_first = check_bool("batch_first", batch_first)
+        self.output_all_layers = check_bool("output_all_layers", output_all_layers)
         self.last_backend: Optional[str] = None
         tops = [c.num_units * c.hidden_size for c in cfgs[1:]] + [None]
         self.layers = nn.ModuleList(BrimLayer(c, td, device=device, dtype=dtype)
@@ -130,7 +133,8 @@ class BRIM(nn.Module):
 
     def forward(self, x: Tensor, states: Optional[Sequence] = None, return_masks: bool = False):
         cfgs = self.configs
-        check_input(x, (3, 4), cfgs[0].input_size, self.layers[0].input_key_bottom_up)
+        check_input(x, (3, 4), cfgs[0].input_size, self.layers[0].input_key_bottom_up,
+                    "BTMD" if self.batch_first else "TBMD")
         if self.batch_first:
             x = x.transpose(0, 1)
         if x.dim() == 3:
@@ -142,7 +146,6 @@ class BRIM(nn.Module):
                                (B, c.num_units, c.hidden_size), lstm, where=f"states[{l}].")
                    for l, c in enumerate(cfgs)]
         name = self._resolve(x)
-        self.last_backend = name
         run = brim_ref
         if name == "cpu":
             from .brim_cpu import brim_cpu
@@ -158,6 +161,7 @@ class BRIM(nn.Module):
             run = functools.partial(brim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
         params = [dict(layer.named_parameters()) for layer in self.layers]
         outs, final, masks = run(x, checked, params, cfgs, training=self.training)
+        self.last_backend = name  # only once it ran, as RIM
         out = torch.cat(outs, -1) if self.output_all_layers else outs[-1]
         if self.batch_first:
             out, masks = out.transpose(0, 1), [m.transpose(0, 1) for m in masks]
@@ -165,26 +169,45 @@ class BRIM(nn.Module):
         return (out, new_states, masks) if return_masks else (out, new_states)
 
     def _resolve(self, x: Tensor) -> str:
-        if self.backend == "auto":
-            for name in BRIM_AUTO_ORDER.get(x.device.type, ("torch",)):
-                if _backend.unavailable_reason(name, x.device, x.dtype) is None:
-                    return name
-            return "torch"
-        if self.backend not in BRIM_BACKENDS:
+        if self.backend in BACKENDS and self.backend not in ("auto", *BRIM_BACKENDS):
             raise RuntimeError(f"backend={self.backend!r} does not run BRIM stacks in this version; "
                                f"use one of {BRIM_BACKENDS} or 'auto'")
-        return _backend.resolve(self.backend, x.device, x.dtype)
+        # RIM's resolver, with BRIM's auto order; it logs the auto choice once per device/dtype.
+        return _backend.resolve(self.backend, x.device, x.dtype, "BRIM")
+
+
+#: Per-layer keys whose BRIM argument has another name (RimConfig's ``hidden_size``).
+_ARG_NAMES = {"hidden_size": "hidden_sizes"}
+
+
+def _layer_config(l: int, args: dict, width: int, **shared) -> RimConfig:
+    """Layer ``l``'s config; errors in a per-layer argument say which layer and name BRIM's
+    argument (arguments in ``shared`` are one value for all layers: no layer to name)."""
+    try:
+        return RimConfig(width, **shared, **args)
+    except ValueError as e:
+        msg = str(e)
+        if any(msg.startswith(f"{k} ") for k in shared):
+            if isinstance(shared.get("cell"), (list, tuple)) and msg.startswith("cell "):
+                msg += " (one cell for all layers)"
+            raise ValueError(msg) from None
+        for key, arg in _ARG_NAMES.items():
+            if msg.startswith(f"{key} "):
+                msg = arg + msg[len(key):]
+        raise ValueError(f"layer {l}: {msg}") from None
 
 
 def _num_layers(per_layer: dict, num_layers: Optional[int]) -> int:
     lengths = {k: len(v) for k, v in per_layer.items() if isinstance(v, (list, tuple))}
-    if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool)
-                                   or num_layers < 1):
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if num_layers is not None:
+        n = _as_int(num_layers)
+        if n is None or n < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        num_layers = n
     L = num_layers if num_layers is not None else next(iter(lengths.values()), 1)
     if L < 1:
         raise ValueError("a BRIM needs at least one layer (got empty per-layer lists)")
     for k, n in lengths.items():
         if n != L:
-            raise ValueError(f"{k} has {n} entries but the stack has {L} layers")
+            raise ValueError(f"{_ARG_NAMES.get(k, k)} has {n} entries but the stack has {L} layers")
     return L

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -31,6 +32,7 @@ class _RimLayer(nn.Module):
             block_inactive_grad=block_inactive_grad)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_factory_dtype(dtype)
         self.backend = backend
         #: Name of the backend that ran the last forward (``None`` before the first call).
         self.last_backend: Optional[str] = None
@@ -61,8 +63,8 @@ class _RimLayer(nn.Module):
                 f"cell={c.cell!r}, input_heads={c.input_heads}, comm_heads={c.comm_heads}, "
                 f"backend={self.backend!r}")
 
-    def _check_input(self, x: Tensor, ranks: tuple[int, int]) -> None:
-        check_input(x, ranks, self.config.input_size, self.input_key)
+    def _check_input(self, x: Tensor, ranks: tuple[int, int], layout: str) -> None:
+        check_input(x, ranks, self.config.input_size, self.input_key, layout)
 
     def _check_state(self, state: State, x: Tensor, B: int) -> tuple[Tensor, Optional[Tensor]]:
         c = self.config
@@ -72,9 +74,10 @@ class _RimLayer(nn.Module):
         """``x``: ``(T, B, M, D)`` -> ``out, h_n, c_n, masks`` from the resolved backend."""
         h0, c0 = self._check_state(state, x, x.shape[1])
         name = _backend.resolve(self.backend, x.device, x.dtype)
-        self.last_backend = name
         params = dict(self.named_parameters(recurse=False))
-        return _backend.runner(name)(x, h0, c0, params, self.config, training=self.training)
+        result = _backend.runner(name)(x, h0, c0, params, self.config, training=self.training)
+        self.last_backend = name  # only once it ran: after a failure it still names the last success
+        return result
 
 
 class RIM(_RimLayer):
@@ -115,11 +118,12 @@ class RIM(_RimLayer):
 
     def __init__(self, input_size: int, hidden_size: int, num_units: int, top_k: int, *,
                  batch_first: bool = False, **kwargs):
+        check_kwargs("RIM", kwargs)
         super().__init__(input_size, hidden_size, num_units, top_k, **kwargs)
-        self.batch_first = bool(batch_first)
+        self.batch_first = check_bool("batch_first", batch_first)
 
     def forward(self, x: Tensor, state: State = None, return_masks: bool = False):
-        self._check_input(x, (3, 4))
+        self._check_input(x, (3, 4), "BTMD" if self.batch_first else "TBMD")
         if self.batch_first:
             x = x.transpose(0, 1)
         if x.dim() == 3:
@@ -139,8 +143,12 @@ class RIMCell(_RimLayer):
     ``(B, K)`` bool. Stepping a ``RIMCell`` T times equals one ``RIM`` call in float32/float64.
     """
 
+    def __init__(self, input_size: int, hidden_size: int, num_units: int, top_k: int, **kwargs):
+        check_kwargs("RIMCell", kwargs)
+        super().__init__(input_size, hidden_size, num_units, top_k, **kwargs)
+
     def forward(self, x: Tensor, state: State = None):
-        self._check_input(x, (2, 3))
+        self._check_input(x, (2, 3), "BMD")
         if x.dim() == 2:
             x = x.unsqueeze(1)
         _, h_n, c_n, masks = self._run(x.unsqueeze(0), state)
@@ -148,39 +156,79 @@ class RIMCell(_RimLayer):
         return new_state, masks[0]
 
 
+# -- construction checks beyond RimConfig's (shared with BRIM) -------------------------------------
+#: Keyword arguments of ``_RimLayer`` (everything after ``top_k``), for :func:`check_kwargs`.
+_LAYER_KWARGS = frozenset(
+    n for n, p in inspect.signature(_RimLayer.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_kwargs(cls: str, kwargs: dict) -> None:
+    """Report an unknown keyword against the public class, not the private ``_RimLayer``."""
+    unknown = sorted(set(kwargs) - _LAYER_KWARGS)
+    if unknown:
+        raise TypeError(f"{cls}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+
+
+def check_bool(name: str, v) -> bool:
+    """``v`` itself if it is a bool; ``bool("False")`` would silently be True."""
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
+def check_factory_dtype(dtype) -> None:
+    """The parameters' ``dtype=``: None or a floating dtype (else torch fails later with a message
+    about ``requires_grad`` that does not name ``dtype``)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating dtype (or None), got {dtype}")
+
+
 # -- call-time checks (SPEC "Errors": floating dtype, rank, sizes, then agreement) -----------------
-def check_input(x: Tensor, ranks: tuple[int, int], input_size: int, param: Tensor) -> None:
+def check_input(x: Tensor, ranks: tuple[int, int], input_size: int, param: Tensor,
+                layout: str = "TBMD") -> None:
     """``x`` must be a floating tensor of rank in ``ranks``, last dim ``input_size``, every size
-    >= 1, with ``param``'s dtype and device."""
+    >= 1, with ``param``'s dtype and device. ``layout`` names the dims of the higher rank (the
+    lower one has no ``M``), for the message about a zero size."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must have a floating dtype, got {x.dtype}")
     if x.dim() not in ranks:
-        raise ValueError(f"x must have dim {ranks[0]} or {ranks[1]}, got dim {x.dim()} "
-                         f"(shape {tuple(x.shape)})")
-    if x.shape[-1] != input_size or any(n < 1 for n in x.shape):
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected last dim input_size="
-                         f"{input_size} and every size >= 1")
+        dims = " or ".join(str(r) for r in sorted(set(ranks)))
+        raise ValueError(f"x must have dim {dims}, got dim {x.dim()} (shape {tuple(x.shape)})")
+    if x.shape[-1] != input_size:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected last dim input_size={input_size}")
+    if any(n < 1 for n in x.shape):
+        _zero_size(x, layout if x.dim() == len(layout) else layout.replace("M", ""))
     if x.dtype != param.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the parameters have dtype {param.dtype}")
     if x.device != param.device:
         raise ValueError(f"x is on {x.device} but the parameters are on {param.device}")
 
 
+def _zero_size(x: Tensor, letters: str) -> None:
+    """Raise for a zero T, B or M (``letters`` name ``x``'s dims; the last is D, checked before)."""
+    dims = letters[:-1]
+    names = f"{', '.join(dims[:-1])} and {dims[-1]}" if len(dims) > 1 else dims
+    zeros = ", ".join(f"{l}={n}" for l, n in zip(letters, x.shape) if n < 1)
+    raise ValueError(f"x has shape {tuple(x.shape)}: {names} must be >= 1 (got {zeros})")
+
+
 def check_state(state: State, x: Tensor, expected: tuple[int, int, int], lstm: bool,
                 where: str = "") -> tuple[Tensor, Optional[Tensor]]:
     """``(h0, c0)`` of shape ``expected`` = ``(B, K, H)`` (``c0`` None for GRU); zeros when
-    ``state`` is None. ``where`` prefixes names in messages (e.g. ``"state[1]."`` for BRIM)."""
+    ``state`` is None. ``where`` prefixes names in messages (e.g. ``"states[1]."`` for BRIM)."""
     if state is None:
         return x.new_zeros(expected), (x.new_zeros(expected) if lstm else None)
+    whole = where.rstrip(".") or "state"  # the state itself: "states[1]", not "states[1]."
     if lstm:
         if not (isinstance(state, (tuple, list)) and len(state) == 2):
-            raise TypeError(f"{where or 'state'} must be a tuple (h_0, c_0) for cell='lstm'")
+            raise TypeError(f"{whole} must be a tuple (h_0, c_0) for cell='lstm'")
         named = {"h_0": state[0], "c_0": state[1]}
     else:
         if not isinstance(state, Tensor):
-            raise TypeError(f"{where or 'state'} must be a Tensor h_0 for cell='gru'")
+            raise TypeError(f"{whole} must be a Tensor h_0 for cell='gru'")
         named = {"h_0": state}
     for name, t in named.items():
         name = where + name
@@ -197,3 +245,20 @@ def check_state(state: State, x: Tensor, expected: tuple[int, int, int], lstm: b
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     return named["h_0"], named.get("c_0")
+
+
+def check_masks(masks: Optional[Tensor], x: Tensor, expected: tuple[int, int, int],
+                name: str = "masks") -> None:
+    """Imposed selections (the reference's ``masks=``): ``None`` or a bool tensor of shape
+    ``expected`` = ``(T, B, K)`` on ``x``'s device. The count of true per row is not checked: that
+    would be a device sync per call."""
+    if masks is None:
+        return
+    if not isinstance(masks, Tensor) or masks.dtype != torch.bool:
+        got = masks.dtype if isinstance(masks, Tensor) else type(masks).__name__
+        raise TypeError(f"{name} must be a bool Tensor (T, B, K), got {got}")
+    if tuple(masks.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(masks.shape)}, expected shape (T, B, K) = "
+                         f"{expected}")
+    if masks.device != x.device:
+        raise ValueError(f"{name} is on {masks.device} but x is on {x.device}")

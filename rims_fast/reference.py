@@ -214,7 +214,8 @@ def rim_ref(
         params: the layer's parameters by SPEC name (``RIM.named_parameters()``).
         cfg: the layer's :class:`RimConfig`.
         masks: optional ``(T, B, K)`` bool; replaces the competition (to compare backends under
-            identical selections). Must have exactly ``top_k`` true per row for SPEC semantics.
+            identical selections). Must have exactly ``top_k`` true per row for SPEC semantics;
+            that count is not checked (it would cost a device sync), shape and dtype are.
         training: dropout is applied only when true.
         lstm_cell, gru_cell: the masked cell update (step 3); backends substitute a fused op with
             the same signature as :func:`lstm_cell_ref` / :func:`gru_cell_ref`.
@@ -225,7 +226,14 @@ def rim_ref(
 
     Returns:
         ``out (T, B, K*H)``, ``h_n (B, K, H)``, ``c_n (B, K, H)`` or ``None``, ``masks (T, B, K)``.
+
+    Raises ``TypeError``/``ValueError`` for bad ``x``, ``h0``/``c0`` or ``masks``, as the modules do.
     """
+    from .modules import check_input, check_masks  # modules imports this module (via _backend)
+
+    check_input(x, (4, 4), cfg.input_size, params["input_key"])
+    _check_given_state(h0, c0, x, cfg)
+    check_masks(masks, x, (x.shape[0], x.shape[1], cfg.num_units))
     T, B, M, D = x.shape
     K, H = cfg.num_units, cfg.hidden_size
     ct = compute_dtype(x.dtype)
@@ -254,6 +262,38 @@ def rim_ref(
     dtype = params["input_key"].dtype
     out = torch.stack(outs).permute(0, 2, 1, 3).reshape(T, B, K * H).to(dtype)
     return (out, *finish_state(h, c, dtype), torch.stack(selected).transpose(1, 2).contiguous())
+
+
+def _check_given_state(h0: Optional[Tensor], c0: Optional[Tensor], x: Tensor, cfg: RimConfig,
+                       where: str = "") -> None:
+    """The references have no default state: ``h0`` (and ``c0`` for LSTM) must be given, then are
+    checked as the modules check a state. ``where`` prefixes names, as in ``check_state``."""
+    from .modules import check_state
+
+    lstm = cfg.cell == "lstm"
+    if h0 is None or (lstm and c0 is None):
+        raise TypeError(f"{where}h0{' and ' + where + 'c0' if lstm else ''} must be given: the "
+                        "reference has no default state (pass zeros of shape (B, K, H))")
+    check_state((h0, c0) if lstm else h0, x, (x.shape[1], cfg.num_units, cfg.hidden_size), lstm,
+                where)
+
+
+def _check_brim_args(x: Tensor, states: Sequence, layer_params: Sequence, cfgs: Sequence[RimConfig],
+                     masks: Optional[Sequence[Optional[Tensor]]]) -> None:
+    """:func:`brim_ref`'s arguments, with BRIM's call-time checks and messages."""
+    from .modules import check_input, check_masks
+
+    L = len(cfgs)
+    for name, seq in (("states", states), ("layer_params", layer_params), ("masks", masks)):
+        if seq is not None and (not isinstance(seq, (list, tuple)) or len(seq) != L):
+            raise TypeError(f"{name} must be a list of {L} per-layer entries (one per cfg)")
+    check_input(x, (4, 4), cfgs[0].input_size, layer_params[0]["input_key_bottom_up"])
+    for l, cfg in enumerate(cfgs):
+        if not (isinstance(states[l], (tuple, list)) and len(states[l]) == 2):
+            raise TypeError(f"states[{l}] must be a pair (h0, c0) (c0 None for cell='gru')")
+        _check_given_state(*states[l], x, cfg, f"states[{l}].")
+        check_masks(None if masks is None else masks[l], x,
+                    (x.shape[0], x.shape[1], cfg.num_units), f"masks[{l}]")
 
 
 def lower_triangle(K: int, device) -> Tensor:
@@ -293,7 +333,8 @@ def brim_ref(
             ``input_key_bottom_up``/``input_value_bottom_up`` and, below the top,
             ``input_key_top_down``/``input_value_top_down``.
         cfgs: per layer :class:`RimConfig` (its ``input_size`` is the bottom-up width).
-        masks: optional per-layer ``(T, B, K_l)`` bool selections to impose.
+        masks: optional per-layer ``(T, B, K_l)`` bool selections to impose (``top_k_l`` true
+            per row; the count is not checked, shape and dtype are).
         dropout_masks: optional per-layer pairs of bool keep-masks ``(T, B, K_l, n_in, M_l)``
             (``M_l`` = the layer's input elements: its bottom-up ones, then the top-down one) and
             ``(T, B, K_l, n_c, K_l)``, as :func:`rim_ref`'s, to replay a backend's dropout draw;
@@ -301,7 +342,10 @@ def brim_ref(
 
     Returns:
         per-layer outputs ``(T, B, K_l*H_l)``, per-layer final ``(h_n, c_n)``, per-layer masks.
+
+    Raises ``TypeError``/``ValueError`` for bad ``x``, ``states`` or ``masks``, as ``BRIM`` does.
     """
+    _check_brim_args(x, states, layer_params, cfgs, masks)
     T, B, M, D = x.shape
     L = len(cfgs)
     ct = compute_dtype(x.dtype)

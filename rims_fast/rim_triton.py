@@ -117,6 +117,29 @@ except ImportError as e:  # triton missing, or the kernels failed to import
     _k = _kb = None
     _IMPORT_ERROR = e
 
+
+def _interpreted() -> bool:
+    """Whether the Triton kernels run through Triton's interpreter. ``@triton.jit`` reads
+    ``TRITON_INTERPRET`` when it decorates: Triton's own library (``tl.sigmoid``, ...) when triton
+    is imported -- which ``import rims_fast`` already does, through ``torch._dynamo`` -- and our
+    kernels when they are imported (their ``_INTERP``). Both must be interpreted; setting the
+    variable later gives a mix that fails inside the first launch, so the environment read at call
+    time is no answer."""
+    if _k is None:
+        return False
+    try:  # Triton internals (3.x): if they move, report "not interpreted" rather than fail import
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+        interp = _k._INTERP
+        return bool(getattr(interp, "value", interp)) and isinstance(standard.zeros,
+                                                                     InterpretedFunction)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+#: Fixed for the process once the kernels are imported (see :func:`_interpreted`).
+_INTERPRETED = _interpreted()
+
 __all__ = ["rim_triton", "unavailable_reason", "RimFn", "PARAM_NAMES"]
 
 #: Parameter order of the op (SPEC.md's table).
@@ -137,9 +160,16 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # The variable is the switch: it must have been 1 when the kernels were imported (that is
+        # what counts, see _interpreted) and still be 1, so that unsetting it turns the backend off.
+        wanted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if wanted and _INTERPRETED:
             return None
-        return "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)"
+        if wanted:  # set now, but after Triton was imported: too late to take effect
+            return ("TRITON_INTERPRET=1 was set after Triton was imported; set it before "
+                    "`import rims_fast` (which imports Triton) to run backend='triton' on CPU tensors")
+        return ("backend='triton' on CPU tensors needs TRITON_INTERPRET=1, set before "
+                "`import rims_fast` (which imports Triton)")
     return f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {device}"
 
 

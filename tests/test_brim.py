@@ -148,8 +148,15 @@ def test_state_carried_across_calls(backend):
 
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(hidden_sizes=[3, 4], num_units=[4, 3, 3]), ValueError, "entries"),
+    (dict(hidden_sizes=[3, 4], num_layers=3), ValueError, "^hidden_sizes has 2 entries"),
     (dict(num_layers=0), ValueError, "num_layers"),
-    (dict(top_k=[2, 5, 1]), ValueError, "top_k"),
+    (dict(top_k=[2, 5, 1]), ValueError, r"^layer 1: top_k must be an int in 1\.\.num_units=3"),
+    (dict(hidden_sizes=[3, 0, 2]), ValueError, "^layer 1: hidden_sizes must be a positive int"),
+    (dict(input_heads=[2, 2, 3], input_value_size=None), ValueError,
+     "^layer 2: input_value_size=None"),
+    (dict(cell=["lstm", "gru", "lstm"]), ValueError,
+     r"^cell must be one of \['gru', 'lstm'\].*one cell for all layers"),
+    (dict(input_dropout=1.5), ValueError, "^input_dropout"),  # shared: no layer to name
     (dict(hidden_sizes=[], num_units=[], top_k=[]), ValueError, "at least one layer"),
 ])
 def test_construction_errors(kw, exc, match):
@@ -162,6 +169,8 @@ def test_call_errors():
     x = torch.randn(2, 2, 5, dtype=torch.float64)
     with pytest.raises(TypeError, match="3 per-layer"):
         brim(x, [None])
+    with pytest.raises(TypeError, match=r"^states\[0\] must be a tuple \(h_0, c_0\)"):
+        brim(x, [torch.zeros(2, 4, 3, dtype=torch.float64)] * 3)  # a RIM-style h per layer
     with pytest.raises(ValueError, match=r"states\[1\].h_0 has shape"):
         st = brim_states(brim, 2)
         st[1] = (torch.zeros(2, 3, 5, dtype=torch.float64), st[1][1])
@@ -232,3 +241,24 @@ def test_cuda_persistent_tensor_cores_bf16(cell, monkeypatch):
     assert_close("out", out, outs[-1], torch.bfloat16)
     out.float().square().sum().backward()
     assert torch.isfinite(xb.grad).all()
+
+
+def test_auto_logs_its_choice(caplog):
+    """As RIM's: once per device/dtype, on the rims_fast logger (README "Support matrix")."""
+    from rims_fast import _backend
+    _backend._resolve_auto.cache_clear()
+    brim = make_brim(backend="auto")
+    with caplog.at_level("INFO", logger="rims_fast"):
+        brim(torch.randn(2, 2, 5, dtype=torch.float64))
+        brim(torch.randn(2, 2, 5, dtype=torch.float64))
+    logged = [r.getMessage() for r in caplog.records if r.name == "rims_fast"]
+    assert logged == [f"rims_fast: BRIM backend='auto' runs {brim.last_backend!r} on "
+                      f"cpu/torch.float64"], logged
+
+
+def test_docstring_auto_order_matches():
+    from rims_fast.brim import BRIM_AUTO_ORDER
+    doc = " ".join(rims_fast.BRIM.__doc__.split())
+    for device, order in BRIM_AUTO_ORDER.items():
+        names = ", ".join(f'``"{n}"``' for n in order)
+        assert f"{names} on {device.upper()} tensors" in doc, (device, doc)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import rims_fast
+from rims_fast import _backend
 
 OK = dict(input_size=4, hidden_size=3, num_units=4, top_k=2)
 
@@ -72,9 +78,10 @@ def rim():
     (torch.zeros(2, 3, 4, dtype=torch.long), TypeError, "floating"),
     (torch.zeros(3, 4), ValueError, "dim"),
     (torch.zeros(1, 2, 3, 4, 4), ValueError, "dim"),
-    (torch.zeros(2, 3, 5), ValueError, "shape"),
-    (torch.zeros(0, 3, 4), ValueError, "shape"),
-    (torch.zeros(2, 3, 0, 4), ValueError, "shape"),
+    (torch.zeros(2, 3, 5), ValueError, "shape.*input_size=4"),
+    (torch.zeros(0, 3, 4), ValueError, r"shape.*T and B must be >= 1 \(got T=0\)"),
+    (torch.zeros(2, 0, 4), ValueError, r"shape.*T and B must be >= 1 \(got B=0\)"),
+    (torch.zeros(2, 3, 0, 4), ValueError, r"shape.*T, B and M must be >= 1 \(got M=0\)"),
     (torch.zeros(2, 3, 4, dtype=torch.float64), TypeError, "dtype"),
 ])
 def test_bad_input(rim, x, exc, match):
@@ -115,10 +122,18 @@ def test_batch_first_state_is_batch_major():
     assert out.shape == (3, 2, 12) and h.shape == (3, 4, 3)
 
 
+def test_zero_size_names_batch_first_dims():
+    rim = rims_fast.RIM(**OK, batch_first=True)
+    with pytest.raises(ValueError, match=r"B and T must be >= 1 \(got B=0\)"):
+        rim(torch.zeros(0, 2, 4))
+
+
 def test_rimcell_input_checks():
     cell = rims_fast.RIMCell(**OK)
     with pytest.raises(ValueError, match="dim"):
         cell(torch.zeros(2, 3, 3, 4))
+    with pytest.raises(ValueError, match=r"B and M must be >= 1 \(got M=0\)"):
+        cell(torch.zeros(3, 0, 4))
     (h, c), mask = cell(torch.zeros(3, 4))
     assert h.shape == (3, 4, 3) and mask.shape == (3, 4)
 
@@ -148,3 +163,91 @@ def test_available_backends_reports_reasons():
     from rims_fast import rim_cpu
     assert av["cpu"] == rim_cpu.unavailable_reason(torch.device("cpu"), torch.float32)
     assert isinstance(rims_fast.available_backends("meta")["cpu"], str)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPU")
+def test_no_backend_on_cuda_without_gpu():
+    """The per-backend checks look at the build; without a GPU none can run on CUDA tensors."""
+    why = "CUDA is not available (torch.cuda.is_available() is False)"
+    assert rims_fast.available_backends("cuda") == {n: why for n in rims_fast.BACKENDS[1:]}
+
+
+def test_last_backend_set_only_after_the_run(monkeypatch):
+    rim = rims_fast.RIM(**OK, backend="torch")
+    rim(torch.zeros(2, 3, 4))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(_backend, "runner", lambda name: failing)
+    rim.backend = "cpu" if rims_fast.available_backends("cpu")["cpu"] is None else "torch"
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        rim(torch.zeros(2, 3, 4))
+    assert rim.last_backend == "torch"  # the backend that last ran, not the one that failed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_interpret_set_after_import_is_reported():
+    """``import rims_fast`` imports Triton, which reads TRITON_INTERPRET then: setting it later
+    must not pass the availability check (it used to, then crash inside the first launch)."""
+    script = """if True:
+        import os, torch, rims_fast
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("WHY", rims_fast.available_backends("cpu")["triton"])
+        rim = rims_fast.RIM(4, 3, 2, 1, backend="triton")
+        try:
+            rim(torch.zeros(2, 2, 4))
+        except RuntimeError as e:
+            print("RAISED", e)
+        print("LAST", rim.last_backend)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+    assert "set it before `import rims_fast`" in lines["WHY"]
+    assert lines["RAISED"] == lines["WHY"]
+    assert lines["LAST"] == "None"
+
+
+@pytest.mark.parametrize("make", [lambda np: rims_fast.RIM(4, np.int64(3), np.int32(4), np.int64(2)),
+                                  lambda np: rims_fast.RIM(4, 3, 4, torch.tensor(2))])
+def test_integer_like_sizes_are_accepted_as_int(make):
+    np = pytest.importorskip("numpy")
+    rim = make(np)
+    for name in ("hidden_size", "num_units", "top_k"):
+        assert type(getattr(rim.config, name)) is int, name
+    assert rim(torch.zeros(2, 3, 4))[0].shape == (2, 3, 12)
+
+
+def test_non_integer_sizes_still_rejected():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="num_units must be a positive int"):
+        rims_fast.RIM(4, 3, np.float64(4.0), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        rims_fast.RIM(4, 3, 4, np.True_)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, "float32"])
+def test_non_floating_factory_dtype(dtype):
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        rims_fast.RIM(**OK, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        rims_fast.BRIM(4, 3, 4, 2, dtype=dtype)
+
+
+def test_unknown_kwarg_names_the_public_class():
+    with pytest.raises(TypeError, match=r"^RIMCell\.__init__\(\) got an unexpected keyword "
+                                        r"argument 'batch_first'"):
+        rims_fast.RIMCell(**OK, batch_first=True)
+    with pytest.raises(TypeError, match=r"^RIM\.__init__\(\) got an unexpected keyword argument 'hx'"):
+        rims_fast.RIM(**OK, hx=None)
+
+
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_batch_first_must_be_bool(value):
+    with pytest.raises(ValueError, match="batch_first must be a bool"):
+        rims_fast.RIM(**OK, batch_first=value)
+    with pytest.raises(ValueError, match="batch_first must be a bool"):
+        rims_fast.BRIM(4, 3, 4, 2, batch_first=value)

@@ -298,3 +298,69 @@ def test_given_dropout_masks_replay_a_draw():
     replay = rims_fast.rim_ref(x, h0, c0, P, rim.config, training=True, dropout_masks=given)[0]
     assert torch.equal(replay, drawn)
     assert not torch.equal(replay, rims_fast.rim_ref(x, h0, c0, P, rim.config)[0])
+
+
+def _ref_args(cell="lstm"):
+    """A valid ``rim_ref`` call for a (T=3, B=2, M=1) input, as a dict to break one entry of."""
+    rim = make_rim(cell=cell)
+    h0, c0 = random_state(rim, 2) if cell == "lstm" else (random_state(rim, 2), None)
+    return dict(x=torch.randn(3, 2, 1, 5, dtype=torch.float64), h0=h0, c0=c0,
+                params=dict(rim.named_parameters()), cfg=rim.config)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(x=torch.randn(3, 2, 5, dtype=torch.float64)), ValueError, "x must have dim 4, got dim 3"),
+    (dict(x=torch.randn(3, 2, 1, 4, dtype=torch.float64)), ValueError, "shape.*input_size=5"),
+    (dict(x=torch.randn(3, 2, 1, 5)), TypeError, "x has dtype torch.float32"),
+    (dict(x=torch.zeros(3, 2, 1, 5, dtype=torch.long)), TypeError, "floating"),
+    (dict(h0=None), TypeError, "h0 and c0 must be given"),
+    (dict(c0=None), TypeError, "h0 and c0 must be given"),
+    (dict(h0=torch.zeros(2, 4, 2, dtype=torch.float64)), ValueError, r"h_0 has shape \(2, 4, 2\)"),
+    (dict(masks=torch.ones(3, 2, dtype=torch.bool)), ValueError,
+     r"masks has shape \(3, 2\), expected shape \(T, B, K\) = \(3, 2, 4\)"),
+    (dict(masks=torch.ones(2, 3, 4, dtype=torch.bool)), ValueError, "masks has shape"),  # (B, T, K)
+    (dict(masks=torch.ones(3, 2, 4)), TypeError, "masks must be a bool Tensor"),
+])
+def test_rim_ref_checks_its_arguments(bad, exc, match):
+    args = {**_ref_args(), **bad}
+    with pytest.raises(exc, match=match):
+        rims_fast.rim_ref(args.pop("x"), args.pop("h0"), args.pop("c0"), args.pop("params"),
+                          args.pop("cfg"), **args)
+
+
+def test_rim_ref_gru_needs_only_h0():
+    args = _ref_args("gru")
+    out = rims_fast.rim_ref(args["x"], args["h0"], None, args["params"], args["cfg"])[0]
+    assert out.shape == (3, 2, 12)
+    with pytest.raises(TypeError, match="h0 must be given"):
+        rims_fast.rim_ref(args["x"], None, None, args["params"], args["cfg"])
+
+
+def test_rim_ref_does_not_check_the_mask_count():
+    """Documented: counting true per row would cost a device sync, so any bool mask runs."""
+    args = _ref_args()
+    masks = torch.ones(3, 2, 4, dtype=torch.bool)  # 4 active, top_k = 2
+    got = rims_fast.rim_ref(args["x"], args["h0"], args["c0"], args["params"], args["cfg"],
+                            masks=masks)
+    assert torch.equal(got[3], masks)
+
+
+def test_brim_ref_checks_its_arguments():
+    brim = rims_fast.BRIM(5, [3, 4], [4, 3], [2, 1], dtype=torch.float64, **SMALL_HEADS)
+    x = torch.randn(3, 2, 1, 5, dtype=torch.float64)
+    states = [(torch.zeros(2, c.num_units, c.hidden_size, dtype=torch.float64),) * 2
+              for c in brim.configs]
+    P = [dict(layer.named_parameters()) for layer in brim.layers]
+    assert len(rims_fast.brim_ref(x, states, P, brim.configs)[0]) == 2
+    with pytest.raises(ValueError, match="x must have dim 4"):
+        rims_fast.brim_ref(x[:, :, 0], states, P, brim.configs)
+    with pytest.raises(TypeError, match="states must be a list of 2"):
+        rims_fast.brim_ref(x, states[:1], P, brim.configs)
+    with pytest.raises(TypeError, match=r"states\[1\]\.h0 and states\[1\]\.c0 must be given"):
+        rims_fast.brim_ref(x, [states[0], (None, None)], P, brim.configs)
+    with pytest.raises(ValueError, match=r"states\[1\]\.c_0 has shape"):
+        rims_fast.brim_ref(x, [states[0], (states[1][0], states[0][1])], P, brim.configs)
+    with pytest.raises(ValueError, match=r"masks\[1\] has shape \(3, 2, 4\), expected shape "
+                                         r"\(T, B, K\) = \(3, 2, 3\)"):
+        rims_fast.brim_ref(x, states, P, brim.configs,
+                           masks=[torch.ones(3, 2, 4, dtype=torch.bool)] * 2)
