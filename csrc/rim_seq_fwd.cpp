@@ -268,6 +268,9 @@ SeqFwdCall seq_fwd_prepare(
               "block of a cluster) must be in 0..K=", c.d.K, " (0: no cluster), got ", cluster);
   TORCH_CHECK(cluster == 0 || !mma, "rims_fast::rim_seq_fwd: the cluster variant runs on CUDA "
               "cores; mma=True needs cluster=0");
+  TORCH_CHECK(cluster == 0 || (c.d.K + cluster - 1) / cluster <= 8, "rims_fast::rim_seq_fwd: ",
+              "cluster=", cluster, " makes ", (c.d.K + cluster - 1) / cluster, " blocks of K=",
+              c.d.K, " mechanisms, more than the portable cluster size 8");
   c.d.kpr = cluster;
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;

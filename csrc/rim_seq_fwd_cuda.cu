@@ -9,6 +9,10 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime_api.h>
 
+#include <mutex>
+#include <set>
+#include <tuple>
+
 #include "rim_seq_fwd.h"
 
 namespace rims {
@@ -132,6 +136,13 @@ void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
   const int64_t ranks = (p.K + p.kpr - 1) / p.kpr, tiles = (p.B + p.S - 1) / p.S;
   TORCH_CHECK(ranks <= 8, "rims_fast::rim_seq: a cluster of ", ranks, " blocks (K=", p.K,
               ", ", p.kpr, " mechanisms per block) exceeds the portable cluster size 8");
+  // A build whose only code for this GPU is sm_80 PTX (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX") JITs
+  // the trap stub (clusters need sm_90 code): refuse rather than trap.
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  TORCH_CHECK(fa.ptxVersion >= 90, "rims_fast::rim_seq: the cluster kernel was built from PTX ",
+              fa.ptxVersion, " (no sm_90 code in this build: TORCH_CUDA_ARCH_LIST needs 9.0a); "
+              "use RIMS_FAST_CUDA_CLUSTER=0");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   cudaLaunchConfig_t cfg = {};
@@ -147,12 +158,20 @@ void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   // A cluster whose blocks' shared memory cannot be co-scheduled would fail to launch with a
-  // generic error: say why instead.
-  int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
-  TORCH_CHECK(clusters > 0, "rims_fast::rim_seq: a cluster of ", ranks, " blocks with ", smem,
-              " bytes of shared memory each cannot be scheduled on this GPU; use a smaller tile "
-              "(RIMS_FAST_CUDA_TILE) or RIMS_FAST_CUDA_CLUSTER=0");
+  // generic error: say why instead. Checked once per (kernel, device, ranks, smem), so that a
+  // warm-up call does it outside any CUDA-graph capture.
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int64_t, int64_t>> schedulable;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, ranks, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  if (schedulable.count(key) == 0) {
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    TORCH_CHECK(clusters > 0, "rims_fast::rim_seq: a cluster of ", ranks, " blocks with ", smem,
+                " bytes of shared memory each cannot be scheduled on this GPU; use a smaller "
+                "tile (RIMS_FAST_CUDA_TILE) or RIMS_FAST_CUDA_CLUSTER=0");
+    schedulable.insert(key);
+  }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

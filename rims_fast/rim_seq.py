@@ -92,8 +92,9 @@ def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
     """``RIMS_FAST_CUDA_CLUSTER=1``: the persistent forward runs each tile on a thread-block
     cluster (sm_90+) instead of one block: block ``r`` of the cluster owns mechanisms
     ``r*kpr .. r*kpr + kpr - 1`` with ``kpr = ceil(K / 8)`` (at most 8 blocks, the portable
-    cluster size), computes only their rows and columns, and reads the other blocks' ``p`` (for the
-    competition) and communication keys/values from their shared memory (DSMEM). Returns ``kpr``
+    cluster size), computes only their rows and columns, and stores its rows' ``p`` (for the
+    competition) and communication keys/values into the other blocks' shared memory too (DSMEM),
+    a cluster barrier after each of the two. Returns ``kpr``
     (the op's ``cluster`` argument), 0 when off (the default: opt-in until a GPU run has checked
     it). CUDA cores only: it cannot be combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the
     single-block kernel's."""

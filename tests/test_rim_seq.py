@@ -162,6 +162,16 @@ def test_host_run_cluster_saved_and_dropout(cell):
         assert torch.equal(a, b), i
 
 
+def test_cluster_size_limit():
+    """At most 8 blocks per cluster (the portable size), on the host run as on the GPU."""
+    rim, x, h0, c0, P, _ = _setup("lstm", 1, 1, 1, 9, 2, 2, 8, B=2)
+    with pytest.raises(RuntimeError, match="more than the portable cluster size 8"):
+        rs.rim_seq(x, h0, c0, P, rim.config, cluster=1)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, cluster=2)  # 5 blocks
+    base = rs.rim_seq(x, h0, c0, P, rim.config, cluster=0)
+    assert torch.equal(got[0], base[0]) and torch.equal(got[3], base[3])
+
+
 @pytest.mark.parametrize("case", GRID[:3] + GRID[4:6], ids=lambda c: "-".join(map(str, c)))
 def test_host_run_float32_against_float64(case):
     rim, x, h0, c0, P, leaves = _setup(*case, dtype=torch.float32)

@@ -142,11 +142,12 @@ struct RimSeqSmem {
 // CLUSTER: the tile is run by a cluster of blocks, block `rank` owning mechanisms
 // rank*kpr .. rank*kpr + kpr - 1 (RimSeqDims::kpr): every phase runs only its own rows and
 // (mechanism, column) items, so per-step work and weight traffic per block shrink K/kpr-fold.
-// The two cross-mechanism reads (the rank rule needs every p; the communication every K|V) copy
-// the other blocks' rows into this block's arrays after a cluster barrier (gather below). Exec
-// then also provides cluster_sync() and peer(ptr, rank): ptr's address in block rank's shared
-// memory (ClusterHostExec; DSMEM on the device). Each block keeps whole (S, K, .) arrays, so the
-// indexing is the single-block kernel's.
+// The two cross-mechanism reads (the rank rule needs every p; the communication every K|V) are
+// served by pushes: the owner of a row stores its p and K|V into every block's copy as it computes
+// them (remote stores, which do not wait for a reply, unlike remote loads), and a cluster barrier
+// follows each of the two phases (publish below). Exec then also provides cluster_sync() and
+// peer(ptr, rank): ptr's address in block rank's shared memory (ClusterHostExec; DSMEM on the
+// device). Each block keeps whole (S, K, .) arrays, so the indexing is the single-block kernel's.
 template <int SMAX, typename C, bool MMA = false, bool CLUSTER = false, typename T, class Exec>
 RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem,
                               int rank = 0) {
@@ -188,19 +189,18 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int k0 = CLUSTER ? rank * kpr : 0;
   const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
   auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
-  // Cluster: columns [off, off + n) of the other blocks' rows of the (S, K, width) array arr,
-  // copied into this block's; a block writes arr again only after the next cluster barrier,
-  // which every block reaches after its copy.
-  auto gather = [&](C* arr, int width, int off, int n) {
-    if constexpr (CLUSTER) {
-      ex.cluster_sync();
-      ex.parallel_for(S * K * n, [&](int i) {
-        const int e = i % n, r = i / n, k = r % K;
-        if (k >= k0 && k < k0 + kn) return;
-        const C* src = ex.peer(arr, k / kpr);
-        arr[r * width + off + e] = src[r * width + off + e];
-      });
-    }
+  // Cluster: *slot (in this block's shared memory) = v in every other block too. A block reads
+  // the pushed rows only after the cluster barrier that ends the phase, and a row is pushed again
+  // (next step) only after the other of the step's two barriers, which every block reaches after
+  // reading it: p is read in phase 2 and pushed in 1b, K|V read in 4b and pushed in 4a.
+  const int ranks = CLUSTER ? (K + kpr - 1) / kpr : 1;
+  auto push = [&](C* slot, C v) {
+    if constexpr (CLUSTER)
+      for (int q = 0; q < ranks; ++q)
+        if (q != rank) *ex.peer(slot, q) = v;
+  };
+  auto publish = [&]() {
+    if constexpr (CLUSTER) ex.cluster_sync();
   };
 
   // The initial state of the own rows, converted to the compute type.
@@ -209,6 +209,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     sm.h[x] = to_c(p.h0[b0 * K * H + x]);
     if (p.lstm) sm.c[x] = to_c(p.c0[b0 * K * H + x]);
   });
+  publish();  // no block touches another's shared memory before every block has started
 
   for (int64_t t = 0; t < p.T_; ++t) {
     const C* kt = keys + (t * B + b0) * M * nk;
@@ -241,8 +242,9 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
           for (int64_t m = 0; m < M; ++m) sv(p.sv_a, t, r, n_in * M)[n * M + m] = an[m];
       }
       sm.p[r] = psum / C(n_in);
+      push(sm.p + r, sm.p[r]);
     });
-    gather(sm.p, 1, 0, 1);
+    publish();  // every p
     // 2. The rank rule per (sample, mechanism).
     ex.parallel_for(S * kn, [&](int i) {
       const int r = row(i), s = r / K, k = r % K;
@@ -424,9 +426,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         if (s < S) {
           sm.qkv[(s * K + k) * C3 + col] = acc[s];
           if (save) sv(p.sv_qkv, t, s * K + k, C3)[col] = acc[s];
+          if (col >= ck) push(sm.qkv + (s * K + k) * C3 + col, acc[s]);  // K | V
         }
     });
-    gather(sm.qkv, C3, ck, ck + cv);  // every mechanism's K | V
+    publish();  // every mechanism's K | V
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
     ex.parallel_for(S * kn * n_c, [&](int i) {
       const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K;
@@ -503,7 +506,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     from_c(sm.h[x], p.h_n + b0 * K * H + x);
     if (p.lstm) from_c(sm.c[x], p.c_n + b0 * K * H + x);
   });
-  // No block may exit while another still reads its shared memory (the last K|V gather).
+  // Remote accesses all end before the last K|V barrier; this one keeps a block's shared memory
+  // alive until every block is past it, whatever the compiler moves (cheap: once per call).
   if constexpr (CLUSTER) ex.cluster_sync();
 }
 
