@@ -294,6 +294,19 @@ def test_backend_cuda_env_switch(monkeypatch):
 
 # ---- on a GPU: the CUDA kernel itself ---------------------------------------------------------
 
+def _paper_cuda(cell, dtype):
+    """The paper layer on the GPU (B=64, T=20, D=64, K=6, top_k=4, H=100, default heads) with a
+    random state, every input requiring grad: rim, x, h0, c0, params, leaves."""
+    torch.manual_seed(0)
+    rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, dtype=dtype, device="cuda")
+    x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype, requires_grad=True)
+    P = dict(rim.named_parameters())
+    h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype, requires_grad=True)
+    c0 = torch.randn_like(h0).requires_grad_(True) if cell == "lstm" else None
+    leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
+    return rim, x, h0, c0, P, leaves
+
+
 _GPU = torch.cuda.is_available() and rs.unavailable_reason(torch.device("cuda"), torch.float32) is None
 
 
@@ -326,14 +339,8 @@ class TestCUDA:
         products on tensor cores (float16/bfloat16 only)."""
         if mma and dtype == torch.float32:
             pytest.skip("the tensor-core path takes float16/bfloat16 (tested to raise below)")
-        torch.manual_seed(0)
-        rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, dtype=dtype, device="cuda")
-        x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype, requires_grad=True)
-        P = dict(rim.named_parameters())
-        h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype, requires_grad=True)
-        c0 = torch.randn_like(h0).requires_grad_(True) if cell == "lstm" else None
+        rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
         got = rs.rim_seq(x, h0, c0, P, rim.config, mma=mma)
-        leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
         l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
         want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"),
                                  {n: l64[n] for n in PARAMS}, rim.config, masks=got[3])
@@ -376,13 +383,7 @@ class TestCUDA:
         separate compilation), and the backward from the histories the cluster's blocks saved."""
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("thread-block clusters need compute capability 9.0+")
-        torch.manual_seed(0)
-        rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, dtype=dtype, device="cuda")
-        x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype, requires_grad=True)
-        P = dict(rim.named_parameters())
-        h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype, requires_grad=True)
-        c0 = torch.randn_like(h0).requires_grad_(True) if cell == "lstm" else None
-        leaves = {"x": x, "h0": h0, **({"c0": c0} if c0 is not None else {}), **P}
+        rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
         got = rs.rim_seq(x, h0, c0, P, rim.config, cluster=1)
         base = rs.rim_seq(x, h0, c0, P, rim.config, cluster=0)
         assert torch.equal(got[3], base[3])
