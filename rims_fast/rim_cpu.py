@@ -91,7 +91,8 @@ def _fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtyp
 
 
 #: id(input_value) -> (weakrefs of input_value and weight_ih, their data pointers, versions and
-#: shapes, compute dtype) and the fold; at most _FOLD_CACHE_SIZE entries (oldest dropped).
+#: shapes, compute dtype) and the fold; at most _FOLD_CACHE_SIZE entries (oldest dropped), an
+#: entry dropped as soon as its input_value is freed (the fold is up to K n D G H elements).
 _FOLD_CACHE: dict = {}
 _FOLD_CACHE_SIZE = 16
 
@@ -118,7 +119,10 @@ def input_fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch
     _FOLD_CACHE.pop(id(input_value), None)
     while len(_FOLD_CACHE) >= _FOLD_CACHE_SIZE:
         _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
-    _FOLD_CACHE[id(input_value)] = ((weakref.ref(input_value), weakref.ref(weight_ih), state), fold)
+    key = id(input_value)
+    # The callback runs while input_value is being freed, before its id can be reused.
+    r_v = weakref.ref(input_value, lambda _r, key=key: _FOLD_CACHE.pop(key, None))
+    _FOLD_CACHE[key] = ((r_v, weakref.ref(weight_ih), state), fold)
     return fold
 
 

@@ -286,6 +286,10 @@ def test_folds_input_rule_and_cache():
         assert f2 is not f1 and torch.equal(f2, 2 * f1)
     f3 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
     assert f3.requires_grad and f3 is not f2  # with a gradient: recomputed, in the graph
+    key = id(rim.input_value)
+    assert key in rc._FOLD_CACHE
+    del rim, P, f1, f2, f3, want
+    assert key not in rc._FOLD_CACHE  # freed weights free their fold
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
