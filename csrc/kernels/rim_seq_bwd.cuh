@@ -135,6 +135,16 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     const uint64_t idx = static_cast<uint64_t>(((((t * B + b0) * K + r) * n_c + n) * K + j));
     return drop_c > 0.f ? (dropout_keep(p.seed, 1, idx, drop_c) ? C(1) / keep_c : C(0)) : C(1);
   };
+  // The forward's read xa[n, d] = sum_m a~_m x_{m,n}[d] of row r (sample s) at step t, recomputed
+  // from the saved probabilities (zero on inactive rows); xt: the step's input term source.
+  auto xa_of = [&](int64_t t, const C* xt, int s, int r, int n, int d) {
+    C xacc = C(0);
+    if (!active(t, r)) return xacc;
+    const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
+    for (int64_t m = 0; m < M; ++m)
+      xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
+    return xacc;
+  };
 
   const int64_t T_ = p.T_;
   ex.parallel_for(S * KH, [&](int i) {
@@ -291,15 +301,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       });
       mma_rows(ex, ms, K, S, S_l, p.wb_x, bg, bx, XW, [&](int s, int k, int col, C v) {
         const int r = s * K + k, n = col / Dx, d = col % Dx;
-        const bool on = active(t, r);
-        C xacc = C(0);
-        if (on) {
-          const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
-          for (int64_t m = 0; m < M; ++m)
-            xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
-        }
-        sm.dgf[r * XW + col] = on ? v : C(0);
-        hist(p.h_xa, t, r, XW)[col] = xacc;
+        sm.dgf[r * XW + col] = active(t, r) ? v : C(0);
+        hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * XW, [&](int i) {
@@ -317,16 +320,9 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
-        const int64_t r = s * K + k;
-        const bool on = active(t, r);
-        C xacc = C(0);
-        if (on) {
-          const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
-          for (int64_t m = 0; m < M; ++m)
-            xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
-        }
-        sm.dgf[r * XW + col] = on ? acc[s] : C(0);
-        hist(p.h_xa, t, r, XW)[col] = xacc;
+        const int r = s * K + k;
+        sm.dgf[r * XW + col] = active(t, r) ? acc[s] : C(0);
+        hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
       }
     });
     // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax; dq.
