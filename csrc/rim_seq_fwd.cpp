@@ -252,7 +252,7 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster) {
+    bool save, bool mma, int64_t cluster, int64_t resident) {
   SeqFwdCall c;
   c.d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
                       comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
@@ -272,6 +272,12 @@ SeqFwdCall seq_fwd_prepare(
               "cluster=", cluster, " makes ", (c.d.K + cluster - 1) / cluster, " blocks of K=",
               c.d.K, " mechanisms, more than the portable cluster size 8");
   c.d.kpr = cluster;
+  TORCH_CHECK(resident >= -1 && resident <= kResAll, "rims_fast::rim_seq_fwd: resident (a bit set "
+              "of the weights a cluster block keeps in shared memory) must be -1 (auto) or in "
+              "0..", kResAll, ", got ", resident);
+  TORCH_CHECK(resident <= 0 || cluster > 0, "rims_fast::rim_seq_fwd: resident weights need "
+              "cluster > 0");
+  c.d.resident = resident;  // -1: each implementation's choice
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;
 }
@@ -322,20 +328,19 @@ SeqFwdResult rim_seq_fwd_cpu(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster) {
-  const SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
+    bool save, bool mma, int64_t cluster, int64_t resident) {
+  SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                        bias_hh, comm_query, comm_key, comm_value, comm_output,
                                        top_k, input_heads, comm_heads, per_head, input_dropout,
-                                       comm_dropout, seed, tile, save, mma, cluster);
+                                       comm_dropout, seed, tile, save, mma, cluster, resident);
   check_host_dtype("rim_seq_fwd", h0);
+  // Auto: every weight resident, the most code the host run can check (no capacity limit here).
+  if (c.d.resident < 0) c.d.resident = c.d.kpr > 0 ? kResAll : 0;
   const RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_fwd_cpu", [&] {
     const RimSeqFwdParams<scalar_t> p = seq_fwd_params<scalar_t>(c);
     const int64_t bytes = sizeof(scalar_t);
-    const int64_t elems =
-        rim_seq_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                           d.lstm, d.mma) +
-        (d.mma ? mma_smem_elems(d.K, d.S, d.ma, bytes, bytes) : 0);
+    const int64_t elems = (rim_seq_fwd_smem_bytes(d, d.S, bytes, bytes) + bytes - 1) / bytes;
     if (d.kpr > 0) {  // one host thread per block of the cluster, each with its shared memory
       const int64_t ranks = (d.K + d.kpr - 1) / d.kpr;
       at::Tensor smem = at::empty({ranks, elems}, h0.options());
@@ -406,8 +411,8 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor input_query, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh,"
         " Tensor comm_query, Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k,"
         " int input_heads, int comm_heads, bool per_head, float input_dropout,"
-        " float comm_dropout, int seed, int tile, bool save, bool mma=False, int cluster=0)"
-        " -> Tensor[]");
+        " float comm_dropout, int seed, int tile, bool save, bool mma=False, int cluster=0,"
+        " int resident=-1) -> Tensor[]");
   m.def("rim_seq_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor keys,"
         " Tensor xsrc, Tensor w_x, Tensor h0, Tensor? c0, Tensor input_query, Tensor weight_hh,"
         " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"

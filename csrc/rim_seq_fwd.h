@@ -41,7 +41,7 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster);
+    bool save, bool mma, int64_t cluster, int64_t resident);
 
 // The kernel's parameters for a prepared call (T: the storage type as the kernel sees it).
 template <typename T>
@@ -134,7 +134,7 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster);
+    bool save, bool mma, int64_t cluster, int64_t resident);
 SeqBwdResult rim_seq_bwd_cuda(
     const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
     const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,

@@ -9,8 +9,8 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime_api.h>
 
+#include <map>
 #include <mutex>
-#include <set>
 #include <tuple>
 
 #include "rim_seq_fwd.h"
@@ -93,10 +93,15 @@ template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
 // The largest tile (<= d.S) whose shared memory fits the device's per-block opt-in limit.
 // mma: the call uses the tensor-core scratch (part of bytes(S), named in the error).
-template <typename C, typename Bytes>
-int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma) {
+int64_t max_smem_per_block(int dev) {
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return max_smem;
+}
+
+template <typename C, typename Bytes>
+int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma) {
+  const int64_t max_smem = max_smem_per_block(dev);
   while (S > 1 && bytes(S) > max_smem) --S;
   TORCH_CHECK(bytes(S) <= max_smem, "rims_fast::rim_seq: one sample needs ", bytes(1),
               " bytes of shared memory, more than this GPU's ", max_smem,
@@ -126,52 +131,94 @@ void launch(Kernel kernel, const Params& p, int64_t smem, int dev) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The cluster forward: ranks = ceil(K / kpr) blocks per tile, each with `smem` bytes.
-template <typename Kernel, typename Params>
-void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
+// Clusters of the forward: ranks = ceil(K / kpr) blocks per tile.
+int64_t cluster_ranks(const RimSeqDims& d) { return (d.K + d.kpr - 1) / d.kpr; }
+
+// Refuses what cannot run the cluster kernel: pre-sm_90 devices, clusters over the portable size,
+// and builds whose only code for this GPU is sm_80 PTX (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX" JITs
+// the trap stub).
+template <typename Kernel>
+void check_cluster_device(Kernel kernel, const RimSeqDims& d, int dev) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   TORCH_CHECK(major >= 9, "rims_fast::rim_seq: cluster > 0 (thread-block clusters) needs compute "
               "capability 9.0 or newer, this GPU has ", major, ".x; use RIMS_FAST_CUDA_CLUSTER=0");
-  const int64_t ranks = (p.K + p.kpr - 1) / p.kpr, tiles = (p.B + p.S - 1) / p.S;
-  TORCH_CHECK(ranks <= 8, "rims_fast::rim_seq: a cluster of ", ranks, " blocks (K=", p.K,
-              ", ", p.kpr, " mechanisms per block) exceeds the portable cluster size 8");
-  // A build whose only code for this GPU is sm_80 PTX (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX") JITs
-  // the trap stub (clusters need sm_90 code): refuse rather than trap.
+  const int64_t ranks = cluster_ranks(d);
+  TORCH_CHECK(ranks <= 8, "rims_fast::rim_seq: a cluster of ", ranks, " blocks (K=", d.K,
+              ", ", d.kpr, " mechanisms per block) exceeds the portable cluster size 8");
   cudaFuncAttributes fa{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
   TORCH_CHECK(fa.ptxVersion >= 90, "rims_fast::rim_seq: the cluster kernel was built from PTX ",
               fa.ptxVersion, " (no sm_90 code in this build: TORCH_CUDA_ARCH_LIST needs 9.0a); "
               "use RIMS_FAST_CUDA_CLUSTER=0");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+}
+
+// The launch configuration of `tiles` clusters of `ranks` blocks with `smem` bytes each (attr:
+// the caller's storage for the cluster-dimension attribute).
+cudaLaunchConfig_t cluster_config(int64_t tiles, int64_t ranks, int64_t smem, int dev,
+                                  cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tiles * ranks));
   cfg.blockDim = dim3(kSeqThreads);
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = c10::cuda::getCurrentCUDAStream(dev);
-  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(ranks);
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  // A cluster whose blocks' shared memory cannot be co-scheduled would fail to launch with a
-  // generic error: say why instead. Checked once per (kernel, device, ranks, smem), so that a
-  // warm-up call does it outside any CUDA-graph capture.
+  return cfg;
+}
+
+// How many clusters of `ranks` blocks with `smem` bytes each the GPU runs at once (0: none can
+// be scheduled). Cached per (kernel, device, ranks, smem), so that a warm-up call queries it
+// outside any CUDA-graph capture.
+template <typename Kernel>
+int max_active_clusters(Kernel kernel, int64_t ranks, int64_t smem, int dev) {
   static std::mutex mu;
-  static std::set<std::tuple<const void*, int, int64_t, int64_t>> schedulable;
+  static std::map<std::tuple<const void*, int, int64_t, int64_t>, int> known;
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, ranks, smem);
   std::lock_guard<std::mutex> lock(mu);
-  if (schedulable.count(key) == 0) {
-    int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
-    TORCH_CHECK(clusters > 0, "rims_fast::rim_seq: a cluster of ", ranks, " blocks with ", smem,
-                " bytes of shared memory each cannot be scheduled on this GPU; use a smaller "
-                "tile (RIMS_FAST_CUDA_TILE) or RIMS_FAST_CUDA_CLUSTER=0");
-    schedulable.insert(key);
-  }
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = cluster_config(1, ranks, smem, dev, attr);
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  known.emplace(key, clusters);
+  return clusters;
+}
+
+// The default tile of the cluster forward (tile = 0): the smallest S whose tiles all run at once
+// (one wave of clusters), capped by s_max, the largest that fits. A model-based choice (not yet
+// measured): a smaller S shortens each block's serial work per step, and the room it leaves in
+// shared memory holds more resident weights; a second wave would double the time.
+template <typename Kernel>
+int64_t one_wave_tile(Kernel kernel, const RimSeqDims& d, int64_t s_max, int dev) {
+  const int clusters = max_active_clusters(kernel, cluster_ranks(d), max_smem_per_block(dev), dev);
+  if (clusters <= 0) return s_max;  // launch_cluster says why
+  const int64_t s = (d.B + clusters - 1) / clusters;
+  return s < 1 ? 1 : s > s_max ? s_max : s;
+}
+
+// The cluster forward: one cluster of ranks blocks per tile, each with `smem` bytes.
+template <typename Kernel, typename Params>
+void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
+  check_cluster_device(kernel, p, dev);
+  const int64_t ranks = cluster_ranks(p), tiles = (p.B + p.S - 1) / p.S;
+  // A cluster whose blocks' shared memory cannot be co-scheduled would fail to launch with a
+  // generic error: say why instead.
+  TORCH_CHECK(max_active_clusters(kernel, ranks, smem, dev) > 0, "rims_fast::rim_seq: a cluster "
+              "of ", ranks, " blocks with ", smem, " bytes of shared memory each cannot be "
+              "scheduled on this GPU; use a smaller tile (RIMS_FAST_CUDA_TILE) or "
+              "RIMS_FAST_CUDA_CLUSTER=0");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = cluster_config(tiles, ranks, smem, dev, attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -220,13 +267,13 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster) {
+    bool save, bool mma, int64_t cluster, int64_t resident) {
   const c10::cuda::CUDAGuard guard(h0.device());
   check_mma_dtype(mma, h0);
   SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
-                                 seed, tile, save, mma, cluster);
+                                 seed, tile, save, mma, cluster, resident);
   const int dev = h0.get_device();
   check_mma_device(mma, dev);
   RimSeqDims& d = c.d;
@@ -235,12 +282,16 @@ SeqFwdResult rim_seq_fwd_cuda(
     using T = typename CudaType<scalar_t>::type;
     using C = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr int64_t cb = sizeof(C), tb = sizeof(T);
-    auto bytes = [&](int64_t s) {
-      return (rim_seq_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
-                                 d.lstm, d.mma) +
-              (d.mma ? mma_smem_elems(d.K, s, d.ma, tb, cb) : 0)) * cb;
-    };
+    // The tile first (auto residency: with none), then the resident weights in the room left.
+    const bool auto_res = d.resident < 0;
+    if (auto_res) d.resident = 0;
+    auto bytes = [&](int64_t s) { return rim_seq_fwd_smem_bytes(d, s, tb, cb); };
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
+    if (d.kpr > 0) {
+      check_cluster_device(rim_seq_fwd_cluster_kernel<C, T>, d, dev);
+      if (tile == 0) d.S = one_wave_tile(rim_seq_fwd_cluster_kernel<C, T>, d, d.S, dev);
+    }
+    if (auto_res) d.resident = rim_seq_resident_fit(d, tb, cb, max_smem_per_block(dev));
     launch_fwd<C, T>(c, bytes(d.S), dev);
   });
   return c.res;

@@ -34,8 +34,9 @@ whose single sample does not fit — e.g. GRU in float64 with inputs wider than 
 ``RuntimeError`` saying so). Products run on CUDA cores by default; ``RIMS_FAST_CUDA_MMA=1``
 (:func:`mma_mode`) puts both kernels' weight products on tensor cores in float16/bfloat16.
 ``RIMS_FAST_CUDA_CLUSTER=1`` (:func:`cluster_mechs`, sm_90+) runs the forward's tiles on
-thread-block clusters, the mechanisms split over the blocks (on CPU tensors, ``cluster > 0`` runs
-the blocks as host threads).
+thread-block clusters, the mechanisms split over the blocks, each block keeping its own rows and
+as many of its mechanisms' weights as fit in its shared memory (:data:`RESIDENT`); on CPU tensors,
+``cluster > 0`` runs the blocks as host threads.
 
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
 how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
@@ -55,18 +56,25 @@ from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "mma_mode",
-           "cluster_mechs",
+           "cluster_mechs", "RESIDENT",
            "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
                "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
 _OP = "rims_fast::rim_seq_fwd"
 
+#: The weights a cluster block can keep in shared memory for its own mechanisms (the op's
+#: ``resident`` bit set; ``csrc/kernels/rim_seq_fwd.cuh``, ``RimSeqResident``): name -> bit.
+#: ``w_x`` is the input term's matrix (the fold, or ``weight_ih``), in the compute dtype.
+RESIDENT = {"weight_hh": 1, "w_x": 2, "comm_query": 4, "comm_key": 8, "comm_value": 16,
+            "comm_output": 32, "input_query": 64}
+
 
 def tile_size() -> int:
     """``RIMS_FAST_CUDA_TILE``: samples per thread block of the persistent kernel, 1..8; 0 (the
-    default) takes 8, fewer when shared memory is short. A tuning knob until a GPU run picks the
-    default from measurements."""
+    default) takes 8, fewer when shared memory is short; the cluster forward's default is the
+    smallest tile whose clusters all run at once (one wave, ``cudaOccupancyMaxActiveClusters``).
+    A tuning knob until a GPU run picks the defaults from measurements."""
     v = os.environ.get("RIMS_FAST_CUDA_TILE", "0")
     if not v.isdigit() or int(v) > 8:
         raise ValueError(f"RIMS_FAST_CUDA_TILE must be an integer in 0..8, got {v!r}")
@@ -92,9 +100,11 @@ def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
     """``RIMS_FAST_CUDA_CLUSTER=1``: the persistent forward runs each tile on a thread-block
     cluster (sm_90+) instead of one block: block ``r`` of the cluster owns mechanisms
     ``r*kpr .. r*kpr + kpr - 1`` with ``kpr = ceil(K / 8)`` (at most 8 blocks, the portable
-    cluster size), computes only their rows and columns, and stores its rows' ``p`` (for the
-    competition) and communication keys/values into the other blocks' shared memory too (DSMEM),
-    a cluster barrier after each of the two. Returns ``kpr``
+    cluster size), keeps and computes only their rows and columns, and stores its rows' ``p``
+    (for the competition) and communication keys/values into the other blocks' shared memory too
+    (DSMEM), a cluster barrier after each of the two. Each block copies as many of its
+    mechanisms' weights into its shared memory as fit beside the tile's arrays, largest first
+    (:data:`RESIDENT`), and reads them from there every step. Returns ``kpr``
     (the op's ``cluster`` argument), 0 when off (the default: opt-in until a GPU run has checked
     it). CUDA cores only: it cannot be combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the
     single-block kernel's."""
@@ -175,7 +185,7 @@ def _register_fake() -> None:
     @torch.library.register_fake(_OP)
     def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
           comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
-          input_dropout, comm_dropout, seed, tile, save, mma=False, cluster=0):
+          input_dropout, comm_dropout, seed, tile, save, mma=False, cluster=0, resident=-1):
         T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
         lstm = GH == 4 * H
@@ -210,22 +220,25 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool, mma: bool, cluster: int) -> list[Tensor]:
+               tile: int, save: bool, mma: bool, cluster: int, resident: int = -1
+               ) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
     unless ``save``). Dropout probabilities are the effective ones (0 outside training).
     ``mma``: the weight products on tensor cores (:func:`mma_mode`; the backward follows);
     ``cluster``: mechanisms per block of a thread-block cluster, 0 for one block per tile
-    (:func:`cluster_mechs`; forward only)."""
+    (:func:`cluster_mechs`; forward only); ``resident``: with a cluster, the bit set of the
+    weights a block keeps in shared memory (:data:`RESIDENT`; -1: on the GPU as many as fit,
+    largest first, on CPU tensors all)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
-        input_dropout, comm_dropout, seed, tile, save, mma, cluster))
+        input_dropout, comm_dropout, seed, tile, save, mma, cluster, resident))
 
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save, mma, cluster):
+      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident=-1):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -238,7 +251,7 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, mma, _cluster) = inputs
+     save, mma, _cluster, _resident) = inputs
     ctx.mma = mma
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
@@ -292,7 +305,7 @@ def _backward(ctx, grads):
     h_dt, w_dts = ctx.dtypes
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
-            d_weights, None, None, None, None, None, None, None, None, None, None, None)
+            d_weights, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -301,7 +314,7 @@ rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
 def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
             tile: Optional[int] = None, mma: Optional[bool] = None,
-            cluster: Optional[int] = None,
+            cluster: Optional[int] = None, resident: Optional[int] = None,
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
@@ -310,7 +323,9 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     tensors ``True`` runs the tensor-core tiling in the host run, for tests); ``cluster``:
     mechanisms per block of a thread-block cluster for the forward, 0 for none (None:
     :func:`cluster_mechs`; on CPU tensors > 0 runs the cluster's blocks as host threads, for
-    tests). Gradients flow into
+    tests); ``resident``: with a cluster, which weights a block keeps in shared memory, a bit set
+    of :data:`RESIDENT` (None: as many as fit on the GPU, largest first; all in the host run).
+    Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
@@ -336,6 +351,6 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
                      weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma,
-                     cluster)
+                     cluster, -1 if resident is None else resident)
     out, h_n, c_n, masks = res[:4]
     return out, h_n, (c_n if lstm else None), masks

@@ -125,14 +125,19 @@ def test_host_run_mma_wide(case, dtype):
 # after a barrier. Every value is computed by the same item code in the same order as in the
 # single-block kernel, so the results must be bit-identical to it (and that kernel is tested
 # against the reference above). kpr = 3 with K = 4 or 5 leaves the last block fewer mechanisms.
+# Each block keeps only its own rows; its weights are read from shared-memory copies (resident:
+# all by default in the host run, none, or a mix) or from global memory.
+_MIX = rs.RESIDENT["weight_hh"] | rs.RESIDENT["comm_value"] | rs.RESIDENT["input_query"]
+
+
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("kpr", [1, 2, 3])
-@pytest.mark.parametrize("tile", [1, 3])
-def test_host_run_cluster_equals_single_block(case, kpr, tile):
+@pytest.mark.parametrize("tile,resident", [(1, None), (3, None), (3, 0), (1, _MIX)])
+def test_host_run_cluster_equals_single_block(case, kpr, tile, resident):
     rim, x, h0, c0, P, leaves = _setup(*case)
     if kpr > rim.config.num_units:
         pytest.skip("kpr > K")
-    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, cluster=kpr)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, cluster=kpr, resident=resident)
     base = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, cluster=0)
     for name, a, b in zip(("out", "h_n", "c_n", "masks"), got, base):
         assert (a is None) == (b is None)
@@ -156,10 +161,11 @@ def test_host_run_cluster_saved_and_dropout(cell):
             *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
             per_head, 0.3, 0.4, 11, 3, True, False)
     base = torch.ops.rims_fast.rim_seq_fwd(*args, 0)
-    got = torch.ops.rims_fast.rim_seq_fwd(*args, 2)
-    assert len(got) == 13 and got[4].numel() > 0
-    for i, (a, b) in enumerate(zip(got, base)):
-        assert torch.equal(a, b), i
+    for resident in (-1, 0, sum(rs.RESIDENT.values()) - _MIX):
+        got = torch.ops.rims_fast.rim_seq_fwd(*args, 2, resident)
+        assert len(got) == 13 and got[4].numel() > 0
+        for i, (a, b) in enumerate(zip(got, base)):
+            assert torch.equal(a, b), (resident, i)
 
 
 def test_cluster_size_limit():
@@ -238,6 +244,11 @@ def test_opcheck_and_errors():
                                           sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True,
                                           False, 0))
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2))  # cluster
+    torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2, 5))
+    with pytest.raises(RuntimeError, match=r"must be -1 \(auto\) or in 0..127, got 128"):
+        torch.ops.rims_fast.rim_seq_fwd(*args, False, 1, 128)
+    with pytest.raises(RuntimeError, match="resident weights need cluster > 0"):
+        torch.ops.rims_fast.rim_seq_fwd(*args, False, 0, 1)
     bad = list(args)
     bad[-2] = 9
     with pytest.raises(RuntimeError, match="tile must be in 0..8"):
@@ -380,11 +391,17 @@ class TestCUDA:
         """The cluster forward (thread-block clusters, sm_90+: one mechanism per block, p and K|V
         exchanged through distributed shared memory) at the paper layer against the single-block
         kernel: the same masks, outputs within the dtype's tolerance (the same item code, but a
-        separate compilation), and the backward from the histories the cluster's blocks saved."""
+        separate compilation), and the backward from the histories the cluster's blocks saved.
+        The blocks' weights as many as fit in shared memory (the default) or none there: the
+        same kernel and arithmetic, so bit-identical."""
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("thread-block clusters need compute capability 9.0+")
         rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
         got = rs.rim_seq(x, h0, c0, P, rim.config, cluster=1)
+        with torch.no_grad():
+            unresident = rs.rim_seq(x, h0, c0, P, rim.config, cluster=1, resident=0)
+        for a, b in zip(got, unresident):
+            assert (a is None and b is None) or torch.equal(a, b)
         base = rs.rim_seq(x, h0, c0, P, rim.config, cluster=0)
         assert torch.equal(got[3], base[3])
         for name, a, b in zip(("out", "h_n", "c_n"), got[:3], base[:3]):

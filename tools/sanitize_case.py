@@ -35,13 +35,17 @@ def persistent_kernel():
                                  c0.bfloat16() if c0 is not None else None, P16, rim.config,
                                  tile=3, mma=True)
         (out.float().square().sum() + h_n.float().sum()).backward()
-        if torch.cuda.get_device_capability()[0] >= 9:  # the cluster forward (DSMEM), 2+1 blocks
+        # The cluster forward (DSMEM), 2+1 blocks, weights in shared memory (as many as fit, the
+        # default) and not.
+        if torch.cuda.get_device_capability()[0] >= 9:
             out, h_n, _, _ = rim_seq(x.detach().requires_grad_(True), h0, c0,
                                      dict(rim.named_parameters()), rim.config, training=True,
                                      seed=1, tile=3, cluster=1)
             (out.square().sum() + h_n.sum()).backward()
             rim_seq(x.detach(), h0, c0, {n: p.detach() for n, p in rim.named_parameters()},
                     rim.config, tile=2, cluster=2)
+            rim_seq(x.detach(), h0, c0, {n: p.detach() for n, p in rim.named_parameters()},
+                    rim.config, tile=2, cluster=2, resident=0)
     torch.cuda.synchronize()
 
 

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "masked_cell.cuh"
 #include "mma_rows.cuh"
@@ -51,6 +52,9 @@ struct RimSeqDims {
   // Thread-block cluster (the forward only): mechanisms per block of a tile's cluster, so a tile
   // is run by ceil(K / kpr) blocks; 0: one block per tile owns all K.
   int64_t kpr;
+  // Cluster only: which of the block's own mechanisms' weights it copies into shared memory once
+  // and reads from there every step (kRes* bits below; 0: all read from global memory / L2).
+  int64_t resident;
   double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
 };
@@ -87,43 +91,117 @@ struct RimSeqFwdParams : RimSeqDims {
   void *sv_h, *sv_c, *sv_ht, *sv_q, *sv_a, *sv_g, *sv_qkv, *sv_bp, *sv_o;
 };
 
-// Compute-type elements of shared memory for one tile (the launcher sizes it with this; the
-// tensor-core path adds mma_smem_elems in front). no_gates: the tensor-core path runs the cell in
-// the gate product's epilogue and keeps no gate array.
-RIMS_HD int64_t rim_seq_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
-                                   int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck,
-                                   int64_t cv, bool lstm, bool no_gates = false) {
-  const int64_t GW = no_gates ? 0 : lstm ? GH : 2 * GH;
-  const int64_t per_sample = K * (H * (lstm ? 3 : 2)  // h, (c), h~
-                                  + nk + n_in * M + 1 + 1  // q, a, p, active
-                                  + n_in * Dx + GW + 2 * ck + cv + n_c * K + cv);
-  return S * per_sample;
+// Rows of a tile's shared-memory arrays. Every block keeps its own mechanisms' rows (S, kst, .),
+// kst = K without a cluster, kpr with one (the same in every block of a cluster, so that an array
+// sits at the same offset in each); the two arrays other blocks push into, p and the
+// communication K|V, hold all rows (S, K, .).
+RIMS_HD int64_t rim_seq_own_stride(const RimSeqDims& d) { return d.kpr > 0 ? d.kpr : d.K; }
+
+// Compute-type elements of a tile's arrays for S samples (the tensor-core scratch, mma_smem_elems,
+// comes before them, resident weights after: rim_seq_fwd_smem_bytes). The tensor-core path runs
+// the cell in the gate product's epilogue and keeps no gate array.
+RIMS_HD int64_t rim_seq_smem_elems(const RimSeqDims& d, int64_t S) {
+  const int64_t GW = d.mma ? 0 : d.lstm ? d.GH : 2 * d.GH;
+  const int64_t own = d.H * (d.lstm ? 3 : 2)                    // h, (c), h~
+                      + d.nk + d.n_in * d.M + 1                  // q, a, active
+                      + d.n_in * d.Dx + GW + d.ck + d.n_c * d.K + d.cv;  // xa, g, Q, b, o
+  const int64_t all = 1 + d.ck + d.cv;                           // p, K | V
+  return S * (rim_seq_own_stride(d) * own + d.K * all);
 }
 
-// The tile's shared-memory arrays, carved from one buffer, (S, K, .) each.
+// The tile's shared-memory arrays, carved from one buffer: own rows (S, kst, .) except p and kv
+// (S, K, .); cq | kv is the communication Q | K | V of a row.
 template <typename C>
 struct RimSeqSmem {
-  C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *qkv, *bp, *o;
-  RIMS_HD RimSeqSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
-                     int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
-                     bool lstm, bool no_gates = false) {
-    const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
+  C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *cq, *kv, *bp, *o;
+  RIMS_HD RimSeqSmem(C* base, const RimSeqDims& d, int64_t S) {
+    const int64_t R = S * rim_seq_own_stride(d), RA = S * d.K;
+    const int64_t GW = d.lstm ? d.GH : 2 * d.GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
-    h = take(R * H);
-    c = lstm ? take(R * H) : nullptr;
-    ht = take(R * H);
-    q = take(R * nk);
-    a = take(R * n_in * M);
-    p = take(R);
+    p = take(RA);
+    kv = take(RA * (d.ck + d.cv));
+    h = take(R * d.H);
+    c = d.lstm ? take(R * d.H) : nullptr;
+    ht = take(R * d.H);
+    q = take(R * d.nk);
+    a = take(R * d.n_in * d.M);
     act = take(R);
-    xa = take(R * n_in * Dx);
-    g = no_gates ? nullptr : take(R * GW);
-    qkv = take(R * (2 * ck + cv));
-    bp = take(R * n_c * K);
-    o = take(R * cv);
+    xa = take(R * d.n_in * d.Dx);
+    g = d.mma ? nullptr : take(R * GW);
+    cq = take(R * d.ck);
+    bp = take(R * d.n_c * d.K);
+    o = take(R * d.cv);
   }
 };
+
+// Weights a cluster block can keep in shared memory (RimSeqDims::resident bits), each for its own
+// kpr mechanisms: every byte kept there is a byte a step no longer reads from L2, whichever
+// weight it is (each is read once per step and tile), so the launcher fills the room left by the
+// tile's arrays largest first (rim_seq_resident_fit).
+enum RimSeqResident : int64_t {
+  kResWhh = 1,       // weight_hh (H, G*H)
+  kResWx = 2,        // the input term's F (n_in*Dx, G*H), compute type
+  kResCQuery = 4,    // comm_query (H, ck)
+  kResCKey = 8,      // comm_key (H, ck)
+  kResCValue = 16,   // comm_value (H, cv)
+  kResCOutput = 32,  // comm_output (cv, H)
+  kResWQuery = 64,   // input_query (H, nk)
+};
+constexpr int kResKinds = 7;
+constexpr int64_t kResAll = 127;
+
+// Elements per mechanism of resident weight i (bit 1 << i).
+RIMS_HD int64_t rim_seq_res_elems(const RimSeqDims& d, int i) {
+  switch (i) {
+    case 0: return d.H * d.GH;
+    case 1: return d.n_in * d.Dx * d.GH;
+    case 2: case 3: return d.H * d.ck;
+    case 4: return d.H * d.cv;
+    case 5: return d.cv * d.H;
+    default: return d.H * d.nk;
+  }
+}
+
+RIMS_HD int64_t rim_seq_align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Bytes of a tile's shared memory for S samples: the tensor-core scratch, the arrays (cb = the
+// compute type's size), then each resident weight of d.resident 16-byte aligned (tb = the storage
+// type's size; F is in the compute type). off (if given): each weight's byte offset, -1 if not
+// resident.
+RIMS_HD int64_t rim_seq_fwd_smem_bytes(const RimSeqDims& d, int64_t S, int64_t tb,
+                                              int64_t cb, int64_t* off = nullptr) {
+  int64_t bytes = (rim_seq_smem_elems(d, S) +
+                   (d.mma ? mma_smem_elems(d.K, S, d.ma, tb, cb) : 0)) * cb;
+  for (int i = 0; i < kResKinds; ++i) {
+    const bool on = d.kpr > 0 && (d.resident >> i) & 1;
+    if (off) off[i] = on ? rim_seq_align16(bytes) : -1;
+    if (on) bytes = rim_seq_align16(bytes) + d.kpr * rim_seq_res_elems(d, i) * (i == 1 ? cb : tb);
+  }
+  return bytes;
+}
+
+// The resident set for a cluster block with `budget` bytes of shared memory and d.S samples:
+// weights added largest first while they fit (0 without a cluster).
+inline int64_t rim_seq_resident_fit(RimSeqDims d, int64_t tb, int64_t cb, int64_t budget) {
+  if (d.kpr == 0) return 0;
+  int64_t chosen = 0;
+  bool used[kResKinds] = {};
+  for (int n = 0; n < kResKinds; ++n) {
+    int best = -1;
+    int64_t best_bytes = 0;
+    for (int i = 0; i < kResKinds; ++i) {
+      const int64_t b = rim_seq_res_elems(d, i) * (i == 1 ? cb : tb);
+      if (!used[i] && b > best_bytes) best = i, best_bytes = b;
+    }
+    if (best < 0) break;
+    used[best] = true;
+    d.resident = chosen | (int64_t(1) << best);
+    if (rim_seq_fwd_smem_bytes(d, d.S, tb, cb) <= budget) chosen = d.resident;
+  }
+  return chosen;
+}
+
 
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
@@ -147,7 +225,10 @@ struct RimSeqSmem {
 // them (remote stores, which do not wait for a reply, unlike remote loads), and a cluster barrier
 // follows each of the two phases (publish below). Exec then also provides cluster_sync() and
 // peer(ptr, rank): ptr's address in block rank's shared memory (ClusterHostExec; DSMEM on the
-// device). Each block keeps whole (S, K, .) arrays, so the indexing is the single-block kernel's.
+// device). A block's arrays hold only its own rows (S, kpr, .), except p and K|V (S, K, .); with
+// RimSeqDims::resident it also copies its mechanisms' weights into shared memory at the start
+// (rim_seq_fwd_smem_bytes) and reads them from there. Arithmetic and its order are the single
+// block's, so the results are bit-identical.
 template <int SMAX, typename C, bool MMA = false, bool CLUSTER = false, typename T, class Exec>
 RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64_t tile, C* smem,
                               int rank = 0) {
@@ -176,19 +257,39 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
   const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ma, sizeof(T), sizeof(C)) : 0;
   const MmaSmem<C, T> ms(smem);  // used only when MMA
-  // MMA: the cell runs in the gate product's epilogue, no gate array.
-  RimSeqSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm, MMA);
-  const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
-  const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
   static_assert(!(MMA && CLUSTER), "the cluster variant runs on CUDA cores");
+  // MMA: the cell runs in the gate product's epilogue, no gate array.
+  RimSeqSmem<C> sm(smem + mma_el, p, p.S);
+  const int S_l = int(p.S), mk = int(p.mk), mn = int(p.mn), mxw = int(p.mxw), mh = int(p.mh);
+  const int mq = int(p.mq), mv = int(p.mv), mo = int(p.mo), CKV = ck + cv;
   if constexpr (MMA) mma_clear(ex, ms, K, S_l, int(p.ma));
-  // This block's mechanisms k0 .. k0 + kn - 1 (all K without a cluster); row(i): the tile row
-  // s * K + k of the i-th own row (the identity without a cluster).
+  // This block's mechanisms k0 .. k0 + kn - 1 (all K without a cluster). A tile row r = s*K + k
+  // (the saved histories' and p's and kv's index) is own row L(s, k) = s*kpr + k - k0 of the other
+  // arrays (r itself without a cluster); row(i): the tile row of the i-th own row.
   const int kpr = CLUSTER ? int(p.kpr) : K;
   const int k0 = CLUSTER ? rank * kpr : 0;
   const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
   auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
+  auto L = [&](int r) { return CLUSTER ? (r / K) * kpr + r % K - k0 : r; };
+  // Weights: global, or this block's resident copies (made below).
+  int64_t off[kResKinds];
+  rim_seq_fwd_smem_bytes(p, p.S, sizeof(T), sizeof(C), off);
+  // Each returns mechanism k0's block (own mechanism k's is at + (k - k0) * its size).
+  auto weights = [&](const auto* g, int i) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    const int64_t per = rim_seq_res_elems(p, i);
+    const W* src = g + int64_t(k0) * per;
+    if (!CLUSTER || off[i] < 0) return src;
+    W* dst = reinterpret_cast<W*>(reinterpret_cast<char*>(smem) + off[i]);
+    ex.parallel_for(int(kn * per), [&](int e) { dst[e] = src[e]; });
+    return static_cast<const W*>(dst);
+  };
+  const T* const w_hh = weights(p.w_hh, 0);
+  const C* const w_x = weights(wx, 1);
+  const T *const c_query = weights(p.c_query, 2), *const c_key = weights(p.c_key, 3);
+  const T *const c_value = weights(p.c_value, 4), *const c_output = weights(p.c_output, 5);
+  const T* const w_query = weights(p.w_query, 6);
   // Cluster: *slot (in this block's shared memory) = v in every other block too. A block reads
   // the pushed rows only after the cluster barrier that ends the phase, and a row is pushed again
   // (next step) only after the other of the step's two barriers, which every block reaches after
@@ -205,9 +306,9 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
 
   // The initial state of the own rows, converted to the compute type.
   ex.parallel_for(S * kn * H, [&](int i) {
-    const int x = row(i / H) * H + i % H;
-    sm.h[x] = to_c(p.h0[b0 * K * H + x]);
-    if (p.lstm) sm.c[x] = to_c(p.c0[b0 * K * H + x]);
+    const int r = row(i / H), j = i % H, x = L(r) * H + j;
+    sm.h[x] = to_c(p.h0[(b0 * K + r) * H + j]);
+    if (p.lstm) sm.c[x] = to_c(p.c0[(b0 * K + r) * H + j]);
   });
   publish();  // no block touches another's shared memory before every block has started
 
@@ -217,11 +318,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // 1a. Input queries q[s, k] = h[s, k] input_query[k].
     ex.parallel_for(S * kn * nk, [&](int i) {
       const int e = i % nk, r = row(i / nk), k = r % K;
-      const C* hr = sm.h + r * H;
-      const T* w = p.w_query + k * H * nk + e;
+      const C* hr = sm.h + L(r) * H;
+      const T* w = w_query + (k - k0) * H * nk + e;
       C acc = C(0);
       for (int64_t j = 0; j < H; ++j) acc += hr[j] * to_c(w[j * nk]);
-      sm.q[r * nk + e] = acc;
+      sm.q[L(r) * nk + e] = acc;
       if (save) sv(p.sv_q, t, r, nk)[e] = acc;
     });
     // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
@@ -229,8 +330,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       const int r = row(i), s = r / K;
       C psum = C(0);
       for (int64_t n = 0; n < n_in; ++n) {
-        C* an = sm.a + (r * n_in + n) * M;
-        const C* qn = sm.q + r * nk + n * dk;
+        C* an = sm.a + (L(r) * n_in + n) * M;
+        const C* qn = sm.q + L(r) * nk + n * dk;
         for (int64_t m = 0; m < M; ++m) {
           const C* km = kt + (s * M + m) * nk + n * dk;
           C dot = C(0);
@@ -249,17 +350,17 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     ex.parallel_for(S * kn, [&](int i) {
       const int r = row(i), s = r / K, k = r % K;
       const bool on = competition_active(sm.p + s * K, K, k, p.top_k);
-      sm.act[r] = on ? C(1) : C(0);
+      sm.act[L(r)] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
     // 3a. xa[s, k, n] = sum_m a~[s, k, n, m] x_{m, n} (active rows; dropout on a).
     ex.parallel_for(S * kn * XW, [&](int i) {
-      const int r = row(i / XW), col = i % XW, n = col / Dx, d = col % Dx;
-      if (sm.act[r] == C(0)) return;
+      const int r = row(i / XW), col = i % XW, n = col / Dx, d = col % Dx, l = L(r);
+      if (sm.act[l] == C(0)) return;
       const int s = r / K, k = r % K;
       C acc = C(0);
       for (int64_t m = 0; m < M; ++m) {
-        C w = sm.a[(r * n_in + n) * M + m];
+        C w = sm.a[(l * n_in + n) * M + m];
         if (drop_in > 0.f) {
           const uint64_t idx = static_cast<uint64_t>(
               (((t * B + b0 + s) * K + k) * n_in + n) * M + m);
@@ -267,7 +368,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         }
         acc += w * xt[(s * M + m) * xrow + n * xhead + d];
       }
-      sm.xa[r * XW + col] = acc;
+      sm.xa[l * XW + col] = acc;
     });
     // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
     // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
@@ -277,26 +378,26 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C gi[SMAX], gh[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) gi[s] = gh[s] = C(0);
-      const C* f = wx + k * XW * GH + col;
+      const C* f = w_x + (k - k0) * XW * GH + col;
       for (int64_t j = 0; j < XW; ++j) {
         const C w = f[j * GH];
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s)
-          if (s < S) gi[s] += sm.xa[(s * K + k) * XW + j] * w;
+          if (s < S) gi[s] += sm.xa[L(s * K + k) * XW + j] * w;
       }
-      const T* wh = p.w_hh + k * H * GH + col;
+      const T* wh = w_hh + (k - k0) * H * GH + col;
       for (int64_t j = 0; j < H; ++j) {
         const C w = to_c(wh[j * GH]);
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s)
-          if (s < S) gh[s] += sm.h[(s * K + k) * H + j] * w;
+          if (s < S) gh[s] += sm.h[L(s * K + k) * H + j] * w;
       }
       const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        const int64_t r = s * K + k;
+        const int r = s * K + k, l = L(r);
         if (s >= S) continue;
-        if (sm.act[r] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
+        if (sm.act[l] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
           if (save) {
             sv(p.sv_g, t, r, GW)[col] = C(0);
             if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = C(0);
@@ -304,14 +405,14 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
           continue;
         }
         if (p.lstm) {
-          sm.g[r * GW + col] = gi[s] + gh[s] + (bi + bh);
+          sm.g[l * GW + col] = gi[s] + gh[s] + (bi + bh);
         } else {
-          sm.g[r * GW + col] = gi[s] + bi;
-          sm.g[r * GW + GH + col] = gh[s] + bh;
+          sm.g[l * GW + col] = gi[s] + bi;
+          sm.g[l * GW + GH + col] = gh[s] + bh;
         }
         if (save) {
-          sv(p.sv_g, t, r, GW)[col] = sm.g[r * GW + col];
-          if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = sm.g[r * GW + GH + col];
+          sv(p.sv_g, t, r, GW)[col] = sm.g[l * GW + col];
+          if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = sm.g[l * GW + GH + col];
         }
       }
     });
@@ -371,17 +472,17 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // 3c. Masked cell: active rows step, inactive rows copy (bit-exact). (Fused into 3b's
     // epilogue on the tensor-core path.)
     if constexpr (!MMA) ex.parallel_for(S * kn * H, [&](int il) {
-      const int r = row(il / H), j = il % H, i = r * H + j;
+      const int r = row(il / H), j = il % H, i = L(r) * H + j;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
         if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
       }
-      if (sm.act[r] == C(0)) {
+      if (sm.act[L(r)] == C(0)) {
         sm.ht[i] = sm.h[i];
         if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
         return;
       }
-      const C* g = sm.g + r * GW;
+      const C* g = sm.g + L(r) * GW;
       if (p.lstm) {
         C hn, cn;
         lstm_pointwise_fwd(g[j], g[H + j], g[2 * H + j], g[3 * H + j], sm.c[i], hn, cn);
@@ -401,16 +502,20 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         return j < H ? sm.ht[(s * K + k) * H + j] : C(0);
       });
       mma_rows(ex, ms, K, S, S_l, p.w_mma_qkv, mh, mq, C3, [&](int s, int k, int col, C v) {
-        sm.qkv[(s * K + k) * C3 + col] = v;
-        if (save) sv(p.sv_qkv, t, s * K + k, C3)[col] = v;
+        const int r = s * K + k;
+        if (col < ck)
+          sm.cq[r * ck + col] = v;
+        else
+          sm.kv[r * CKV + col - ck] = v;
+        if (save) sv(p.sv_qkv, t, r, C3)[col] = v;
       });
     }
     // Weight-stationary on CUDA cores: item (k, column), all the tile's samples.
     if constexpr (!MMA) ex.parallel_for(kn * C3, [&](int i) {
       const int k = k0 + i / C3, col = i % C3;
-      const T* w = col < ck ? p.c_query + k * H * ck + col
-                   : col < 2 * ck ? p.c_key + k * H * ck + (col - ck)
-                                  : p.c_value + k * H * cv + (col - 2 * ck);
+      const T* w = col < ck ? c_query + (k - k0) * H * ck + col
+                   : col < 2 * ck ? c_key + (k - k0) * H * ck + (col - ck)
+                                  : c_value + (k - k0) * H * cv + (col - 2 * ck);
       const int64_t ld = col < 2 * ck ? ck : cv;
       C acc[SMAX];
       RIMS_UNROLL
@@ -419,33 +524,38 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         const C wj = to_c(w[j * ld]);
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s)
-          if (s < S) acc[s] += sm.ht[(s * K + k) * H + j] * wj;
+          if (s < S) acc[s] += sm.ht[L(s * K + k) * H + j] * wj;
       }
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
         if (s < S) {
-          sm.qkv[(s * K + k) * C3 + col] = acc[s];
-          if (save) sv(p.sv_qkv, t, s * K + k, C3)[col] = acc[s];
-          if (col >= ck) push(sm.qkv + (s * K + k) * C3 + col, acc[s]);  // K | V
+          const int r = s * K + k;
+          if (save) sv(p.sv_qkv, t, r, C3)[col] = acc[s];
+          if (col < ck) {
+            sm.cq[L(r) * ck + col] = acc[s];
+          } else {  // K | V: every block reads them
+            sm.kv[r * CKV + col - ck] = acc[s];
+            push(sm.kv + r * CKV + col - ck, acc[s]);
+          }
         }
     });
     publish();  // every mechanism's K | V
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
     ex.parallel_for(S * kn * n_c, [&](int i) {
-      const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K;
-      C* y = sm.bp + (r * n_c + n) * K;
-      C* on = sm.o + r * cv + n * dcv;
+      const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K, l = L(r);
+      C* y = sm.bp + (l * n_c + n) * K;
+      C* on = sm.o + l * cv + n * dcv;
       for (int64_t d = 0; d < dcv; ++d) on[d] = C(0);
-      if (sm.act[r] == C(0)) {
+      if (sm.act[l] == C(0)) {
         if (save) {
           for (int64_t d = 0; d < dcv; ++d) sv(p.sv_o, t, r, cv)[n * dcv + d] = C(0);
           for (int64_t j = 0; j < K; ++j) sv(p.sv_bp, t, r, n_c * K)[n * K + j] = C(0);
         }
         return;
       }
-      const C* qn = sm.qkv + r * C3 + n * dc;
+      const C* qn = sm.cq + l * ck + n * dc;
       for (int64_t j = 0; j < K; ++j) {
-        const C* kj = sm.qkv + (s * K + j) * C3 + ck + n * dc;
+        const C* kj = sm.kv + (s * K + j) * CKV + n * dc;
         C dot = C(0);
         for (int64_t e = 0; e < dc; ++e) dot += qn[e] * kj[e];
         y[j] = dot * scale_c;
@@ -458,7 +568,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
               (((t * B + b0 + s) * K + k) * n_c + n) * K + j);
           w = dropout_keep(p.seed, 1, idx, drop_c) ? w / keep_c : C(0);
         }
-        const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
+        const C* vj = sm.kv + (s * K + j) * CKV + ck + n * dcv;
         for (int64_t d = 0; d < dcv; ++d) on[d] += w * vj[d];
       }
       if (save) {
@@ -483,28 +593,28 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      const T* w = p.c_output + k * cv * H + j;
+      const T* w = c_output + (k - k0) * cv * H + j;
       for (int64_t e = 0; e < cv; ++e) {
         const C we = to_c(w[e * H]);
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s)
-          if (s < S) acc[s] += sm.o[(s * K + k) * cv + e] * we;
+          if (s < S) acc[s] += sm.o[L(s * K + k) * cv + e] * we;
       }
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
-        const int64_t r = s * K + k;
-        const C v = sm.act[r] != C(0) ? sm.ht[r * H + j] + acc[s] : sm.ht[r * H + j];
-        sm.h[r * H + j] = v;
+        const int l = L(s * K + k);
+        const C v = sm.act[l] != C(0) ? sm.ht[l * H + j] + acc[s] : sm.ht[l * H + j];
+        sm.h[l * H + j] = v;
         from_c(v, p.out + ((t * B + b0 + s) * K + k) * H + j);
       }
     });
   }
   // Final state of the own rows in the storage type.
   ex.parallel_for(S * kn * H, [&](int i) {
-    const int x = row(i / H) * H + i % H;
-    from_c(sm.h[x], p.h_n + b0 * K * H + x);
-    if (p.lstm) from_c(sm.c[x], p.c_n + b0 * K * H + x);
+    const int r = row(i / H), j = i % H, x = L(r) * H + j;
+    from_c(sm.h[x], p.h_n + (b0 * K + r) * H + j);
+    if (p.lstm) from_c(sm.c[x], p.c_n + (b0 * K + r) * H + j);
   });
   // Remote accesses all end before the last K|V barrier; this one keeps a block's shared memory
   // alive until every block is past it, whatever the compiler moves (cheap: once per call).

@@ -54,7 +54,7 @@ int main() {
     p.w_query = wq.data(); p.w_hh = whh.data(); p.w_x = wx.data(); p.b_ih = bih.data(); p.b_hh = bhh.data();
     p.c_query = cq.data(); p.c_key = ck.data(); p.c_value = cvv.data(); p.c_output = co.data();
     const int64_t widths[9] = {H, H, H, p.nk, p.n_in * M, GW, 2 * p.ck + p.cv, p.n_c * K, p.cv};
-    auto run = [&](int kpr, int mode, std::vector<std::vector<float>>& o, std::vector<char>& masks) {
+    auto run = [&](int kpr, int mode, int64_t res, std::vector<std::vector<float>>& o, std::vector<char>& masks) {
       o.assign(12, {}); o[0].assign(T * B * K * H, NAN); o[1].assign(B * K * H, NAN); o[2].assign(B * K * H, NAN);
       for (int i = 0; i < 9; ++i) o[3 + i].assign(T * B * K * widths[i], NAN);
       masks.assign(T * B * K, 2);
@@ -62,8 +62,8 @@ int main() {
       p.masks = reinterpret_cast<bool*>(masks.data());
       void** sv[] = {&p.sv_h, &p.sv_c, &p.sv_ht, &p.sv_q, &p.sv_a, &p.sv_g, &p.sv_qkv, &p.sv_bp, &p.sv_o};
       for (int i = 0; i < 9; ++i) *sv[i] = o[3 + i].data();
-      const int64_t el = rim_seq_smem_elems(p.S, M, K, H, GH, p.n_in, p.nk, p.Dx, p.n_c, p.ck, p.cv, lstm);
-      p.kpr = kpr;
+      p.kpr = kpr; p.resident = res;
+      const int64_t el = (rim_seq_fwd_smem_bytes(p, p.S, 4, 4) + 3) / 4;
       for (int64_t tile = 0; tile * p.S < B; ++tile) {
         if (kpr == 0) { std::vector<float> sm(el, NAN); rim_seq_fwd_tile<8, float>(HostExec{}, p, tile, sm.data()); continue; }
         const int R = (K + kpr - 1) / kpr;
@@ -83,12 +83,12 @@ int main() {
       }
     };
     std::vector<std::vector<float>> base, got; std::vector<char> mb, mg;
-    run(0, 0, base, mb);
-    for (int kpr = 1; kpr <= 5; ++kpr) for (int mode = 0; mode < 3; ++mode) {
-      run(kpr, mode, got, mg); ++runs;
+    run(0, 0, 0, base, mb);
+    for (int kpr = 1; kpr <= 5; ++kpr) for (int mode = 0; mode < 3; ++mode) for (int64_t res : {int64_t(0), kResAll}) {
+      run(kpr, mode, res, got, mg); ++runs;
       bool ok = mb == mg;
       for (int i = 0; i < 12; ++i) ok = ok && std::memcmp(base[i].data(), got[i].data(), base[i].size() * 4) == 0;
-      if (!ok) { ++fails; std::printf("MISMATCH lstm=%d S=%d kpr=%d mode=%d\n", lstm, S, kpr, mode); }
+      if (!ok) { ++fails; std::printf("MISMATCH lstm=%d S=%d kpr=%d mode=%d res=%d\n", lstm, S, kpr, mode, int(res)); }
     }
   }
   std::printf("%d runs, %d mismatches\n", runs, fails);

@@ -71,13 +71,15 @@ struct Result {
   std::vector<char> masks;
 };
 
-// kpr > 0: the cluster variant with kpr mechanisms per block.
+// kpr > 0: the cluster variant with kpr mechanisms per block, `resident` weights in its shared
+// memory.
 template <typename T>
-Result<T> run(const Problem<T>& pr, int64_t S, int64_t kpr = 0) {
+Result<T> run(const Problem<T>& pr, int64_t S, int64_t kpr = 0, int64_t resident = 0) {
   rims::RimSeqFwdParams<T> p{};  // value-initialized: every pointer not set below is null (no saving)
   static_cast<rims::RimSeqDims&>(p) = pr.d;
   p.S = S;
   p.kpr = kpr;
+  p.resident = resident;
   const auto& d = pr.d;
   Result<T> r;
   r.out.resize(d.T_ * d.B * d.K * d.H);
@@ -91,8 +93,8 @@ Result<T> run(const Problem<T>& pr, int64_t S, int64_t kpr = 0) {
   p.c_value = pr.cv.data(), p.c_output = pr.co.data();
   p.out = r.out.data(), p.h_n = r.h_n.data(), p.c_n = d.lstm ? r.c_n.data() : nullptr;
   p.masks = masks;
-  const int64_t elems = rims::rim_seq_smem_elems(S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx,
-                                                 d.n_c, d.ck, d.cv, d.lstm);
+  const int64_t elems = (rims::rim_seq_fwd_smem_bytes(p, S, sizeof(T), sizeof(T)) + sizeof(T) - 1)
+                       / sizeof(T);
   const int64_t ranks = kpr > 0 ? (d.K + kpr - 1) / kpr : 1;
   std::vector<T> smem(ranks * elems);
   std::vector<char*> bases;
@@ -147,8 +149,10 @@ void test(bool lstm, bool per_head, std::mt19937_64& rng) {
     expect("tiles give identical h_n, c_n", rs.h_n == r1.h_n && rs.c_n == r1.c_n);
     expect("tiles give identical masks", rs.masks == r1.masks);
   }
-  for (int64_t kpr : {1, 2, 3}) {
-    const Result<T> rc = run(pr, 3, kpr);
+  for (int64_t kpr : {1, 2, 3})
+  for (int64_t resident : {int64_t(0), rims::kResAll, rims::kResWhh | rims::kResCValue,
+                           rims::kResWx | rims::kResCOutput | rims::kResWQuery}) {
+    const Result<T> rc = run(pr, 3, kpr, resident);
     expect("cluster gives identical out", rc.out == r1.out);
     expect("cluster gives identical h_n, c_n", rc.h_n == r1.h_n && rc.c_n == r1.c_n);
     expect("cluster gives identical masks", rc.masks == r1.masks);
