@@ -873,7 +873,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
                                   const Tensor& htil, const Tensor& q, const Tensor& a,
                                   const Tensor& gates, const Tensor& qkv, const Tensor& bprob,
                                   const Tensor& o, const Tensor& keys, const Tensor& xw,
-                                  const Tensor& fold) {
+                                  const Tensor& fold, bool factors = false) {
   const int64_t T = d.T, B = d.B, M = d.M, D = d.D, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
@@ -932,6 +932,14 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   Tensor gbias = at::zeros({K, GW}, opt);
   S* gb_w = gbias.mutable_data_ptr<S>();
   ActiveRows rows(B, K), rows_prev(B, K);
+  // factors (pre-projected op only): the factors of g_fold = sum over rows of xa^T dgi, per row
+  // (T, B, K, n_in*Dx) and (T, B, K, GH), zero on inactive rows, so that a caller that folded
+  // weight_ih can form its weights' gradients from them when a call has few rows (rim_cpu.py).
+  const bool keep_factors = factors && d.kv;
+  Tensor xa_h = keep_factors ? at::zeros({T, B, K, n_in * Dx}, opt) : at::empty({0}, opt);
+  Tensor dgi_h = keep_factors ? at::zeros({T, B, K, GH}, opt) : at::empty({0}, opt);
+  S* xah_w = xa_h.mutable_data_ptr<S>();
+  S* dgih_w = dgi_h.mutable_data_ptr<S>();
 
   const bool* mask_p = masks.const_data_ptr<bool>();
   const S* cs_p = d.lstm ? cs.const_data_ptr<S>() : nullptr;
@@ -1118,6 +1126,10 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
               const S* xr = xin_p + ((t * B + b) * M + m) * xrow + n * xhead;
               for (int64_t i = 0; i < Dx; ++i) xar[n * Dx + i] += w * xr[i];
             }
+          if (keep_factors) {
+            std::copy_n(xar, nD, xah_w + (t * B * K + row) * nD);
+            std::copy_n(dgi_w + (k * B + r) * GH, GH, dgih_w + (t * B * K + row) * GH);
+          }
           S* dqr = dqt + row * nk;
           S* dsr = dst_ + row * n_in * M;
           for (int64_t n = 0; n < n_in; ++n) {
@@ -1237,7 +1249,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   auto parts = g_Wc.split({ck, ck, cv}, -1);
   if (d.kv)  // (d keys, d values, ...): g_fold is d weight_ih itself
     return {dKEY, dx, dh0, dc0, g_Wq, g_fold, g_Whh, g_bih, g_bhh, parts[0].contiguous(),
-            parts[1].contiguous(), parts[2].contiguous(), g_Wco};
+            parts[1].contiguous(), parts[2].contiguous(), g_Wco, xa_h, dgi_h};
   Tensor g_Wv = at::einsum("dkng,knvg->dnv", {g_fold, Wih.view({K, n_in, d.dv, GH})})
                     .reshape({D, d.nv});
   Tensor g_Wih = at::einsum("dnv,dkng->knvg", {Wv.view({D, n_in, d.dv}), g_fold})
@@ -1302,7 +1314,8 @@ auto rim_cpu_bwd(
   return to_tuple<14>(res);
 }
 
-// Gradients of rim_cpu_kv_fwd: (d keys, d values, d h0, d c0, then d of its 9 weights).
+// Gradients of rim_cpu_kv_fwd: (d keys, d values, d h0, d c0, then d of its 9 weights), and with
+// `factors` the per-row factors of d weight_ih (xa and d gi; empty otherwise).
 auto rim_cpu_kv_bwd(
     const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& keys_, const Tensor& values_,
@@ -1313,7 +1326,7 @@ auto rim_cpu_kv_bwd(
     const Tensor& cs, const Tensor& htil, const Tensor& q, const Tensor& a, const Tensor& gates,
     const Tensor& qkv, const Tensor& bprob, const Tensor& o, int64_t top_k, int64_t input_heads,
     int64_t comm_heads, double input_dropout, double comm_dropout, int64_t seed,
-    bool block_inactive_grad) {
+    bool block_inactive_grad, bool factors) {
   const Dims d = check_kv_args("rim_cpu_kv_bwd", keys_, values_, h0_, c0_, input_query,
                                weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
                                comm_value, comm_output, top_k, input_heads, comm_heads,
@@ -1328,9 +1341,9 @@ auto rim_cpu_kv_bwd(
         input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), g.Wc,
         comm_output.contiguous(), out.contiguous(), masks.contiguous(), cs.contiguous(),
         htil.contiguous(), q.contiguous(), a.contiguous(), gates.contiguous(), qkv.contiguous(),
-        bprob.contiguous(), o.contiguous(), keys_.contiguous(), Tensor(), Tensor());
+        bprob.contiguous(), o.contiguous(), keys_.contiguous(), Tensor(), Tensor(), factors);
   });
-  return to_tuple<13>(res);
+  return to_tuple<15>(res);
 }
 
 // Keep-masks of the dropout stream of one call, in rim_ref's `dropout_masks` layout, so the
@@ -1385,10 +1398,11 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor comm_value, Tensor comm_output, Tensor out, Tensor masks, Tensor cs, Tensor htil,"
         " Tensor q, Tensor a, Tensor gates, Tensor qkv, Tensor bprob, Tensor o, int top_k,"
         " int input_heads, int comm_heads, float input_dropout, float comm_dropout, int seed,"
-        " bool block_inactive_grad) -> (Tensor grad_keys, Tensor grad_values, Tensor grad_h0,"
-        " Tensor grad_c0, Tensor grad_input_query, Tensor grad_weight_ih, Tensor grad_weight_hh,"
-        " Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_comm_query, Tensor grad_comm_key,"
-        " Tensor grad_comm_value, Tensor grad_comm_output)");
+        " bool block_inactive_grad, bool factors=False) -> (Tensor grad_keys, Tensor grad_values,"
+        " Tensor grad_h0, Tensor grad_c0, Tensor grad_input_query, Tensor grad_weight_ih,"
+        " Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_comm_query,"
+        " Tensor grad_comm_key, Tensor grad_comm_value, Tensor grad_comm_output, Tensor xa,"
+        " Tensor dgi)");
   m.def("rim_cpu_dropout_masks(int seed, int T, int B, int K, int input_heads, int M,"
         " int comm_heads, float input_dropout, float comm_dropout) -> (Tensor, Tensor)");
 }

@@ -17,10 +17,12 @@ input elements themselves, one copy per head, and ``weight_ih`` is replaced by t
 values are ``x input_value`` and ``weight_ih`` is used in place. The choice depends on the layer,
 not on ``T``, so splitting a sequence into calls (``RIMCell`` steps) gives exactly one call's
 result (SPEC "Dtypes"). The fold (``K n D d_v G H`` multiply-adds, 123 MFLOP at the paper layer)
-is cached between calls that need no gradient through it, keyed on the two weights' identity,
-storage and version, so an RL rollout's ``T = 1`` steps do not pay it every step; with a
-gradient it is recomputed (and differentiated) per call. The folded driver op ``rim_cpu_fwd``,
-which folds inside every call, is no longer used by :func:`rim_cpu`.
+is cached between calls while both weights hold the same values (:func:`input_fold`), so an RL
+rollout's ``T = 1`` steps do not pay it every step. It is never differentiated through:
+:class:`_FoldedInput` takes the fold's gradient to ``input_value`` and ``weight_ih`` itself,
+densely or, for calls with few rows, from per-row factors (:func:`fold_grad_from_factors`), so a
+one-step forward+backward does not pay 2 x 123 MFLOP either. The folded driver op
+``rim_cpu_fwd``, which folds inside every call, is no longer used by :func:`rim_cpu`.
 
 Dropout: one 64-bit seed per call is drawn from PyTorch's default generator (so it is
 reproducible under ``torch.manual_seed``); the C++ side derives every keep-decision from it with a
@@ -90,9 +92,9 @@ def _fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtyp
                         weight_ih.to(ct).view(K, n, dv, GH)).reshape(K, n * D, GH)
 
 
-#: id(input_value) -> (weakrefs of input_value and weight_ih, their data pointers, versions and
-#: shapes, compute dtype) and the fold; at most _FOLD_CACHE_SIZE entries (oldest dropped), an
-#: entry dropped as soon as its input_value is freed (the fold is up to K n D G H elements).
+#: id(input_value) -> (weakrefs of input_value and weight_ih, the compute dtype, copies of the
+#: two weights) and the fold; at most _FOLD_CACHE_SIZE entries (oldest dropped), an entry dropped
+#: as soon as its input_value is freed (the fold is up to K n D G H elements).
 _FOLD_CACHE: dict = {}
 _FOLD_CACHE_SIZE = 16
 
@@ -100,29 +102,35 @@ _FOLD_CACHE_SIZE = 16
 def input_fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtype) -> Tensor:
     """``fold[k, n*D + d, :] = sum_v input_value[d, n*d_v + v] weight_ih[k, n*d_v + v, :]``:
     ``(K, n D, G*H)`` in the compute dtype ``ct``, the ``weight_ih`` of the pre-projected op when
-    its values are the input elements repeated per head. Differentiable when a gradient can flow
-    into either weight; otherwise cached across calls (an in-place update of either weight bumps
-    its version and so recomputes it)."""
-    if (torch.is_grad_enabled() and (input_value.requires_grad or weight_ih.requires_grad)) or \
-            torch.compiler.is_compiling():
-        return _fold(input_value, weight_ih, cfg, ct)
+    its values are the input elements repeated per head. Never differentiable (:func:`rim_cpu`
+    forms the two weights' gradients itself, :class:`_FoldedInput`).
+
+    Cached across calls, keyed on ``input_value``'s identity and valid while both weights hold
+    the values it was made from: they are compared with copies kept beside the fold (a read of
+    both weights, ~4 MB at the paper layer, instead of the fold's 123 MFLOP). Not the version
+    counter alone: writes through ``.data`` (``target.data.copy_(...)``, common in RL target
+    networks) do not bump it."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return _fold(input_value, weight_ih, cfg, ct)
     import weakref
-    state = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-                  for t in (input_value, weight_ih)) + (ct,)
     hit = _FOLD_CACHE.get(id(input_value))
     if hit is not None:
-        (r_v, r_w, old), fold = hit
-        if r_v() is input_value and r_w() is weight_ih and old == state:
+        (r_v, r_w, old_ct, copies), fold = hit
+        if r_v() is input_value and r_w() is weight_ih and old_ct == ct and all(
+                c.shape == t.shape and c.dtype == t.dtype and torch.equal(c, t)
+                for c, t in zip(copies, (input_value, weight_ih))):
             return fold
     with torch.no_grad():
         fold = _fold(input_value, weight_ih, cfg, ct)
+        copies = (input_value.detach().clone(), weight_ih.detach().clone())
     _FOLD_CACHE.pop(id(input_value), None)
     while len(_FOLD_CACHE) >= _FOLD_CACHE_SIZE:
         _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
     key = id(input_value)
     # The callback runs while input_value is being freed, before its id can be reused.
     r_v = weakref.ref(input_value, lambda _r, key=key: _FOLD_CACHE.pop(key, None))
-    _FOLD_CACHE[key] = ((r_v, weakref.ref(weight_ih), state), fold)
+    _FOLD_CACHE[key] = ((r_v, weakref.ref(weight_ih), ct, copies), fold)
     return fold
 
 
@@ -157,19 +165,99 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     T, B, M, D = x.shape
     xc = up(x)
     kv_params = dict(zip(PARAM_NAMES, weights))
+    keys = xc @ kv_params["input_key"]
     if folds_input(M, D, cfg):  # values = x per head, weight_ih = the fold
         n = cfg.input_heads
         values = xc.repeat(1, 1, 1, n) if n > 1 else xc
-        kv_params["weight_ih"] = input_fold(params["input_value"], params["weight_ih"], cfg, ct)
+        fold = input_fold(params["input_value"], params["weight_ih"], cfg, ct)
+        out, h_n, c_n, masks = _FoldedInput.apply(
+            keys, values, up(h0), up(c0) if lstm else None, weights[1], weights[3], fold,
+            *[kv_params[n] for n in _FOLDED_REST], cfg, p_in, p_c, seed)
     else:
         values = xc @ kv_params["input_value"]
-    res = rim_cpu_kv(xc @ kv_params["input_key"], values, up(h0), up(c0) if lstm else None,
-                     kv_params, cfg, training=training, seed=seed)
-    out, h_n, c_n, masks = res[:4]
+        out, h_n, c_n, masks = rim_cpu_kv(keys, values, up(h0), up(c0) if lstm else None,
+                                          kv_params, cfg, training=training, seed=seed)
     if ct != dtype:
         out, h_n = out.to(dtype), h_n.to(dtype)
         c_n = c_n.to(dtype) if lstm else c_n
     return out, h_n, (c_n if lstm else None), masks
+
+
+#: The pre-projected op's parameters after weight_ih, in its order.
+_FOLDED_REST = tuple(n for n in KV_PARAM_NAMES if n != "weight_ih")
+
+
+def fold_grad_from_factors(rows: int, D: int, GH: int) -> bool:
+    """Whether :class:`_FoldedInput` forms the ``input_value`` / ``weight_ih`` gradients from
+    the per-row factors of the fold's gradient (``xa`` and ``d gi``: about ``rows (D + G H)``
+    multiply-adds per mechanism, head and value column) rather than from the dense fold gradient
+    (``D G H``): true for calls of fewer than ``D G H / (D + G H)`` rows (``T B``; 55 at the paper
+    layer), such as an RL rollout's one-step calls."""
+    return rows * (D + GH) < D * GH
+
+
+class _FoldedInput(torch.autograd.Function):
+    """The pre-projected op on the input elements with ``weight_ih`` = the fold
+    ``input_value_n weight_ih[k]_n`` (:func:`input_fold`, cached), differentiable w.r.t. keys,
+    values, state, ``input_value``, ``weight_ih`` and the other 8 weights. The fold's gradient
+    ``g_F[k] = sum_rows xa^T d gi`` is taken to the two weights either densely
+    (``2 K n D d_v G H`` FLOPs, 246 M at the paper layer, whatever the call's size) or, for calls
+    with few rows (:func:`fold_grad_from_factors`), through the factors the op returns:
+    ``g weight_ih[k]_n = (xa_n input_value_n)^T d gi`` and ``g input_value_n = sum_k xa_n^T
+    (d gi weight_ih[k]_n^T)``. The fold is never differentiated through, so it comes from the
+    cache also when a gradient is needed."""
+
+    @staticmethod
+    def forward(ctx, keys, values, h0, c0, input_value, weight_ih, fold, input_query, weight_hh,
+                bias_ih, bias_hh, comm_query, comm_key, comm_value, comm_output, cfg, p_in, p_c,
+                seed):
+        rest = (input_query, weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
+                comm_output)
+        save = any(ctx.needs_input_grad[:15])
+        res = torch.ops.rims_fast.rim_cpu_kv_fwd(
+            keys, values, h0, c0, input_query, fold, *rest[1:], cfg.top_k, cfg.input_heads,
+            cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)
+        out, h_n, c_n, masks, *saved = res
+        ctx.cfg, ctx.args = cfg, (p_in, p_c, seed)
+        ctx.has_c0 = c0 is not None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(masks)
+        if save:
+            ctx.save_for_backward(keys, values, h0, c0, input_value, weight_ih, fold, *rest, out,
+                                  masks, *saved)
+        return out, h_n, (c_n if c0 is not None else None), masks
+
+    @staticmethod
+    def backward(ctx, g_out, g_hn, g_cn, _g_masks):
+        cfg, (p_in, p_c, seed) = ctx.cfg, ctx.args
+        (keys, values, h0, c0, input_value, weight_ih, fold, *rest) = ctx.saved_tensors
+        weights, out, masks, saved = rest[:8], rest[8], rest[9], rest[10:]
+        T, B = keys.shape[:2]
+        K, nD, GH = fold.shape
+        n, dv = cfg.input_heads, cfg.input_value_size
+        D = nD // n
+        factors = fold_grad_from_factors(T * B, D, GH)
+        grads = torch.ops.rims_fast.rim_cpu_kv_bwd(
+            g_out, g_hn, g_cn if ctx.has_c0 else None, keys, values, h0, c0, weights[0], fold,
+            *weights[1:], out, masks, *saved, cfg.top_k, cfg.input_heads, cfg.comm_heads, p_in,
+            p_c, seed, cfg.block_inactive_grad, factors)
+        g_keys, g_values, g_h0, g_c0, g_wq, g_fold, *g_rest = grads[:13]
+        ct = fold.dtype
+        iv = input_value.to(ct).view(D, n, dv)
+        wih = weight_ih.to(ct).view(K, n, dv, GH)
+        if factors:
+            xa = grads[13].view(T * B, K, n, D)
+            dgi = grads[14].view(T * B, K, GH)
+            g_wih = torch.einsum("rknv,rkg->knvg", torch.einsum("rknd,dnv->rknv", xa, iv), dgi)
+            g_iv = torch.einsum("rknd,rknv->dnv", xa, torch.einsum("rkg,knvg->rknv", dgi, wih))
+        else:
+            g_f = g_fold.view(K, n, D, GH)
+            g_wih = torch.einsum("dnv,kndg->knvg", iv, g_f)
+            g_iv = torch.einsum("kndg,knvg->dnv", g_f, wih)
+        g_iv = g_iv.reshape(D, n * dv).to(input_value.dtype)
+        g_wih = g_wih.reshape(K, n * dv, GH).to(weight_ih.dtype)
+        return (g_keys, g_values, g_h0, g_c0 if ctx.has_c0 else None, g_iv, g_wih, None, g_wq,
+                *g_rest, None, None, None, None)
 
 
 def draw_seed() -> int:
@@ -308,10 +396,16 @@ def _register() -> None:
     @torch.library.register_fake(lib + "rim_cpu_kv_bwd")
     def _(grad_out, grad_h_n, grad_c_n, keys, values, h0, c0, *rest):
         weights = rest[:9]
+        factors = len(rest) > 26 and rest[26]  # after the 9 weights, 10 saved, 7 sizes/options
         grads = [keys.new_empty(keys.shape), values.new_empty(values.shape),
                  h0.new_empty(h0.shape),
                  c0.new_empty(c0.shape) if c0 is not None else keys.new_empty((0,))]
-        return (*grads, *[w.new_empty(w.shape) for w in weights])
+        T, B = keys.shape[:2]
+        K, GH = weights[1].shape[0], weights[1].shape[2]
+        extra = ((keys.new_empty((T, B, K, values.shape[-1])), keys.new_empty((T, B, K, GH)))
+                 if factors
+                 else (keys.new_empty((0,)), keys.new_empty((0,))))
+        return (*grads, *[w.new_empty(w.shape) for w in weights], *extra)
 
     def kv_setup_context(ctx, inputs, output):
         (keys, values, h0, c0, *rest) = inputs
@@ -332,7 +426,7 @@ def _register() -> None:
         grads = torch.ops.rims_fast.rim_cpu_kv_bwd(
             grad_out, grad_h_n, grad_c_n if ctx.has_c0 else None, keys, values, h0, c0, *weights,
             out, masks, *saved, *ctx.cfg)
-        gk, gv, gh0, gc0, *gw = grads
+        gk, gv, gh0, gc0, *gw = grads[:13]
         return (gk, gv, gh0, gc0 if ctx.has_c0 else None, *gw, *([None] * 8))
 
     torch.library.register_autograd(lib + "rim_cpu_kv_fwd", kv_backward,

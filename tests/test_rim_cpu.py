@@ -270,7 +270,8 @@ def test_gradcheck(cell, input_path):
 
 def test_folds_input_rule_and_cache():
     """The fold is chosen by the layer (the reference's rule), never by T; it is cached between
-    calls without a gradient through it and recomputed after an in-place weight update."""
+    calls (never differentiated through: rim_cpu forms the weights' gradients) and recomputed after
+    any change of either weight, also one through .data, which does not bump the version."""
     cfg = rims_fast.RIM(64, 100, 6, 4).config
     assert rc.folds_input(1, 64, cfg) and not rc.folds_input(1, 512, cfg)
     rim = rims_fast.RIM(64, 20, 3, 2, input_heads=2, input_value_size=40)
@@ -285,11 +286,49 @@ def test_folds_input_rule_and_cache():
         f2 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
         assert f2 is not f1 and torch.equal(f2, 2 * f1)
     f3 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
-    assert f3.requires_grad and f3 is not f2  # with a gradient: recomputed, in the graph
+    assert f3 is f2 and not f3.requires_grad  # grad mode changes nothing
+    P["input_value"].data.copy_(P["input_value"].data * 3)  # an RL target update: no version bump
+    f4 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
+    assert torch.allclose(f4, 3 * f2, rtol=1e-6, atol=1e-6)
+    P["weight_ih"].data[0, 0, 0] += 1
+    f5 = rc.input_fold(P["input_value"], P["weight_ih"], rim.config, torch.float32)
+    assert f5 is not f4 and not torch.equal(f5[0, :, 0], f4[0, :, 0])
     key = id(rim.input_value)
     assert key in rc._FOLD_CACHE
-    del rim, P, f1, f2, f3, want
+    del rim, P, f1, f2, f3, f4, f5, want
     assert key not in rc._FOLD_CACHE  # freed weights free their fold
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_fold_gradient_from_factors_equals_dense(cell, n_in, monkeypatch):
+    """The folded path's input_value / weight_ih gradients from the op's per-row factors (calls
+    with few rows) equal the dense ones from the fold's gradient (float64, training with dropout,
+    multi-head), and the rule picks factors exactly below D G H / (D + G H) rows."""
+    assert rc.fold_grad_from_factors(55, 64, 400) and not rc.fold_grad_from_factors(56, 64, 400)
+    rim, x, h0, c0, P, leaves = _inputs(cell, 2, n_in, 2, 4, 2, 3, False, torch.float64, B=2,
+                                        input_dropout=0.3, comm_dropout=0.2)
+    monkeypatch.setattr(rc, "folds_input", lambda *a, **k: True)
+    grads = {}
+    for factors in (True, False):
+        monkeypatch.setattr(rc, "fold_grad_from_factors", lambda *a, f=factors: f)
+        torch.manual_seed(5)
+        got = rc.rim_cpu(x, h0, c0, P, rim.config, training=True)
+        grads[factors] = _grads(got[:3], leaves)
+    for name in leaves:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-12,
+                                   atol=1e-12, msg="d" + name)
+    # ... and the dense path against finite differences too (test_gradcheck runs the factors).
+    names = list(leaves)
+
+    def f(*tensors):
+        d = dict(zip(names, tensors))
+        torch.manual_seed(5)
+        out, h_n, c_n, _ = rc.rim_cpu(d["x"], d["h0"], d.get("c0"), {n: d[n] for n in PARAMS},
+                                      rim.config, training=True)
+        return (out, h_n) if c_n is None else (out, h_n, c_n)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -442,6 +481,14 @@ def test_kv_opcheck_and_errors():
     tail = (cfg.top_k, cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
     torch.library.opcheck(torch.ops.rims_fast.rim_cpu_kv_fwd.default,
                           (keys, vals, h0.detach(), c0.detach(), *W, *tail))
+    fwd = torch.ops.rims_fast.rim_cpu_kv_fwd(keys, vals, h0.detach(), c0.detach(), *W, *tail)
+    g_out = torch.randn_like(fwd[0])
+    for factors in (False, True):  # the backward, with and without the weight_ih factors
+        args = (g_out, None, None, keys, vals, h0.detach(), c0.detach(), *W, fwd[0], *fwd[3:],
+                *tail[:-1], factors)
+        torch.library.opcheck(torch.ops.rims_fast.rim_cpu_kv_bwd.default, args)
+        res = torch.ops.rims_fast.rim_cpu_kv_bwd(*args)
+        assert len(res) == 15 and (res[13].numel() > 0) == factors
     with pytest.raises(RuntimeError, match="values must have shape"):
         torch.ops.rims_fast.rim_cpu_kv_fwd(keys, vals[..., :-1], h0.detach(), c0.detach(), *W,
                                            *tail)
