@@ -12,7 +12,10 @@
 - ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: both kernels' weight products on
   tensor cores (float16/bfloat16; in float32 it runs as ``cuda_seq``).
 - ``cuda_seq_cluster``: ``cuda_seq`` with ``RIMS_FAST_CUDA_CLUSTER=1``: the forward on
-  thread-block clusters (sm_90+, one block per mechanism, DSMEM exchange; CUDA cores).
+  thread-block clusters (sm_90+, one block per mechanism, DSMEM exchange; CUDA cores), each
+  block's weights in its shared memory as far as they fit.
+- ``cuda_seq_cluster_l2``: ``cuda_seq_cluster`` with ``RIMS_FAST_CUDA_RESIDENT=0``: every weight
+  read from L2 each step (what residency buys is the ratio of the two).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
 - ``brim2``, ``brim2_cpu``, ``brim2_cuda``, ``brim2_triton``, ``brim2_cuda_seq``: a two-layer
@@ -45,11 +48,11 @@ from .naive import NaiveRIM
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq", "cuda_seq_mma",
-             "cuda_seq_cluster", "cpu", "lstm",
+             "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu", "lstm",
              "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq",
-                 "cuda_seq_mma", "cuda_seq_cluster", "cpu",
+                 "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu",
                  "naive")
 
 
@@ -207,6 +210,9 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
                              "cuda_seq_mma"),
     "cuda_seq_cluster": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
                                           "RIMS_FAST_CUDA_CLUSTER": "1"}, "cuda_seq_cluster"),
+    "cuda_seq_cluster_l2": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
+                                             "RIMS_FAST_CUDA_CLUSTER": "1",
+                                             "RIMS_FAST_CUDA_RESIDENT": "0"}, "cuda_seq_cluster_l2"),
     "triton_graph": _backend("triton", {"RIMS_FAST_TRITON_GRAPH": "1"}, "triton_graph"), "lstm": _lstm, "naive": _naive,
     "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
     "brim2_triton": _brim2("triton"),

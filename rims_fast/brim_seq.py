@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._config import RimConfig, cfg_args
 from .brim_steps import brim_steps
-from .rim_seq import (OP_WEIGHTS, cluster_mechs, mma_mode, rim_seq_op, tile_size,
+from .rim_seq import (OP_WEIGHTS, cluster_mechs, mma_mode, resident_mode, rim_seq_op, tile_size,
                       unavailable_reason)
 
 __all__ = ["brim_seq", "unavailable_reason"]
@@ -35,7 +35,8 @@ def _step(keys, values, h, c, params, cfg, training, seed):
     mma = mma_mode(h.device, h.dtype)
     res = rim_seq_op(keys.contiguous(), values.contiguous(), w_x.contiguous(), h.contiguous(),
                      c.contiguous() if lstm else None, weights, sizes, cell, p_in, p_c, big, True,
-                     seed, tile_size(), save, mma, cluster_mechs(h.device, K, mma))
+                     seed, tile_size(), save, mma, cluster_mechs(h.device, K, mma),
+                     resident_mode())
     return res[0], res[1], (res[2] if lstm else None), res[3]
 
 

@@ -37,7 +37,9 @@ def _modes() -> dict:
            "RIMS_FAST_CUDA_MMA": os.environ.get("RIMS_FAST_CUDA_MMA", "0")
            + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)",
            "RIMS_FAST_CUDA_CLUSTER": os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
-           + " (1 = the persistent forward on thread-block clusters, sm_90+)"}
+           + " (1 = the persistent forward on thread-block clusters, sm_90+)",
+           "RIMS_FAST_CUDA_RESIDENT": os.environ.get("RIMS_FAST_CUDA_RESIDENT", "1")
+           + " (with clusters: 1 = weights in shared memory as fit, 0 = none)"}
     try:
         from rims_fast import rim_triton
         res["RIMS_FAST_TRITON_BWD"] = rim_triton.bwd_mode()

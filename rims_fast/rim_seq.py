@@ -56,7 +56,7 @@ from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "mma_mode",
-           "cluster_mechs", "RESIDENT",
+           "cluster_mechs", "RESIDENT", "resident_mode",
            "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -117,6 +117,17 @@ def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
         raise ValueError("RIMS_FAST_CUDA_CLUSTER=1 runs on CUDA cores; it cannot be combined with "
                          "RIMS_FAST_CUDA_MMA=1")
     return -(-num_units // 8)
+
+
+def resident_mode() -> int:
+    """``RIMS_FAST_CUDA_RESIDENT``: with ``RIMS_FAST_CUDA_CLUSTER=1``, ``1`` (default) keeps as
+    many of each block's weights in shared memory as fit (the op's ``resident=-1``), ``0`` reads
+    them all from global memory / L2 (``resident=0``: the comparison that measures what
+    residency buys)."""
+    v = os.environ.get("RIMS_FAST_CUDA_RESIDENT", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_RESIDENT must be 0 or 1, got {v!r}")
+    return -1 if v == "1" else 0
 
 
 def cuda_fwd_mode() -> str:
@@ -324,7 +335,8 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     mechanisms per block of a thread-block cluster for the forward, 0 for none (None:
     :func:`cluster_mechs`; on CPU tensors > 0 runs the cluster's blocks as host threads, for
     tests); ``resident``: with a cluster, which weights a block keeps in shared memory, a bit set
-    of :data:`RESIDENT` (None: as many as fit on the GPU, largest first; all in the host run).
+    of :data:`RESIDENT` (None: :func:`resident_mode`: as many as fit on the GPU, largest first,
+    all in the host run; or none).
     Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
@@ -351,6 +363,6 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
                      weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma,
-                     cluster, -1 if resident is None else resident)
+                     cluster, resident_mode() if resident is None else resident)
     out, h_n, c_n, masks = res[:4]
     return out, h_n, (c_n if lstm else None), masks

@@ -301,6 +301,12 @@ def test_backend_cuda_env_switch(monkeypatch):
     assert rs.cluster_mechs(torch.device("cpu"), 6, False) == 0
     with pytest.raises(ValueError, match="cannot be combined with RIMS_FAST_CUDA_MMA"):
         rs.cluster_mechs(torch.device("cuda"), 6, True)
+    assert rs.resident_mode() == -1  # weights in shared memory as they fit
+    monkeypatch.setenv("RIMS_FAST_CUDA_RESIDENT", "0")
+    assert rs.resident_mode() == 0
+    monkeypatch.setenv("RIMS_FAST_CUDA_RESIDENT", "auto")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_RESIDENT must be 0 or 1"):
+        rs.resident_mode()
 
 
 # ---- on a GPU: the CUDA kernel itself ---------------------------------------------------------
