@@ -19,6 +19,21 @@ from .reference import rim_ref
 
 log = logging.getLogger("rims_fast")
 
+#: ``TRITON_INTERPRET=1`` at ``import rims_fast``. Triton reads the variable when it is imported,
+#: which ``import rims_fast`` did (through ``torch._dynamo``) until Triton became a first-use
+#: import; the rule stays "set it before ``import rims_fast``", so that whether
+#: ``backend="triton"`` runs on CPU tensors does not depend on when it is first used.
+TRITON_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without its import of ``torch._dynamo`` (most of
+    the time of ``import rims_fast``, and it imports Triton): the decorator only sets this mark,
+    which Dynamo reads when it traces a call (tests/test_compile.py checks that it still is)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 #: ``backend="auto"`` tries these in order for the tensors' device type (RIM, RIMCell).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 #: The same for BRIM stacks. On CUDA, ``cuda`` comes before ``triton`` because the Triton stack's
@@ -72,7 +87,7 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
 
 # torch.compile evaluates this at trace time and bakes the answer into the graph (it depends only
 # on the build and the tensors' device and dtype, which the graph's guards already pin).
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def resolve(requested: str, device: torch.device, dtype: torch.dtype, module: str = "RIM") -> str:
     """The backend that will run. An explicit backend that cannot run raises ``RuntimeError``.
     ``module`` (``"RIM"`` or ``"BRIM"``) picks the ``"auto"`` order."""

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from . import _backend
 from ._config import BACKENDS, RimConfig, _as_int
-from .modules import check_bool, check_factory_dtype, check_input, check_state
+from .modules import (CONFIG_DEFAULTS, check_bool, check_factory_dtype, check_input, check_state,
+                      config_kwargs)
 from .reference import brim_ref
 from .rim_seq import cuda_fwd_mode
 
@@ -37,6 +38,7 @@ class BrimLayer(nn.Module):
     def __init__(self, cfg: RimConfig, top_down_size: Optional[int], device=None, dtype=None):
         super().__init__()
         self.config = cfg
+        self.top_down_size = top_down_size
         shapes = {}
         for name, shape in cfg.param_shapes().items():
             if name in ("input_key", "input_value"):
@@ -56,6 +58,16 @@ class BrimLayer(nn.Module):
                 base = name.replace("_bottom_up", "").replace("_top_down", "")
                 bound = self.config.init_bound(base) if base == name else p.shape[-2] ** -0.5
                 p.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        # The layer's sizes; the options BRIM shares across layers are on BRIM's own line.
+        c = self.config
+        args = [f"{c.input_size}, {c.hidden_size}, num_units={c.num_units}, top_k={c.top_k}"]
+        args += [f"{k}={v!r}" for k, v in config_kwargs(c).items()
+                 if k not in _SHARED and v != CONFIG_DEFAULTS[k]]
+        if self.top_down_size is not None:
+            args.append(f"top_down_size={self.top_down_size}")
+        return ", ".join(args)
 
 
 class BRIM(nn.Module):
@@ -131,6 +143,29 @@ class BRIM(nn.Module):
         for layer in self.layers:
             layer.reset_parameters()
 
+    def extra_repr(self) -> str:
+        # The constructor's arguments, non-defaults only: a per-layer argument prints as one value
+        # when all layers agree, else as the list; num_layers only when no list gives it.
+        cfgs = self.configs
+        kws = [config_kwargs(c) for c in cfgs]
+        per_layer = {"hidden_sizes": [c.hidden_size for c in cfgs],
+                     "num_units": [c.num_units for c in cfgs], "top_k": [c.top_k for c in cfgs]}
+        per_layer.update((k, [kw[k] for kw in kws]) for k in CONFIG_DEFAULTS
+                         if any(kw[k] != CONFIG_DEFAULTS[k] for kw in kws))
+        shown = {k: v[0] if all(x == v[0] for x in v) else v for k, v in per_layer.items()}
+        has_list = any(isinstance(v, list) for v in shown.values())
+        args = [f"{cfgs[0].input_size}, {shown.pop('hidden_sizes')!r}"]
+        args += [f"{k}={shown.pop(k)!r}" for k in ("num_units", "top_k")]
+        if len(cfgs) > 1 and not has_list:
+            args.append(f"num_layers={len(cfgs)}")
+        args += [f"{k}={v!r}" for k, v in shown.items()]
+        for name in ("batch_first", "output_all_layers"):
+            if getattr(self, name):
+                args.append(f"{name}=True")
+        if self.backend != "auto":
+            args.append(f"backend={self.backend!r}")
+        return ", ".join(args)
+
     def forward(self, x: Tensor, states: Optional[Sequence] = None, return_masks: bool = False):
         cfgs = self.configs
         check_input(x, (3, 4), cfgs[0].input_size, self.layers[0].input_key_bottom_up,
@@ -176,6 +211,8 @@ class BRIM(nn.Module):
         return _backend.resolve(self.backend, x.device, x.dtype, "BRIM")
 
 
+#: BRIM arguments that are one value for all layers (the rest may differ per layer).
+_SHARED = ("cell", "input_dropout", "comm_dropout", "block_inactive_grad")
 #: Per-layer keys whose BRIM argument has another name (RimConfig's ``hidden_size``).
 _ARG_NAMES = {"hidden_size": "hidden_sizes"}
 

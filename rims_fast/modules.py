@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional, Union
 
@@ -58,10 +59,15 @@ class _RimLayer(nn.Module):
                 p.uniform_(-bound, bound)
 
     def extra_repr(self) -> str:
+        # As nn.LSTM: the sizes, then only the keyword arguments that differ from their defaults.
         c = self.config
-        return (f"{c.input_size}, {c.hidden_size}, num_units={c.num_units}, top_k={c.top_k}, "
-                f"cell={c.cell!r}, input_heads={c.input_heads}, comm_heads={c.comm_heads}, "
-                f"backend={self.backend!r}")
+        args = [f"{c.input_size}, {c.hidden_size}, num_units={c.num_units}, top_k={c.top_k}"]
+        args += [f"{k}={v!r}" for k, v in config_kwargs(c).items() if v != CONFIG_DEFAULTS[k]]
+        if getattr(self, "batch_first", False):  # RIM only; RIMCell has no batch_first
+            args.append("batch_first=True")
+        if self.backend != "auto":
+            args.append(f"backend={self.backend!r}")
+        return ", ".join(args)
 
     def _check_input(self, x: Tensor, ranks: tuple[int, int], layout: str) -> None:
         check_input(x, ranks, self.config.input_size, self.input_key, layout)
@@ -154,6 +160,26 @@ class RIMCell(_RimLayer):
         _, h_n, c_n, masks = self._run(x.unsqueeze(0), state)
         new_state = (h_n, c_n) if self.config.cell == "lstm" else h_n
         return new_state, masks[0]
+
+
+# -- reprs (shared with BRIM) ----------------------------------------------------------------------
+#: RimConfig's keyword fields (everything after ``top_k``, in the constructors' order) and defaults.
+CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RimConfig)
+                   if f.default is not dataclasses.MISSING}
+
+
+def config_kwargs(cfg: RimConfig) -> dict:
+    """``cfg``'s keyword fields as a constructor would take them: ``input_value_size`` is ``None``
+    when it is the value ``None`` derives (``4 * hidden_size // input_heads``), so that the repr
+    does not show it as a choice; dropouts are plain floats (a NumPy float's repr names its
+    type)."""
+    kw = {name: getattr(cfg, name) for name in CONFIG_DEFAULTS}
+    H, n_in = cfg.hidden_size, cfg.input_heads
+    if (4 * H) % n_in == 0 and kw["input_value_size"] == 4 * H // n_in:
+        kw["input_value_size"] = None
+    for name in ("input_dropout", "comm_dropout"):
+        kw[name] = float(kw[name])
+    return kw
 
 
 # -- construction checks beyond RimConfig's (shared with BRIM) -------------------------------------

@@ -37,6 +37,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
+from ._backend import assume_constant_result
 from ._config import RimConfig
 from .reference import compute_dtype
 
@@ -67,7 +68,7 @@ def _op_registered() -> Optional[str]:
 
 
 # torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if ``backend="cpu"`` can run on tensors of this device and dtype, else why not."""
     device = torch.device(device)

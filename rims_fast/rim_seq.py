@@ -52,6 +52,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
+from ._backend import assume_constant_result
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
@@ -139,7 +140,7 @@ def cuda_fwd_mode() -> str:
 
 
 # torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if the op runs on tensors of this device and dtype (CPU: float32/float64, the
     host run for tests; CUDA: all four float dtypes), else why not."""

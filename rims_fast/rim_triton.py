@@ -79,6 +79,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _backend
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import _Rounder, compute_dtype, rim_ref
 
@@ -121,10 +122,10 @@ except ImportError as e:  # triton missing, or the kernels failed to import
 def _interpreted() -> bool:
     """Whether the Triton kernels run through Triton's interpreter. ``@triton.jit`` reads
     ``TRITON_INTERPRET`` when it decorates: Triton's own library (``tl.sigmoid``, ...) when triton
-    is imported -- which ``import rims_fast`` already does, through ``torch._dynamo`` -- and our
-    kernels when they are imported (their ``_INTERP``). Both must be interpreted; setting the
-    variable later gives a mix that fails inside the first launch, so the environment read at call
-    time is no answer."""
+    is first imported -- by this module, or earlier by anything else (``torch._dynamo`` imports
+    it) -- and our kernels when they are imported (their ``_INTERP``). Both must be interpreted;
+    setting the variable later gives a mix that fails inside the first launch, so the environment
+    read at call time is no answer."""
     if _k is None:
         return False
     try:  # Triton internals (3.x): if they move, report "not interpreted" rather than fail import
@@ -149,7 +150,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
-@torch.compiler.assume_constant_result
+@_backend.assume_constant_result
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """``None`` if the Triton backend can run on tensors of this device and dtype, else why not."""
     if _k is None:
@@ -160,16 +161,19 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        # The variable is the switch: it must have been 1 when the kernels were imported (that is
-        # what counts, see _interpreted) and still be 1, so that unsetting it turns the backend off.
+        # The variable is the switch: it must have been 1 when Triton and the kernels were imported
+        # (that is what counts, see _interpreted) and at `import rims_fast` (the documented rule,
+        # see _backend.TRITON_INTERPRET_AT_IMPORT), and still be 1, so that unsetting it turns the
+        # backend off.
         wanted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if wanted and _INTERPRETED:
+        if wanted and _INTERPRETED and _backend.TRITON_INTERPRET_AT_IMPORT:
             return None
-        if wanted:  # set now, but after Triton was imported: too late to take effect
-            return ("TRITON_INTERPRET=1 was set after Triton was imported; set it before "
-                    "`import rims_fast` (which imports Triton) to run backend='triton' on CPU tensors")
+        if wanted:  # set now, but too late to take effect
+            return ("TRITON_INTERPRET=1 was set too late (after `import rims_fast` or after Triton "
+                    "was imported); set it before `import rims_fast` and before anything imports "
+                    "Triton to run backend='triton' on CPU tensors")
         return ("backend='triton' on CPU tensors needs TRITON_INTERPRET=1, set before "
-                "`import rims_fast` (which imports Triton)")
+                "`import rims_fast` and before Triton is imported")
     return f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {device}"
 
 

@@ -262,3 +262,35 @@ def test_docstring_auto_order_matches():
     for device, order in BRIM_AUTO_ORDER.items():
         names = ", ".join(f'``"{n}"``' for n in order)
         assert f"{names} on {device.upper()} tensors" in doc, (device, doc)
+
+
+def test_repr_shows_arguments_then_layers():
+    """BRIM's line is its constructor call, non-defaults only (a per-layer argument as one value
+    when all layers agree); each layer's line names its sizes."""
+    assert repr(rims_fast.BRIM(64, 100, 6, 4)) == (
+        "BRIM(\n"
+        "  64, 100, num_units=6, top_k=4\n"
+        "  (layers): ModuleList(\n"
+        "    (0): BrimLayer(64, 100, num_units=6, top_k=4)\n"
+        "  )\n"
+        ")")
+    brim = rims_fast.BRIM(64, [100, 50], [6, 4], [4, 2], input_value_size=[None, 8], comm_heads=2,
+                          cell="gru", batch_first=True, output_all_layers=True, backend="cpu")
+    assert repr(brim) == (
+        "BRIM(\n"
+        "  64, [100, 50], num_units=[6, 4], top_k=[4, 2], cell='gru', input_value_size=[None, 8], "
+        "comm_heads=2, batch_first=True, output_all_layers=True, backend='cpu'\n"
+        "  (layers): ModuleList(\n"
+        "    (0): BrimLayer(64, 100, num_units=6, top_k=4, comm_heads=2, top_down_size=200)\n"
+        "    (1): BrimLayer(600, 50, num_units=4, top_k=2, input_value_size=8, comm_heads=2)\n"
+        "  )\n"
+        ")")
+    # Lists that agree print as one value; num_layers is then needed to say how many.
+    assert (brim_line(rims_fast.BRIM(64, [100, 100], 6, 4))
+            == "64, 100, num_units=6, top_k=4, num_layers=2")
+    for b in (brim, make_brim()):
+        assert eval(f"BRIM({brim_line(b)})", vars(rims_fast)).configs == b.configs
+
+
+def brim_line(brim):
+    return repr(brim).splitlines()[1].strip()

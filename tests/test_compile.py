@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import rims_fast
+from rims_fast import _backend, rim_cpu, rim_seq
 
 
 def _sequence_ops(rim, x):
@@ -102,3 +106,29 @@ def test_persistent_kernels_one_op_and_training_step():
     torch.compile(f, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
     for g, p in zip(eager, rim.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-12)
+
+
+def test_assume_constant_result_sets_torchs_mark():
+    """rims_fast's decorator (it spares ``import rims_fast`` the import of ``torch._dynamo``) marks
+    a function exactly as ``torch.compiler.assume_constant_result`` does."""
+    def ours():
+        return 0
+
+    def torchs():
+        return 0
+
+    torch.compiler.assume_constant_result(torchs)
+    _backend.assume_constant_result(ours)
+    assert vars(ours) == vars(torchs) == {"_dynamo_marked_constant": True}
+    for fn in (_backend.resolve, rim_cpu.unavailable_reason, rim_seq.unavailable_reason):
+        assert fn._dynamo_marked_constant is True, fn
+
+
+def test_import_loads_neither_dynamo_nor_triton():
+    """``import rims_fast`` adds little to ``import torch``: ``torch._dynamo`` (about a second,
+    and it imports Triton) loads only for torch.compile, Triton at the Triton backend's first use."""
+    script = ("import sys, torch; heavy = {'torch._dynamo', 'triton'}; before = heavy & "
+              "set(sys.modules); import rims_fast; print(sorted(heavy & set(sys.modules) - before))")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

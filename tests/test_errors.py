@@ -188,8 +188,9 @@ def test_last_backend_set_only_after_the_run(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_interpret_set_after_import_is_reported():
-    """``import rims_fast`` imports Triton, which reads TRITON_INTERPRET then: setting it later
-    must not pass the availability check (it used to, then crash inside the first launch)."""
+    """TRITON_INTERPRET counts as set at ``import rims_fast`` (Triton reads it when imported, which
+    that import used to do; now at first use, but the rule stays): setting it later must not pass
+    the availability check (it used to, then crash inside the first launch)."""
     script = """if True:
         import os, torch, rims_fast
         os.environ["TRITON_INTERPRET"] = "1"
@@ -251,3 +252,22 @@ def test_batch_first_must_be_bool(value):
         rims_fast.RIM(**OK, batch_first=value)
     with pytest.raises(ValueError, match="batch_first must be a bool"):
         rims_fast.BRIM(4, 3, 4, 2, batch_first=value)
+
+
+def test_repr_shows_sizes_then_non_defaults():
+    """As ``nn.LSTM``'s: the sizes, then only the keyword arguments that differ from their
+    defaults, in the constructor's order; the repr is a constructor call for the same config."""
+    assert repr(rims_fast.RIM(64, 100, 6, 4)) == "RIM(64, 100, num_units=6, top_k=4)"
+    assert repr(rims_fast.RIMCell(64, 100, 6, 4)) == "RIMCell(64, 100, num_units=6, top_k=4)"
+    # input_value_size equal to what None derives (4*100 // 1) is not a choice: not shown.
+    rim = rims_fast.RIM(64, 100, 6, 4, backend="cpu", batch_first=True, comm_dropout=0.1,
+                        input_value_size=400, cell="gru", block_inactive_grad=False, comm_heads=2)
+    assert repr(rim) == ("RIM(64, 100, num_units=6, top_k=4, cell='gru', comm_heads=2, "
+                         "comm_dropout=0.1, block_inactive_grad=False, batch_first=True, "
+                         "backend='cpu')")
+    cell = rims_fast.RIMCell(8, 16, 4, 2, input_heads=3, input_value_size=5, input_dropout=0.25,
+                             backend="torch")
+    assert repr(cell) == ("RIMCell(8, 16, num_units=4, top_k=2, input_heads=3, input_value_size=5, "
+                          "input_dropout=0.25, backend='torch')")
+    for m in (rim, cell):
+        assert eval(repr(m), vars(rims_fast)).config == m.config
