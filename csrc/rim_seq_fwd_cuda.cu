@@ -10,6 +10,8 @@
 #include <cuda_runtime_api.h>
 
 #include <map>
+#include <set>
+#include <utility>
 #include <mutex>
 #include <tuple>
 
@@ -36,6 +38,31 @@ struct DeviceExec {
     __syncthreads();
   }
   __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
+  // dst[0..n) = src[0..n) by the whole block, then a barrier (the resident weights, once per
+  // call): 16-byte accesses with four loads in flight per thread when both are 16-byte aligned
+  // (dst always is), element by element otherwise and for the tail.
+  template <class W>
+  __device__ __noinline__ void copy(W* dst, const W* src, int64_t n) const {
+    const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+    int64_t done = 0;
+    if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0) {
+      const int64_t n16 = n * static_cast<int64_t>(sizeof(W)) / 16;
+      const uint4* s = reinterpret_cast<const uint4*>(src);
+      uint4* d = reinterpret_cast<uint4*>(dst);
+      for (int64_t i = tid; i < n16; i += 4 * nt) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (i + u * nt < n16) v[u] = s[i + u * nt];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (i + u * nt < n16) d[i + u * nt] = v[u];
+      }
+      done = n16 * 16 / static_cast<int64_t>(sizeof(W));
+    }
+    for (int64_t i = done + tid; i < n; i += nt) dst[i] = src[i];
+    __syncthreads();
+  }
 };
 
 // A block of a thread-block cluster (sm_90+): the cluster barrier and DSMEM addresses
@@ -99,13 +126,30 @@ int64_t max_smem_per_block(int dev) {
   return max_smem;
 }
 
+// Lets `kernel` use up to the device's per-block maximum of dynamic shared memory: set once per
+// (kernel, device) and never lowered, so that concurrent callers with different sizes cannot
+// undo each other's setting between it and their launch.
+template <typename Kernel>
+void allow_max_smem(Kernel kernel, int dev) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(max_smem_per_block(dev))));
+  done.insert(key);
+}
+
 template <typename C, typename Bytes>
-int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma) {
+int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma, bool resident = false) {
   const int64_t max_smem = max_smem_per_block(dev);
   while (S > 1 && bytes(S) > max_smem) --S;
   TORCH_CHECK(bytes(S) <= max_smem, "rims_fast::rim_seq: one sample needs ", bytes(1),
               " bytes of shared memory, more than this GPU's ", max_smem,
               " per block (K, H or the input width too large for the persistent kernel)",
+              resident ? "; that includes the resident weights asked for (resident=...): fewer "
+                         "may fit" : "",
               mma ? "; that includes the tensor-core scratch (mma_smem_elems: the warps' staging "
                     "tiles and the packed operand rows), so RIMS_FAST_CUDA_MMA=0 may fit"
                   : "");
@@ -124,8 +168,7 @@ void check_mma_device(bool mma, int dev) {
 template <typename Kernel, typename Params>
 void launch(Kernel kernel, const Params& p, int64_t smem, int dev) {
   const int64_t tiles = (p.B + p.S - 1) / p.S;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  allow_max_smem(kernel, dev);
   kernel<<<static_cast<unsigned>(tiles), kSeqThreads, static_cast<size_t>(smem),
            c10::cuda::getCurrentCUDAStream(dev)>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -182,8 +225,7 @@ int max_active_clusters(Kernel kernel, int64_t ranks, int64_t smem, int dev) {
   std::lock_guard<std::mutex> lock(mu);
   const auto it = known.find(key);
   if (it != known.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  allow_max_smem(kernel, dev);
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = cluster_config(1, ranks, smem, dev, attr);
   int clusters = 0;
@@ -204,10 +246,10 @@ int64_t one_wave_tile(Kernel kernel, const RimSeqDims& d, int64_t s_max, int dev
   return s < 1 ? 1 : s > s_max ? s_max : s;
 }
 
-// The cluster forward: one cluster of ranks blocks per tile, each with `smem` bytes.
+// The cluster forward: one cluster of ranks blocks per tile, each with `smem` bytes (the device
+// and build checked by check_cluster_device).
 template <typename Kernel, typename Params>
 void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
-  check_cluster_device(kernel, p, dev);
   const int64_t ranks = cluster_ranks(p), tiles = (p.B + p.S - 1) / p.S;
   // A cluster whose blocks' shared memory cannot be co-scheduled would fail to launch with a
   // generic error: say why instead.
@@ -215,8 +257,7 @@ void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
               "of ", ranks, " blocks with ", smem, " bytes of shared memory each cannot be "
               "scheduled on this GPU; use a smaller tile (RIMS_FAST_CUDA_TILE) or "
               "RIMS_FAST_CUDA_CLUSTER=0");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+  allow_max_smem(kernel, dev);
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = cluster_config(tiles, ranks, smem, dev, attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
@@ -286,12 +327,20 @@ SeqFwdResult rim_seq_fwd_cuda(
     const bool auto_res = d.resident < 0;
     if (auto_res) d.resident = 0;
     auto bytes = [&](int64_t s) { return rim_seq_fwd_smem_bytes(d, s, tb, cb); };
-    d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
+    d.S = fit_tile<C>(d.S, dev, bytes, d.mma, d.resident > 0);
     if (d.kpr > 0) {
-      check_cluster_device(rim_seq_fwd_cluster_kernel<C, T>, d, dev);
-      if (tile == 0) d.S = one_wave_tile(rim_seq_fwd_cluster_kernel<C, T>, d, d.S, dev);
+      const auto kernel = rim_seq_fwd_cluster_kernel<C, T>;
+      check_cluster_device(kernel, d, dev);
+      if (tile == 0) d.S = one_wave_tile(kernel, d, d.S, dev);
+      // Residency fills a block's shared memory, so one block per SM: worth it when every tile
+      // runs at once; with more tiles than that (an explicit tile, or B beyond 8 samples per
+      // cluster) the blocks keep the occupancy their arrays allow and read weights from L2.
+      if (auto_res) {
+        const int64_t cap = max_smem_per_block(dev), tiles = (d.B + d.S - 1) / d.S;
+        const bool one_wave = tiles <= max_active_clusters(kernel, cluster_ranks(d), cap, dev);
+        d.resident = rim_seq_resident_fit(d, tb, cb, one_wave ? cap : bytes(d.S));
+      }
     }
-    if (auto_res) d.resident = rim_seq_resident_fit(d, tb, cb, max_smem_per_block(dev));
     launch_fwd<C, T>(c, bytes(d.S), dev);
   });
   return c.res;

@@ -391,9 +391,10 @@ class TestCUDA:
         got[0].float().square().sum().backward()
         assert torch.isfinite(x.grad).all()
 
+    @pytest.mark.parametrize("kpr", [1, 4])  # 6 blocks of 1; blocks of 4 and 2 mechanisms
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
-    def test_cluster_paper_shape(self, cell, dtype):
+    def test_cluster_paper_shape(self, cell, dtype, kpr):
         """The cluster forward (thread-block clusters, sm_90+: one mechanism per block, p and K|V
         exchanged through distributed shared memory) at the paper layer against the single-block
         kernel: the same masks, outputs within the dtype's tolerance (the same item code, but a
@@ -403,9 +404,9 @@ class TestCUDA:
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("thread-block clusters need compute capability 9.0+")
         rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
-        got = rs.rim_seq(x, h0, c0, P, rim.config, cluster=1)
+        got = rs.rim_seq(x, h0, c0, P, rim.config, cluster=kpr)
         with torch.no_grad():
-            unresident = rs.rim_seq(x, h0, c0, P, rim.config, cluster=1, resident=0)
+            unresident = rs.rim_seq(x, h0, c0, P, rim.config, cluster=kpr, resident=0)
         for a, b in zip(got, unresident):
             assert (a is None and b is None) or torch.equal(a, b)
         base = rs.rim_seq(x, h0, c0, P, rim.config, cluster=0)

@@ -46,6 +46,11 @@ def persistent_kernel():
                     rim.config, tile=2, cluster=2)
             rim_seq(x.detach(), h0, c0, {n: p.detach() for n, p in rim.named_parameters()},
                     rim.config, tile=2, cluster=2, resident=0)
+            # bfloat16 storage, float compute: the resident slots of both types (H = 5: GRU's
+            # weight_hh takes 2 mod 4 bytes per mechanism, so the next slot's alignment matters).
+            rim_seq(x.detach().bfloat16(), h0.bfloat16(),
+                    c0.bfloat16() if c0 is not None else None,
+                    {n: p.detach() for n, p in P16.items()}, rim.config, tile=2, cluster=2)
     torch.cuda.synchronize()
 
 

@@ -22,6 +22,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "masked_cell.cuh"
@@ -182,7 +184,7 @@ RIMS_HD int64_t rim_seq_fwd_smem_bytes(const RimSeqDims& d, int64_t S, int64_t t
 }
 
 // The resident set for a cluster block with `budget` bytes of shared memory and d.S samples:
-// weights added largest first while they fit (0 without a cluster).
+// weights tried largest first, each kept if it still fits (0 without a cluster).
 inline int64_t rim_seq_resident_fit(RimSeqDims d, int64_t tb, int64_t cb, int64_t budget) {
   if (d.kpr == 0) return 0;
   int64_t chosen = 0;
@@ -272,6 +274,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
   auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
   auto L = [&](int r) { return CLUSTER ? (r / K) * kpr + r % K - k0 : r; };
+#if !defined(__CUDA_ARCH__)
+  // Host runs (the tests): the template must match the call's options, which select the layout.
+  if (MMA != p.mma || CLUSTER != (p.kpr > 0))
+    throw std::logic_error("rim_seq_fwd_tile: MMA / CLUSTER do not match p.mma / p.kpr");
+#endif
   // Weights: global, or this block's resident copies (made below).
   int64_t off[kResKinds];
   rim_seq_fwd_smem_bytes(p, p.S, sizeof(T), sizeof(C), off);
@@ -281,8 +288,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     const int64_t per = rim_seq_res_elems(p, i);
     const W* src = g + int64_t(k0) * per;
     if (!CLUSTER || off[i] < 0) return src;
+#if !defined(__CUDA_ARCH__)
+    if (off[i] % 16 != 0) throw std::logic_error("rim_seq_fwd_tile: resident slot not aligned");
+#endif
     W* dst = reinterpret_cast<W*>(reinterpret_cast<char*>(smem) + off[i]);
-    ex.parallel_for(int(kn * per), [&](int e) { dst[e] = src[e]; });
+    ex.copy(dst, src, kn * per);
     return static_cast<const W*>(dst);
   };
   const T* const w_hh = weights(p.w_hh, 0);
@@ -627,6 +637,11 @@ struct HostExec {
   template <class F>
   void parallel_for(int n, const F& f) const {
     for (int i = 0; i < n; ++i) f(i);
+  }
+  // dst[0..n) = src[0..n) (a block-wide copy and barrier on the device).
+  template <class W>
+  void copy(W* dst, const W* src, int64_t n) const {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(W));
   }
   template <class F>
   void warp_for(int n, const F& f) const {
