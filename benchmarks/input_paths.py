@@ -1,6 +1,6 @@
 """The CPU driver's input term, measured: ``rim_cpu`` runs the pre-projected op with the input
-elements and the fold ``input_value_n weight_ih[k]_n`` as its ``weight_ih`` (cached between
-no-grad calls, :func:`rims_fast.rim_cpu.input_fold`), for every ``T``. This times it side by side
+elements and the fold ``input_value_n weight_ih[k]_n`` as its ``weight_ih`` (one batched matmul
+per call, :func:`rims_fast.rim_cpu.input_fold`), for every ``T``. This times it side by side
 in one process with the two alternatives it replaced, over a grid of ``T`` and ``B`` at the paper
 layer (forward, no grad): the folded driver ``rim_cpu_fwd`` (which makes the fold inside every
 call) and the pre-projected op on the values ``x input_value`` with ``weight_ih`` in place (which
@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     print(f"{_cpu_name()}, {args.threads} threads, torch "
           f"{torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
           "forward without grad, float32, µs, min over 5 runs of 10 calls. `rim_cpu`: the "
-          "pre-projected op on x with the cached fold (what `backend=\"cpu\"` runs); "
+          "pre-projected op on x with the fold made by one matmul per call (what "
+          "`backend=\"cpu\"` runs); "
           "`rim_cpu_fwd`: the folded driver, fold made per call; `values`: the pre-projected op "
           "on x input_value, weight_ih in place.\n")
     print("| B | T | rim_cpu | rim_cpu_fwd | values | rim_cpu_fwd / rim_cpu | values / rim_cpu |")

@@ -17,11 +17,11 @@ input elements themselves, one copy per head, and ``weight_ih`` is replaced by t
 values are ``x input_value`` and ``weight_ih`` is used in place. The choice depends on the layer,
 not on ``T``, so splitting a sequence into calls (``RIMCell`` steps) gives exactly one call's
 result (SPEC "Dtypes"). The fold (``K n D d_v G H`` multiply-adds, 123 MFLOP at the paper layer)
-is cached between calls while both weights hold the same values (:func:`input_fold`), so an RL
-rollout's ``T = 1`` steps do not pay it every step. It is never differentiated through:
-:class:`_FoldedInput` takes the fold's gradient to ``input_value`` and ``weight_ih`` itself,
-densely or, for calls with few rows, from per-row factors (:func:`fold_grad_from_factors`), so a
-one-step forward+backward does not pay 2 x 123 MFLOP either. The folded driver op
+is made in every call (:func:`input_fold` says why it is not cached) and never differentiated
+through: :class:`_FoldedInput` takes the fold's gradient to ``input_value`` and ``weight_ih``
+itself, densely or, for calls with few rows, from per-row factors
+(:func:`fold_grad_from_factors`), so a one-step forward+backward does not pay 2 x 123 MFLOP
+more. The folded driver op
 ``rim_cpu_fwd``, which folds inside every call, is no longer used by :func:`rim_cpu`.
 
 Dropout: one 64-bit seed per call is drawn from PyTorch's default generator (so it is
@@ -86,53 +86,22 @@ def folds_input(M: int, D: int, cfg: RimConfig) -> bool:
     return M * D <= cfg.input_value_size
 
 
-def _fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtype) -> Tensor:
-    K, n, dv, GH = cfg.num_units, cfg.input_heads, cfg.input_value_size, cfg.gates * cfg.hidden_size
-    D = input_value.shape[0]
-    return torch.einsum("dnv,knvg->kndg", input_value.to(ct).view(D, n, dv),
-                        weight_ih.to(ct).view(K, n, dv, GH)).reshape(K, n * D, GH)
-
-
-#: id(input_value) -> (weakrefs of input_value and weight_ih, the compute dtype, copies of the
-#: two weights) and the fold; at most _FOLD_CACHE_SIZE entries (oldest dropped), an entry dropped
-#: as soon as its input_value is freed (the fold is up to K n D G H elements).
-_FOLD_CACHE: dict = {}
-_FOLD_CACHE_SIZE = 16
-
-
 def input_fold(input_value: Tensor, weight_ih: Tensor, cfg: RimConfig, ct: torch.dtype) -> Tensor:
     """``fold[k, n*D + d, :] = sum_v input_value[d, n*d_v + v] weight_ih[k, n*d_v + v, :]``:
     ``(K, n D, G*H)`` in the compute dtype ``ct``, the ``weight_ih`` of the pre-projected op when
-    its values are the input elements repeated per head. Never differentiable (:func:`rim_cpu`
-    forms the two weights' gradients itself, :class:`_FoldedInput`).
+    its values are the input elements repeated per head; one batched matmul (123 MFLOP, ~0.3 ms
+    on 2 cores at the paper layer). Made in every call, never differentiated through
+    (:class:`_FoldedInput` forms the two weights' gradients itself).
 
-    Cached across calls, keyed on ``input_value``'s identity and valid while both weights hold
-    the values it was made from: they are compared with copies kept beside the fold (a read of
-    both weights, ~4 MB at the paper layer, instead of the fold's 123 MFLOP). Not the version
-    counter alone: writes through ``.data`` (``target.data.copy_(...)``, common in RL target
-    networks) do not bump it."""
-    if torch.compiler.is_compiling():
-        with torch.no_grad():
-            return _fold(input_value, weight_ih, cfg, ct)
-    import weakref
-    hit = _FOLD_CACHE.get(id(input_value))
-    if hit is not None:
-        (r_v, r_w, old_ct, copies), fold = hit
-        if r_v() is input_value and r_w() is weight_ih and old_ct == ct and all(
-                c.shape == t.shape and c.dtype == t.dtype and torch.equal(c, t)
-                for c, t in zip(copies, (input_value, weight_ih))):
-            return fold
+    Not cached: a cache must know when either weight changed, and the version counter misses
+    writes through ``.data`` (``target.data.copy_(...)``, as RL libraries update target
+    networks), while comparing the weights' values reads ~4 MB, which measured as long as the
+    fold itself (both ~0.26-0.29 ms here)."""
+    K, n, dv, GH = cfg.num_units, cfg.input_heads, cfg.input_value_size, cfg.gates * cfg.hidden_size
+    D = input_value.shape[0]
     with torch.no_grad():
-        fold = _fold(input_value, weight_ih, cfg, ct)
-        copies = (input_value.detach().clone(), weight_ih.detach().clone())
-    _FOLD_CACHE.pop(id(input_value), None)
-    while len(_FOLD_CACHE) >= _FOLD_CACHE_SIZE:
-        _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
-    key = id(input_value)
-    # The callback runs while input_value is being freed, before its id can be reused.
-    r_v = weakref.ref(input_value, lambda _r, key=key: _FOLD_CACHE.pop(key, None))
-    _FOLD_CACHE[key] = ((r_v, weakref.ref(weight_ih), ct, copies), fold)
-    return fold
+        return torch.matmul(input_value.detach().to(ct).view(D, n, dv).transpose(0, 1),
+                            weight_ih.detach().to(ct).view(K, n, dv, GH)).reshape(K, n * D, GH)
 
 
 def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Tensor],
@@ -171,9 +140,11 @@ def rim_cpu(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         n = cfg.input_heads
         values = xc.repeat(1, 1, 1, n) if n > 1 else xc
         fold = input_fold(params["input_value"], params["weight_ih"], cfg, ct)
+        leaves = (x, h0, c0, *[params[n] for n in PARAM_NAMES])
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
         out, h_n, c_n, masks = _FoldedInput.apply(
             keys, values, up(h0), up(c0) if lstm else None, weights[1], weights[3], fold,
-            *[kv_params[n] for n in _FOLDED_REST], cfg, p_in, p_c, seed)
+            *[kv_params[n] for n in _FOLDED_REST], cfg, p_in, p_c, seed, save)
     else:
         values = xc @ kv_params["input_value"]
         out, h_n, c_n, masks = rim_cpu_kv(keys, values, up(h0), up(c0) if lstm else None,
@@ -205,16 +176,15 @@ class _FoldedInput(torch.autograd.Function):
     (``2 K n D d_v G H`` FLOPs, 246 M at the paper layer, whatever the call's size) or, for calls
     with few rows (:func:`fold_grad_from_factors`), through the factors the op returns:
     ``g weight_ih[k]_n = (xa_n input_value_n)^T d gi`` and ``g input_value_n = sum_k xa_n^T
-    (d gi weight_ih[k]_n^T)``. The fold is never differentiated through, so it comes from the
-    cache also when a gradient is needed."""
+    (d gi weight_ih[k]_n^T)``. ``save``: keep what the backward needs (decided by the caller:
+    inside ``forward`` grad mode is always off)."""
 
     @staticmethod
     def forward(ctx, keys, values, h0, c0, input_value, weight_ih, fold, input_query, weight_hh,
                 bias_ih, bias_hh, comm_query, comm_key, comm_value, comm_output, cfg, p_in, p_c,
-                seed):
+                seed, save):
         rest = (input_query, weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
                 comm_output)
-        save = any(ctx.needs_input_grad[:15])
         res = torch.ops.rims_fast.rim_cpu_kv_fwd(
             keys, values, h0, c0, input_query, fold, *rest[1:], cfg.top_k, cfg.input_heads,
             cfg.comm_heads, p_in, p_c, seed, cfg.block_inactive_grad, save)
@@ -258,7 +228,7 @@ class _FoldedInput(torch.autograd.Function):
         g_iv = g_iv.reshape(D, n * dv).to(input_value.dtype)
         g_wih = g_wih.reshape(K, n * dv, GH).to(weight_ih.dtype)
         return (g_keys, g_values, g_h0, g_c0 if ctx.has_c0 else None, g_iv, g_wih, None, g_wq,
-                *g_rest, None, None, None, None)
+                *g_rest, None, None, None, None, None)
 
 
 def draw_seed() -> int:
