@@ -20,6 +20,7 @@
 // operands are the storage type T converted up (no rounding of activations to T, as the driver).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -165,6 +166,12 @@ RIMS_HD int64_t rim_seq_res_elems(const RimSeqDims& d, int i) {
   }
 }
 
+// Bytes per block of resident weight i for kpr mechanisms (tb, cb: the storage and compute types'
+// sizes; F is in the compute type).
+RIMS_HD int64_t rim_seq_res_bytes(const RimSeqDims& d, int i, int64_t tb, int64_t cb) {
+  return d.kpr * rim_seq_res_elems(d, i) * (i == 1 ? cb : tb);
+}
+
 RIMS_HD int64_t rim_seq_align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Bytes of a tile's shared memory for S samples: the tensor-core scratch, the arrays (cb = the
@@ -178,7 +185,7 @@ RIMS_HD int64_t rim_seq_fwd_smem_bytes(const RimSeqDims& d, int64_t S, int64_t t
   for (int i = 0; i < kResKinds; ++i) {
     const bool on = d.kpr > 0 && (d.resident >> i) & 1;
     if (off) off[i] = on ? rim_seq_align16(bytes) : -1;
-    if (on) bytes = rim_seq_align16(bytes) + d.kpr * rim_seq_res_elems(d, i) * (i == 1 ? cb : tb);
+    if (on) bytes = rim_seq_align16(bytes) + rim_seq_res_bytes(d, i, tb, cb);
   }
   return bytes;
 }
@@ -187,18 +194,14 @@ RIMS_HD int64_t rim_seq_fwd_smem_bytes(const RimSeqDims& d, int64_t S, int64_t t
 // weights tried largest first, each kept if it still fits (0 without a cluster).
 inline int64_t rim_seq_resident_fit(RimSeqDims d, int64_t tb, int64_t cb, int64_t budget) {
   if (d.kpr == 0) return 0;
+  int order[kResKinds];
+  for (int i = 0; i < kResKinds; ++i) order[i] = i;
+  std::stable_sort(order, order + kResKinds, [&](int a, int b) {
+    return rim_seq_res_bytes(d, a, tb, cb) > rim_seq_res_bytes(d, b, tb, cb);
+  });
   int64_t chosen = 0;
-  bool used[kResKinds] = {};
-  for (int n = 0; n < kResKinds; ++n) {
-    int best = -1;
-    int64_t best_bytes = 0;
-    for (int i = 0; i < kResKinds; ++i) {
-      const int64_t b = rim_seq_res_elems(d, i) * (i == 1 ? cb : tb);
-      if (!used[i] && b > best_bytes) best = i, best_bytes = b;
-    }
-    if (best < 0) break;
-    used[best] = true;
-    d.resident = chosen | (int64_t(1) << best);
+  for (int i : order) {
+    d.resident = chosen | (int64_t(1) << i);
     if (rim_seq_fwd_smem_bytes(d, d.S, tb, cb) <= budget) chosen = d.resident;
   }
   return chosen;
