@@ -170,7 +170,7 @@ def fold_grad_from_factors(rows: int, D: int, GH: int) -> bool:
 
 class _FoldedInput(torch.autograd.Function):
     """The pre-projected op on the input elements with ``weight_ih`` = the fold
-    ``input_value_n weight_ih[k]_n`` (:func:`input_fold`, cached), differentiable w.r.t. keys,
+    ``input_value_n weight_ih[k]_n`` (:func:`input_fold`), differentiable w.r.t. keys,
     values, state, ``input_value``, ``weight_ih`` and the other 8 weights. The fold's gradient
     ``g_F[k] = sum_rows xa^T d gi`` is taken to the two weights either densely
     (``2 K n D d_v G H`` FLOPs, 246 M at the paper layer, whatever the call's size) or, for calls
