@@ -1,10 +1,10 @@
 """The CPU driver's input term, measured: ``rim_cpu`` runs the pre-projected op with the input
 elements and the fold ``input_value_n weight_ih[k]_n`` as its ``weight_ih`` (one batched matmul
 per call, :func:`rims_fast.rim_cpu.input_fold`), for every ``T``. This times it side by side
-in one process with the two alternatives it replaced, over a grid of ``T`` and ``B`` at the paper
-layer (forward, no grad): the folded driver ``rim_cpu_fwd`` (which makes the fold inside every
-call) and the pre-projected op on the values ``x input_value`` with ``weight_ih`` in place (which
-the earlier cost model picked for short calls, at the price of a ``T``-dependent summation order).
+in one process with the alternative it replaced, over a grid of ``T`` and ``B`` at the paper
+layer (forward, no grad): the pre-projected op on the values ``x input_value`` with ``weight_ih``
+in place (which the earlier cost model picked for short calls, at the price of a ``T``-dependent
+summation order).
 
     python -m benchmarks.input_paths --threads 2 > benchmarks/results/<cpu>-input-paths.md
 """
@@ -59,30 +59,24 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     rim = rims_fast.RIM(64, 100, 6, 4, backend="cpu")
     P, cfg = dict(rim.named_parameters()), rim.config
-    print("# rim_cpu input term: three ways side by side (paper layer D=64, K=6, top_k=4, H=100)\n")
+    print("# rim_cpu input term: two ways side by side (paper layer D=64, K=6, top_k=4, H=100)\n")
     print(f"{_cpu_name()}, {args.threads} threads, torch "
           f"{torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
           "forward without grad, float32, µs, min over 5 runs of 10 calls. `rim_cpu`: the "
           "pre-projected op on x with the fold made by one matmul per call (what "
-          "`backend=\"cpu\"` runs); "
-          "`rim_cpu_fwd`: the folded driver, fold made per call; `values`: the pre-projected op "
-          "on x input_value, weight_ih in place.\n")
-    print("| B | T | rim_cpu | rim_cpu_fwd | values | rim_cpu_fwd / rim_cpu | values / rim_cpu |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "`backend=\"cpu\"` runs); `values`: the pre-projected op on x input_value, "
+          "weight_ih in place.\n")
+    print("| B | T | rim_cpu | values | values / rim_cpu |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for B in map(int, args.B.split(",")):
         for T in map(int, args.T.split(",")):
             x = torch.randn(T, B, 1, 64)
             h, c = torch.zeros(B, 6, 100), torch.zeros(B, 6, 100)
-            W = [P[n] for n in rc.PARAM_NAMES]
             with torch.no_grad():
                 t_new = _time(lambda: rc.rim_cpu(x, h, c, P, cfg))
-                t_fwd = _time(lambda: torch.ops.rims_fast.rim_cpu_fwd(
-                    x, h, c, *W, cfg.top_k, cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True,
-                    False))
                 t_val = _time(lambda: rc.rim_cpu_kv(x @ P["input_key"], x @ P["input_value"], h,
                                                     c, P, cfg))
-            print(f"| {B} | {T} | {t_new:.0f} | {t_fwd:.0f} | {t_val:.0f} | "
-                  f"{t_fwd / t_new:.2f} | {t_val / t_new:.2f} |")
+            print(f"| {B} | {T} | {t_new:.0f} | {t_val:.0f} | {t_val / t_new:.2f} |")
 
 
 if __name__ == "__main__":

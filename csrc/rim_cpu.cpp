@@ -11,31 +11,34 @@
 // run serially here: jobs go to a Team of at::get_num_threads() threads (torch's OpenMP team via
 // libgomp's GOMP_parallel when loaded, else threads of its own), BLAS single-threaded inside.
 //
-// The input term is always folded (fold[:, k, n] = input_value_n weight_ih[k]_n): the read is
-// linear in the probabilities, so u_k weight_ih[k] = sum_n xa_n fold[:, k, n] with
-// xa_n = sum_m a~_{n,m} x_m (the reference projects values instead when M*D > d_v; the sums are
-// the same, reassociated).
+// Input. The ops take the input elements already projected: keys (T, B, M, n_in d_k) and values
+// (T, B, M, n_in d_v), computed by the caller. Head n of mechanism k reads
+// xa_n = sum_m a~_{n,m} v_{m,n} and multiplies weight_ih[k]_n, so u_k weight_ih[k] =
+// sum_n xa_n weight_ih[k]_n. rims_fast/rim_cpu.py folds the input term when M*D <= d_v (the
+// reference's rule): the values are then the elements x_m themselves, one copy per head, and
+// weight_ih the fold input_value_n weight_ih[k]_n (the sums are the reference's, reassociated).
+// A BRIM layer calls the ops once per layer-step with its sources' keys and values.
 //
 // Forward. Samples are independent for the whole sequence, so the forward is ONE parallel loop
 // over batch tiles (one per thread), each running all T steps of its samples without a barrier.
-// Per step and tile: the keys of its inputs and the queries (K GEMMs), scores, null softmax, p
-// and the rank rule, per mechanism one gate GEMM of the ACTIVE rows [h_{t-1} | xa] against the
-// packed [weight_hh[k]; fold[:, k]] (GRU: gi and gh stay two GEMMs), the cell pointwise, the
-// Q|K|V GEMM, the attention, and the output projection of the active rows.
+// Per step and tile: the queries (K GEMMs), scores, null softmax, p and the rank rule, per
+// mechanism the gate GEMMs of the ACTIVE rows [h_{t-1} | xa] against weight_hh[k] and weight_ih[k]
+// in place (LSTM: two GEMMs into one sum; GRU: gi and gh stay apart), the cell pointwise,
+// the Q|K|V GEMM, the attention, and the output projection of the active rows.
 //
 // Saved for backward (save=true), all in the compute dtype: out (it is the h history), the c
 // history (LSTM), h~ (after the cell, before communication), the input queries, the undropped
-// input probabilities a, the gate pre-activations (LSTM: i,f,g,o with both terms and biases;
-// GRU: gi | gh), the communication Q|K|V, the undropped communication probabilities, the
-// dropped read o, plus the keys and fold (the xw output is kept in the schema, empty).
-// Recomputed in backward: the cell activations (from the pre-activations), the dropout masks
+// input probabilities a, the gate pre-activations (LSTM: i,f,g,o with both terms and biases; GRU:
+// gi | gh), the communication Q|K|V, the undropped communication probabilities, the dropped read
+// o. Recomputed in backward: the cell activations (from the pre-activations), the dropout masks
 // (from the counter-based stream), the dropped probabilities, xa. With save=false only out, the
 // masks, the final state and two steps of c are kept: per-step buffers are reused.
 //
 // Backward. A reverse sweep carries dh, dc; per step a per-sample phase (communication attention
 // backward) and a per-mechanism phase (everything else) on the team. The per-mechanism task also
 // accumulates mechanism k's weight and bias gradients of that step (small GEMMs on its active
-// rows), so no (T, B, K, .) gradient history is kept but the d scores and dgi fold^T (for dx).
+// rows), so no (T, B, K, .) gradient history is kept but the d scores and dgi weight_ih[k]_n^T
+// (for d values).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -68,18 +71,15 @@ namespace {
 using at::Tensor;
 
 struct Dims {
-  int64_t T, B, M, D, K, H, G, GH, GW;  // GW: saved gate width (LSTM 4H, GRU gi|gh = 6H)
+  int64_t T, B, M, K, H, G, GH, GW;  // GW: saved gate width (LSTM 4H, GRU gi|gh = 6H)
   int64_t n_in, dk, dv, nk, nv;
   int64_t n_c, dc, dcv, ck, cv, C3;  // C3 = 2*ck + cv: packed comm Q|K|V
   int64_t top_k;
   bool lstm;
   double p_in, p_c;
   uint64_t seed;
-  // Where the input term's elements come from. Folded (x given): head n reads x_m itself
-  // (width D) against fold[:, k, n] = input_value_n weight_ih[k]_n. Pre-projected (keys and
-  // values given, `kv`): head n reads v_{m,n} (width dv) against weight_ih[k]_n itself.
-  bool kv;
-  int64_t Dx, xrow, xhead;  // element width per head, row stride of an element, head offset
+  // Head n reads v_{m,n} (width dv) against weight_ih[k]_n.
+  int64_t Dx, xrow, xhead;  // value width per head, row stride of a value row, head offset
   bool drop_in() const { return p_in > 0.0; }
   bool drop_c() const { return p_c > 0.0; }
 };
@@ -95,7 +95,7 @@ void check_tensor(const char* op, const char* name, const Tensor& t, at::ScalarT
               ", got shape ", t.sizes());
 }
 
-// The input's rank and dtype; T, B, M (and D) from its shape.
+// The input's rank and dtype; T, B, M from its shape.
 Dims check_input(const char* op, const char* name, const Tensor& x, const char* layout) {
   TORCH_CHECK(x.dim() == 4, "rims_fast::", op, ": ", name, " must have dim 4 ", layout,
               ", got shape ", x.sizes());
@@ -104,11 +104,11 @@ Dims check_input(const char* op, const char* name, const Tensor& x, const char* 
               " must be float32 or float64 (rims_fast.rim_cpu converts half precision), got ",
               dtype);
   Dims d{};
-  d.T = x.size(0), d.B = x.size(1), d.M = x.size(2), d.D = x.size(3);
+  d.T = x.size(0), d.B = x.size(1), d.M = x.size(2);
   return d;
 }
 
-// Checks of everything but the input elements (shared by both op pairs); fills the sizes.
+// Checks of everything but the keys and values (shared by both ops); fills the sizes.
 // nk, nv: the input key and value widths.
 void check_core(const char* op, Dims& d, at::ScalarType dtype, int64_t nk, int64_t nv,
                 const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& input_query,
@@ -161,27 +161,6 @@ void check_core(const char* op, Dims& d, at::ScalarType dtype, int64_t nk, int64
   check("comm_output", comm_output, {K, d.cv, H});
 }
 
-// rim_cpu_fwd/bwd: the input elements x (T, B, M, D) and the input key/value projections.
-Dims check_args(const char* op, const Tensor& x, const Tensor& h0, const std::optional<Tensor>& c0,
-                const Tensor& input_key, const Tensor& input_value, const Tensor& input_query,
-                const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
-                const Tensor& bias_hh, const Tensor& comm_query, const Tensor& comm_key,
-                const Tensor& comm_value, const Tensor& comm_output, int64_t top_k,
-                int64_t input_heads, int64_t comm_heads, double input_dropout,
-                double comm_dropout, int64_t seed) {
-  Dims d = check_input(op, "x", x, "(T, B, M, D)");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(input_key.dim() == 2 && input_value.dim() == 2, "rims_fast::", op,
-              ": input_key and input_value must be (D, width) matrices");
-  check_core(op, d, dtype, input_key.size(-1), input_value.size(-1), h0, c0, input_query,
-             weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
-             comm_output, top_k, input_heads, comm_heads, input_dropout, comm_dropout, seed);
-  check_tensor(op, "input_key", input_key, dtype, {d.D, d.nk});
-  check_tensor(op, "input_value", input_value, dtype, {d.D, d.nv});
-  d.kv = false, d.Dx = d.D, d.xrow = d.D, d.xhead = 0;
-  return d;
-}
-
 // rim_cpu_kv_fwd/bwd: the input elements' keys (T, B, M, n_in d_k) and values (T, B, M, n_in d_v)
 // are given (computed by the caller, e.g. a BRIM layer's per-step sources).
 Dims check_kv_args(const char* op, const Tensor& keys, const Tensor& values, const Tensor& h0,
@@ -200,8 +179,7 @@ Dims check_kv_args(const char* op, const Tensor& keys, const Tensor& values, con
              comm_output, top_k, input_heads, comm_heads, input_dropout, comm_dropout, seed);
   check_tensor(op, "keys", keys, dtype, {d.T, d.B, d.M, d.nk});
   check_tensor(op, "values", values, dtype, {d.T, d.B, d.M, d.nv});
-  d.D = d.nv;
-  d.kv = true, d.Dx = d.dv, d.xrow = d.nv, d.xhead = d.dv;
+  d.Dx = d.dv, d.xrow = d.nv, d.xhead = d.dv;
   return d;
 }
 
@@ -493,25 +471,21 @@ void gemm_rm(int64_t m, int64_t n, int64_t k, const S* A, int64_t lda, const S* 
 // Threads. Samples are independent for the whole sequence, so the forward is ONE parallel loop
 // over batch tiles (one tile per thread): each task runs all T steps of its samples with
 // single-threaded BLAS calls on raw pointers (no barrier, no Tensor dispatch, no allocation per
-// step). Per step and tile: the keys and the queries (K GEMMs), scores, null softmax, p and the
-// rank rule, per mechanism one gate GEMM of its ACTIVE rows [h_{t-1} | xa] (cnt, H + n_in*D)
-// against [weight_hh[k]; fold[:, k]] (LSTM; GRU: two GEMMs, gi and gh stay apart), the cell
+// step). Per step and tile: the queries (K GEMMs), scores, null softmax, p and the rank rule, per
+// mechanism the gate GEMMs of its ACTIVE rows [h_{t-1} | xa] (cnt, H + n_in*d_v) against
+// weight_hh[k] and weight_ih[k] in place (nothing packed or folded per call: a BRIM calls this
+// once per layer-step; LSTM: two GEMMs into one sum, GRU: gi and gh stay apart), the cell
 // pointwise, the Q|K|V GEMM, the attention, and the output projection of the active rows.
-// xa[b, k, n] = sum_m a~[b, k, n, m] x_m, so xa fold[:, k, n] is the input term u_k weight_ih[k]
-// reassociated. No multi-threaded ATen op runs before the tiles (an OpenMP team left spinning
-// would compete with them).
-//
-// Pre-projected mode (d.kv): `x` is the values (T, B, M, n_in d_v) and `keys_in` the keys; head
-// n's xa_n = sum_m a~ v_{m,n} multiplies weight_ih[k]_n itself (two GEMMs against the weights in
-// place, nothing packed or folded per call: a BRIM calls this once per layer-step).
+// `x` is the values (T, B, M, n_in d_v), `keys` the keys; head n's xa_n = sum_m a~ v_{m,n}
+// multiplies weight_ih[k]_n. No multi-threaded ATen op runs before the tiles (an OpenMP team
+// left spinning would compete with them).
 template <typename S>
-std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& keys_in,
-                                 const Tensor& h0, const Tensor& c0,
-                                 const Tensor& Wk, const Tensor& Wq, const Tensor& Wv,
+std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& keys,
+                                 const Tensor& h0, const Tensor& c0, const Tensor& Wq,
                                  const Tensor& Wih, const Tensor& Whh, const Tensor& bih,
                                  const Tensor& bhh, const Tensor& Cq, const Tensor& Ck,
                                  const Tensor& Cv, const Tensor& Wco, bool save) {
-  const int64_t T = d.T, B = d.B, M = d.M, D = d.D, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
+  const int64_t T = d.T, B = d.B, M = d.M, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
   const int64_t Dx = d.Dx, xrow = d.xrow, xhead = d.xhead;
@@ -523,28 +497,16 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
 
   TeamLease lease;
   Team& team = *lease;
-  // Packed weights, built per mechanism in parallel: Wcat[k] = [weight_hh[k]; fold[:, k, 0];
-  // ...] with fold[:, k, n] = input_value[:, n] weight_ih[k, n] (D, GH), and
+  // Packed communication weights, built per mechanism in parallel:
   // Wc[k] = [comm_query[k] | comm_key[k] | comm_value[k]] (H, C3).
-  Tensor Wcat = at::empty({d.kv ? 0 : K, XW, GH}, opt), Wc = at::empty({K, H, C3}, opt);
+  Tensor Wc = at::empty({K, H, C3}, opt);
   {
-    const int64_t dv = d.dv, nv = d.nv;
-    const S* wv = d.kv ? nullptr : Wv.const_data_ptr<S>();
-    const S* wih = Wih.const_data_ptr<S>();
-    const S* whh = Whh.const_data_ptr<S>();
     const S* cqp = Cq.const_data_ptr<S>();
     const S* ckp = Ck.const_data_ptr<S>();
     const S* cvp = Cv.const_data_ptr<S>();
-    S* wcat = Wcat.mutable_data_ptr<S>();
     S* wc = Wc.mutable_data_ptr<S>();
     team.run(K, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        if (!d.kv) {
-          std::copy_n(whh + k * H * GH, H * GH, wcat + k * XW * GH);
-          for (int64_t n = 0; n < n_in; ++n)
-            gemm_rm<S>(D, GH, dv, wv + n * dv, nv, wih + (k * nv + n * dv) * GH, GH, S(0),
-                       wcat + (k * XW + H + n * D) * GH, GH);
-        }
         for (int64_t h = 0; h < H; ++h) {
           S* dst = wc + (k * H + h) * C3;
           std::copy_n(cqp + (k * H + h) * ck, ck, dst);
@@ -554,9 +516,6 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
       }
     });
   }
-
-  // x input_key, per step inside the tiles (given in pre-projected mode)
-  Tensor keys = d.kv ? keys_in : at::empty({T, B, M, nk}, opt);
 
   const int64_t Ts = save ? T : 1;                        // per-step buffers: all, or one reused
   const int64_t Tc = save ? T : std::min<int64_t>(T, 2);  // c history: all, or ping-pong
@@ -577,13 +536,10 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
   const S* x_p = x.const_data_ptr<S>();
   const S* h0_p = h0.const_data_ptr<S>();
   const S* c0_p = d.lstm ? c0.const_data_ptr<S>() : nullptr;
-  S* keys_w = d.kv ? nullptr : keys.mutable_data_ptr<S>();
   const S* keys_p = keys.const_data_ptr<S>();
-  const S* wk_p = d.kv ? nullptr : Wk.const_data_ptr<S>();
   const S* whh_p = Whh.const_data_ptr<S>();
   const S* wih_p = Wih.const_data_ptr<S>();
   const S* wq_p = Wq.const_data_ptr<S>();
-  const S* wcat_p = Wcat.const_data_ptr<S>();
   const S* wc_p = Wc.const_data_ptr<S>();
   const S* wco_p = Wco.const_data_ptr<S>();
   const S* bih_p = bih.const_data_ptr<S>();
@@ -624,11 +580,7 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
       const S* kt = keys_p + t * B * M * nk;
       const S* xt = x_p + t * B * M * xrow;
 
-      // 1. Keys of the tile's input elements; queries of every mechanism (its state decides p,
-      // active or not).
-      if (!d.kv)
-        gemm_rm<S>(Bt * M, nk, D, xt + b0 * M * D, D, wk_p, nk, S(0),
-                   keys_w + (t * B + b0) * M * nk, nk);
+      // 1. Queries of every mechanism (its state decides p, active or not); the keys are given.
       // The queries' A operand from an aligned copy: h0 is the caller's tensor at t = 0.
       std::copy_n(hp + b0 * K * H, Bt * K * H, hq.data());
       for (int64_t k = 0; k < K; ++k)
@@ -682,12 +634,10 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
           }
         }
         S* ggk = gg.data() + k * Bt * GG;
-        // [weight_hh[k]; input rows]: packed Wcat (folded) or the weights in place (kv).
-        const S* wh = d.kv ? whh_p + k * H * GH : wcat_p + k * XW * GH;
-        const S* wx = d.kv ? wih_p + k * d.nv * GH : wh + H * GH;
-        if (d.lstm && !d.kv) {
-          gemm_rm<S>(nact, GH, XW, hxk, XW, wh, GH, S(0), ggk, GH);
-        } else if (d.lstm) {
+        // weight_hh[k] and the input rows' weight_ih[k], in place.
+        const S* wh = whh_p + k * H * GH;
+        const S* wx = wih_p + k * d.nv * GH;
+        if (d.lstm) {
           gemm_rm<S>(nact, GH, H, hxk, XW, wh, GH, S(0), ggk, GH);
           gemm_rm<S>(nact, GH, XW - H, hxk + H, XW, wx, GH, S(1), ggk, GH);
         } else {  // gi | gh
@@ -784,56 +734,20 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
   };
   // One tile per thread (tiles of at least 8 samples): no barrier inside the sequence.
   team.run(B, 8, tile);
-  // Saved for backward: fold as (D, K*n_in*GH) (after the tiles: a multi-threaded copy leaves
-  // an OpenMP team spinning).
-  const Tensor fold = save && !d.kv
-                           ? Wcat.narrow(1, H, n_in * D).view({K, n_in, D, GH})
-                                 .permute({2, 0, 1, 3}).contiguous().view({D, K * n_in * GH})
-                           : at::empty({0}, opt);
 
   Tensor h_n = out[T - 1].narrow(0, 0, BKH).clone().view({B, K, H});
   Tensor c_n = d.lstm ? cs[(T - 1) % Tc].clone() : at::empty({0}, opt);
   Tensor none = at::empty({0}, opt);
   const Tensor out_v = unpad(out, BKH, {T, B, K * H});
   if (!save)
-    return {out_v, h_n, c_n, masks, none, none, none, none, none,
-            none, none, none, none, none, none};
+    return {out_v, h_n, c_n, masks, none, none, none, none, none, none, none, none};
   return {out_v, h_n, c_n, masks, cs, unpad(htil, BKH, {T, B, K, H}),
           unpad(q, B * K * nk, {T, B, K, nk}), a, gates, unpad(qkv, B * K * C3, {T, B, K, C3}),
-          bprob, o,
-          d.kv ? none : keys.view({T, B, M, nk}), none, fold};
-}
-
-auto rim_cpu_fwd(const Tensor& x_, const Tensor& h0_, const std::optional<Tensor>& c0_,
-                                const Tensor& input_key, const Tensor& input_value,
-                                const Tensor& input_query, const Tensor& weight_ih,
-                                const Tensor& weight_hh, const Tensor& bias_ih,
-                                const Tensor& bias_hh, const Tensor& comm_query,
-                                const Tensor& comm_key, const Tensor& comm_value,
-                                const Tensor& comm_output, int64_t top_k, int64_t input_heads,
-                                int64_t comm_heads, double input_dropout, double comm_dropout,
-                                int64_t seed, bool /*block_inactive_grad: backward only*/,
-                                bool save) {
-  const Dims d = check_args("rim_cpu_fwd", x_, h0_, c0_, input_key, input_value, input_query,
-                            weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
-                            comm_value, comm_output, top_k, input_heads, comm_heads,
-                            input_dropout, comm_dropout, seed);
-  const Tensor x = x_.contiguous(), h0 = h0_.contiguous();
-  const Tensor c0 = d.lstm ? c0_->contiguous() : Tensor();
-  std::vector<Tensor> res;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rim_cpu_fwd", [&] {
-    res = forward_impl<scalar_t>(d, x, Tensor(), h0, c0, input_key.contiguous(), input_query.contiguous(),
-                                 input_value.contiguous(), weight_ih.contiguous(),
-                                 weight_hh.contiguous(), bias_ih.contiguous(),
-                                 bias_hh.contiguous(), comm_query.contiguous(),
-                                 comm_key.contiguous(), comm_value.contiguous(),
-                                 comm_output.contiguous(), save);
-  });
-  return to_tuple<15>(res);
+          bprob, o};
 }
 
 // Pre-projected input: keys (T, B, M, n_in d_k) and values (T, B, M, n_in d_v) given. Returns
-// rim_cpu_fwd's outputs but keys/xw/fold (the caller has the keys; weight_ih is the fold).
+// out, h_n, c_n (empty for GRU), masks, then what the backward needs (empty with save=false).
 auto rim_cpu_kv_fwd(const Tensor& keys_, const Tensor& values_, const Tensor& h0_,
                     const std::optional<Tensor>& c0_, const Tensor& input_query,
                     const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& bias_ih,
@@ -848,41 +762,37 @@ auto rim_cpu_kv_fwd(const Tensor& keys_, const Tensor& values_, const Tensor& h0
   const Tensor h0 = h0_.contiguous(), c0 = d.lstm ? c0_->contiguous() : Tensor();
   std::vector<Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(keys_.scalar_type(), "rim_cpu_kv_fwd", [&] {
-    res = forward_impl<scalar_t>(d, values_.contiguous(), keys_.contiguous(), h0, c0, Tensor(),
-                                 input_query.contiguous(), Tensor(), weight_ih.contiguous(),
+    res = forward_impl<scalar_t>(d, values_.contiguous(), keys_.contiguous(), h0, c0,
+                                 input_query.contiguous(), weight_ih.contiguous(),
                                  weight_hh.contiguous(), bias_ih.contiguous(),
                                  bias_hh.contiguous(), comm_query.contiguous(),
                                  comm_key.contiguous(), comm_value.contiguous(),
                                  comm_output.contiguous(), save);
   });
-  res.resize(12);
   return to_tuple<12>(res);
 }
 
 // ================================= backward =================================
 // Barriers per step: 2 team phases, per sample (communication attention backward) and per
 // mechanism (everything else, including the head of step t-1 and the mechanism's weight
-// gradients of the step). Afterwards: dKEY, dx and the input_value / weight_ih gradients.
+// gradients of the step). Afterwards: d keys and d values. `x` is the values.
 template <typename S>
 std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_out,
                                   const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
-                                  const Tensor& h0, const Tensor& c0, const Tensor& Wk,
-                                  const Tensor& Wv, const Tensor& Wq, const Tensor& Wih,
-                                  const Tensor& Whh, const Tensor& Wc, const Tensor& Wco,
-                                  const Tensor& out, const Tensor& masks, const Tensor& cs,
-                                  const Tensor& htil, const Tensor& q, const Tensor& a,
-                                  const Tensor& gates, const Tensor& qkv, const Tensor& bprob,
-                                  const Tensor& o, const Tensor& keys, const Tensor& xw,
-                                  const Tensor& fold, bool factors = false) {
-  const int64_t T = d.T, B = d.B, M = d.M, D = d.D, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
+                                  const Tensor& h0, const Tensor& c0, const Tensor& Wq,
+                                  const Tensor& Wih, const Tensor& Whh, const Tensor& Wc,
+                                  const Tensor& Wco, const Tensor& out, const Tensor& masks,
+                                  const Tensor& cs, const Tensor& htil, const Tensor& q,
+                                  const Tensor& a, const Tensor& gates, const Tensor& qkv,
+                                  const Tensor& bprob, const Tensor& o, const Tensor& keys,
+                                  bool factors) {
+  const int64_t T = d.T, B = d.B, M = d.M, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
   const int64_t Dx = d.Dx, xrow = d.xrow, xhead = d.xhead;
-  // Head n of mechanism k multiplies F_kn (Dx, GH) at fold_p + k fk + n fn, row stride fr: the
-  // saved fold (D, K, n_in, GH) when folded, weight_ih (K, n_in, d_v, GH) itself when kv. Its
-  // gradient g_fold has the same layout.
-  const int64_t fk = d.kv ? d.nv * GH : n_in * GH, fn = d.kv ? d.dv * GH : GH;
-  const int64_t fr = d.kv ? GH : K * n_in * GH;
+  // Head n of mechanism k multiplies weight_ih[k]_n (Dx, GH) at wih_p + k fk + n fn, row stride
+  // fr (weight_ih is (K, n_in, d_v, GH)). Its gradient g_Wih has the same layout.
+  const int64_t fk = d.nv * GH, fn = d.dv * GH, fr = GH;
   const auto opt = x.options();
   const S scale_in = S(1.0 / std::sqrt(double(dk)));
   const S scale_c = S(1.0 / std::sqrt(double(dc)));
@@ -904,13 +814,13 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   Tensor dQKV = at::empty({B, K, C3}, opt);
   Tensor g_Wq = at::zeros({K, H, nk}, opt), g_Whh = at::zeros({K, H, GH}, opt);
   Tensor g_Wc = at::zeros({K, H, C3}, opt), g_Wco = at::zeros({K, cv, H}, opt);
-  Tensor g_fold = d.kv ? at::zeros({K, d.nv, GH}, opt) : at::zeros({D, K, n_in, GH}, opt);
+  Tensor g_Wih = at::zeros({K, d.nv, GH}, opt);
   S* gWq_w = g_Wq.mutable_data_ptr<S>();
   S* gWhh_w = g_Whh.mutable_data_ptr<S>();
   S* gWc_w = g_Wc.mutable_data_ptr<S>();
   S* gWco_w = g_Wco.mutable_data_ptr<S>();
-  S* gfold_w = g_fold.mutable_data_ptr<S>();
-  // Gathered active rows per mechanism: h_{t-1}, xa = sum_m a~ x_m, the read o.
+  S* gWih_w = g_Wih.mutable_data_ptr<S>();
+  // Gathered active rows per mechanism: h_{t-1}, xa = sum_m a~ v_m, the read o.
   Tensor hgb = at::empty({K, B, H}, opt), xag = at::empty({K, B, n_in * Dx}, opt);
   Tensor ogb = at::empty({K, B, cv}, opt);
   S* hgb_w = hgb.mutable_data_ptr<S>();
@@ -925,19 +835,18 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   Tensor dhg = at::empty({K, B, H}, opt), doc = at::empty({K, B, cv}, opt);
   Tensor dgg = at::empty({K, B, GH}, opt), dhc = at::empty({K, B, H}, opt);
   Tensor dgi = at::empty({K, B, GH}, opt), dgfg = at::empty({K, B, n_in * Dx}, opt);
-  Tensor dgf = at::empty({T, B, K, n_in, Dx}, opt);  // dgi F_kn^T, 0 on inactive rows
+  Tensor dgf = at::empty({T, B, K, n_in, Dx}, opt);  // dgi weight_ih[k]_n^T, 0 on inactive rows
   S* dgi_w = dgi.mutable_data_ptr<S>();
   S* dgfg_w = dgfg.mutable_data_ptr<S>();
   S* dgf_w = dgf.mutable_data_ptr<S>();
   Tensor gbias = at::zeros({K, GW}, opt);
   S* gb_w = gbias.mutable_data_ptr<S>();
   ActiveRows rows(B, K), rows_prev(B, K);
-  // factors (pre-projected op only): the factors of g_fold = sum over rows of xa^T dgi, per row
-  // (T, B, K, n_in*Dx) and (T, B, K, GH), zero on inactive rows, so that a caller that folded
-  // weight_ih can form its weights' gradients from them when a call has few rows (rim_cpu.py).
-  const bool keep_factors = factors && d.kv;
-  Tensor xa_h = keep_factors ? at::zeros({T, B, K, n_in * Dx}, opt) : at::empty({0}, opt);
-  Tensor dgi_h = keep_factors ? at::zeros({T, B, K, GH}, opt) : at::empty({0}, opt);
+  // factors: the factors of g_Wih = sum over rows of xa^T dgi, per row (T, B, K, n_in*Dx) and
+  // (T, B, K, GH), zero on inactive rows, so that a caller that folded weight_ih can form its
+  // weights' gradients from them when a call has few rows (rim_cpu.py).
+  Tensor xa_h = factors ? at::zeros({T, B, K, n_in * Dx}, opt) : at::empty({0}, opt);
+  Tensor dgi_h = factors ? at::zeros({T, B, K, GH}, opt) : at::empty({0}, opt);
   S* xah_w = xa_h.mutable_data_ptr<S>();
   S* dgih_w = dgi_h.mutable_data_ptr<S>();
 
@@ -950,7 +859,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const S* qkv_p = qkv.const_data_ptr<S>();
   const S* bp_p = bprob.const_data_ptr<S>();
   const S* keys_p = keys.const_data_ptr<S>();
-  const S* fold_p = d.kv ? Wih.const_data_ptr<S>() : fold.const_data_ptr<S>();
+  const S* wih_p = Wih.const_data_ptr<S>();
   const S* xin_p = x.const_data_ptr<S>();
   S* dQ_p = dQ.mutable_data_ptr<S>();
   S* dS_p = dS.mutable_data_ptr<S>();
@@ -1099,12 +1008,13 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
           S* gbk = gb_w + k * GW;  // bias gradients: sum of the active rows' dg (LSTM: one
           for (int64_t j = 0; j < GW; ++j) gbk[j] += dg[j];  // for both; GRU: d(gi) | d(gh))
         }
-        // gi = sum_n xa_n fold[:, k, n] + bias, xa_n = sum_m a~ x_m: dgf_n = dgi fold[:, k, n]^T
-        // (active rows, one GEMM per head), d a~ = dgf_n . x_m; through dropout; null softmax bwd.
+        // gi = sum_n xa_n weight_ih[k]_n + bias, xa_n = sum_m a~ v_{m,n}: dgf_n = dgi
+        // weight_ih[k]_n^T (active rows, one GEMM per head), d a~ = dgf_n . v_{m,n}; through
+        // dropout; null softmax bwd.
         const int64_t cnt = rows.cnt[k];
         const int64_t nD = n_in * Dx;
         for (int64_t n = 0; n < n_in; ++n)
-          gemm_rm<S>(cnt, Dx, GH, dgi_w + k * B * GH, GH, fold_p + k * fk + n * fn, fr, S(0),
+          gemm_rm<S>(cnt, Dx, GH, dgi_w + k * B * GH, GH, wih_p + k * fk + n * fn, fr, S(0),
                      dgfg_w + k * B * nD + n * Dx, nD, true);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = b * K + k, r = rows.pos[row];
@@ -1115,7 +1025,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
           }
           std::copy_n(dgfg_w + (k * B + r) * nD, nD, dgfr);
           std::copy_n(hp + row * H, H, hgb_w + (k * B + r) * H);
-          S* xar = xag_w + (k * B + r) * nD;  // xa_n = sum_m a~ x_m
+          S* xar = xag_w + (k * B + r) * nD;  // xa_n = sum_m a~ v_{m,n}
           std::fill_n(xar, nD, S(0));
           for (int64_t n = 0; n < n_in; ++n)
             for (int64_t m = 0; m < M; ++m) {
@@ -1126,7 +1036,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
               const S* xr = xin_p + ((t * B + b) * M + m) * xrow + n * xhead;
               for (int64_t i = 0; i < Dx; ++i) xar[n * Dx + i] += w * xr[i];
             }
-          if (keep_factors) {
+          if (factors) {
             std::copy_n(xar, nD, xah_w + (t * B * K + row) * nD);
             std::copy_n(dgi_w + (k * B + r) * GH, GH, dgih_w + (t * B * K + row) * GH);
           }
@@ -1156,7 +1066,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
         gemm_rm<S>(B, H, nk, dQ_p + k * nk, K * nk, wq_p + k * H * nk, nk, S(1),
                    dhn_p + k * H, K * H, true);
         // Weight gradients of this step and mechanism (the task owns k: no race):
-        // g_Wq += h_{t-1}^T dq, g_Whh += h_{t-1}^T dgh, g_fold[:, k, n] += xa_n^T dgi (active rows),
+        // g_Wq += h_{t-1}^T dq, g_Whh += h_{t-1}^T dgh, g_Wih[k]_n += xa_n^T dgi (active rows),
         // g_Wc += h~^T d(Q|K|V) (all rows).
         gemm_rm<S>(H, nk, B, hp + k * H, K * H, dQ_p + k * nk, K * nk, S(1), gWq_w + k * H * nk, nk,
                    false, true);
@@ -1164,7 +1074,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
                    gWhh_w + k * H * GH, GH, false, true);
         for (int64_t n = 0; n < n_in; ++n)
           gemm_rm<S>(Dx, GH, cnt, xag_w + k * B * nD + n * Dx, nD, dgi_w + k * B * GH, GH, S(1),
-                     gfold_w + k * fk + n * fn, fr, false, true);
+                     gWih_w + k * fk + n * fn, fr, false, true);
         gemm_rm<S>(H, C3, B, htil_p + t * BKH + k * H, K * H, dQKV_p + k * C3, K * C3, S(1),
                    gWc_w + k * H * C3, C3, false, true);
         for (int64_t b = 0; b < B; ++b) {
@@ -1185,7 +1095,7 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
     std::swap(rows, rows_prev);
   }
 
-  // The weight gradients were accumulated in the sweep; what is left: dKEY, dx, the einsums.
+  // The weight gradients were accumulated in the sweep; what is left: dKEY, dx (d values).
   const int64_t TB = T * B;
   Tensor ad = a.clone();  // a~: the dropped input probabilities
   if (d.drop_in()) {
@@ -1220,15 +1130,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   }
   Tensor g_bih = gbias.narrow(1, 0, GH).contiguous();
   Tensor g_bhh = d.lstm ? g_bih.clone() : gbias.narrow(1, GH, GH).contiguous();
-  Tensor g_Wk, dx;
-  if (d.kv) {  // x is the values: dx_{m, n} = sum_k a~[k,n,m] dgf[k,n] (zero-initialised below)
-    dx = at::zeros({T, B, M, d.nv}, opt);
-  } else {
-    const Tensor x2 = x.view({T * B * M, D});
-    g_Wk = at::mm(x2.t(), dKEY.view({T * B * M, nk}));
-    dx = at::mm(dKEY.view({T * B * M, nk}), Wk.t()).view({T, B, M, D});
-  }
-  {  // dx_m (+ head n's offset) += sum_{k,n} a~[k,n,m] dgf[k,n]
+  Tensor dx = at::zeros({T, B, M, d.nv}, opt);
+  {  // dx_{m, n} = sum_k a~[k,n,m] dgf[k,n]
     const S* ad_p = ad.const_data_ptr<S>();
     const S* dgf_p = dgf.const_data_ptr<S>();
     S* dx_p = dx.mutable_data_ptr<S>();
@@ -1247,18 +1150,11 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const Tensor dh0 = dh;  // after the t = 0 step: d h_0 (no grad_out is added there)
   Tensor dc0 = d.lstm ? dcar : at::empty({0}, opt);
   auto parts = g_Wc.split({ck, ck, cv}, -1);
-  if (d.kv)  // (d keys, d values, ...): g_fold is d weight_ih itself
-    return {dKEY, dx, dh0, dc0, g_Wq, g_fold, g_Whh, g_bih, g_bhh, parts[0].contiguous(),
-            parts[1].contiguous(), parts[2].contiguous(), g_Wco, xa_h, dgi_h};
-  Tensor g_Wv = at::einsum("dkng,knvg->dnv", {g_fold, Wih.view({K, n_in, d.dv, GH})})
-                    .reshape({D, d.nv});
-  Tensor g_Wih = at::einsum("dnv,dkng->knvg", {Wv.view({D, n_in, d.dv}), g_fold})
-                     .reshape({K, d.nv, GH});
-  return {dx, dh0, dc0, g_Wk, g_Wv, g_Wq, g_Wih, g_Whh, g_bih, g_bhh,
-          parts[0].contiguous(), parts[1].contiguous(), parts[2].contiguous(), g_Wco};
+  return {dKEY, dx, dh0, dc0, g_Wq, g_Wih, g_Whh, g_bih, g_bhh, parts[0].contiguous(),
+          parts[1].contiguous(), parts[2].contiguous(), g_Wco, xa_h, dgi_h};
 }
 
-// What both backward ops prepare: the check that the forward saved its activations, the
+// What the backward op prepares: the check that the forward saved its activations, the
 // incoming gradients (contiguous, grad_out as (T, B, K, H); undefined = zero) and the packed
 // communication weights [comm_query | comm_key | comm_value].
 struct BwdInputs {
@@ -1281,37 +1177,6 @@ BwdInputs bwd_inputs(const char* op, const Dims& d, const Tensor& htil,
   r.c_n = d.lstm ? opt_grad(grad_c_n) : Tensor();
   r.Wc = at::cat({comm_query, comm_key, comm_value}, -1).contiguous();
   return r;
-}
-
-auto rim_cpu_bwd(
-    const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& x_, const Tensor& h0_,
-    const std::optional<Tensor>& c0_, const Tensor& input_key, const Tensor& input_value,
-    const Tensor& input_query, const Tensor& weight_ih, const Tensor& weight_hh,
-    const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& comm_query,
-    const Tensor& comm_key, const Tensor& comm_value, const Tensor& comm_output,
-    const Tensor& out, const Tensor& masks, const Tensor& cs, const Tensor& htil, const Tensor& q,
-    const Tensor& a, const Tensor& gates, const Tensor& qkv, const Tensor& bprob, const Tensor& o,
-    const Tensor& keys, const Tensor& xw, const Tensor& fold, int64_t top_k, int64_t input_heads,
-    int64_t comm_heads, double input_dropout, double comm_dropout, int64_t seed,
-    bool block_inactive_grad) {
-  const Dims d = check_args("rim_cpu_bwd", x_, h0_, c0_, input_key, input_value, input_query,
-                            weight_ih, weight_hh, bias_ih, bias_hh, comm_query, comm_key,
-                            comm_value, comm_output, top_k, input_heads, comm_heads,
-                            input_dropout, comm_dropout, seed);
-  const BwdInputs g = bwd_inputs("rim_cpu_bwd", d, htil, grad_out_, grad_h_n_, grad_c_n_,
-                                 comm_query, comm_key, comm_value);
-  std::vector<Tensor> res;
-  AT_DISPATCH_FLOATING_TYPES(x_.scalar_type(), "rim_cpu_bwd", [&] {
-    res = backward_impl<scalar_t>(
-        d, block_inactive_grad, g.out, g.h_n, g.c_n, x_.contiguous(), h0_.contiguous(),
-        d.lstm ? c0_->contiguous() : Tensor(), input_key.contiguous(), input_value.contiguous(),
-        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), g.Wc,
-        comm_output.contiguous(), out.contiguous(), masks.contiguous(), cs.contiguous(),
-        htil.contiguous(), q.contiguous(), a.contiguous(), gates.contiguous(), qkv.contiguous(),
-        bprob.contiguous(), o.contiguous(), keys.contiguous(), xw.contiguous(), fold.contiguous());
-  });
-  return to_tuple<14>(res);
 }
 
 // Gradients of rim_cpu_kv_fwd: (d keys, d values, d h0, d c0, then d of its 9 weights), and with
@@ -1337,11 +1202,11 @@ auto rim_cpu_kv_bwd(
   AT_DISPATCH_FLOATING_TYPES(keys_.scalar_type(), "rim_cpu_kv_bwd", [&] {
     res = backward_impl<scalar_t>(
         d, block_inactive_grad, g.out, g.h_n, g.c_n, values_.contiguous(),
-        h0_.contiguous(), d.lstm ? c0_->contiguous() : Tensor(), Tensor(), Tensor(),
-        input_query.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), g.Wc,
+        h0_.contiguous(), d.lstm ? c0_->contiguous() : Tensor(), input_query.contiguous(),
+        weight_ih.contiguous(), weight_hh.contiguous(), g.Wc,
         comm_output.contiguous(), out.contiguous(), masks.contiguous(), cs.contiguous(),
         htil.contiguous(), q.contiguous(), a.contiguous(), gates.contiguous(), qkv.contiguous(),
-        bprob.contiguous(), o.contiguous(), keys_.contiguous(), Tensor(), Tensor(), factors);
+        bprob.contiguous(), o.contiguous(), keys_.contiguous(), factors);
   });
   return to_tuple<15>(res);
 }
@@ -1367,24 +1232,6 @@ std::tuple<Tensor, Tensor> rim_cpu_dropout_masks(int64_t seed, int64_t T, int64_
 }  // namespace rims
 
 TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
-  m.def("rim_cpu_fwd(Tensor x, Tensor h0, Tensor? c0, Tensor input_key, Tensor input_value,"
-        " Tensor input_query, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh,"
-        " Tensor comm_query, Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k,"
-        " int input_heads, int comm_heads, float input_dropout, float comm_dropout, int seed,"
-        " bool block_inactive_grad, bool save) -> (Tensor out, Tensor h_n, Tensor c_n,"
-        " Tensor masks, Tensor cs, Tensor htil, Tensor q, Tensor a, Tensor gates, Tensor qkv, Tensor bprob, Tensor o,"
-        " Tensor keys, Tensor xw, Tensor fold)");
-  m.def("rim_cpu_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor h0,"
-        " Tensor? c0, Tensor input_key, Tensor input_value, Tensor input_query, Tensor weight_ih,"
-        " Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key,"
-        " Tensor comm_value, Tensor comm_output, Tensor out, Tensor masks, Tensor cs, Tensor htil,"
-        " Tensor q, Tensor a, Tensor gates, Tensor qkv, Tensor bprob, Tensor o, Tensor keys,"
-        " Tensor xw, Tensor fold, int top_k, int input_heads, int comm_heads, float input_dropout,"
-        " float comm_dropout, int seed, bool block_inactive_grad) -> (Tensor grad_x,"
-        " Tensor grad_h0, Tensor grad_c0, Tensor grad_input_key, Tensor grad_input_value,"
-        " Tensor grad_input_query, Tensor grad_weight_ih, Tensor grad_weight_hh,"
-        " Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_comm_query, Tensor grad_comm_key,"
-        " Tensor grad_comm_value, Tensor grad_comm_output)");
   m.def("rim_cpu_kv_fwd(Tensor keys, Tensor values, Tensor h0, Tensor? c0, Tensor input_query,"
         " Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, Tensor comm_query,"
         " Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k, int input_heads,"
@@ -1408,8 +1255,6 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(rims_fast, CPU, m) {
-  m.impl("rim_cpu_fwd", &rims::rim_cpu_fwd);
-  m.impl("rim_cpu_bwd", &rims::rim_cpu_bwd);
   m.impl("rim_cpu_kv_fwd", &rims::rim_cpu_kv_fwd);
   m.impl("rim_cpu_kv_bwd", &rims::rim_cpu_kv_bwd);
 }

@@ -1,8 +1,8 @@
 """``backend="cpu"``: the C++ sequence driver (``csrc/rim_cpu.cpp``), one call per sequence.
 
 :func:`rim_cpu` has exactly :func:`rims_fast.reference.rim_ref`'s contract. The forward and the
-hand-written backward through time are the ops ``torch.ops.rims_fast.rim_cpu_fwd`` /
-``rim_cpu_bwd`` of the compiled extension ``rims_fast._C``; their fake impls (for
+hand-written backward through time are the ops ``torch.ops.rims_fast.rim_cpu_kv_fwd`` /
+``rim_cpu_kv_bwd`` of the compiled extension ``rims_fast._C``; their fake impls (for
 ``torch.compile``) and the autograd formula are registered here, so a whole sequence is one graph
 node.
 
@@ -21,8 +21,7 @@ is made in every call (:func:`input_fold` says why it is not cached) and never d
 through: :class:`_FoldedInput` takes the fold's gradient to ``input_value`` and ``weight_ih``
 itself, densely or, for calls with few rows, from per-row factors
 (:func:`fold_grad_from_factors`), so a one-step forward+backward does not pay 2 x 123 MFLOP
-more. The folded driver op
-``rim_cpu_fwd``, which folds inside every call, is no longer used by :func:`rim_cpu`.
+more.
 
 Dropout: one 64-bit seed per call is drawn from PyTorch's default generator (so it is
 reproducible under ``torch.manual_seed``); the C++ side derives every keep-decision from it with a
@@ -50,7 +49,7 @@ PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_h
 #: Parameters of the pre-projected op ``rim_cpu_kv_fwd`` (no input key/value projection).
 KV_PARAM_NAMES = PARAM_NAMES[2:]
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_OP = "rims_fast::rim_cpu_fwd"
+_OP = "rims_fast::rim_cpu_kv_fwd"
 
 
 def _op_registered() -> Optional[str]:
@@ -63,7 +62,7 @@ def _op_registered() -> Optional[str]:
     except RuntimeError:  # the op does not exist: an older build of _C
         registered = False
     if not registered:
-        return "rims_fast._C was built without the C++ sequence driver (rim_cpu_fwd); rebuild it"
+        return "rims_fast._C was built without the C++ sequence driver (rim_cpu_kv_fwd); rebuild it"
     return None
 
 
@@ -289,63 +288,10 @@ def dropout_masks(seed: int, T: int, B: int, M: int, cfg: RimConfig, training: b
 def _register() -> None:
     lib = "rims_fast::"
 
-    @torch.library.register_fake(lib + "rim_cpu_fwd")
-    def _(x, h0, c0, input_key, input_value, input_query, weight_ih, weight_hh, bias_ih, bias_hh,
-          comm_query, comm_key, comm_value, comm_output, top_k, input_heads, comm_heads,
-          input_dropout, comm_dropout, seed, block_inactive_grad, save):
-        T, B, M, D = x.shape
-        K, H, GH = weight_hh.shape
-        lstm = GH == 4 * H
-        nk = input_key.shape[-1]
-        ck, cv = comm_query.shape[-1], comm_value.shape[-1]
-        new = x.new_empty
-        out = [new((T, B, K * H)), new((B, K, H)), new((B, K, H) if lstm else (0,)),
-               x.new_empty((T, B, K), dtype=torch.bool)]
-        if not save:
-            return (*out, *[new((0,)) for _ in range(11)])
-        return (*out, new((T, B, K, H) if lstm else (0,)), new((T, B, K, H)), new((T, B, K, nk)),
-                new((T, B, K, input_heads, M)), new((T, B, K, GH if lstm else 2 * GH)),
-                new((T, B, K, 2 * ck + cv)), new((T, B, K, comm_heads, K)), new((T, B, K, cv)),
-                new((T, B, M, nk)), new((0,)),  # xw: no longer computed (kept in the schema)
-                new((D, K * input_heads * GH)))
-
-    @torch.library.register_fake(lib + "rim_cpu_bwd")
-    def _(grad_out, grad_h_n, grad_c_n, x, h0, c0, *rest):
-        weights = rest[:11]
-        grads = [x.new_empty(x.shape), h0.new_empty(h0.shape),
-                 c0.new_empty(c0.shape) if c0 is not None else x.new_empty((0,))]
-        return (*grads, *[w.new_empty(w.shape) for w in weights])
-
     @torch.library.register_fake(lib + "rim_cpu_dropout_masks")
     def _(seed, T, B, K, input_heads, M, comm_heads, input_dropout, comm_dropout):
         return (torch.empty((T, B, K, input_heads, M), dtype=torch.bool),
                 torch.empty((T, B, K, comm_heads, K), dtype=torch.bool))
-
-    def setup_context(ctx, inputs, output):
-        (x, h0, c0, *rest) = inputs
-        weights, (top_k, n_in, n_c, p_in, p_c, seed, block, save) = rest[:11], rest[11:]
-        ctx.cfg = (top_k, n_in, n_c, p_in, p_c, seed, block)
-        # Gradients of unused outputs (masks, the saved activations) stay None instead of being
-        # materialised as zeros of the saved tensors' sizes; rim_cpu_bwd takes None for any.
-        ctx.set_materialize_grads(False)
-        ctx.has_c0 = c0 is not None
-        ctx.saved_ok = save
-        out, _h_n, _c_n, masks, *saved = output
-        ctx.save_for_backward(x, h0, c0, *weights, out, masks, *saved)
-
-    def backward(ctx, grad_out, grad_h_n, grad_c_n, *_unused):
-        if not ctx.saved_ok:
-            raise RuntimeError("rims_fast::rim_cpu_fwd ran with save=False (no input required "
-                               "grad when it ran), so it cannot be differentiated")
-        x, h0, c0, *rest = ctx.saved_tensors
-        weights, out, masks, saved = rest[:11], rest[11], rest[12], rest[13:]
-        grads = torch.ops.rims_fast.rim_cpu_bwd(
-            grad_out, grad_h_n, grad_c_n if ctx.has_c0 else None, x, h0, c0, *weights, out,
-            masks, *saved, *ctx.cfg)
-        gx, gh0, gc0, *gw = grads
-        return (gx, gh0, gc0 if ctx.has_c0 else None, *gw, *([None] * 8))
-
-    torch.library.register_autograd(lib + "rim_cpu_fwd", backward, setup_context=setup_context)
 
     @torch.library.register_fake(lib + "rim_cpu_kv_fwd")
     def _(keys, values, h0, c0, input_query, weight_ih, weight_hh, bias_ih, bias_hh, comm_query,
@@ -382,6 +328,8 @@ def _register() -> None:
         (keys, values, h0, c0, *rest) = inputs
         weights, (top_k, n_in, n_c, p_in, p_c, seed, block, save) = rest[:9], rest[9:]
         ctx.cfg = (top_k, n_in, n_c, p_in, p_c, seed, block)
+        # Gradients of unused outputs (masks, the saved activations) stay None instead of being
+        # materialised as zeros of the saved tensors' sizes; rim_cpu_kv_bwd takes None for any.
         ctx.set_materialize_grads(False)
         ctx.has_c0 = c0 is not None
         ctx.saved_ok = save

@@ -1,6 +1,6 @@
 """``backend="cpu"`` (the C++ sequence driver) against the reference ``rim_ref``: outputs, final
 states, masks (exactly) and every gradient, dropout replayed under the driver's own masks,
-gradcheck and opcheck of the op, and memory on a long sequence."""
+gradcheck and opcheck of the ops, and memory on a long sequence."""
 
 from __future__ import annotations
 
@@ -349,17 +349,20 @@ def test_split_calls_equal_one_call(cell):
     assert torch.equal(st[0] if cell == "lstm" else st, state[0] if cell == "lstm" else state)
 
 
-def test_opcheck():
-    rim, x, h0, c0, P, _ = _inputs("lstm", 2, 2, 2, 3, 2, 2, True, torch.float64, B=2)
-    cfg = rim.config
-    args = (x.detach(), h0.detach(), c0.detach(), *[P[n].detach() for n in PARAMS], cfg.top_k,
-            cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
-    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_fwd.default, args)
+def test_kv_opcheck_gru_float32():
+    """opcheck of both pre-projected ops for a GRU (c0 None) in float32 (test_kv_opcheck_and_errors
+    runs an LSTM in float64)."""
     gru, x, h0, _, P, _ = _inputs("gru", 1, 1, 1, 3, 1, 2, True, torch.float32, B=2)
     cfg = gru.config
-    args = (x.detach(), h0.detach(), None, *[P[n].detach() for n in PARAMS], cfg.top_k,
-            cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
-    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_fwd.default, args)
+    keys, vals = (x @ P["input_key"]).detach(), (x @ P["input_value"]).detach()
+    W = [P[n].detach() for n in rc.KV_PARAM_NAMES]
+    tail = (cfg.top_k, cfg.input_heads, cfg.comm_heads, 0.0, 0.0, 0, True, True)
+    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_kv_fwd.default,
+                          (keys, vals, h0.detach(), None, *W, *tail))
+    fwd = torch.ops.rims_fast.rim_cpu_kv_fwd(keys, vals, h0.detach(), None, *W, *tail)
+    args = (torch.randn_like(fwd[0]), None, None, keys, vals, h0.detach(), None, *W, fwd[0],
+            *fwd[3:], *tail[:-1], True)
+    torch.library.opcheck(torch.ops.rims_fast.rim_cpu_kv_bwd.default, args)
 
 
 def test_long_sequence_memory():
