@@ -162,8 +162,8 @@ def fold_grad_from_factors(rows: int, D: int, GH: int) -> bool:
     """Whether :class:`_FoldedInput` forms the ``input_value`` / ``weight_ih`` gradients from
     the per-row factors of the fold's gradient (``xa`` and ``d gi``: about ``rows (D + G H)``
     multiply-adds per mechanism, head and value column) rather than from the dense fold gradient
-    (``D G H``): true for calls of fewer than ``D G H / (D + G H)`` rows (``T B``; 55 at the paper
-    layer), such as an RL rollout's one-step calls."""
+    (``D G H``): true for calls of fewer than ``D G H / (D + G H)`` rows (``T B``; at most 55 at
+    the paper layer), such as an RL rollout's one-step calls."""
     return rows * (D + GH) < D * GH
 
 
@@ -198,6 +198,7 @@ class _FoldedInput(torch.autograd.Function):
         return out, h_n, (c_n if c0 is not None else None), masks
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward (the op has none)
     def backward(ctx, g_out, g_hn, g_cn, _g_masks):
         cfg, (p_in, p_c, seed) = ctx.cfg, ctx.args
         (keys, values, h0, c0, input_value, weight_ih, fold, *rest) = ctx.saved_tensors
@@ -215,17 +216,27 @@ class _FoldedInput(torch.autograd.Function):
         ct = fold.dtype
         iv = input_value.to(ct).view(D, n, dv)
         wih = weight_ih.to(ct).view(K, n, dv, GH)
+        need_iv, need_wih = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        g_iv = g_wih = None  # frozen weights: no 2 x 123 MFLOP (dense) for nothing
         if factors:
             xa = grads[13].view(T * B, K, n, D)
             dgi = grads[14].view(T * B, K, GH)
-            g_wih = torch.einsum("rknv,rkg->knvg", torch.einsum("rknd,dnv->rknv", xa, iv), dgi)
-            g_iv = torch.einsum("rknd,rknv->dnv", xa, torch.einsum("rkg,knvg->rknv", dgi, wih))
+            if need_wih:
+                g_wih = torch.einsum("rknv,rkg->knvg", torch.einsum("rknd,dnv->rknv", xa, iv),
+                                     dgi)
+            if need_iv:
+                g_iv = torch.einsum("rknd,rknv->dnv", xa,
+                                    torch.einsum("rkg,knvg->rknv", dgi, wih))
         else:
             g_f = g_fold.view(K, n, D, GH)
-            g_wih = torch.einsum("dnv,kndg->knvg", iv, g_f)
-            g_iv = torch.einsum("kndg,knvg->dnv", g_f, wih)
-        g_iv = g_iv.reshape(D, n * dv).to(input_value.dtype)
-        g_wih = g_wih.reshape(K, n * dv, GH).to(weight_ih.dtype)
+            if need_wih:
+                g_wih = torch.einsum("dnv,kndg->knvg", iv, g_f)
+            if need_iv:
+                g_iv = torch.einsum("kndg,knvg->dnv", g_f, wih)
+        if g_iv is not None:
+            g_iv = g_iv.reshape(D, n * dv).to(input_value.dtype)
+        if g_wih is not None:
+            g_wih = g_wih.reshape(K, n * dv, GH).to(weight_ih.dtype)
         return (g_keys, g_values, g_h0, g_c0 if ctx.has_c0 else None, g_iv, g_wih, None, g_wq,
                 *g_rest, None, None, None, None, None)
 
@@ -337,6 +348,9 @@ def _register() -> None:
         ctx.save_for_backward(keys, values, h0, c0, *weights, out, masks, *saved)
 
     def kv_backward(ctx, grad_out, grad_h_n, grad_c_n, *_unused):
+        if torch.is_grad_enabled():  # create_graph: the backward op has no gradient of its own
+            raise RuntimeError("rims_fast::rim_cpu_kv_fwd supports one backward, not double "
+                               "backward (create_graph=True)")
         if not ctx.saved_ok:
             raise RuntimeError("rims_fast::rim_cpu_kv_fwd ran with save=False (no input required "
                                "grad when it ran), so it cannot be differentiated")

@@ -45,8 +45,7 @@ def test_one_op_per_sequence(backend):
 
 def test_one_op_per_short_call_cpu():
     """A one-step call at the paper layer (an RL rollout step; the input term folded, the fold
-    made in the graph since the compiled call cannot use rim_cpu's cache): still one op under
-    torch.compile, equal to eager."""
+    made in the graph as in every call): still one op under torch.compile, equal to eager."""
     if rims_fast.available_backends("cpu")["cpu"] is not None:
         pytest.skip(rims_fast.available_backends("cpu")["cpu"])
     torch._dynamo.reset()
@@ -59,13 +58,21 @@ def test_one_op_per_short_call_cpu():
     torch.testing.assert_close(out, rim(x)[0], atol=1e-6, rtol=1e-5)
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("T,B,heads", [(6, 2, 1), (1, 1, 2)],
+                         ids=["dense-fold-grad", "factor-fold-grad-2-heads"])
+def test_compiled_training_step_matches_eager(T, B, heads):
+    """The folded input path's weight gradients, dense (T*B rows above rim_cpu's threshold) and
+    from per-row factors (one step), under torch.compile as in eager."""
     if rims_fast.available_backends("cpu")["cpu"] is not None:
         pytest.skip(rims_fast.available_backends("cpu")["cpu"])
     torch._dynamo.reset()
     torch.manual_seed(0)
-    rim = rims_fast.RIM(5, 3, 4, 2, backend="cpu", dtype=torch.float64)
-    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    rim = rims_fast.RIM(5, 3, 4, 2, input_heads=heads, backend="cpu", dtype=torch.float64)
+    x = torch.randn(T, B, 5, dtype=torch.float64)
+    from rims_fast import rim_cpu as rc
+    assert rc.folds_input(1, 5, rim.config)
+    GH = 4 * rim.config.hidden_size
+    assert rc.fold_grad_from_factors(T * B, 5, GH) == (T * B == 1)
     rim(x)[0].square().sum().backward()
     eager = [p.grad.clone() for p in rim.parameters()]
     rim.zero_grad()

@@ -499,3 +499,34 @@ def test_kv_opcheck_and_errors():
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.rims_fast.rim_cpu_kv_fwd(keys.float(), vals, h0.detach(), c0.detach(), *W,
                                            *tail)
+
+
+@pytest.mark.parametrize("input_path", ["folded", "kv"])
+def test_folded_path_saves_nothing_without_grad_and_refuses_double_backward(input_path,
+                                                                           monkeypatch):
+    """The folded path (an autograd.Function around the op) runs the op with save=False under
+    no_grad, as the kv path does; frozen input_value/weight_ih get no gradient; and double
+    backward (create_graph=True, e.g. a gradient penalty) raises instead of returning wrong
+    second derivatives (the backward op has no gradient of its own)."""
+    monkeypatch.setattr(rc, "folds_input", lambda *a, **k: input_path == "folded")
+    rim, x, h0, c0, P, _ = _inputs("lstm", 2, 2, 2, 3, 2, 2, True, torch.float64, B=2)
+    calls = []
+    real = torch.ops.rims_fast.rim_cpu_kv_fwd
+
+    def spy(*args):
+        calls.append(args[-1])  # save
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.rims_fast, "rim_cpu_kv_fwd", spy)
+    with torch.no_grad():
+        rc.rim_cpu(x, h0, c0, P, rim.config)
+    assert calls == [False]
+    frozen = {n: (v.detach() if n in ("input_value", "weight_ih") else v) for n, v in P.items()}
+    out = rc.rim_cpu(x, h0, c0, frozen, rim.config)[0]
+    assert calls[-1] is True
+    g = torch.autograd.grad(out.sum(), [x, P["weight_hh"]], create_graph=False)
+    assert all(t is not None for t in g)
+    out = rc.rim_cpu(x, h0, c0, P, rim.config)[0]
+    with pytest.raises(RuntimeError):  # kv: at create_graph=True; folded: differentiating gx
+        (gx,) = torch.autograd.grad(out.square().sum(), [x], create_graph=True)
+        torch.autograd.grad(gx.sum(), [x])
