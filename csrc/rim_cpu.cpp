@@ -78,8 +78,6 @@ struct Dims {
   bool lstm;
   double p_in, p_c;
   uint64_t seed;
-  // Head n reads v_{m,n} (width dv) against weight_ih[k]_n.
-  int64_t Dx, xrow, xhead;  // value width per head, row stride of a value row, head offset
   bool drop_in() const { return p_in > 0.0; }
   bool drop_c() const { return p_c > 0.0; }
 };
@@ -179,7 +177,6 @@ Dims check_kv_args(const char* op, const Tensor& keys, const Tensor& values, con
              comm_output, top_k, input_heads, comm_heads, input_dropout, comm_dropout, seed);
   check_tensor(op, "keys", keys, dtype, {d.T, d.B, d.M, d.nk});
   check_tensor(op, "values", values, dtype, {d.T, d.B, d.M, d.nv});
-  d.Dx = d.dv, d.xrow = d.nv, d.xhead = d.dv;
   return d;
 }
 
@@ -488,7 +485,8 @@ std::vector<Tensor> forward_impl(const Dims& d, const Tensor& x, const Tensor& k
   const int64_t T = d.T, B = d.B, M = d.M, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
-  const int64_t Dx = d.Dx, xrow = d.xrow, xhead = d.xhead;
+  // Head n reads v_{m,n}: width dv, at offset n dv of a value row of nv.
+  const int64_t Dx = d.dv, xrow = d.nv, xhead = d.dv;
   const int64_t XW = H + n_in * Dx;  // width of a gathered [h | xa] row
   const auto opt = x.options();
   const S scale_in = S(1.0 / std::sqrt(double(dk)));
@@ -789,7 +787,8 @@ std::vector<Tensor> backward_impl(const Dims& d, bool block, const Tensor& grad_
   const int64_t T = d.T, B = d.B, M = d.M, K = d.K, H = d.H, GH = d.GH, GW = d.GW;
   const int64_t n_in = d.n_in, dk = d.dk, nk = d.nk, n_c = d.n_c, dc = d.dc, dcv = d.dcv;
   const int64_t ck = d.ck, cv = d.cv, C3 = d.C3;
-  const int64_t Dx = d.Dx, xrow = d.xrow, xhead = d.xhead;
+  // Head n reads v_{m,n}: width dv, at offset n dv of a value row of nv.
+  const int64_t Dx = d.dv, xrow = d.nv, xhead = d.dv;
   // Head n of mechanism k multiplies weight_ih[k]_n (Dx, GH) at wih_p + k fk + n fn, row stride
   // fr (weight_ih is (K, n_in, d_v, GH)). Its gradient g_Wih has the same layout.
   const int64_t fk = d.nv * GH, fn = d.dv * GH, fr = GH;
