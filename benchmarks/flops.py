@@ -5,6 +5,8 @@
                                                torch.profiler (CPU leaf ops; CUDA kernel launches
                                                with ``--device cuda``)
 ``python -m benchmarks.flops --matmul``        + this CPU's torch.mm / bmm GFLOP/s
+``python -m benchmarks.flops --triton``        + the Triton forward's L2 traffic per step, fused
+                                               and column-tiled (a model, not a measurement)
 
 FLOPs count a multiply-add as 2. "all" is what the reference evaluates (every mechanism, masked
 afterwards); "active-only" is what a kernel that skips inactive mechanisms must do (SPEC step 3
@@ -253,10 +255,62 @@ def launches_per_step(cfg: BenchConfig, device: torch.device) -> dict[str, tuple
     return res
 
 
+def triton_l2_bytes(c: BenchConfig, tiled: bool, block_b: int, block_u: int = 32,
+                    n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c: int = 32, d_cv: int = 32,
+                    w_bytes: int = 2) -> dict[str, float]:
+    """Bytes one step of the Triton forward reads per kernel (weights in ``w_bytes``, activations
+    float32), counting every program's loads as L2 traffic: a weight is read once per program that
+    uses it, an activation row once per program that loads it. The fused cell kernel's program
+    ``(batch tile, k)`` computes the queries of all K mechanisms (the competition); the tiled
+    kernels' programs are ``(batch tile, k)`` (queries, Q|K|V) and ``(batch tile, k, unit tile)``
+    (gates). The communication kernel (both modes, 16 samples per program) reads every
+    mechanism's K|V of its samples."""
+    B, K, H, M = c.B, c.K, c.H, c.M
+    GH, nk, cq, cv = 4 * H, n_in * d_k, n_c * d_c, n_c * d_cv
+    nb = -(-B // block_b)
+    w_q, w_hh, w_c, w_o = H * nk * w_bytes, H * GH * w_bytes, H * (2 * cq + cv) * w_bytes, cv * H * w_bytes
+    xw = 4 * B * K * n_in * M * GH  # the hoisted folded input term of the step
+    rows = 4 * B * K * H  # one float32 (B, K, H) array
+    keys = 4 * block_b * M * nk  # a program's keys
+    if tiled:
+        nu = -(-H // block_u)
+        t = {"query": nb * K * (w_q + keys) + rows,
+             "gates": nb * K * w_hh + xw + nu * rows,
+             "qkv": nb * K * w_c + rows}
+    else:
+        t = {"cell": nb * K * K * (w_q + keys) + K * rows + nb * K * (w_hh + w_c) + xw + rows}
+    nbc = -(-B // 16)
+    t["comm"] = nbc * K * w_o + K * 4 * B * K * (cq + cv) + rows
+    return t
+
+
+def report_triton(names=("paper", "large")) -> str:
+    """Markdown table of :func:`triton_l2_bytes` for both modes, at the kernels' tile sizes."""
+    try:
+        from rims_fast.triton_kernels.rim_step_fwd_tiled import tile_sizes
+    except ImportError:  # no triton here: the same rule, restated
+        def tile_sizes(B, H):
+            return (64 if B >= 256 else 16), (16 if H <= 32 else 32)
+    out = ["| config | forward | batch tile | L2 MB per step (per kernel) | total | at 5.5 TB/s |",
+           "| --- | --- | ---: | --- | ---: | ---: |"]
+    for name in names:
+        c = CONFIGS[name]
+        for tiled in (False, True):
+            bb, bu = tile_sizes(c.B, c.H) if tiled else (16, 0)
+            t = triton_l2_bytes(c, tiled, bb, bu or 32)
+            tot = sum(t.values())
+            per = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in t.items())
+            out.append(f"| `{name}` | {'tiled' if tiled else 'fused'} | {bb} | {per} | "
+                       f"{tot / 1e6:.1f} MB | {tot / 5.5e12 * 1e6:.1f} µs |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--launches", action="store_true", help="count ops/launches per step with torch.profiler")
     ap.add_argument("--matmul", action="store_true", help="measure this CPU's matmul GFLOP/s")
+    ap.add_argument("--triton", action="store_true",
+                    help="the Triton forward's L2 bytes per step, fused and tiled (a model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -275,6 +329,9 @@ def main(argv=None) -> int:
     print(report_lstm(64, 600, 64, 100, gf))
     print()
     print(report_lstm(512, 2048, 256, 512, gf))
+    if args.triton:
+        print("\n### The Triton forward's L2 traffic per step (bf16 weights; a model)\n")
+        print(report_triton())
     if args.launches:
         device = torch.device(args.device)
         print(f"\n### Ops per step ({device.type}, paper shapes, T=3 minus T=2, torch.profiler)\n")

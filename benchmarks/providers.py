@@ -7,6 +7,9 @@
   :func:`rims_fast.available_backends` when that backend cannot run here.
 - ``triton_graph``: ``rims_fast.RIM(backend="triton")`` with ``RIMS_FAST_TRITON_GRAPH=1``: the
   no-grad forward replays a captured CUDA graph (fwd+bwd runs as ``triton``).
+- ``triton_tiled``, ``triton_tiled_graph``: the same two with ``RIMS_FAST_TRITON_FWD=tiled``: the
+  column-tiled forward (four kernels per step, the gate products over batch tile x mechanism x
+  unit tile), meant for wide layers (``large``).
 - ``cuda_seq``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=persistent``: the
   persistent whole-sequence kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``).
 - ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: both kernels' weight products on
@@ -47,11 +50,13 @@ from .naive import NaiveRIM
 
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
-PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq", "cuda_seq_mma",
+PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
+             "triton_tiled_graph", "cuda", "cuda_seq", "cuda_seq_mma",
              "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu", "lstm",
              "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
-RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "cuda", "cuda_seq",
+RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
+                 "triton_tiled_graph", "cuda", "cuda_seq",
                  "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu",
                  "naive")
 
@@ -213,7 +218,11 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "cuda_seq_cluster_l2": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
                                              "RIMS_FAST_CUDA_CLUSTER": "1",
                                              "RIMS_FAST_CUDA_RESIDENT": "0"}, "cuda_seq_cluster_l2"),
-    "triton_graph": _backend("triton", {"RIMS_FAST_TRITON_GRAPH": "1"}, "triton_graph"), "lstm": _lstm, "naive": _naive,
+    "triton_graph": _backend("triton", {"RIMS_FAST_TRITON_GRAPH": "1"}, "triton_graph"),
+    "triton_tiled": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled"}, "triton_tiled"),
+    "triton_tiled_graph": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled",
+                                              "RIMS_FAST_TRITON_GRAPH": "1"}, "triton_tiled_graph"),
+    "lstm": _lstm, "naive": _naive,
     "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
     "brim2_triton": _brim2("triton"),
     "brim2_cuda_seq": _brim2("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "brim2_cuda_seq"),

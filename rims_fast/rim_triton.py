@@ -11,6 +11,11 @@ What runs where:
   State-independent work is hoisted out of the loop as PyTorch GEMMs before it: the input keys of
   all steps and the folded input term ``XW[t,b,k,n,m] = X_m (input_value_n W_ih[k]_n)`` (the read
   is linear in the attention probabilities, as in ``reference._InputGates``).
+  With ``RIMS_FAST_TRITON_FWD=tiled`` (:func:`fwd_mode`; opt-in until run on a GPU) the cell
+  kernel's work is three kernels of ``triton_kernels/rim_step_fwd_tiled.py`` instead — each
+  mechanism's queries once, the gate products and cell on a grid of batch tile x mechanism x unit
+  tile, the communication Q|K|V — for wide layers, where a program owning all of a mechanism's
+  gate columns has too large a tile (four launches per step; the same values and saved tensors).
 - **Backward — two implementations**, chosen by the environment variable
   ``RIMS_FAST_TRITON_BWD`` (read at each forward call):
 
@@ -113,9 +118,10 @@ try:
     import importlib as _importlib
 
     _kb = _importlib.import_module("rims_fast.triton_kernels.rim_step_bwd")
+    _kt = _importlib.import_module("rims_fast.triton_kernels.rim_step_fwd_tiled")
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # triton missing, or the kernels failed to import
-    _k = _kb = None
+    _k = _kb = _kt = None
     _IMPORT_ERROR = e
 
 
@@ -224,9 +230,11 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     f32 = dict(device=dev, dtype=torch.float32)
 
     xc = x.to(ct)
+    is_tiled = fwd_mode() == "tiled"
     if (not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
-        return _graph_forward(x, xc, h0, c0, p, cfg)
+        return _graph_forward(x, xc, h0, c0, p, cfg, is_tiled)
+    tiled = _Tiled(B, M, cfg, dev) if is_tiled else None
     keys, fold = _hoisted(xc, p, cfg, rnd)
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
@@ -261,10 +269,10 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
                 _launch_step(t, hs[t], cs[t] if lstm else cs, cs[t + 1] if lstm else cs,
                              hs[t + 1], hts[t], qcs[t], kcs[t], vcs[t], keys, xw, masks, out, p,
                              cfg, M, seed, drop_in, drop_c, prec, dict(gates=gates, a=a_s),
-                             dict(bp=bps, o=os_), t_xw=t - t0)
+                             dict(bp=bps, o=os_), t_xw=t - t0, tiled=tiled)
     else:
         c_a, c_b = _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg,
-                                seed, drop_in, drop_c, prec)
+                                seed, drop_in, drop_c, prec, tiled)
     if save:
         h_n = hs[T].to(dtype, copy=True)  # not a view of the saved hs (ops may not alias)
         c_n = cs[T].to(dtype, copy=True) if lstm else x.new_empty(0)
@@ -304,30 +312,67 @@ def _chunks(T: int, B: int, M: int, cfg: RimConfig) -> list[tuple[int, int]]:
 
 
 def _run_chunked(xc, fold, h, c_a, c_b, ht, qc, kc, vc, keys, masks, out, p, cfg, seed, drop_in,
-                 drop_c, prec) -> tuple[Tensor, Tensor]:
+                 drop_c, prec, tiled=None) -> tuple[Tensor, Tensor]:
     """The no-save forward's steps on reused workspaces (:func:`_run_steps`), ``XW`` made for a
     chunk of steps at a time: memory bounded by :data:`XW_CHUNK_BYTES`, not linear in ``T``.
     Shared by the eager forward and the CUDA-graph capture."""
     T, B, M = xc.shape[:3]
     for t0, t1 in _chunks(T, B, M, cfg):
         c_a, c_b = _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, _xw(xc[t0:t1], fold), masks,
-                              out, p, cfg, M, seed, drop_in, drop_c, prec, range(t0, t1))
+                              out, p, cfg, M, seed, drop_in, drop_c, prec, range(t0, t1), tiled)
     return c_a, c_b
 
 
+class _Tiled:
+    """What the tiled forward (:func:`fwd_mode` ``"tiled"``) adds to a call: the per-step
+    workspaces ``p`` ``(B, K)`` and ``a`` ``(B, K, NI, M)`` (the saved ``a[t]`` replaces the latter
+    when the forward saves) and the tile sizes (:func:`rim_step_fwd_tiled.tile_sizes`)."""
+
+    def __init__(self, B: int, M: int, cfg: RimConfig, device):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.p = torch.empty(B, cfg.num_units, **f32)
+        self.a = torch.empty(B, cfg.num_units, cfg.input_heads, M, **f32)
+        self.block_b, self.block_u = _kt.tile_sizes(B, cfg.hidden_size)
+
+
 def _launch_step(t, h_in, c_in, c_out, h_out, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M,
-                 seed, drop_in, drop_c, prec, extra_cell=None, extra_comm=None, t_xw=None) -> None:
-    """The two kernels of step ``t`` (cell, communication); ``extra_*``: the save buffers;
-    ``t_xw``: the step's index in ``xw`` (default ``t``)."""
+                 seed, drop_in, drop_c, prec, extra_cell=None, extra_comm=None, t_xw=None,
+                 tiled: Optional[_Tiled] = None) -> None:
+    """The kernels of step ``t``: cell and communication, or with ``tiled`` the query, gates
+    and Q|K|V kernels of ``rim_step_fwd_tiled`` then the communication; ``extra_*``: the save
+    buffers; ``t_xw``: the step's index in ``xw`` (default ``t``)."""
     K, H, lstm = cfg.num_units, cfg.hidden_size, cfg.cell == "lstm"
     NC, DC, DCV = cfg.comm_heads, cfg.comm_key_size, cfg.comm_value_size
-    _k.rim_cell_fwd(h_in, c_in, keys, xw, p["input_query"], p["weight_hh"], p["bias_ih"],
-                    p["bias_hh"], p["comm_query"], p["comm_key"], p["comm_value"], ht, c_out,
-                    masks, qc, kc, vc, t=t, M=M, K=K, H=H, NI=cfg.input_heads,
-                    DK=cfg.input_key_size, NC=NC, DC=DC, DCV=DCV, top_k=cfg.top_k, lstm=lstm,
-                    seed=seed, p_drop=drop_in, prec=prec, t_xw=t_xw, **(extra_cell or {}))
+    if tiled is not None:
+        _launch_tiled(t, h_in, c_in, c_out, ht, qc, kc, vc, keys, xw, masks, p, cfg, M, seed,
+                      drop_in, prec, extra_cell or {}, t_xw, tiled)
+    else:
+        _k.rim_cell_fwd(h_in, c_in, keys, xw, p["input_query"], p["weight_hh"],
+                        p["bias_ih"], p["bias_hh"], p["comm_query"], p["comm_key"],
+                        p["comm_value"], ht, c_out, masks, qc, kc, vc, t=t, M=M, K=K, H=H,
+                        NI=cfg.input_heads, DK=cfg.input_key_size, NC=NC, DC=DC, DCV=DCV,
+                        top_k=cfg.top_k, lstm=lstm, seed=seed, p_drop=drop_in, prec=prec,
+                        t_xw=t_xw, **(extra_cell or {}))
     _k.rim_comm_fwd(ht, masks, qc, kc, vc, p["comm_output"], h_out, out, t=t, K=K, H=H, NC=NC,
                     DC=DC, DCV=DCV, seed=seed + 1, p_drop=drop_c, prec=prec, **(extra_comm or {}))
+
+
+def _launch_tiled(t, h_in, c_in, c_out, ht, qc, kc, vc, keys, xw, masks, p, cfg, M, seed, drop_in,
+                  prec, save, t_xw, tiled: _Tiled) -> None:
+    """Steps 1-4a of step ``t`` as three column-tiled kernels (``save``: the ``gates``/``a``
+    histories, as the fused cell kernel's)."""
+    K, H, NI, lstm = cfg.num_units, cfg.hidden_size, cfg.input_heads, cfg.cell == "lstm"
+    a_t = save["a"][t] if "a" in save else tiled.a
+    bb = tiled.block_b
+    _kt.rim_query_fwd(h_in, keys, p["input_query"], tiled.p, a_t, t=t, M=M, K=K, H=H, NI=NI,
+                      DK=cfg.input_key_size, prec=prec, block_b=bb)
+    _kt.rim_gates_fwd(h_in, c_in, tiled.p, a_t, xw, p["weight_hh"], p["bias_ih"], p["bias_hh"],
+                      ht, c_out, masks, t=t, M=M, K=K, H=H, NI=NI, top_k=cfg.top_k, lstm=lstm,
+                      seed=seed, p_drop=drop_in, prec=prec, block_b=bb,
+                      block_u=tiled.block_u, gates=save.get("gates"), t_xw=t_xw)
+    _kt.rim_comm_qkv_fwd(ht, p["comm_query"], p["comm_key"], p["comm_value"], qc, kc, vc, K=K,
+                         H=H, NC=cfg.comm_heads, DC=cfg.comm_key_size,
+                         DCV=cfg.comm_value_size, prec=prec, block_b=bb)
 
 
 #: Bytes of the folded input term ``XW`` the no-save forward materialises at once: it is made
@@ -336,14 +381,14 @@ XW_CHUNK_BYTES = 256 << 20
 
 
 def _run_steps(h, c_a, c_b, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed, drop_in,
-               drop_c, prec, steps=None) -> tuple[Tensor, Tensor]:
+               drop_c, prec, steps=None, tiled=None) -> tuple[Tensor, Tensor]:
     """Steps ``steps`` (default all) on reused workspaces (``h`` in place, ``c`` ping-pong);
     ``xw`` holds exactly those steps. Returns ``(c_a, c_b)`` swapped as the steps left them:
     ``c_a`` holds the latest ``c`` (for GRU both are unused)."""
     steps = range(keys.shape[0]) if steps is None else steps
     for t in steps:
         _launch_step(t, h, c_a, c_b, h, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M, seed,
-                     drop_in, drop_c, prec, t_xw=t - steps[0])
+                     drop_in, drop_c, prec, t_xw=t - steps[0], tiled=tiled)
         if cfg.cell == "lstm":
             c_a, c_b = c_b, c_a
     return c_a, c_b
@@ -369,7 +414,7 @@ class _Captured:
     kernels use, so anything freed would be overwritten by later replays (tensors allocated
     during capture live in the graph's private pool)."""
 
-    def __init__(self, xc, h0, c0, p, cfg, prec, out_dtype):
+    def __init__(self, xc, h0, c0, p, cfg, prec, out_dtype, tiled: bool):
         self.p = p
         f32 = dict(device=xc.device, dtype=torch.float32)
         T, B = xc.shape[:2]
@@ -387,11 +432,12 @@ class _Captured:
         self.masks = torch.empty(T, B, K, device=xc.device, dtype=torch.int8)
         rnd = _Rounder(out_dtype)
         self.work = (self.h, self.c_a, c_b, ht, qc, kc, vc)  # alive as long as the graph
+        self.tiled = _Tiled(B, xc.shape[2], cfg, xc.device) if tiled else None
 
         def body():
             keys, fold = _hoisted(self.xc, p, cfg, rnd)
             return _run_chunked(self.xc, fold, *self.work, keys, self.masks, self.out, p, cfg, 0,
-                                0.0, 0.0, prec)[0]
+                                0.0, 0.0, prec, self.tiled)[0]
 
         self.fill(xc, h0, c0)
         side = torch.cuda.Stream(device=xc.device)  # warm-up: Triton compiles, cuBLAS sets up
@@ -414,17 +460,19 @@ _GRAPHS: "collections.OrderedDict[tuple, _Captured]" = collections.OrderedDict()
 _GRAPHS_MAX = 8  # captured forwards kept (each holds its buffers); least recently used out
 
 
-def _graph_forward(x, xc, h0, c0, p, cfg) -> tuple[Tensor, ...]:
+def _graph_forward(x, xc, h0, c0, p, cfg, tiled: bool) -> tuple[Tensor, ...]:
     lstm = cfg.cell == "lstm"
     prec = _dot_precision(x.dtype)
     # The captured float32 GEMMs (keys, fold, XW) follow the TF32 setting of capture time.
-    key = (tuple(x.shape), x.dtype, x.device, cfg, prec, torch.backends.cuda.matmul.allow_tf32,
+    key = (tuple(x.shape), x.dtype, x.device, cfg, prec, tiled,
+           torch.backends.cuda.matmul.allow_tf32,
            tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in p.items()))
     cap = _GRAPHS.get(key)
     if cap is None:
         while len(_GRAPHS) >= _GRAPHS_MAX:
             _GRAPHS.popitem(last=False)
-        cap = _GRAPHS[key] = _Captured(xc, h0, c0 if lstm else None, p, cfg, prec, x.dtype)
+        cap = _GRAPHS[key] = _Captured(xc, h0, c0 if lstm else None, p, cfg, prec, x.dtype,
+                                       tiled)
     _GRAPHS.move_to_end(key)
     cap.fill(xc, h0, c0 if lstm else None)
     cap.graph.replay()
@@ -446,6 +494,16 @@ def _saved_shapes(T, B, M, cfg: RimConfig) -> list[tuple[int, ...]]:
             (T, B, K, NC * DC), (T, B, K, NC * DC), (T, B, K, NC * DCV),
             (T, B, K, (4 if lstm else 6) * H), (T, B, K, NI, M), (T, B, K, NC, K),
             (T, B, K, NC * DCV), (T, B, M, NI * DK), (0,)]  # XW: recomputed, not saved
+
+
+def fwd_mode() -> str:
+    """``RIMS_FAST_TRITON_FWD``: ``"fused"`` (default: two kernels per step, a program computing
+    all of one mechanism's gate columns) or ``"tiled"`` (four kernels per step, the gate products
+    on a grid over batch tile x mechanism x unit tile: :mod:`rim_step_fwd_tiled`)."""
+    mode = os.environ.get("RIMS_FAST_TRITON_FWD", "fused")
+    if mode not in ("fused", "tiled"):
+        raise ValueError(f"RIMS_FAST_TRITON_FWD must be 'fused' or 'tiled', got {mode!r}")
+    return mode
 
 
 def bwd_mode() -> str:

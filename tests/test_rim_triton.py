@@ -210,7 +210,9 @@ def test_dropout_same_masks_in_backward(cell):
     assert not torch.equal(evalm, vals["out"].detach())
 
 
-def test_opcheck():
+@pytest.mark.parametrize("fwd", ["fused", "tiled"])
+def test_opcheck(monkeypatch, fwd):
+    monkeypatch.setenv("RIMS_FAST_TRITON_FWD", fwd)
     rim = make_rim(seed=2, dtype=torch.float32, hidden_size=3, num_units=2, top_k=1,
                    input_heads=1, comm_heads=1)
     sizes, cell, p_in, p_c, big = rt._cfg_args(rim.config)
@@ -284,13 +286,16 @@ def test_module_backend_triton():
 class TestGPU:
     """Realistic shapes on a GPU: B=64, T=20, D=64, K=6, top_k=4, H=100."""
 
-    SHAPE = dict(T=20, B=64, M=1, K=6, top_k=4, H=100)
+    SHAPE = dict(T=20, B=64, M=1, K=6, top_k=4, H=100, D=64)
+    # `large` (issue 5) with few steps: what the tiled forward is for.
+    LARGE = dict(T=4, B=256, M=1, K=8, top_k=4, H=256, D=512)
 
-    def _case(self, cell, dtype):
-        s = self.SHAPE
-        rim = make_rim(seed=0, dtype=torch.float64, cell=cell, input_size=64, hidden_size=s["H"],
-                       num_units=s["K"], top_k=s["top_k"], input_heads=1, input_key_size=64,
-                       input_value_size=400, comm_heads=4, comm_key_size=32, comm_value_size=32)
+    def _case(self, cell, dtype, s=None):
+        s = s or self.SHAPE
+        rim = make_rim(seed=0, dtype=torch.float64, cell=cell, input_size=s["D"],
+                       hidden_size=s["H"], num_units=s["K"], top_k=s["top_k"], input_heads=1,
+                       input_key_size=64, input_value_size=400, comm_heads=4, comm_key_size=32,
+                       comm_value_size=32)
         cfg = rim.config
         p64 = {n: p.detach().cuda() for n, p in rim.named_parameters()}
         pk = {n: p.to(dtype) for n, p in p64.items()}
@@ -326,7 +331,20 @@ class TestGPU:
         self._case(cell, dtype)
 
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
-    def test_graph_replay_equals_eager(self, monkeypatch, cell):
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_realistic_tiled(self, monkeypatch, cell, dtype):
+        monkeypatch.setenv("RIMS_FAST_TRITON_FWD", "tiled")
+        self._case(cell, dtype)
+
+    @pytest.mark.parametrize("fwd", ["fused", "tiled"])
+    def test_large(self, monkeypatch, fwd):
+        monkeypatch.setenv("RIMS_FAST_TRITON_FWD", fwd)
+        self._case("lstm", torch.bfloat16, self.LARGE)
+
+    @pytest.mark.parametrize("fwd", ["fused", "tiled"])
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_graph_replay_equals_eager(self, monkeypatch, cell, fwd):
+        monkeypatch.setenv("RIMS_FAST_TRITON_FWD", fwd)
         """RIMS_FAST_TRITON_GRAPH=1: the captured loop gives bit-identical results to the eager
         launches, on the capturing call and on replays with new inputs and updated weights."""
         rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, backend="triton", device="cuda")
@@ -538,3 +556,102 @@ def test_bwd_kernels_xw_chunks_equal_one_chunk(monkeypatch, cell):
             assert v is None or torch.equal(v, res[5][0][name]), (steps, name)
         for name, g in grads.items():
             assert torch.equal(g, res[5][1][name]), (steps, name)
+
+
+# ------------------------------------------------------------ column-tiled forward
+# RIMS_FAST_TRITON_FWD=tiled: triton_kernels/rim_step_fwd_tiled.py (query, gates over unit tiles,
+# Q|K|V) then the communication kernel. H = 20 gives two unit tiles of 16 (the last partial),
+# B = 17 two batch tiles of 16 (the last partial), B = 256 four batch tiles of 64.
+
+
+def _count_tiled_launches(monkeypatch):
+    calls = {"query": 0, "gates": 0, "qkv": 0, "cell": 0}
+    wrapped = [(rt._kt, "rim_query_fwd", "query"), (rt._kt, "rim_gates_fwd", "gates"),
+               (rt._kt, "rim_comm_qkv_fwd", "qkv"), (rt._k, "rim_cell_fwd", "cell")]
+    for mod, name, key in wrapped:
+        orig = getattr(mod, name)
+
+        def wrap(*a, _orig=orig, _key=key, **kw):
+            calls[_key] += 1
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(mod, name, wrap)
+    return calls
+
+
+# (cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, noncontig)
+TILED_GRID = [
+    ("lstm", 3, 3, 3, 4, 2, 20, 2, 2, False, True),
+    ("lstm", 2, 17, 1, 3, 1, 5, 1, 1, True, False),
+    ("gru", 3, 3, 3, 4, 2, 20, 2, 1, False, False),
+    ("gru", 2, 17, 2, 3, 3, 5, 1, 2, False, True),
+    ("lstm", 1, 256, 1, 2, 1, 5, 1, 1, False, False),
+]
+
+
+@pytest.mark.parametrize("case", TILED_GRID, ids=lambda c: "-".join(map(str, c)))
+def test_tiled_matches_reference(monkeypatch, case):
+    monkeypatch.setenv("RIMS_FAST_TRITON_FWD", "tiled")
+    calls = _count_tiled_launches(monkeypatch)
+    _compare(*case, dtype=torch.float32)
+    T = case[1]
+    assert calls == {"query": T, "gates": T, "qkv": T, "cell": 0}, calls
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tiled_matches_reference_bf16(monkeypatch, cell):
+    monkeypatch.setenv("RIMS_FAST_TRITON_FWD", "tiled")
+    _compare(cell, 2, 3, 3, 4, 2, 20, 2, 2, False, False, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tiled_equals_fused(monkeypatch, cell):
+    """Under the interpreter the tiled kernels give bit-identical outputs, states, masks and (with
+    the Triton backward, which reads their saved gates and input probabilities) gradients to the
+    fused kernels, dropout on: each value is the same expression over the same operands, and the
+    interpreter's tl.dot (numpy float32 matmul) reduces each output element in the same order
+    whatever the tile's width. On a GPU the two may differ in the last bits (TestGPU compares
+    them with tolerances)."""
+    monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+    rim = make_rim(seed=3, dtype=torch.float64, cell=cell, hidden_size=20, num_units=4, top_k=2,
+                   input_heads=2, comm_heads=2, input_size=5, input_key_size=4,
+                   input_value_size=3, comm_key_size=3, comm_value_size=2, input_dropout=0.3,
+                   comm_dropout=0.2)
+    cfg = rim.config
+    pk = {n: p.detach().float().to(DEV) for n, p in rim.named_parameters()}
+    x, h0, c0 = _inputs(rim, 3, 3, 2, torch.float32, False, False)
+    w = _loss_weights(3, 3, cfg.num_units, cfg.hidden_size)
+    res = {}
+    for mode in ("fused", "tiled"):
+        monkeypatch.setenv("RIMS_FAST_TRITON_FWD", mode)
+        torch.manual_seed(11)  # the same dropout seed
+        res[mode] = _run(rt.rim_triton, x, h0, c0, pk, cfg, w, training=True)
+    (vf, gf, mf), (vt, gt, mt) = res["fused"], res["tiled"]
+    assert torch.equal(mf, mt)
+    for name, v in vf.items():
+        assert v is None and vt[name] is None or torch.equal(v, vt[name]), name
+    for name, g in gf.items():
+        assert torch.equal(g, gt[name]), name
+
+
+def test_tiled_bwd_kernels_match_reference(monkeypatch):
+    """The Triton backward from the tiled forward's saved activations, with dropout."""
+    monkeypatch.setenv("RIMS_FAST_TRITON_FWD", "tiled")
+    calls = _count_tiled_launches(monkeypatch)
+    _compare_bwd_kernels(monkeypatch, "lstm", 2, 17, 2, 3, 2, 20, 2, 2, False, False, 0.3, 0.4)
+    assert calls["gates"] == 2 and calls["cell"] == 0
+
+
+def test_fwd_mode_env(monkeypatch):
+    monkeypatch.delenv("RIMS_FAST_TRITON_FWD", raising=False)
+    assert rt.fwd_mode() == "fused"
+    monkeypatch.setenv("RIMS_FAST_TRITON_FWD", "tiles")
+    with pytest.raises(ValueError, match="RIMS_FAST_TRITON_FWD"):
+        rt.fwd_mode()
+
+
+def test_tile_sizes():
+    kt = rt._kt
+    assert kt.tile_sizes(64, 100) == (16, 32)
+    assert kt.tile_sizes(256, 256) == (64, 32)
+    assert kt.tile_sizes(3, 20) == (16, 16)

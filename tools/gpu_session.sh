@@ -41,7 +41,7 @@ if want gputests; then
 fi
 stamp "benchmarks"
 want bench && timeout "${BENCH_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
-  --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_cluster,cuda_seq_cluster_l2,triton,triton_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
+  --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_cluster,cuda_seq_cluster_l2,triton,triton_graph,triton_tiled,triton_tiled_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
 want tiles && for tile in ${TILES:-4}; do
   RIMS_FAST_CUDA_TILE=$tile timeout "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
     --configs paper --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
