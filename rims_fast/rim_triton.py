@@ -234,7 +234,7 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     if (not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
         return _graph_forward(x, xc, h0, c0, p, cfg, is_tiled)
-    tiled = _Tiled(B, M, cfg, dev) if is_tiled else None
+    tiled = _Tiled(B, M, cfg, dev, dtype) if is_tiled else None
     keys, fold = _hoisted(xc, p, cfg, rnd)
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
@@ -328,11 +328,12 @@ class _Tiled:
     workspaces ``p`` ``(B, K)`` and ``a`` ``(B, K, NI, M)`` (the saved ``a[t]`` replaces the latter
     when the forward saves) and the tile sizes (:func:`rim_step_fwd_tiled.tile_sizes`)."""
 
-    def __init__(self, B: int, M: int, cfg: RimConfig, device):
+    def __init__(self, B: int, M: int, cfg: RimConfig, device, dtype: torch.dtype):
         f32 = dict(device=device, dtype=torch.float32)
         self.p = torch.empty(B, cfg.num_units, **f32)
         self.a = torch.empty(B, cfg.num_units, cfg.input_heads, M, **f32)
-        self.block_b, self.block_u = _kt.tile_sizes(B, cfg.hidden_size)
+        self.tiles = tiles_override() or _kt.tile_sizes(B, cfg.hidden_size,
+                                                        dtype == torch.float32)
 
 
 def _launch_step(t, h_in, c_in, c_out, h_out, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M,
@@ -363,16 +364,16 @@ def _launch_tiled(t, h_in, c_in, c_out, ht, qc, kc, vc, keys, xw, masks, p, cfg,
     histories, as the fused cell kernel's)."""
     K, H, NI, lstm = cfg.num_units, cfg.hidden_size, cfg.input_heads, cfg.cell == "lstm"
     a_t = save["a"][t] if "a" in save else tiled.a
-    bb = tiled.block_b
+    tiles = tiled.tiles
     _kt.rim_query_fwd(h_in, keys, p["input_query"], tiled.p, a_t, t=t, M=M, K=K, H=H, NI=NI,
-                      DK=cfg.input_key_size, prec=prec, block_b=bb)
+                      DK=cfg.input_key_size, prec=prec, tiles=tiles)
     _kt.rim_gates_fwd(h_in, c_in, tiled.p, a_t, xw, p["weight_hh"], p["bias_ih"], p["bias_hh"],
                       ht, c_out, masks, t=t, M=M, K=K, H=H, NI=NI, top_k=cfg.top_k, lstm=lstm,
-                      seed=seed, p_drop=drop_in, prec=prec, block_b=bb,
-                      block_u=tiled.block_u, gates=save.get("gates"), t_xw=t_xw)
+                      seed=seed, p_drop=drop_in, prec=prec, tiles=tiles,
+                      gates=save.get("gates"), t_xw=t_xw)
     _kt.rim_comm_qkv_fwd(ht, p["comm_query"], p["comm_key"], p["comm_value"], qc, kc, vc, K=K,
                          H=H, NC=cfg.comm_heads, DC=cfg.comm_key_size,
-                         DCV=cfg.comm_value_size, prec=prec, block_b=bb)
+                         DCV=cfg.comm_value_size, prec=prec, tiles=tiles)
 
 
 #: Bytes of the folded input term ``XW`` the no-save forward materialises at once: it is made
@@ -432,7 +433,7 @@ class _Captured:
         self.masks = torch.empty(T, B, K, device=xc.device, dtype=torch.int8)
         rnd = _Rounder(out_dtype)
         self.work = (self.h, self.c_a, c_b, ht, qc, kc, vc)  # alive as long as the graph
-        self.tiled = _Tiled(B, xc.shape[2], cfg, xc.device) if tiled else None
+        self.tiled = _Tiled(B, xc.shape[2], cfg, xc.device, out_dtype) if tiled else None
 
         def body():
             keys, fold = _hoisted(self.xc, p, cfg, rnd)
@@ -504,6 +505,24 @@ def fwd_mode() -> str:
     if mode not in ("fused", "tiled"):
         raise ValueError(f"RIMS_FAST_TRITON_FWD must be 'fused' or 'tiled', got {mode!r}")
     return mode
+
+
+def tiles_override():
+    """``RIMS_FAST_TRITON_TILES=block_b,block_u,block_k,num_warps`` (for tuning runs): the tiled
+    forward's tiles instead of :func:`rim_step_fwd_tiled.tile_sizes`; unset: ``None``."""
+    v = os.environ.get("RIMS_FAST_TRITON_TILES", "")
+    if not v:
+        return None
+    try:
+        bb, bu, bk, w = (int(s) for s in v.split(","))
+    except ValueError:
+        raise ValueError(f"RIMS_FAST_TRITON_TILES must be four integers "
+                         f"block_b,block_u,block_k,num_warps, got {v!r}") from None
+    pow2 = lambda n: n >= 16 and n & (n - 1) == 0
+    if not (pow2(bb) and pow2(bu) and pow2(bk) and w in (1, 2, 4, 8, 16)):
+        raise ValueError(f"RIMS_FAST_TRITON_TILES: tile sizes must be powers of two >= 16 (tl.dot) "
+                         f"and num_warps one of 1, 2, 4, 8, 16, got {v!r}")
+    return _kt.Tiles(bb, bu, bk, w)
 
 
 def bwd_mode() -> str:

@@ -561,7 +561,8 @@ def test_bwd_kernels_xw_chunks_equal_one_chunk(monkeypatch, cell):
 # ------------------------------------------------------------ column-tiled forward
 # RIMS_FAST_TRITON_FWD=tiled: triton_kernels/rim_step_fwd_tiled.py (query, gates over unit tiles,
 # Q|K|V) then the communication kernel. H = 20 gives two unit tiles of 16 (the last partial),
-# B = 17 two batch tiles of 16 (the last partial), B = 256 four batch tiles of 64.
+# H = 40 two of 32, B = 17 two batch tiles of 16 (the last partial), B = 256 four batch tiles of
+# 64; float32's reduction chunks of 16 rows: two for H = 20, three for H = 40 (the last partial).
 
 
 def _count_tiled_launches(monkeypatch):
@@ -586,6 +587,7 @@ TILED_GRID = [
     ("gru", 3, 3, 3, 4, 2, 20, 2, 1, False, False),
     ("gru", 2, 17, 2, 3, 3, 5, 1, 2, False, True),
     ("lstm", 1, 256, 1, 2, 1, 5, 1, 1, False, False),
+    ("gru", 2, 2, 2, 3, 2, 40, 2, 2, False, False),
 ]
 
 
@@ -606,13 +608,16 @@ def test_tiled_matches_reference_bf16(monkeypatch, cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_tiled_equals_fused(monkeypatch, cell):
-    """Under the interpreter the tiled kernels give bit-identical outputs, states, masks and (with
-    the Triton backward, which reads their saved gates and input probabilities) gradients to the
-    fused kernels, dropout on: each value is the same expression over the same operands, and the
-    interpreter's tl.dot (numpy float32 matmul) reduces each output element in the same order
-    whatever the tile's width. On a GPU the two may differ in the last bits (TestGPU compares
-    them with tolerances)."""
+    """Under the interpreter, with H within one reduction chunk (32), the tiled kernels give
+    bit-identical outputs, states, masks and (with the Triton backward, which reads their saved
+    gates and input probabilities) gradients to the fused kernels, dropout on: each value is the
+    same expression over the same operands, and the interpreter's tl.dot (numpy float32 matmul)
+    reduces each output element in the same order whatever the tile's width. With more chunks
+    the sums are grouped differently (test_tiled_matches_reference, H = 40); on a GPU the two may
+    differ in the last bits (TestGPU compares both with the reference). Tiles: two unit tiles of
+    16, one reduction chunk of 32 (float32's default chunk is 16)."""
     monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+    monkeypatch.setenv("RIMS_FAST_TRITON_TILES", "16,16,32,4")
     rim = make_rim(seed=3, dtype=torch.float64, cell=cell, hidden_size=20, num_units=4, top_k=2,
                    input_heads=2, comm_heads=2, input_size=5, input_key_size=4,
                    input_value_size=3, comm_key_size=3, comm_value_size=2, input_dropout=0.3,
@@ -652,6 +657,18 @@ def test_fwd_mode_env(monkeypatch):
 
 def test_tile_sizes():
     kt = rt._kt
-    assert kt.tile_sizes(64, 100) == (16, 32)
-    assert kt.tile_sizes(256, 256) == (64, 32)
-    assert kt.tile_sizes(3, 20) == (16, 16)
+    assert kt.tile_sizes(64, 100) == (16, 32, 32, 4)
+    assert kt.tile_sizes(256, 256) == (64, 32, 32, 8)
+    assert kt.tile_sizes(256, 256, fp32=True) == (64, 32, 16, 8)
+    assert kt.tile_sizes(3, 20) == (16, 16, 32, 4)
+
+
+def test_tiles_override(monkeypatch):
+    monkeypatch.setenv("RIMS_FAST_TRITON_TILES", "32,16,16,8")
+    assert rt.tiles_override() == (32, 16, 16, 8)
+    for bad in ("32,16,16", "32,16,8,4", "a,b,c,d", "32,16,16,3"):
+        monkeypatch.setenv("RIMS_FAST_TRITON_TILES", bad)
+        with pytest.raises(ValueError, match="RIMS_FAST_TRITON_TILES"):
+            rt.tiles_override()
+    monkeypatch.delenv("RIMS_FAST_TRITON_TILES")
+    assert rt.tiles_override() is None

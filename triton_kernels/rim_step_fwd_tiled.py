@@ -17,8 +17,9 @@ so the gate products get a grid over ``(batch tile x mechanism x unit tile)`` (i
   ``u0 .. u0 + BLOCK_U - 1`` (their columns of every gate in the folded ``XW``), the recurrent
   products ``h_k W_hh[k][:, g H + u0 ...]`` per gate ``g``, and the masked LSTM/GRU update of those
   units: a program owns whole hidden units, so the cell needs nothing from other programs.
-- :func:`_rim_comm_qkv_fwd_kernel`, grid ``(cdiv(B, BLOCK_B), K)``: the communication Q|K|V of
-  ``h~_k`` (it needs the whole row, hence its own kernel).
+- :func:`_rim_comm_qkv_fwd_kernel`, grid ``(cdiv(B, BLOCK_B), K, 3)``: the communication Q, K or
+  V of ``h~_k`` (it needs the whole row, hence its own kernel; one projection per program keeps
+  one accumulator live).
 
 The communication itself (step 4's attention, step 5) is :func:`.rim_step_fwd.rim_comm_fwd`:
 four launches per step instead of two. Every value is computed by the same expressions in the
@@ -28,29 +29,46 @@ tensors are the same, so the Triton backward serves both.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
-from .rim_step_fwd import (NUM_WARPS, _INTERP, _dropout, _load_rows, _null_softmax_head, _proj,
-                           _rnd, _sigmoid, _tanh, pad, pad_dot)
+from .rim_step_fwd import _INTERP, _dropout, _null_softmax_head, _rnd, _sigmoid, _tanh, pad, pad_dot
 
-__all__ = ["rim_query_fwd", "rim_gates_fwd", "rim_comm_qkv_fwd", "tile_sizes"]
+__all__ = ["rim_query_fwd", "rim_gates_fwd", "rim_comm_qkv_fwd", "tile_sizes", "Tiles"]
+
+
+# The products below loop over their reduction dimension (H) in chunks of BLOCK_K rows, as a GEMM
+# does, so that a program's registers hold a (BLOCK_B, BLOCK_K) slice of its rows and (BLOCK_K, N)
+# weight tiles rather than whole (BLOCK_B, H) rows and (H, N) tiles: the fused kernels' whole-row
+# products spill at H = 256 (tools/triton_resources.py).
 
 
 @triton.jit
-def _proj_cols(x, w_ptr, k, R: tl.constexpr, C: tl.constexpr, col0, ncol, R_P: tl.constexpr,
-               U_P: tl.constexpr, PREC: tl.constexpr):
-    """``x @ W[k][:, col0:col0+ncol]`` (``ncol <= U_P`` at run time) with ``W`` ``(K, R, C)``
-    row-major; ``x`` ``(BLOCK_B, R_P)`` float32 rounded to the weight dtype; float32 accumulation;
-    result ``(BLOCK_B, U_P)``, zero past ``ncol``."""
-    offs_r = tl.arange(0, R_P)
+def _row_chunk(x_ptr, offs_b, b_ok, k, K: tl.constexpr, W: tl.constexpr, j0,
+               BLOCK_K: tl.constexpr, WDT: tl.constexpr):
+    """``x[b, k, j0:j0+BLOCK_K]`` of a ``(B, K, W)`` float32 tensor, rounded to ``WDT`` (zero
+    past ``W``)."""
+    offs_j = j0 + tl.arange(0, BLOCK_K)
+    ptrs = x_ptr + (offs_b[:, None] * K + k) * W + offs_j[None, :]
+    return _rnd(tl.load(ptrs, mask=b_ok[:, None] & (offs_j[None, :] < W), other=0.0), WDT)
+
+
+@triton.jit
+def _dot_chunk(acc, x, w_ptr, k, R: tl.constexpr, C: tl.constexpr, j0, col0, ncol,
+               BLOCK_K: tl.constexpr, U_P: tl.constexpr, PREC: tl.constexpr):
+    """``acc + x @ W[k][j0:j0+BLOCK_K, col0:col0+ncol]`` with ``W`` ``(K, R, C)`` row-major,
+    ``x`` ``(BLOCK_B, BLOCK_K)`` float32 rounded to the weight dtype (so the cast is exact);
+    float32 accumulation; ``(BLOCK_B, U_P)``, zero past ``ncol``."""
+    offs_r = j0 + tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, U_P)
     ptrs = w_ptr + k * (R * C) + offs_r[:, None] * C + col0 + offs_c[None, :]
     w = tl.load(ptrs, mask=(offs_r[:, None] < R) & (offs_c[None, :] < ncol), other=0.0)
     if _INTERP:
-        return tl.dot(x, w.to(tl.float32), input_precision=PREC)
+        return acc + tl.dot(x, w.to(tl.float32), input_precision=PREC)
     else:
-        return tl.dot(x.to(w.dtype), w, input_precision=PREC)
+        return tl.dot(x.to(w.dtype), w, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -75,7 +93,7 @@ def _rim_query_fwd_kernel(
     a_ptr,                   # out: (B, K, NI, M) float32 undropped input probabilities
     B, M, t, scale,
     K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, DK: tl.constexpr,
-    BLOCK_B: tl.constexpr, H_P: tl.constexpr, DK_P: tl.constexpr, M_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, DK_P: tl.constexpr, M_P: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -85,10 +103,13 @@ def _rim_query_fwd_kernel(
     offs_m = tl.arange(0, M_P)
     WDT = wq_ptr.dtype.element_ty
     keys_t = keys_ptr + t.to(tl.int64) * B * M * (NI * DK)
-    hr = _rnd(_load_rows(h_ptr, offs_b, b_ok, k, K, H, 0, H, H_P), WDT)
     psum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for n in tl.static_range(NI):
-        q = _rnd(_proj(hr, wq_ptr, k, 0, n * DK, H, NI * DK, H, DK, H_P, DK_P, PREC), WDT)
+        q = tl.zeros((BLOCK_B, DK_P), dtype=tl.float32)
+        for j0 in range(0, H, BLOCK_K):
+            hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+            q = _dot_chunk(q, hk, wq_ptr, k, H, NI * DK, j0, n * DK, DK, BLOCK_K, DK_P, PREC)
+        q = _rnd(q, WDT)
         a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
         psum += a_null
         tl.store(a_ptr + ((offs_b[:, None] * K + k) * NI + n) * M + offs_m[None, :], a,
@@ -109,7 +130,7 @@ def _rim_gates_fwd_kernel(
     B, M, t, t_xw, seed, p_drop,
     K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, G: tl.constexpr, TOP_K: tl.constexpr,
     IS_LSTM: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr,
-    H_P: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, PREC: tl.constexpr,
     SAVE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -154,7 +175,19 @@ def _rim_gates_fwd_kernel(
         if IS_LSTM:
             acc3 += _xw_cols(xw_t, a, offs_b, b_ok, k, n, 3 * H + u0, nu, M, K, NI, GH, M_P,
                              BLOCK_U)
-    hr = _rnd(_load_rows(h_ptr, offs_b, b_ok, k, K, H, 0, H, H_P), WDT)
+    # The recurrent products of the four (GRU: three) gates, one pass over h's chunks.
+    gh0 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+    gh1 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+    gh2 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+    gh3 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+    for j0 in range(0, H, BLOCK_K):
+        hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+        gh0 = _dot_chunk(gh0, hk, whh_ptr, k, H, GH, j0, u0, nu, BLOCK_K, BLOCK_U, PREC)
+        gh1 = _dot_chunk(gh1, hk, whh_ptr, k, H, GH, j0, H + u0, nu, BLOCK_K, BLOCK_U, PREC)
+        gh2 = _dot_chunk(gh2, hk, whh_ptr, k, H, GH, j0, 2 * H + u0, nu, BLOCK_K, BLOCK_U, PREC)
+        if IS_LSTM:
+            gh3 = _dot_chunk(gh3, hk, whh_ptr, k, H, GH, j0, 3 * H + u0, nu, BLOCK_K, BLOCK_U,
+                             PREC)
     row = (offs_b[:, None] * K + k) * H + offs_u[None, :]
     ok = b_ok[:, None] & u_ok[None, :]
     h = tl.load(h_ptr + row, mask=ok, other=0.0)
@@ -163,18 +196,14 @@ def _rim_gates_fwd_kernel(
     gi0 = acc0 + tl.load(bi, mask=u_ok, other=0.0).to(tl.float32)[None, :]
     gi1 = acc1 + tl.load(bi + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
     gi2 = acc2 + tl.load(bi + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gh0 = (_proj_cols(hr, whh_ptr, k, H, GH, u0, nu, H_P, BLOCK_U, PREC)
-           + tl.load(bh, mask=u_ok, other=0.0).to(tl.float32)[None, :])
-    gh1 = (_proj_cols(hr, whh_ptr, k, H, GH, H + u0, nu, H_P, BLOCK_U, PREC)
-           + tl.load(bh + H, mask=u_ok, other=0.0).to(tl.float32)[None, :])
-    gh2 = (_proj_cols(hr, whh_ptr, k, H, GH, 2 * H + u0, nu, H_P, BLOCK_U, PREC)
-           + tl.load(bh + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :])
+    gh0 += tl.load(bh, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gh1 += tl.load(bh + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gh2 += tl.load(bh + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
     grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (GH if IS_LSTM else 2 * GH) \
         + offs_u[None, :]
     if IS_LSTM:
         gi3 = acc3 + tl.load(bi + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        gh3 = (_proj_cols(hr, whh_ptr, k, H, GH, 3 * H + u0, nu, H_P, BLOCK_U, PREC)
-               + tl.load(bh + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :])
+        gh3 += tl.load(bh + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
         c = tl.load(c_ptr + row, mask=ok, other=0.0)
         if SAVE:
             tl.store(grow, gi0 + gh0, mask=ok)
@@ -200,77 +229,99 @@ def _rim_gates_fwd_kernel(
 
 
 @triton.jit
+def _proj_store(x_ptr, w_ptr, out_ptr, offs_b, b_ok, k, K: tl.constexpr, H: tl.constexpr,
+                N: tl.constexpr, BLOCK_K: tl.constexpr, N_P: tl.constexpr, PREC: tl.constexpr):
+    """``out[b, k] = rnd(rnd(x[b, k]) @ W[k])`` for ``x`` ``(B, K, H)``, ``W`` ``(K, H, N)``,
+    ``out`` ``(B, K, N)`` float32."""
+    WDT = w_ptr.dtype.element_ty
+    acc = tl.zeros((offs_b.shape[0], N_P), dtype=tl.float32)
+    for j0 in range(0, H, BLOCK_K):
+        xk = _row_chunk(x_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+        acc = _dot_chunk(acc, xk, w_ptr, k, H, N, j0, 0, N, BLOCK_K, N_P, PREC)
+    offs_n = tl.arange(0, N_P)
+    tl.store(out_ptr + (offs_b[:, None] * K + k) * N + offs_n[None, :], _rnd(acc, WDT),
+             mask=b_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _rim_comm_qkv_fwd_kernel(
     ht_ptr,                  # (B, K, H) float32 h~ of step t
     cq_ptr, ck_ptr, cv_ptr,  # comm_query/comm_key (K, H, NC*DC), comm_value (K, H, NC*DCV)
     qc_ptr, kc_ptr, vc_ptr,  # out: (B, K, NC*DC|DCV) float32 communication Q, K, V (rounded)
     B,
     K: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, DC: tl.constexpr, DCV: tl.constexpr,
-    BLOCK_B: tl.constexpr, H_P: tl.constexpr, CQ_P: tl.constexpr, CV_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, CQ_P: tl.constexpr, CV_P: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     k = tl.program_id(1)
+    which = tl.program_id(2)  # 0: Q, 1: K, 2: V (one accumulator per program)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    WDT = cq_ptr.dtype.element_ty
-    hn = _rnd(_load_rows(ht_ptr, offs_b, b_ok, k, K, H, 0, H, H_P), WDT)
-    offs_q = tl.arange(0, CQ_P)
-    offs_v = tl.arange(0, CV_P)
-    ok_q = b_ok[:, None] & (offs_q[None, :] < NC * DC)
-    ok_v = b_ok[:, None] & (offs_v[None, :] < NC * DCV)
-    qc = _proj(hn, cq_ptr, k, 0, 0, H, NC * DC, H, NC * DC, H_P, CQ_P, PREC)
-    kc = _proj(hn, ck_ptr, k, 0, 0, H, NC * DC, H, NC * DC, H_P, CQ_P, PREC)
-    vc = _proj(hn, cv_ptr, k, 0, 0, H, NC * DCV, H, NC * DCV, H_P, CV_P, PREC)
-    row_q = (offs_b[:, None] * K + k) * (NC * DC) + offs_q[None, :]
-    tl.store(qc_ptr + row_q, _rnd(qc, WDT), mask=ok_q)
-    tl.store(kc_ptr + row_q, _rnd(kc, WDT), mask=ok_q)
-    tl.store(vc_ptr + (offs_b[:, None] * K + k) * (NC * DCV) + offs_v[None, :],
-             _rnd(vc, WDT), mask=ok_v)
+    if which == 0:
+        _proj_store(ht_ptr, cq_ptr, qc_ptr, offs_b, b_ok, k, K, H, NC * DC, BLOCK_K, CQ_P, PREC)
+    elif which == 1:
+        _proj_store(ht_ptr, ck_ptr, kc_ptr, offs_b, b_ok, k, K, H, NC * DC, BLOCK_K, CQ_P, PREC)
+    else:
+        _proj_store(ht_ptr, cv_ptr, vc_ptr, offs_b, b_ok, k, K, H, NC * DCV, BLOCK_K, CV_P, PREC)
 
 
 # ---------------------------------------------------------------- launchers (no autograd here)
 
 
-def tile_sizes(B: int, H: int) -> tuple[int, int]:
-    """``(BLOCK_B, BLOCK_U)``: samples and hidden units per program. Not tuned on a GPU yet. 64
-    samples once a batch has four such tiles (each weight column is then read ``B / 64`` times per
-    step instead of ``B / 16``), else 16 (``tl.dot``'s smallest M); 32 units (a gate product's N),
-    16 for ``H <= 32``."""
-    return (64 if B >= 256 else 16), (16 if H <= 32 else 32)
+class Tiles(NamedTuple):
+    """Tile sizes of the tiled kernels: samples per program, hidden units per gates program, rows of
+    a reduction chunk, warps per program."""
+
+    block_b: int
+    block_u: int
+    block_k: int
+    num_warps: int
 
 
-def rim_query_fwd(h, keys, wq, p, a, *, t, M, K, H, NI, DK, prec, block_b):
+def tile_sizes(B: int, H: int, fp32: bool = False) -> Tiles:
+    """The tiles for ``B`` samples of ``H`` units (``fp32``: float32 weights). Chosen without a
+    GPU run, from the compiler's resource report (``tools/triton_resources.py``: no spills at
+    ``paper`` and ``large`` with Triton 3.6 and 3.8), not from timings: 64 samples once a batch has
+    four such tiles (each weight column is then read ``B / 64`` times per step instead of
+    ``B / 16``), else 16 (``tl.dot``'s smallest M); 32 units (16 for ``H <= 32``); reduction
+    chunks of 32 rows, 16 in float32 (whose "tf32x3" products split each operand in two); 8 warps
+    with 64 samples, else 4."""
+    bb = 64 if B >= 256 else 16
+    return Tiles(bb, 16 if H <= 32 else 32, 16 if fp32 else 32, 8 if bb == 64 else 4)
+
+
+def rim_query_fwd(h, keys, wq, p, a, *, t, M, K, H, NI, DK, prec, tiles: Tiles):
     """Launch :func:`_rim_query_fwd_kernel` for step ``t``: writes ``p`` ``(B, K)`` and the
     undropped input probabilities ``a`` ``(B, K, NI, M)`` (contiguous; a slice of the saved
     ``(T, ...)`` history when saving)."""
     B = h.shape[0]
-    _rim_query_fwd_kernel[(triton.cdiv(B, block_b), K)](
+    _rim_query_fwd_kernel[(triton.cdiv(B, tiles.block_b), K)](
         h, keys, wq, p, a, B, M, t, 1.0 / DK ** 0.5,
-        K=K, H=H, NI=NI, DK=DK, BLOCK_B=block_b, H_P=pad_dot(H), DK_P=pad_dot(DK), M_P=pad(M),
-        PREC=prec, num_warps=NUM_WARPS)
+        K=K, H=H, NI=NI, DK=DK, BLOCK_B=tiles.block_b, BLOCK_K=tiles.block_k, DK_P=pad_dot(DK),
+        M_P=pad(M), PREC=prec, num_warps=tiles.num_warps)
 
 
 def rim_gates_fwd(h, c, p, a, xw, whh, bih, bhh, ht, cn, masks, *, t, M, K, H, NI, top_k, lstm,
-                  seed, p_drop, prec, block_b, block_u, gates=None, t_xw=None):
+                  seed, p_drop, prec, tiles: Tiles, gates=None, t_xw=None):
     """Launch :func:`_rim_gates_fwd_kernel` for step ``t`` (``xw`` holds it at ``t_xw``, default
     ``t``); with ``gates`` ``(T, B, K, GW)`` float32 given, also saves the gate pre-activations as
     :func:`.rim_step_fwd.rim_cell_fwd` does."""
     B = h.shape[0]
-    grid = (triton.cdiv(B, block_b), K, triton.cdiv(H, block_u))
+    grid = (triton.cdiv(B, tiles.block_b), K, triton.cdiv(H, tiles.block_u))
     save = gates is not None
     _rim_gates_fwd_kernel[grid](
         h, c, p, a, xw, whh, bih, bhh, ht, cn, masks, gates if save else h,
         B, M, t, t if t_xw is None else t_xw, seed, float(p_drop),
         K=K, H=H, NI=NI, G=4 if lstm else 3, TOP_K=top_k, IS_LSTM=lstm, HAS_DROP=p_drop > 0,
-        BLOCK_B=block_b, BLOCK_U=block_u, H_P=pad_dot(H), M_P=pad(M), K_P=pad(K), PREC=prec,
-        SAVE=save, num_warps=NUM_WARPS)
+        BLOCK_B=tiles.block_b, BLOCK_U=tiles.block_u, BLOCK_K=tiles.block_k, M_P=pad(M),
+        K_P=pad(K), PREC=prec, SAVE=save, num_warps=tiles.num_warps)
 
 
-def rim_comm_qkv_fwd(ht, cq, ck, cv, qc, kc, vc, *, K, H, NC, DC, DCV, prec, block_b):
+def rim_comm_qkv_fwd(ht, cq, ck, cv, qc, kc, vc, *, K, H, NC, DC, DCV, prec, tiles: Tiles):
     """Launch :func:`_rim_comm_qkv_fwd_kernel`: Q, K, V (rounded) of every mechanism's ``h~``."""
     B = ht.shape[0]
-    _rim_comm_qkv_fwd_kernel[(triton.cdiv(B, block_b), K)](
+    _rim_comm_qkv_fwd_kernel[(triton.cdiv(B, tiles.block_b), K, 3)](
         ht, cq, ck, cv, qc, kc, vc, B,
-        K=K, H=H, NC=NC, DC=DC, DCV=DCV, BLOCK_B=block_b, H_P=pad_dot(H),
-        CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec, num_warps=NUM_WARPS)
+        K=K, H=H, NC=NC, DC=DC, DCV=DCV, BLOCK_B=tiles.block_b, BLOCK_K=tiles.block_k,
+        CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec, num_warps=tiles.num_warps)
