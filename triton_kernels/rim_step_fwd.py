@@ -100,6 +100,66 @@ def _proj(x, w_ptr, k, row0, col0, R: tl.constexpr, C: tl.constexpr, NROW: tl.co
         return tl.dot(x.to(w.dtype), w, input_precision=PREC)
 
 
+# Products of a state row with a weight loop over their reduction dimension (H) in chunks of
+# BLOCK_K rows, as a GEMM does, so that a program's registers hold a (BLOCK_B, BLOCK_K) slice of its
+# rows and (BLOCK_K, N) weight tiles rather than whole (BLOCK_B, H) rows and (H, N) tiles, which
+# spill (tools/triton_resources.py: 312 B per thread at `paper` in bf16, 6 KB at `large`).
+
+
+@triton.jit
+def _row_chunk(x_ptr, offs_b, b_ok, k, K: tl.constexpr, W: tl.constexpr, j0,
+               BLOCK_K: tl.constexpr, WDT: tl.constexpr):
+    """``x[b, k, j0:j0+BLOCK_K]`` of a ``(B, K, W)`` float32 tensor, rounded to ``WDT`` (zero
+    past ``W``)."""
+    offs_j = j0 + tl.arange(0, BLOCK_K)
+    ptrs = x_ptr + (offs_b[:, None] * K + k) * W + offs_j[None, :]
+    return _rnd(tl.load(ptrs, mask=b_ok[:, None] & (offs_j[None, :] < W), other=0.0), WDT)
+
+
+@triton.jit
+def _dot_chunk(acc, x, w_ptr, k, R: tl.constexpr, C: tl.constexpr, j0, col0, ncol,
+               BLOCK_K: tl.constexpr, U_P: tl.constexpr, PREC: tl.constexpr):
+    """``acc + x @ W[k][j0:j0+BLOCK_K, col0:col0+ncol]`` with ``W`` ``(K, R, C)`` row-major,
+    ``x`` ``(BLOCK_B, BLOCK_K)`` float32 rounded to the weight dtype (so the cast is exact);
+    float32 accumulation; ``(BLOCK_B, U_P)``, zero past ``ncol``."""
+    offs_r = j0 + tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, U_P)
+    ptrs = w_ptr + k * (R * C) + offs_r[:, None] * C + col0 + offs_c[None, :]
+    w = tl.load(ptrs, mask=(offs_r[:, None] < R) & (offs_c[None, :] < ncol), other=0.0)
+    if _INTERP:
+        return acc + tl.dot(x, w.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(x.to(w.dtype), w, acc, input_precision=PREC)
+
+
+@triton.jit
+def _proj_store(x_ptr, w_ptr, out_ptr, offs_b, b_ok, k, K: tl.constexpr, H: tl.constexpr,
+                N: tl.constexpr, BLOCK_K: tl.constexpr, N_P: tl.constexpr, PREC: tl.constexpr):
+    """``out[b, k] = rnd(rnd(x[b, k]) @ W[k])`` for ``x`` ``(B, K, H)``, ``W`` ``(K, H, N)``,
+    ``out`` ``(B, K, N)`` float32."""
+    WDT = w_ptr.dtype.element_ty
+    acc = tl.zeros((offs_b.shape[0], N_P), dtype=tl.float32)
+    for j0 in range(0, H, BLOCK_K):
+        xk = _row_chunk(x_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+        acc = _dot_chunk(acc, xk, w_ptr, k, H, N, j0, 0, N, BLOCK_K, N_P, PREC)
+    offs_n = tl.arange(0, N_P)
+    tl.store(out_ptr + (offs_b[:, None] * K + k) * N + offs_n[None, :], _rnd(acc, WDT),
+             mask=b_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _query(h_ptr, wq_ptr, offs_b, b_ok, k, n, K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr,
+           DK: tl.constexpr, BLOCK_K: tl.constexpr, DK_P: tl.constexpr, PREC: tl.constexpr):
+    """Head ``n`` of mechanism ``k``'s input query ``rnd(rnd(h_k) input_query[k][:, n])``,
+    ``(BLOCK_B, DK_P)``."""
+    WDT = wq_ptr.dtype.element_ty
+    q = tl.zeros((offs_b.shape[0], DK_P), dtype=tl.float32)
+    for j0 in range(0, H, BLOCK_K):
+        hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+        q = _dot_chunk(q, hk, wq_ptr, k, H, NI * DK, j0, n * DK, DK, BLOCK_K, DK_P, PREC)
+    return _rnd(q, WDT)
+
+
 @triton.jit
 def _null_softmax_head(q, keys_ptr, n, offs_b, b_ok, M, NI: tl.constexpr, DK: tl.constexpr,
                        DK_P: tl.constexpr, M_P: tl.constexpr, scale):
@@ -157,8 +217,8 @@ def _rim_cell_fwd_kernel(
     K: tl.constexpr, H: tl.constexpr, NI: tl.constexpr, DK: tl.constexpr, NC: tl.constexpr,
     DC: tl.constexpr, DCV: tl.constexpr, G: tl.constexpr, TOP_K: tl.constexpr,
     IS_LSTM: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr,
-    DK_P: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr, CQ_P: tl.constexpr,
-    CV_P: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_K: tl.constexpr, DK_P: tl.constexpr, M_P: tl.constexpr, K_P: tl.constexpr,
+    CQ_P: tl.constexpr, CV_P: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     k = tl.program_id(1)
@@ -174,11 +234,9 @@ def _rim_cell_fwd_kernel(
     # 1-2. p_j of every mechanism (undropped), then k's rank: active iff fewer than TOP_K beat it.
     p_all = tl.zeros((BLOCK_B, K_P), dtype=tl.float32)
     for j in range(K):
-        hj = _rnd(_load_rows(h_ptr, offs_b, b_ok, j, K, H, 0, H, H_P), WDT)
         psum = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for n in tl.static_range(NI):
-            q = _proj(hj, wq_ptr, j, 0, n * DK, H, NI * DK, H, DK, H_P, DK_P, PREC)
-            q = _rnd(q, WDT)
+            q = _query(h_ptr, wq_ptr, offs_b, b_ok, j, n, K, H, NI, DK, BLOCK_K, DK_P, PREC)
             a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
             psum += a_null
         p_all = tl.where(offs_k[None, :] == j, (psum / NI)[:, None], p_all)
@@ -190,15 +248,13 @@ def _rim_cell_fwd_kernel(
 
     # 3. Own mechanism: attention-weighted input term + recurrent term, masked cell update.
     h = _load_rows(h_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
-    hr = _rnd(h, WDT)
     acc0 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
     offs_m = tl.arange(0, M_P)
     for n in tl.static_range(NI):
-        q = _proj(hr, wq_ptr, k, 0, n * DK, H, NI * DK, H, DK, H_P, DK_P, PREC)
-        q = _rnd(q, WDT)
+        q = _query(h_ptr, wq_ptr, offs_b, b_ok, k, n, K, H, NI, DK, BLOCK_K, DK_P, PREC)
         a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
         offs = (((t * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
         if SAVE:  # undropped probabilities of the real elements, for the backward
@@ -211,22 +267,39 @@ def _rim_cell_fwd_kernel(
         acc2 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 2, M, K, NI, H, G, M_P, H_P)
         if IS_LSTM:
             acc3 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 3, M, K, NI, H, G, M_P, H_P)
-    h_ok = offs_h < H
-    bi = bih_ptr + k * (G * H) + offs_h
-    bh = bhh_ptr + k * (G * H) + offs_h
-    gi0 = acc0 + tl.load(bi, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gi1 = acc1 + tl.load(bi + H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gi2 = acc2 + tl.load(bi + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gh0 = (_proj(hr, whh_ptr, k, 0, 0, H, G * H, H, H, H_P, H_P, PREC)
-           + tl.load(bh, mask=h_ok, other=0.0).to(tl.float32)[None, :])
-    gh1 = (_proj(hr, whh_ptr, k, 0, H, H, G * H, H, H, H_P, H_P, PREC)
-           + tl.load(bh + H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
-    gh2 = (_proj(hr, whh_ptr, k, 0, 2 * H, H, G * H, H, H, H_P, H_P, PREC)
-           + tl.load(bh + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
+    # The recurrent products of the gates, one pass over h's chunks (_row_chunk's comment).
+    # LSTM: into the input term's accumulators (only the sum is used); GRU: apart (r scales gh_n
+    # alone).
+    GH = G * H
     if IS_LSTM:
-        gi3 = acc3 + tl.load(bi + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        gh3 = (_proj(hr, whh_ptr, k, 0, 3 * H, H, G * H, H, H, H_P, H_P, PREC)
-               + tl.load(bh + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :])
+        gh0, gh1, gh2, gh3 = acc0, acc1, acc2, acc3
+    else:
+        gh0 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+        gh1 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+        gh2 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
+    for j0 in range(0, H, BLOCK_K):
+        hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+        gh0 = _dot_chunk(gh0, hk, whh_ptr, k, H, GH, j0, 0, H, BLOCK_K, H_P, PREC)
+        gh1 = _dot_chunk(gh1, hk, whh_ptr, k, H, GH, j0, H, H, BLOCK_K, H_P, PREC)
+        gh2 = _dot_chunk(gh2, hk, whh_ptr, k, H, GH, j0, 2 * H, H, BLOCK_K, H_P, PREC)
+        if IS_LSTM:
+            gh3 = _dot_chunk(gh3, hk, whh_ptr, k, H, GH, j0, 3 * H, H, BLOCK_K, H_P, PREC)
+    h_ok = offs_h < H
+    bi = bih_ptr + k * GH + offs_h
+    bh = bhh_ptr + k * GH + offs_h
+    gi0 = tl.load(bi, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gi1 = tl.load(bi + H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gi2 = tl.load(bi + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    if not IS_LSTM:
+        gi0 += acc0
+        gi1 += acc1
+        gi2 += acc2
+    gh0 += tl.load(bh, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gh1 += tl.load(bh + H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    gh2 += tl.load(bh + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    if IS_LSTM:
+        gi3 = tl.load(bi + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        gh3 += tl.load(bh + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
         c = _load_rows(c_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
         if SAVE:
             grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (4 * H) + offs_h[None, :]
@@ -258,20 +331,13 @@ def _rim_cell_fwd_kernel(
     tl.store(ht_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], h_new,
              mask=b_ok[:, None] & h_ok[None, :])
 
-    # 4 (first half). Communication projections of k from h~_k (all mechanisms offer K and V).
-    hn = _rnd(h_new, WDT)
-    offs_q = tl.arange(0, CQ_P)
-    offs_v = tl.arange(0, CV_P)
-    ok_q = b_ok[:, None] & (offs_q[None, :] < NC * DC)
-    ok_v = b_ok[:, None] & (offs_v[None, :] < NC * DCV)
-    qc = _proj(hn, cq_ptr, k, 0, 0, H, NC * DC, H, NC * DC, H_P, CQ_P, PREC)
-    kc = _proj(hn, ck_ptr, k, 0, 0, H, NC * DC, H, NC * DC, H_P, CQ_P, PREC)
-    vc = _proj(hn, cv_ptr, k, 0, 0, H, NC * DCV, H, NC * DCV, H_P, CV_P, PREC)
-    row_q = (offs_b[:, None] * K + k) * (NC * DC) + offs_q[None, :]
-    tl.store(qc_ptr + row_q, _rnd(qc, WDT), mask=ok_q)
-    tl.store(kc_ptr + row_q, _rnd(kc, WDT), mask=ok_q)
-    tl.store(vc_ptr + (offs_b[:, None] * K + k) * (NC * DCV) + offs_v[None, :],
-             _rnd(vc, WDT), mask=ok_v)
+    # 4 (first half). Communication projections of k from h~_k (all mechanisms offer K and V),
+    # in chunks read back from ht (_row_chunk's comment): the barrier makes this program's stores
+    # of h~ visible to all its threads.
+    tl.debug_barrier()
+    _proj_store(ht_ptr, cq_ptr, qc_ptr, offs_b, b_ok, k, K, H, NC * DC, BLOCK_K, CQ_P, PREC)
+    _proj_store(ht_ptr, ck_ptr, kc_ptr, offs_b, b_ok, k, K, H, NC * DC, BLOCK_K, CQ_P, PREC)
+    _proj_store(ht_ptr, cv_ptr, vc_ptr, offs_b, b_ok, k, K, H, NC * DCV, BLOCK_K, CV_P, PREC)
 
 
 @triton.jit(do_not_specialize=["t", "seed"])
@@ -343,6 +409,20 @@ def _rim_dropout_masks_fwd_kernel(keep_ptr, N, seed, p_drop, BLOCK: tl.constexpr
 
 BLOCK_B = 16  # samples per program (a tl.dot M dimension: >= 16)
 NUM_WARPS = 4
+# The cell kernel keeps a mechanism's four (BLOCK_B, H) gate accumulators, its state rows and the
+# communication products live: with 4 warps it needed all 255 registers and spilled (paper bf16:
+# 0-56 B per thread, large: 400-1000 B); with 8 it spills at most 16 B at paper and ~100 B at
+# large (tools/triton_resources.py, Triton 3.6 and 3.8). Not yet timed on a GPU.
+CELL_NUM_WARPS = 8
+
+
+def block_k(dtype) -> int:
+    """Rows per reduction chunk of the state-row products (_row_chunk's comment): 32, or 16 for
+    float32 weights, whose "tf32x3" products split each operand in two (no spills at `paper` and
+    `large` with Triton 3.6 and 3.8, tools/triton_resources.py)."""
+    import torch
+
+    return 16 if dtype == torch.float32 else 32
 
 
 def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc, *,
@@ -361,9 +441,10 @@ def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, q
         gates if save else h, a if save else h,
         B, M, t, t if t_xw is None else t_xw, seed, float(p_drop), 1.0 / DK ** 0.5,
         K=K, H=H, NI=NI, DK=DK, NC=NC, DC=DC, DCV=DCV, G=4 if lstm else 3, TOP_K=top_k,
-        IS_LSTM=lstm, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H), DK_P=pad_dot(DK),
+        IS_LSTM=lstm, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H),
+        BLOCK_K=block_k(wq.dtype), DK_P=pad_dot(DK),
         M_P=pad(M), K_P=pad(K), CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec,
-        SAVE=save, num_warps=NUM_WARPS)
+        SAVE=save, num_warps=CELL_NUM_WARPS)
 
 
 def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, seed, p_drop, prec,

@@ -34,41 +34,10 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .rim_step_fwd import _INTERP, _dropout, _null_softmax_head, _rnd, _sigmoid, _tanh, pad, pad_dot
+from .rim_step_fwd import (_dot_chunk, _dropout, _null_softmax_head, _proj_store, _query,
+                           _rnd, _row_chunk, _sigmoid, _tanh, pad, pad_dot)
 
 __all__ = ["rim_query_fwd", "rim_gates_fwd", "rim_comm_qkv_fwd", "tile_sizes", "Tiles"]
-
-
-# The products below loop over their reduction dimension (H) in chunks of BLOCK_K rows, as a GEMM
-# does, so that a program's registers hold a (BLOCK_B, BLOCK_K) slice of its rows and (BLOCK_K, N)
-# weight tiles rather than whole (BLOCK_B, H) rows and (H, N) tiles: the fused kernels' whole-row
-# products spill at H = 256 (tools/triton_resources.py).
-
-
-@triton.jit
-def _row_chunk(x_ptr, offs_b, b_ok, k, K: tl.constexpr, W: tl.constexpr, j0,
-               BLOCK_K: tl.constexpr, WDT: tl.constexpr):
-    """``x[b, k, j0:j0+BLOCK_K]`` of a ``(B, K, W)`` float32 tensor, rounded to ``WDT`` (zero
-    past ``W``)."""
-    offs_j = j0 + tl.arange(0, BLOCK_K)
-    ptrs = x_ptr + (offs_b[:, None] * K + k) * W + offs_j[None, :]
-    return _rnd(tl.load(ptrs, mask=b_ok[:, None] & (offs_j[None, :] < W), other=0.0), WDT)
-
-
-@triton.jit
-def _dot_chunk(acc, x, w_ptr, k, R: tl.constexpr, C: tl.constexpr, j0, col0, ncol,
-               BLOCK_K: tl.constexpr, U_P: tl.constexpr, PREC: tl.constexpr):
-    """``acc + x @ W[k][j0:j0+BLOCK_K, col0:col0+ncol]`` with ``W`` ``(K, R, C)`` row-major,
-    ``x`` ``(BLOCK_B, BLOCK_K)`` float32 rounded to the weight dtype (so the cast is exact);
-    float32 accumulation; ``(BLOCK_B, U_P)``, zero past ``ncol``."""
-    offs_r = j0 + tl.arange(0, BLOCK_K)
-    offs_c = tl.arange(0, U_P)
-    ptrs = w_ptr + k * (R * C) + offs_r[:, None] * C + col0 + offs_c[None, :]
-    w = tl.load(ptrs, mask=(offs_r[:, None] < R) & (offs_c[None, :] < ncol), other=0.0)
-    if _INTERP:
-        return acc + tl.dot(x, w.to(tl.float32), input_precision=PREC)
-    else:
-        return tl.dot(x.to(w.dtype), w, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -105,11 +74,7 @@ def _rim_query_fwd_kernel(
     keys_t = keys_ptr + t.to(tl.int64) * B * M * (NI * DK)
     psum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for n in tl.static_range(NI):
-        q = tl.zeros((BLOCK_B, DK_P), dtype=tl.float32)
-        for j0 in range(0, H, BLOCK_K):
-            hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
-            q = _dot_chunk(q, hk, wq_ptr, k, H, NI * DK, j0, n * DK, DK, BLOCK_K, DK_P, PREC)
-        q = _rnd(q, WDT)
+        q = _query(h_ptr, wq_ptr, offs_b, b_ok, k, n, K, H, NI, DK, BLOCK_K, DK_P, PREC)
         a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
         psum += a_null
         tl.store(a_ptr + ((offs_b[:, None] * K + k) * NI + n) * M + offs_m[None, :], a,
@@ -175,11 +140,14 @@ def _rim_gates_fwd_kernel(
         if IS_LSTM:
             acc3 += _xw_cols(xw_t, a, offs_b, b_ok, k, n, 3 * H + u0, nu, M, K, NI, GH, M_P,
                              BLOCK_U)
-    # The recurrent products of the four (GRU: three) gates, one pass over h's chunks.
-    gh0 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
-    gh1 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
-    gh2 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
-    gh3 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+    # The recurrent products of the four (GRU: three) gates, one pass over h's chunks. LSTM: into
+    # the input term's accumulators (only the sum is used); GRU: apart (r scales gh_n alone).
+    if IS_LSTM:
+        gh0, gh1, gh2, gh3 = acc0, acc1, acc2, acc3
+    else:
+        gh0 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+        gh1 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+        gh2 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
     for j0 in range(0, H, BLOCK_K):
         hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
         gh0 = _dot_chunk(gh0, hk, whh_ptr, k, H, GH, j0, u0, nu, BLOCK_K, BLOCK_U, PREC)
@@ -193,16 +161,20 @@ def _rim_gates_fwd_kernel(
     h = tl.load(h_ptr + row, mask=ok, other=0.0)
     bi = bih_ptr + k * GH + offs_u
     bh = bhh_ptr + k * GH + offs_u
-    gi0 = acc0 + tl.load(bi, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gi1 = acc1 + tl.load(bi + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gi2 = acc2 + tl.load(bi + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gi0 = tl.load(bi, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gi1 = tl.load(bi + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gi2 = tl.load(bi + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    if not IS_LSTM:
+        gi0 += acc0
+        gi1 += acc1
+        gi2 += acc2
     gh0 += tl.load(bh, mask=u_ok, other=0.0).to(tl.float32)[None, :]
     gh1 += tl.load(bh + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
     gh2 += tl.load(bh + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
     grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (GH if IS_LSTM else 2 * GH) \
         + offs_u[None, :]
     if IS_LSTM:
-        gi3 = acc3 + tl.load(bi + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+        gi3 = tl.load(bi + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
         gh3 += tl.load(bh + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
         c = tl.load(c_ptr + row, mask=ok, other=0.0)
         if SAVE:
@@ -226,21 +198,6 @@ def _rim_gates_fwd_kernel(
         nn = _tanh(gi2 + r * gh2)
         h_cell = (1.0 - z) * nn + z * h
     tl.store(ht_ptr + row, tl.where(active[:, None], h_cell, h), mask=ok)
-
-
-@triton.jit
-def _proj_store(x_ptr, w_ptr, out_ptr, offs_b, b_ok, k, K: tl.constexpr, H: tl.constexpr,
-                N: tl.constexpr, BLOCK_K: tl.constexpr, N_P: tl.constexpr, PREC: tl.constexpr):
-    """``out[b, k] = rnd(rnd(x[b, k]) @ W[k])`` for ``x`` ``(B, K, H)``, ``W`` ``(K, H, N)``,
-    ``out`` ``(B, K, N)`` float32."""
-    WDT = w_ptr.dtype.element_ty
-    acc = tl.zeros((offs_b.shape[0], N_P), dtype=tl.float32)
-    for j0 in range(0, H, BLOCK_K):
-        xk = _row_chunk(x_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
-        acc = _dot_chunk(acc, xk, w_ptr, k, H, N, j0, 0, N, BLOCK_K, N_P, PREC)
-    offs_n = tl.arange(0, N_P)
-    tl.store(out_ptr + (offs_b[:, None] * K + k) * N + offs_n[None, :], _rnd(acc, WDT),
-             mask=b_ok[:, None] & (offs_n[None, :] < N))
 
 
 @triton.jit
