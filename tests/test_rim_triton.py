@@ -386,6 +386,9 @@ BWD_GRID = [
     ("gru", 3, 2, 3, 4, 2, 5, 2, 2, True, True, 0.0, 0.0),
     ("gru", 1, 3, 3, 3, 3, 3, 2, 1, False, False, 0.3, 0.0),
     ("gru", 3, 2, 1, 3, 1, 8, 1, 2, False, True, 0.3, 0.4),
+    # H = 20: the recurrent product's reduction in two chunks of 16 gate columns (the last partial)
+    ("gru", 2, 3, 2, 3, 2, 20, 1, 2, False, False, 0.3, 0.0),
+    ("lstm", 2, 3, 1, 3, 2, 20, 2, 1, True, True, 0.0, 0.4),
 ]
 
 

@@ -35,6 +35,11 @@ import triton.language as tl
 
 from .rim_step_fwd import BLOCK_B, NUM_WARPS, _load_rows, _sigmoid, _tanh, pad, pad_dot
 
+# The cell backward keeps about fifteen (BLOCK_B, H) float32 tiles live (gates, their gradients,
+# states, dh): 8 warps halve their registers per thread (tools/triton_resources.py; the
+# communication backward spills more with 8 than with 4 and keeps 4).
+CELL_BWD_WARPS = 8
+
 __all__ = ["rim_comm_bwd", "rim_cell_bwd"]
 
 
@@ -143,7 +148,8 @@ def _rim_cell_bwd_kernel(
     DC: tl.constexpr, DCV: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
     IS_LSTM: tl.constexpr, BLOCK_INACTIVE: tl.constexpr, HAS_GOUT: tl.constexpr, DROP_IN: tl.constexpr,
     DROP_C: tl.constexpr, BLOCK_B: tl.constexpr, H_P: tl.constexpr, DK_P: tl.constexpr,
-    M_P: tl.constexpr, DC_P: tl.constexpr, DCV_P: tl.constexpr, PREC: tl.constexpr,
+    M_P: tl.constexpr, DC_P: tl.constexpr, DCV_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     j = tl.program_id(1)
@@ -216,12 +222,7 @@ def _rim_cell_bwd_kernel(
         tl.store(drow + H, dg1, mask=ok_h)
         tl.store(drow + 2 * H, dg2, mask=ok_h)
         tl.store(drow + 3 * H, dg3, mask=ok_h)
-        dh_prev = tl.where(act, 0.0, dht)
-        # LSTM: d gi = d gh = dg.
-        dgh0 = dg0
-        dgh1 = dg1
-        dgh2 = dg2
-        dgh3 = dg3
+        dh_prev = tl.where(act, 0.0, dht)  # LSTM: d gh = dg (stored above)
     else:
         gi0 = tl.load(grow, mask=ok_h, other=0.0)
         gi1 = tl.load(grow + H, mask=ok_h, other=0.0)
@@ -238,23 +239,29 @@ def _rim_cell_bwd_kernel(
         dg0 = tl.where(act, drp, 0.0)
         dg1 = tl.where(act, dzp, 0.0)
         dg2 = tl.where(act, dnp, 0.0)
-        dgh0 = dg0
-        dgh1 = dg1
-        dgh2 = tl.where(act, dnp * r, 0.0)
-        dgh3 = dg0  # unused
         tl.store(drow, dg0, mask=ok_h)
         tl.store(drow + H, dg1, mask=ok_h)
         tl.store(drow + 2 * H, dg2, mask=ok_h)
-        tl.store(drow + 3 * H, dgh0, mask=ok_h)
-        tl.store(drow + 4 * H, dgh1, mask=ok_h)
-        tl.store(drow + 5 * H, dgh2, mask=ok_h)
+        tl.store(drow + 3 * H, dg0, mask=ok_h)  # d gh: r and z as gi; n scaled by r
+        tl.store(drow + 4 * H, dg1, mask=ok_h)
+        tl.store(drow + 5 * H, tl.where(act, dnp * r, 0.0), mask=ok_h)
         dh_prev = tl.where(act, dht * z, dht)
-    # dh_{t-1} += dgh weight_hh[j]^T (zero rows for inactive).
-    dh_prev += _proj_t(dgh0, whh_ptr, j, 0, 0, H, G * H, H, H, H_P, H_P, PREC)
-    dh_prev += _proj_t(dgh1, whh_ptr, j, 0, H, H, G * H, H, H, H_P, H_P, PREC)
-    dh_prev += _proj_t(dgh2, whh_ptr, j, 0, 2 * H, H, G * H, H, H, H_P, H_P, PREC)
-    if IS_LSTM:
-        dh_prev += _proj_t(dgh3, whh_ptr, j, 0, 3 * H, H, G * H, H, H, H_P, H_P, PREC)
+    # dh_{t-1} += dgh weight_hh[j]^T (zero rows for inactive), reading the gradients just stored
+    # back in chunks of BLOCK_K gate columns: an (H, H) weight tile per gate in float32 does not
+    # fit a program's registers (tools/triton_resources.py). The barrier makes this program's
+    # stores visible to all its threads.
+    tl.debug_barrier()
+    GH = G * H
+    dgh_ptr = dg_ptr + ((t64 * B + offs_b[:, None]) * K + j) * GW + (0 if IS_LSTM else GH)
+    for q in tl.static_range(G):
+        for c0 in range(0, H, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            c_ok = offs_c < H
+            dgc = tl.load(dgh_ptr + q * H + offs_c[None, :], mask=b_ok[:, None] & c_ok[None, :],
+                          other=0.0)
+            wt = tl.load(whh_ptr + j * (H * GH) + offs_h[None, :] * GH + q * H + offs_c[:, None],
+                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)  # W[i, qH + c] at (c, i)
+            dh_prev += tl.dot(dgc, wt.to(tl.float32), input_precision=PREC)
 
     # 1. Input attention backward: d a~ = dgi . XW, dropout, null softmax, dq -> dh_{t-1}.
     keys_t = keys_ptr + t64 * B * M * (NI * DK)
@@ -321,4 +328,4 @@ def rim_cell_bwd(dh, dc, gout, masks, hs, cs, gates, a, keys, xw, qc, bp, do, ds
         GW=(4 if lstm else 6) * H, IS_LSTM=lstm,
         BLOCK_INACTIVE=bool(block_inactive_grad), HAS_GOUT=bool(has_gout), DROP_IN=p_in > 0,
         DROP_C=p_c > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H), DK_P=pad_dot(DK), M_P=pad(M),
-        DC_P=pad_dot(DC), DCV_P=pad_dot(DCV), PREC=prec, num_warps=NUM_WARPS)
+        DC_P=pad_dot(DC), DCV_P=pad_dot(DCV), BLOCK_K=16, PREC=prec, num_warps=CELL_BWD_WARPS)
