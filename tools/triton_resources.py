@@ -198,8 +198,14 @@ def main(argv=None) -> int:
     allrows = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"triton_resources_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}; "
-          "registers per thread, stack (spills, bytes per thread), shared memory per block\n")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        sha = ""
+    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, git "
+          f"{sha or 'unknown'}; `python tools/triton_resources.py {' '.join(argv or sys.argv[1:])}`"
+          "; registers per thread, stack (spills, bytes per thread), shared memory per block\n")
     print("| config | dtype | cell | kernel | warps | tiles | regs | stack B | smem B | |")
     print("| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
     bad = 0
