@@ -230,11 +230,11 @@ def _forward(x: Tensor, h0: Tensor, c0: Optional[Tensor], P: Sequence[Tensor], c
     f32 = dict(device=dev, dtype=torch.float32)
 
     xc = x.to(ct)
-    is_tiled = fwd_mode() == "tiled"
+    tiles = _tiles_for(B, H, dtype) if fwd_mode() == "tiled" else None
     if (not save and graph_mode() and x.is_cuda and drop_in == 0 and drop_c == 0
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
-        return _graph_forward(x, xc, h0, c0, p, cfg, is_tiled)
-    tiled = _Tiled(B, M, cfg, dev, dtype) if is_tiled else None
+        return _graph_forward(x, xc, h0, c0, p, cfg, tiles)
+    tiled = _Tiled(B, M, cfg, dev, tiles) if tiles is not None else None
     keys, fold = _hoisted(xc, p, cfg, rnd)
     if save:  # per-step histories: the kernels write step t's results straight into slot t
         hs = torch.empty(T + 1, B, K, H, **f32)
@@ -328,12 +328,16 @@ class _Tiled:
     workspaces ``p`` ``(B, K)`` and ``a`` ``(B, K, NI, M)`` (the saved ``a[t]`` replaces the latter
     when the forward saves) and the tile sizes (:func:`rim_step_fwd_tiled.tile_sizes`)."""
 
-    def __init__(self, B: int, M: int, cfg: RimConfig, device, dtype: torch.dtype):
+    def __init__(self, B: int, M: int, cfg: RimConfig, device, tiles):
         f32 = dict(device=device, dtype=torch.float32)
         self.p = torch.empty(B, cfg.num_units, **f32)
         self.a = torch.empty(B, cfg.num_units, cfg.input_heads, M, **f32)
-        self.tiles = tiles_override() or _kt.tile_sizes(B, cfg.hidden_size,
-                                                        dtype == torch.float32)
+        self.tiles = tiles
+
+
+def _tiles_for(B: int, H: int, dtype: torch.dtype):
+    """The tiled forward's tiles: ``RIMS_FAST_TRITON_TILES`` if set, else the defaults."""
+    return tiles_override() or _kt.tile_sizes(B, H, dtype == torch.float32)
 
 
 def _launch_step(t, h_in, c_in, c_out, h_out, ht, qc, kc, vc, keys, xw, masks, out, p, cfg, M,
@@ -415,7 +419,7 @@ class _Captured:
     kernels use, so anything freed would be overwritten by later replays (tensors allocated
     during capture live in the graph's private pool)."""
 
-    def __init__(self, xc, h0, c0, p, cfg, prec, out_dtype, tiled: bool):
+    def __init__(self, xc, h0, c0, p, cfg, prec, out_dtype, tiles):
         self.p = p
         f32 = dict(device=xc.device, dtype=torch.float32)
         T, B = xc.shape[:2]
@@ -433,7 +437,7 @@ class _Captured:
         self.masks = torch.empty(T, B, K, device=xc.device, dtype=torch.int8)
         rnd = _Rounder(out_dtype)
         self.work = (self.h, self.c_a, c_b, ht, qc, kc, vc)  # alive as long as the graph
-        self.tiled = _Tiled(B, xc.shape[2], cfg, xc.device, out_dtype) if tiled else None
+        self.tiled = _Tiled(B, xc.shape[2], cfg, xc.device, tiles) if tiles is not None else None
 
         def body():
             keys, fold = _hoisted(self.xc, p, cfg, rnd)
@@ -461,11 +465,11 @@ _GRAPHS: "collections.OrderedDict[tuple, _Captured]" = collections.OrderedDict()
 _GRAPHS_MAX = 8  # captured forwards kept (each holds its buffers); least recently used out
 
 
-def _graph_forward(x, xc, h0, c0, p, cfg, tiled: bool) -> tuple[Tensor, ...]:
+def _graph_forward(x, xc, h0, c0, p, cfg, tiles) -> tuple[Tensor, ...]:
     lstm = cfg.cell == "lstm"
     prec = _dot_precision(x.dtype)
     # The captured float32 GEMMs (keys, fold, XW) follow the TF32 setting of capture time.
-    key = (tuple(x.shape), x.dtype, x.device, cfg, prec, tiled,
+    key = (tuple(x.shape), x.dtype, x.device, cfg, prec, tiles,  # tiles: None when fused
            torch.backends.cuda.matmul.allow_tf32,
            tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in p.items()))
     cap = _GRAPHS.get(key)
@@ -473,7 +477,7 @@ def _graph_forward(x, xc, h0, c0, p, cfg, tiled: bool) -> tuple[Tensor, ...]:
         while len(_GRAPHS) >= _GRAPHS_MAX:
             _GRAPHS.popitem(last=False)
         cap = _GRAPHS[key] = _Captured(xc, h0, c0 if lstm else None, p, cfg, prec, x.dtype,
-                                       tiled)
+                                       tiles)
     _GRAPHS.move_to_end(key)
     cap.fill(xc, h0, c0 if lstm else None)
     cap.graph.replay()

@@ -344,9 +344,9 @@ class TestGPU:
     @pytest.mark.parametrize("fwd", ["fused", "tiled"])
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
     def test_graph_replay_equals_eager(self, monkeypatch, cell, fwd):
-        monkeypatch.setenv("RIMS_FAST_TRITON_FWD", fwd)
         """RIMS_FAST_TRITON_GRAPH=1: the captured loop gives bit-identical results to the eager
         launches, on the capturing call and on replays with new inputs and updated weights."""
+        monkeypatch.setenv("RIMS_FAST_TRITON_FWD", fwd)
         rim = rims_fast.RIM(64, 100, 6, 4, cell=cell, backend="triton", device="cuda")
         xs = [torch.randn(20, 64, 64, device="cuda") for _ in range(2)]
 

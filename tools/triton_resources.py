@@ -16,9 +16,9 @@ Triton's wheel) and its cubin's resource usage read with Triton's bundled ``cuob
 
 Exit status 1 if a kernel fails to compile or needs more shared memory than the target allows.
 Must run without ``TRITON_INTERPRET`` (the kernels are then JIT functions, not interpreted ones).
-Limits: Triton specializes a launch on its arguments' values (integers equal to 1, 16-byte
-alignment); the recorder compiles without those hints, so vectorisation (and so registers) can
-differ a little from what a GPU run compiles.
+The launch's specialization is reproduced (16-byte aligned pointers, integers divisible by 16,
+integers equal to 1 as constants: ``_sig``); the pointers' alignment is assumed rather than read
+(``meta`` tensors have no address).
 """
 
 from __future__ import annotations
@@ -74,24 +74,34 @@ def recording():
         JITFunction.run = orig
 
 
-def _sig(fn: JITFunction, bound: dict) -> tuple[dict, dict]:
-    sig, const = {}, {}
-    for p in fn.params:
+def _sig(fn: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
+    """Signature, constexprs and attributes as a launch specializes them: a tensor's pointer is
+    16-byte aligned (a fresh allocation is; the per-step slices the launchers pass are at offsets
+    of whole ``(B, K, H)`` float32 blocks, aligned at the benchmark shapes), an integer divisible
+    by 16 gets that divisibility and an integer equal to 1 becomes a constant, unless the
+    parameter is ``do_not_specialize``. Without these hints a half-precision load is one 2-byte
+    element: neither vectorised nor pipelined, unlike what a GPU launch compiles."""
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         v = bound[p.name]
-        if p.is_constexpr:
+        spec = not p.do_not_specialize
+        if p.is_constexpr or (spec and isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[p.name] = "constexpr"
             const[p.name] = v
         elif isinstance(v, torch.Tensor):
             sig[p.name] = "*" + _PTR[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[p.name] = "i1"
         elif isinstance(v, int):
             sig[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            if spec and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[p.name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v)}")
-    return sig, const
+    return sig, const, attrs
 
 
 def _cuobjdump() -> str:
@@ -157,7 +167,7 @@ def compile_all(rec: list, arch: int, tmp: Path, only=None) -> list[dict]:
     for fn, bound, opts in rec:
         if only and not any(s in fn.__name__ for s in only):
             continue
-        sig, const = _sig(fn, bound)
+        sig, const, attrs = _sig(fn, bound)
         key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, const.items()))),
                tuple(sorted(opts.items())))
         if key in seen:
@@ -168,7 +178,7 @@ def compile_all(rec: list, arch: int, tmp: Path, only=None) -> list[dict]:
                                                                 "HAS_DROP", "IS_LSTM"))},
                "warps": opts.get("num_warps", 4)}
         try:
-            ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+            ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                                 target=GPUTarget("cuda", arch, 32),
                                 options={k: v for k, v in opts.items()
                                          if k in ("num_warps", "num_stages")})

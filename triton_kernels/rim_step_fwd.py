@@ -332,8 +332,10 @@ def _rim_cell_fwd_kernel(
              mask=b_ok[:, None] & h_ok[None, :])
 
     # 4 (first half). Communication projections of k from h~_k (all mechanisms offer K and V),
-    # in chunks read back from ht (_row_chunk's comment): the barrier makes this program's stores
-    # of h~ visible to all its threads.
+    # in chunks read back from ht (_row_chunk's comment): the barrier (bar.sync, which orders
+    # global memory within the block, as __syncthreads) makes this program's stores of h~ visible
+    # to all its threads. Triton calls tl.debug_barrier a debugging aid; this relies on its
+    # lowering to bar.sync.
     tl.debug_barrier()
     _proj_store(ht_ptr, cq_ptr, qc_ptr, offs_b, b_ok, k, K, H, NC * DC, BLOCK_K, CQ_P, PREC)
     _proj_store(ht_ptr, ck_ptr, kc_ptr, offs_b, b_ok, k, K, H, NC * DC, BLOCK_K, CQ_P, PREC)
@@ -400,8 +402,10 @@ def _rim_comm_fwd_kernel(
 def _rim_dropout_masks_fwd_kernel(keep_ptr, N, seed, p_drop, BLOCK: tl.constexpr):
     """``keep[i] = rand(seed, i) >= p_drop`` for a flat index ``i``: the same stream as the
     kernels above, so a recompute sees exactly the forward's dropout masks."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.rand(seed, offs) >= p_drop
+    # Addresses in int64 (a mask may exceed 2^31 elements); the RNG offset is the flat index
+    # wrapped to int32, as the kernels' int32 offset arithmetic wraps it.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(seed, offs.to(tl.int32)) >= p_drop
     tl.store(keep_ptr + offs, keep.to(tl.int8), mask=offs < N)
 
 
