@@ -413,11 +413,12 @@ def _rim_dropout_masks_fwd_kernel(keep_ptr, N, seed, p_drop, BLOCK: tl.constexpr
 
 BLOCK_B = 16  # samples per program (a tl.dot M dimension: >= 16)
 NUM_WARPS = 4
-# The cell kernel keeps a mechanism's four (BLOCK_B, H) gate accumulators, its state rows and the
-# communication products live: with 4 warps it needed all 255 registers and spilled (paper bf16:
-# 0-56 B per thread, large: 400-1000 B); with 8 it spills at most 16 B at paper and ~100 B at
-# large (tools/triton_resources.py, Triton 3.6 and 3.8). Not yet timed on a GPU.
-CELL_NUM_WARPS = 8
+# Warps of the two forward kernels. The cell kernel keeps a mechanism's four (BLOCK_B, H) gate
+# accumulators and its state rows live, the communication kernel its (BLOCK_B, H) rows and output
+# weight tile: with 4 warps both spill at `large` in float32 (tools/triton_resources.py, Triton
+# 3.6: cell 0.4-1 KB per thread before the LSTM gates shared their accumulators, communication
+# ~0.6 KB); with 8, at most 48 B. Not yet timed on a GPU.
+FWD_NUM_WARPS = 8
 
 
 def block_k(dtype) -> int:
@@ -448,7 +449,7 @@ def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, q
         IS_LSTM=lstm, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H),
         BLOCK_K=block_k(wq.dtype), DK_P=pad_dot(DK),
         M_P=pad(M), K_P=pad(K), CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec,
-        SAVE=save, num_warps=CELL_NUM_WARPS)
+        SAVE=save, num_warps=FWD_NUM_WARPS)
 
 
 def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, seed, p_drop, prec,
@@ -463,7 +464,7 @@ def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, see
         ht, masks, qc, kc, vc, co, h, out, bp if save else h, o if save else h,
         B, t, seed, float(p_drop), 1.0 / DC ** 0.5,
         K=K, H=H, NC=NC, DC=DC, DCV=DCV, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B, H_P=pad_dot(H),
-        K_P=pad(K), DC_P=pad(DC), DCV_P=pad_dot(DCV), PREC=prec, SAVE=save, num_warps=NUM_WARPS)
+        K_P=pad(K), DC_P=pad(DC), DCV_P=pad_dot(DCV), PREC=prec, SAVE=save, num_warps=FWD_NUM_WARPS)
 
 
 def rim_dropout_masks(shape, seed, p_drop, device):
