@@ -161,6 +161,81 @@ def _query(h_ptr, wq_ptr, offs_b, b_ok, k, n, K: tl.constexpr, H: tl.constexpr, 
 
 
 @triton.jit
+def _gates_cell(acc0, acc1, acc2, acc3, active, h_ptr, c_ptr, whh_ptr, bih_ptr, bhh_ptr, ht_ptr,
+                cn_ptr, gates_ptr, offs_b, b_ok, k, u0, nu, t64, B, K: tl.constexpr,
+                H: tl.constexpr, G: tl.constexpr, IS_LSTM: tl.constexpr, SAVE: tl.constexpr,
+                BLOCK_K: tl.constexpr, U_P: tl.constexpr, PREC: tl.constexpr):
+    """SPEC step 3 for hidden units ``u0 .. u0 + nu - 1`` (``nu <= U_P``) of mechanism ``k``:
+    ``acc_q`` (``(BLOCK_B, U_P)``) hold the input term of gate ``q`` for those units; adds the
+    recurrent products ``h_k W_hh[k]`` (reduction chunks) and the biases, saves the
+    pre-activations (``SAVE``; LSTM ``i|f|g|o`` sums, GRU ``gi|gh``) and writes the masked
+    LSTM/GRU update of those units to ``ht`` (and ``cn``). The fused cell kernel calls it for all
+    units (``u0 = 0``), the tiled gates kernel for its unit tile."""
+    GH = G * H
+    WDT = whh_ptr.dtype.element_ty
+    offs_u = u0 + tl.arange(0, U_P)
+    u_ok = offs_u < H
+    # The recurrent products of the four (GRU: three) gates, one pass over h's chunks. LSTM: into
+    # the input term's accumulators (only the sum is used); GRU: apart (r scales gh_n alone).
+    if IS_LSTM:
+        gh0, gh1, gh2, gh3 = acc0, acc1, acc2, acc3
+    else:
+        gh0 = tl.zeros((offs_b.shape[0], U_P), dtype=tl.float32)
+        gh1 = tl.zeros((offs_b.shape[0], U_P), dtype=tl.float32)
+        gh2 = tl.zeros((offs_b.shape[0], U_P), dtype=tl.float32)
+    for j0 in range(0, H, BLOCK_K):
+        hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
+        gh0 = _dot_chunk(gh0, hk, whh_ptr, k, H, GH, j0, u0, nu, BLOCK_K, U_P, PREC)
+        gh1 = _dot_chunk(gh1, hk, whh_ptr, k, H, GH, j0, H + u0, nu, BLOCK_K, U_P, PREC)
+        gh2 = _dot_chunk(gh2, hk, whh_ptr, k, H, GH, j0, 2 * H + u0, nu, BLOCK_K, U_P, PREC)
+        if IS_LSTM:
+            gh3 = _dot_chunk(gh3, hk, whh_ptr, k, H, GH, j0, 3 * H + u0, nu, BLOCK_K, U_P,
+                             PREC)
+    row = (offs_b[:, None] * K + k) * H + offs_u[None, :]
+    ok = b_ok[:, None] & u_ok[None, :]
+    h = tl.load(h_ptr + row, mask=ok, other=0.0)
+    bi = bih_ptr + k * GH + offs_u
+    bh = bhh_ptr + k * GH + offs_u
+    gi0 = tl.load(bi, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gi1 = tl.load(bi + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gi2 = tl.load(bi + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    if not IS_LSTM:
+        gi0 += acc0
+        gi1 += acc1
+        gi2 += acc2
+    gh0 += tl.load(bh, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gh1 += tl.load(bh + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    gh2 += tl.load(bh + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+    grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (GH if IS_LSTM else 2 * GH) \
+        + offs_u[None, :]
+    if IS_LSTM:
+        gi3 = tl.load(bi + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+        gh3 += tl.load(bh + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
+        c = tl.load(c_ptr + row, mask=ok, other=0.0)
+        if SAVE:
+            tl.store(grow, gi0 + gh0, mask=ok)
+            tl.store(grow + H, gi1 + gh1, mask=ok)
+            tl.store(grow + 2 * H, gi2 + gh2, mask=ok)
+            tl.store(grow + 3 * H, gi3 + gh3, mask=ok)
+        c_cell = _sigmoid(gi1 + gh1) * c + _sigmoid(gi0 + gh0) * _tanh(gi2 + gh2)
+        h_cell = _sigmoid(gi3 + gh3) * _tanh(c_cell)
+        tl.store(cn_ptr + row, tl.where(active[:, None], c_cell, c), mask=ok)
+    else:
+        if SAVE:
+            tl.store(grow, gi0, mask=ok)
+            tl.store(grow + H, gi1, mask=ok)
+            tl.store(grow + 2 * H, gi2, mask=ok)
+            tl.store(grow + 3 * H, gh0, mask=ok)
+            tl.store(grow + 4 * H, gh1, mask=ok)
+            tl.store(grow + 5 * H, gh2, mask=ok)
+        r = _sigmoid(gi0 + gh0)
+        z = _sigmoid(gi1 + gh1)
+        nn = _tanh(gi2 + r * gh2)
+        h_cell = (1.0 - z) * nn + z * h
+    tl.store(ht_ptr + row, tl.where(active[:, None], h_cell, h), mask=ok)
+
+
+@triton.jit
 def _null_softmax_head(q, keys_ptr, n, offs_b, b_ok, M, NI: tl.constexpr, DK: tl.constexpr,
                        DK_P: tl.constexpr, M_P: tl.constexpr, scale):
     """SPEC steps 1-2 for one head: ``q`` ``(BLOCK_B, DK_P)`` (float32, rounded) against the M keys
@@ -225,7 +300,6 @@ def _rim_cell_fwd_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     offs_k = tl.arange(0, K_P)
-    offs_h = tl.arange(0, H_P)
     WDT = wq_ptr.dtype.element_ty
     t64 = t.to(tl.int64)
     keys_t = keys_ptr + t64 * B * M * (NI * DK)
@@ -247,7 +321,6 @@ def _rim_cell_fwd_kernel(
     tl.store(mask_ptr + (t64 * B + offs_b) * K + k, active.to(tl.int8), mask=b_ok)
 
     # 3. Own mechanism: attention-weighted input term + recurrent term, masked cell update.
-    h = _load_rows(h_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
     acc0 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
@@ -267,69 +340,9 @@ def _rim_cell_fwd_kernel(
         acc2 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 2, M, K, NI, H, G, M_P, H_P)
         if IS_LSTM:
             acc3 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 3, M, K, NI, H, G, M_P, H_P)
-    # The recurrent products of the gates, one pass over h's chunks (_row_chunk's comment).
-    # LSTM: into the input term's accumulators (only the sum is used); GRU: apart (r scales gh_n
-    # alone).
-    GH = G * H
-    if IS_LSTM:
-        gh0, gh1, gh2, gh3 = acc0, acc1, acc2, acc3
-    else:
-        gh0 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
-        gh1 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
-        gh2 = tl.zeros((BLOCK_B, H_P), dtype=tl.float32)
-    for j0 in range(0, H, BLOCK_K):
-        hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
-        gh0 = _dot_chunk(gh0, hk, whh_ptr, k, H, GH, j0, 0, H, BLOCK_K, H_P, PREC)
-        gh1 = _dot_chunk(gh1, hk, whh_ptr, k, H, GH, j0, H, H, BLOCK_K, H_P, PREC)
-        gh2 = _dot_chunk(gh2, hk, whh_ptr, k, H, GH, j0, 2 * H, H, BLOCK_K, H_P, PREC)
-        if IS_LSTM:
-            gh3 = _dot_chunk(gh3, hk, whh_ptr, k, H, GH, j0, 3 * H, H, BLOCK_K, H_P, PREC)
-    h_ok = offs_h < H
-    bi = bih_ptr + k * GH + offs_h
-    bh = bhh_ptr + k * GH + offs_h
-    gi0 = tl.load(bi, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gi1 = tl.load(bi + H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gi2 = tl.load(bi + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    if not IS_LSTM:
-        gi0 += acc0
-        gi1 += acc1
-        gi2 += acc2
-    gh0 += tl.load(bh, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gh1 += tl.load(bh + H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    gh2 += tl.load(bh + 2 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    if IS_LSTM:
-        gi3 = tl.load(bi + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        gh3 += tl.load(bh + 3 * H, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        c = _load_rows(c_ptr, offs_b, b_ok, k, K, H, 0, H, H_P)
-        if SAVE:
-            grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (4 * H) + offs_h[None, :]
-            gok = b_ok[:, None] & h_ok[None, :]
-            tl.store(grow, gi0 + gh0, mask=gok)
-            tl.store(grow + H, gi1 + gh1, mask=gok)
-            tl.store(grow + 2 * H, gi2 + gh2, mask=gok)
-            tl.store(grow + 3 * H, gi3 + gh3, mask=gok)
-        c_cell = _sigmoid(gi1 + gh1) * c + _sigmoid(gi0 + gh0) * _tanh(gi2 + gh2)
-        h_cell = _sigmoid(gi3 + gh3) * _tanh(c_cell)
-        c_new = tl.where(active[:, None], c_cell, c)
-        tl.store(cn_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], c_new,
-                 mask=b_ok[:, None] & h_ok[None, :])
-    else:
-        if SAVE:
-            grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (6 * H) + offs_h[None, :]
-            gok = b_ok[:, None] & h_ok[None, :]
-            tl.store(grow, gi0, mask=gok)
-            tl.store(grow + H, gi1, mask=gok)
-            tl.store(grow + 2 * H, gi2, mask=gok)
-            tl.store(grow + 3 * H, gh0, mask=gok)
-            tl.store(grow + 4 * H, gh1, mask=gok)
-            tl.store(grow + 5 * H, gh2, mask=gok)
-        r = _sigmoid(gi0 + gh0)
-        z = _sigmoid(gi1 + gh1)
-        nn = _tanh(gi2 + r * gh2)
-        h_cell = (1.0 - z) * nn + z * h
-    h_new = tl.where(active[:, None], h_cell, h)
-    tl.store(ht_ptr + (offs_b[:, None] * K + k) * H + offs_h[None, :], h_new,
-             mask=b_ok[:, None] & h_ok[None, :])
+    _gates_cell(acc0, acc1, acc2, acc3, active, h_ptr, c_ptr, whh_ptr, bih_ptr, bhh_ptr, ht_ptr,
+                cn_ptr, gates_ptr, offs_b, b_ok, k, 0, H, t64, B, K, H, G, IS_LSTM, SAVE, BLOCK_K,
+                H_P, PREC)
 
     # 4 (first half). Communication projections of k from h~_k (all mechanisms offer K and V),
     # in chunks read back from ht (_row_chunk's comment): the barrier (bar.sync, which orders

@@ -34,8 +34,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .rim_step_fwd import (_dot_chunk, _dropout, _null_softmax_head, _proj_store, _query,
-                           _rnd, _row_chunk, _sigmoid, _tanh, pad, pad_dot)
+from .rim_step_fwd import (_dropout, _gates_cell, _null_softmax_head, _proj_store, _query, _rnd, pad,
+                           pad_dot)
 
 __all__ = ["rim_query_fwd", "rim_gates_fwd", "rim_comm_qkv_fwd", "tile_sizes", "Tiles"]
 
@@ -70,7 +70,6 @@ def _rim_query_fwd_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     offs_m = tl.arange(0, M_P)
-    WDT = wq_ptr.dtype.element_ty
     keys_t = keys_ptr + t.to(tl.int64) * B * M * (NI * DK)
     psum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for n in tl.static_range(NI):
@@ -105,8 +104,6 @@ def _rim_gates_fwd_kernel(
     b_ok = offs_b < B
     offs_k = tl.arange(0, K_P)
     offs_m = tl.arange(0, M_P)
-    offs_u = u0 + tl.arange(0, BLOCK_U)
-    u_ok = offs_u < H
     nu = H - u0  # units of this tile (masks clip it to BLOCK_U)
     GH: tl.constexpr = G * H
     WDT = whh_ptr.dtype.element_ty
@@ -140,64 +137,9 @@ def _rim_gates_fwd_kernel(
         if IS_LSTM:
             acc3 += _xw_cols(xw_t, a, offs_b, b_ok, k, n, 3 * H + u0, nu, M, K, NI, GH, M_P,
                              BLOCK_U)
-    # The recurrent products of the four (GRU: three) gates, one pass over h's chunks. LSTM: into
-    # the input term's accumulators (only the sum is used); GRU: apart (r scales gh_n alone).
-    if IS_LSTM:
-        gh0, gh1, gh2, gh3 = acc0, acc1, acc2, acc3
-    else:
-        gh0 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
-        gh1 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
-        gh2 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
-    for j0 in range(0, H, BLOCK_K):
-        hk = _row_chunk(h_ptr, offs_b, b_ok, k, K, H, j0, BLOCK_K, WDT)
-        gh0 = _dot_chunk(gh0, hk, whh_ptr, k, H, GH, j0, u0, nu, BLOCK_K, BLOCK_U, PREC)
-        gh1 = _dot_chunk(gh1, hk, whh_ptr, k, H, GH, j0, H + u0, nu, BLOCK_K, BLOCK_U, PREC)
-        gh2 = _dot_chunk(gh2, hk, whh_ptr, k, H, GH, j0, 2 * H + u0, nu, BLOCK_K, BLOCK_U, PREC)
-        if IS_LSTM:
-            gh3 = _dot_chunk(gh3, hk, whh_ptr, k, H, GH, j0, 3 * H + u0, nu, BLOCK_K, BLOCK_U,
-                             PREC)
-    row = (offs_b[:, None] * K + k) * H + offs_u[None, :]
-    ok = b_ok[:, None] & u_ok[None, :]
-    h = tl.load(h_ptr + row, mask=ok, other=0.0)
-    bi = bih_ptr + k * GH + offs_u
-    bh = bhh_ptr + k * GH + offs_u
-    gi0 = tl.load(bi, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gi1 = tl.load(bi + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gi2 = tl.load(bi + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    if not IS_LSTM:
-        gi0 += acc0
-        gi1 += acc1
-        gi2 += acc2
-    gh0 += tl.load(bh, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gh1 += tl.load(bh + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    gh2 += tl.load(bh + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    grow = gates_ptr + ((t64 * B + offs_b[:, None]) * K + k) * (GH if IS_LSTM else 2 * GH) \
-        + offs_u[None, :]
-    if IS_LSTM:
-        gi3 = tl.load(bi + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        gh3 += tl.load(bh + 3 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        c = tl.load(c_ptr + row, mask=ok, other=0.0)
-        if SAVE:
-            tl.store(grow, gi0 + gh0, mask=ok)
-            tl.store(grow + H, gi1 + gh1, mask=ok)
-            tl.store(grow + 2 * H, gi2 + gh2, mask=ok)
-            tl.store(grow + 3 * H, gi3 + gh3, mask=ok)
-        c_cell = _sigmoid(gi1 + gh1) * c + _sigmoid(gi0 + gh0) * _tanh(gi2 + gh2)
-        h_cell = _sigmoid(gi3 + gh3) * _tanh(c_cell)
-        tl.store(cn_ptr + row, tl.where(active[:, None], c_cell, c), mask=ok)
-    else:
-        if SAVE:
-            tl.store(grow, gi0, mask=ok)
-            tl.store(grow + H, gi1, mask=ok)
-            tl.store(grow + 2 * H, gi2, mask=ok)
-            tl.store(grow + 3 * H, gh0, mask=ok)
-            tl.store(grow + 4 * H, gh1, mask=ok)
-            tl.store(grow + 5 * H, gh2, mask=ok)
-        r = _sigmoid(gi0 + gh0)
-        z = _sigmoid(gi1 + gh1)
-        nn = _tanh(gi2 + r * gh2)
-        h_cell = (1.0 - z) * nn + z * h
-    tl.store(ht_ptr + row, tl.where(active[:, None], h_cell, h), mask=ok)
+    _gates_cell(acc0, acc1, acc2, acc3, active, h_ptr, c_ptr, whh_ptr, bih_ptr, bhh_ptr, ht_ptr,
+                cn_ptr, gates_ptr, offs_b, b_ok, k, u0, nu, t64, B, K, H, G, IS_LSTM, SAVE,
+                BLOCK_K, BLOCK_U, PREC)
 
 
 @triton.jit
