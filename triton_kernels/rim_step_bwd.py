@@ -57,7 +57,9 @@ def _proj_t(x, w_ptr, k, row0, col0, R: tl.constexpr, C: tl.constexpr, NROW: tl.
 
 @triton.jit
 def _keep_scale(seed, offs, p_drop):
-    """``keep / (1 - p)`` of the forward's inverted dropout at RNG offsets ``offs``."""
+    """``keep / (1 - p)`` of the forward's inverted dropout at RNG offsets ``offs`` (the int32
+    flat index: addresses are int64, the random stream's offset wraps at 2^31 as in every
+    kernel)."""
     return tl.where(tl.rand(seed, offs) >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
 
 
@@ -103,9 +105,9 @@ def _rim_comm_bwd_kernel(
         for j in range(K):
             vj = _load_rows(vc_t, offs_b, b_ok, j, K, NC * DCV, n * DCV, DCV, DCV_P)
             db = tl.where(offs_k[None, :] == j, tl.sum(do * vj, axis=1)[:, None], db)
-        offs = (((t * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
+        offs = (((t64 * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
         if HAS_DROP:
-            db = db * _keep_scale(seed, offs, p_drop)
+            db = db * _keep_scale(seed, offs.to(tl.int32), p_drop)
         k_ok = b_ok[:, None] & (offs_k[None, :] < K)
         prob = tl.load(bp_ptr + offs, mask=k_ok, other=0.0)
         ds = prob * (db - tl.sum(prob * db, axis=1)[:, None]) * scale
@@ -178,10 +180,10 @@ def _rim_cell_bwd_kernel(
             dskj = tl.load(ds_ptr + ((offs_b * K + kk) * NC + n) * K + j, mask=b_ok, other=0.0)
             qk = _load_rows(qc_t, offs_b, b_ok, kk, K, NC * DC, n * DC, DC, DC_P)
             dk += dskj[:, None] * qk
-            boff = (((t * B + offs_b) * K + kk) * NC + n) * K + j
+            boff = (((t64 * B + offs_b) * K + kk) * NC + n) * K + j
             bkj = tl.load(bp_ptr + boff, mask=b_ok, other=0.0)
             if DROP_C:
-                bkj = bkj * _keep_scale(seed_c, boff, p_c)
+                bkj = bkj * _keep_scale(seed_c, boff.to(tl.int32), p_c)
             dok = _load_rows(do_ptr, offs_b, b_ok, kk, K, NC * DCV, n * DCV, DCV, DCV_P)
             dv += bkj[:, None] * dok
         tl.store(dkc_ptr + ((t64 * B + offs_b[:, None]) * K + j) * (NC * DC) + n * DC
@@ -276,9 +278,9 @@ def _rim_cell_bwd_kernel(
         da += tl.sum(dg2[:, None, :] * tl.load(xptr + 2 * H, mask=xok, other=0.0), axis=2)
         if IS_LSTM:
             da += tl.sum(dg3[:, None, :] * tl.load(xptr + 3 * H, mask=xok, other=0.0), axis=2)
-        offs = (((t * B + offs_b[:, None]) * K + j) * NI + n) * M + offs_m[None, :]
+        offs = (((t64 * B + offs_b[:, None]) * K + j) * NI + n) * M + offs_m[None, :]
         if DROP_IN:
-            da = da * _keep_scale(seed_in, offs, p_in)
+            da = da * _keep_scale(seed_in, offs.to(tl.int32), p_in)
         a = tl.load(a_ptr + offs, mask=m_ok, other=0.0)
         ds = a * (da - tl.sum(a * da, axis=1)[:, None]) * scale_in  # null: value 0, no own grad
         ds = tl.where(act, ds, 0.0)

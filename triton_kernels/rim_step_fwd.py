@@ -271,7 +271,9 @@ def _xw_term(xw_ptr, a, offs_b, b_ok, k, n, g, M, K: tl.constexpr, NI: tl.conste
 
 @triton.jit
 def _dropout(v, seed, offs, p_drop):
-    """Inverted dropout with a counter-based stream: keep iff ``rand(seed, offs) >= p_drop``."""
+    """Inverted dropout with a counter-based stream: keep iff ``rand(seed, offs) >= p_drop``.
+    ``offs``: the element's flat index in int32 (wrapping at 2^31 the same way in every kernel,
+    so the backward and the recompute see the forward's masks); addresses use int64."""
     keep = tl.rand(seed, offs) >= p_drop
     return tl.where(keep, v / (1.0 - p_drop), 0.0)
 
@@ -329,11 +331,11 @@ def _rim_cell_fwd_kernel(
     for n in tl.static_range(NI):
         q = _query(h_ptr, wq_ptr, offs_b, b_ok, k, n, K, H, NI, DK, BLOCK_K, DK_P, PREC)
         a, a_null = _null_softmax_head(q, keys_t, n, offs_b, b_ok, M, NI, DK, DK_P, M_P, scale)
-        offs = (((t * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
+        offs = (((t64 * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
         if SAVE:  # undropped probabilities of the real elements, for the backward
             tl.store(a_ptr + offs, a, mask=b_ok[:, None] & (offs_m[None, :] < M))
-        if HAS_DROP:
-            a = _dropout(a, seed, offs, p_drop)
+        if HAS_DROP:  # the RNG offset: the flat index wrapped to int32 (_dropout)
+            a = _dropout(a, seed, offs.to(tl.int32), p_drop)
         a = _rnd(a, WDT)
         acc0 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 0, M, K, NI, H, G, M_P, H_P)
         acc1 += _xw_term(xw_t, a, offs_b, b_ok, k, n, 1, M, K, NI, H, G, M_P, H_P)
@@ -388,11 +390,11 @@ def _rim_comm_fwd_kernel(
             s = tl.where(offs_k[None, :] == j, (tl.sum(q * kj, axis=1) * scale)[:, None], s)
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
         prob = e / tl.sum(e, axis=1)[:, None]
-        offs = (((t * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
+        offs = (((t64 * B + offs_b[:, None]) * K + k) * NC + n) * K + offs_k[None, :]
         if SAVE:
             tl.store(bp_ptr + offs, prob, mask=b_ok[:, None] & (offs_k[None, :] < K))
         if HAS_DROP:
-            prob = _dropout(prob, seed, offs, p_drop)
+            prob = _dropout(prob, seed, offs.to(tl.int32), p_drop)
         prob = _rnd(prob, WDT)
         o = tl.zeros((BLOCK_B, DCV_P), dtype=tl.float32)
         for j in range(K):

@@ -125,11 +125,11 @@ def _rim_gates_fwd_kernel(
     acc2 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
     for n in tl.static_range(NI):
-        offs = (((t * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
+        offs = (((t64 * B + offs_b[:, None]) * K + k) * NI + n) * M + offs_m[None, :]
         a = tl.load(a_ptr + ((offs_b[:, None] * K + k) * NI + n) * M + offs_m[None, :],
                     mask=b_ok[:, None] & (offs_m[None, :] < M), other=0.0)
         if HAS_DROP:  # the fused kernel's stream and offsets: the same keep-mask
-            a = _dropout(a, seed, offs, p_drop)
+            a = _dropout(a, seed, offs.to(tl.int32), p_drop)
         a = _rnd(a, WDT)
         acc0 += _xw_cols(xw_t, a, offs_b, b_ok, k, n, u0, nu, M, K, NI, GH, M_P, BLOCK_U)
         acc1 += _xw_cols(xw_t, a, offs_b, b_ok, k, n, H + u0, nu, M, K, NI, GH, M_P, BLOCK_U)
