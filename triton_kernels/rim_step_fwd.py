@@ -432,7 +432,7 @@ NUM_WARPS = 4
 # accumulators and its state rows live, the communication kernel its (BLOCK_B, H) rows and output
 # weight tile: with 4 warps both spill at `large` in float32 (tools/triton_resources.py, Triton
 # 3.6: cell 0.4-1 KB per thread before the LSTM gates shared their accumulators, communication
-# ~0.6 KB); with 8, at most 48 B. Not yet timed on a GPU.
+# ~0.6 KB); with 8, at most 56 B. Not yet timed on a GPU.
 FWD_NUM_WARPS = 8
 
 
