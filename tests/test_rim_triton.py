@@ -392,17 +392,23 @@ BWD_GRID = [
 ]
 
 
-def _count_bwd_launches(monkeypatch):
-    calls = {"comm": 0, "cell": 0}
-    for name, key in (("rim_comm_bwd", "comm"), ("rim_cell_bwd", "cell")):
-        orig = getattr(rt._kb, name)
+def _count_calls(monkeypatch, targets):
+    """Counts of calls to each launcher ``(module, name, key)`` of ``targets``, by key."""
+    calls = {key: 0 for _, _, key in targets}
+    for mod, name, key in targets:
+        orig = getattr(mod, name)
 
         def wrap(*a, _orig=orig, _key=key, **kw):
             calls[_key] += 1
             return _orig(*a, **kw)
 
-        monkeypatch.setattr(rt._kb, name, wrap)
+        monkeypatch.setattr(mod, name, wrap)
     return calls
+
+
+def _count_bwd_launches(monkeypatch):
+    return _count_calls(monkeypatch, [(rt._kb, "rim_comm_bwd", "comm"),
+                                      (rt._kb, "rim_cell_bwd", "cell")])
 
 
 def _compare_bwd_kernels(monkeypatch, cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, big,
@@ -569,18 +575,10 @@ def test_bwd_kernels_xw_chunks_equal_one_chunk(monkeypatch, cell):
 
 
 def _count_tiled_launches(monkeypatch):
-    calls = {"query": 0, "gates": 0, "qkv": 0, "cell": 0}
-    wrapped = [(rt._kt, "rim_query_fwd", "query"), (rt._kt, "rim_gates_fwd", "gates"),
-               (rt._kt, "rim_comm_qkv_fwd", "qkv"), (rt._k, "rim_cell_fwd", "cell")]
-    for mod, name, key in wrapped:
-        orig = getattr(mod, name)
-
-        def wrap(*a, _orig=orig, _key=key, **kw):
-            calls[_key] += 1
-            return _orig(*a, **kw)
-
-        monkeypatch.setattr(mod, name, wrap)
-    return calls
+    return _count_calls(monkeypatch, [(rt._kt, "rim_query_fwd", "query"),
+                                      (rt._kt, "rim_gates_fwd", "gates"),
+                                      (rt._kt, "rim_comm_qkv_fwd", "qkv"),
+                                      (rt._k, "rim_cell_fwd", "cell")])
 
 
 # (cell, T, B, M, K, top_k, H, n_in, n_c, zero_state, noncontig)
