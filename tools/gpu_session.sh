@@ -1,60 +1,82 @@
 #!/usr/bin/env bash
-# One lease of a GPU machine, in one call, most valuable first (a lease is short):
-#   1. build the extension for sm_90a and print what is available;
-#   2. the gpu-marked tests (the CUDA kernels, the persistent kernels, Triton at realistic shapes,
-#      CUDA-graph replay) -> $OUT/pytest-gpu.log;
-#   3. (bench) the benchmark (bf16, BENCH_CONFIGS, default paper; every GPU provider) and (tiles)
-#      a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE) -> $OUT/*.json, *.csv;
-#   4. (alltests) the whole test suite -> $OUT/pytest.log;
-#   5. compute-sanitizer: (memcheck) memcheck on a small workload; (sanitize) that plus racecheck
-#      and synccheck on the persistent kernels.
-# Everything is logged to $OUT/session.log. Time limits per stage: *_TIMEOUT variables.
-# A session's device time is 15 minutes in all, machine start included (a few minutes), and one
-# call is at most 10: so the default is ONE call of ~9 minutes, most valuable first:
-#   bash tools/gpu_session.sh    (build ~3, gpu tests <=150 s, paper benchmark <=150 s, memcheck)
-# and, only if the budget still allows a second call on the warm machine:
-#   STAGES="alltests sanitize" bash tools/gpu_session.sh   (racecheck/synccheck; build cached)
-#   STAGES="bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
-STAGES=${STAGES:-"build gputests bench memcheck"}
+# One lease of a GPU machine, in one call, most valuable first (a lease is short: 15 minutes of
+# device time per session, machine start included, at most 10 per call):
+#   build     the extension for sm_90a; print what is available (rims_fast.info)
+#   gputests  the gpu-marked tests, one test file per pytest run (a hang or crash in one file
+#             does not cost the others; pytest-timeout stops a hung test) -> $OUT/pytest-gpu.log
+#   memcheck  compute-sanitizer memcheck on tools/sanitize_case.py (small workload)
+#   sanitize  memcheck, then racecheck and synccheck on the persistent kernels (--seq-only)
+#   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
+#   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE)
+#   alltests  the whole test suite -> $OUT/pytest.log
+# Every stage's time limit is the smaller of its cap (*_TIMEOUT) and what is left before DEADLINE
+# seconds (default 420) from the start, so the call ends inside the device tool's limit whatever
+# hangs. Everything is logged to $OUT/session.log.
+#   bash tools/gpu_session.sh                         (build gputests memcheck bench)
+#   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
+#   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
+STAGES=${STAGES:-"build gputests memcheck bench"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16
+DEADLINE=${DEADLINE:-420}
 t0=$(date +%s)
-stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+elapsed() { echo $(( $(date +%s) - t0 )); }
+stamp() { echo "=== [$(elapsed)s] $*"; }
+# limit CAP: seconds a stage may take (its cap, or what is left before the deadline, 5 s kept).
+limit() { local left=$(( DEADLINE - $(elapsed) - 5 )); (( left < $1 )) && echo $left || echo $1; }
+run_for() { local t; t=$(limit "$1"); shift; (( t < 10 )) && { echo "skipped (deadline): $*"; return 124; }
+            timeout -k 5 "$t" "$@"; }
 
-stamp "machine"; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+stamp "machine (commit ${GIT_SHA:-unknown})"; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-stamp "build"
 if want build; then
-  python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
+  stamp "build"
+  python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -60 /tmp/build.log; exit 1; }
   tail -2 /tmp/build.log
 fi
 python3 -m rims_fast.info
-stamp "gpu-marked tests"
+TIMEOUT_OPT=""
+python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=${PER_TEST_TIMEOUT:-60} --timeout-method=thread"
 if want gputests; then
-  timeout "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest tests -m gpu -v -rs -p no:cacheprovider > "$OUT/pytest-gpu.log" 2>&1
-  echo "pytest -m gpu exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest-gpu.log" | tail -5
-  grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -20
+  for f in ${GPU_TEST_FILES:-tests/test_masked_cell.py tests/test_rim_seq.py tests/test_brim.py tests/test_rim_triton.py}; do
+    stamp "gpu-marked tests: $f"
+    echo "##### $f" >> "$OUT/pytest-gpu.log"
+    run_for "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest "$f" -m gpu -v -rfEs --tb=short -p no:cacheprovider \
+      $TIMEOUT_OPT ${PYTEST_ARGS:-} >> "$OUT/pytest-gpu.log" 2>&1
+    echo "exit $?"; tail -1 "$OUT/pytest-gpu.log"
+  done
+  grep -E "^(FAILED|ERROR)|Fatal|Segmentation|Timeout" "$OUT/pytest-gpu.log" | head -40
 fi
-stamp "benchmarks"
-want bench && timeout "${BENCH_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
-  --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_cluster,cuda_seq_cluster_l2,triton,triton_graph,triton_tiled,triton_tiled_graph}" --modes fwd,fwd+bwd --out "$OUT" --no-progress
-want tiles && for tile in ${TILES:-4}; do
-  RIMS_FAST_CUDA_TILE=$tile timeout "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
-    --configs paper --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
-done
-stamp "all tests (GPU present: gpu-marked tests run, Triton compiles for real)"
+if want memcheck || want sanitize; then
+  stamp "compute-sanitizer memcheck"
+  run_for "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -12
+fi
+if want sanitize; then
+  for tool in racecheck synccheck; do
+    stamp "compute-sanitizer $tool (persistent kernels)"
+    run_for "${SAN_TIMEOUT:-90}" compute-sanitizer --tool $tool --print-limit 20 python3 tools/sanitize_case.py --seq-only 2>&1 | tail -8
+  done
+fi
+if want bench; then
+  stamp "benchmarks"
+  run_for "${BENCH_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
+    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_cluster,cuda_seq_cluster_l2,triton,triton_graph,triton_tiled,triton_tiled_graph}" \
+    --modes fwd,fwd+bwd --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
+fi
+if want tiles; then
+  for tile in ${TILES:-4}; do
+    stamp "tile $tile"
+    RIMS_FAST_CUDA_TILE=$tile run_for "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
+      --configs paper --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
+  done
+fi
 if want alltests; then
-  timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests -v -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
-  echo "pytest exit $?"; grep -E "passed|failed|Fatal|Segmentation" "$OUT/pytest.log" | tail -5
+  stamp "all tests"
+  run_for "${TEST_TIMEOUT:-170}" python3 -m pytest tests -v -rfEs --tb=short -p no:cacheprovider $TIMEOUT_OPT > "$OUT/pytest.log" 2>&1
+  echo "pytest exit $?"; tail -3 "$OUT/pytest.log"
 fi
-stamp "compute-sanitizer memcheck"
-{ want sanitize || want memcheck; } && timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool memcheck --print-limit 20 python3 tools/sanitize_case.py 2>&1 | tail -8
-stamp "compute-sanitizer racecheck + synccheck (persistent kernels)"
-want sanitize && for tool in racecheck synccheck; do
-  timeout "${SAN_TIMEOUT:-90}" compute-sanitizer --tool $tool --print-limit 20 python3 tools/sanitize_case.py --seq-only 2>&1 | tail -4
-done
 stamp "done"
