@@ -10,6 +10,9 @@
 - ``triton_tiled``, ``triton_tiled_graph``: the same two with ``RIMS_FAST_TRITON_FWD=tiled``: the
   column-tiled forward (four kernels per step, the gate products over batch tile x mechanism x
   unit tile), meant for wide layers (``large``).
+- ``triton_kbwd``, ``triton_tiled_graph_kbwd``: ``triton`` and ``triton_tiled_graph`` with
+  ``RIMS_FAST_TRITON_BWD=kernels``: the backward as the Triton reverse-time sweep from the
+  forward's saved tensors instead of the reference's recompute (fwd rows equal their base's).
 - ``cuda_seq``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=persistent``: the
   persistent whole-sequence kernels (``rims_fast::rim_seq_fwd`` / ``rim_seq_bwd``).
 - ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: both kernels' weight products on
@@ -51,12 +54,12 @@ from .naive import NaiveRIM
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
-             "triton_tiled_graph", "cuda", "cuda_seq", "cuda_seq_mma",
+             "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq", "cuda_seq_mma",
              "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu", "lstm",
              "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
-                 "triton_tiled_graph", "cuda", "cuda_seq",
+                 "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq",
                  "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu",
                  "naive")
 
@@ -222,6 +225,11 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "triton_tiled": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled"}, "triton_tiled"),
     "triton_tiled_graph": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled",
                                               "RIMS_FAST_TRITON_GRAPH": "1"}, "triton_tiled_graph"),
+    "triton_kbwd": _backend("triton", {"RIMS_FAST_TRITON_BWD": "kernels"}, "triton_kbwd"),
+    "triton_tiled_graph_kbwd": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled",
+                                                   "RIMS_FAST_TRITON_GRAPH": "1",
+                                                   "RIMS_FAST_TRITON_BWD": "kernels"},
+                                        "triton_tiled_graph_kbwd"),
     "lstm": _lstm, "naive": _naive,
     "brim2": _brim2("torch"), "brim2_cpu": _brim2("cpu"), "brim2_cuda": _brim2("cuda"),
     "brim2_triton": _brim2("triton"),

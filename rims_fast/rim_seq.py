@@ -232,8 +232,7 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool, mma: bool, cluster: int, resident: int = -1
-               ) -> list[Tensor]:
+               tile: int, save: bool, mma: bool, cluster: int, resident: int) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
     unless ``save``). Dropout probabilities are the effective ones (0 outside training).
@@ -241,7 +240,9 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
     ``cluster``: mechanisms per block of a thread-block cluster, 0 for one block per tile
     (:func:`cluster_mechs`; forward only); ``resident``: with a cluster, the bit set of the
     weights a block keeps in shared memory (:data:`RESIDENT`; -1: on the GPU as many as fit,
-    largest first, on CPU tensors all)."""
+    largest first, on CPU tensors all). No argument has a default: torch 2.11's dispatcher drops
+    an argument equal to its default before autograd, then rejects the backward's gradient for it
+    (one per argument, as setup_context sees them)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
@@ -250,7 +251,7 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident=-1):
+      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -317,7 +318,7 @@ def _backward(ctx, grads):
     h_dt, w_dts = ctx.dtypes
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
-            d_weights, None, None, None, None, None, None, None, None, None, None, None, None)
+            d_weights, *(None,) * 12)  # sizes ... resident
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)

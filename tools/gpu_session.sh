@@ -7,11 +7,11 @@
 #   memcheck  compute-sanitizer memcheck on tools/sanitize_case.py (small workload)
 #   sanitize  memcheck, then racecheck and synccheck on the persistent kernels (--seq-only)
 #   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
-#   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE)
+#   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log
 # Every stage's time limit is the smaller of its cap (*_TIMEOUT) and what is left before DEADLINE
 # seconds (default 420) from the start, so the call ends inside the device tool's limit whatever
-# hangs. Everything is logged to $OUT/session.log.
+# hangs. Everything is appended to $OUT/${LOG:-session}.log.
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
@@ -20,7 +20,7 @@ want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/session.log") 2>&1
+exec > >(tee -a "$OUT/${LOG:-session}.log") 2>&1
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16
 DEADLINE=${DEADLINE:-420}
 t0=$(date +%s)
@@ -71,7 +71,7 @@ if want tiles; then
   for tile in ${TILES:-4}; do
     stamp "tile $tile"
     RIMS_FAST_CUDA_TILE=$tile run_for "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
-      --configs paper --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --out "$OUT" --name "tile$tile" --no-progress | tail -6
+      --configs "${BENCH_CONFIGS:-paper}" --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --no-save --no-progress
   done
 fi
 if want alltests; then
