@@ -59,6 +59,16 @@ def _build_info_text(path, reason, torch):
     return "\n".join(lines + [f"{k} = {v!r}" for k, v in info.items()]) + "\n"
 
 
+def _link_args():
+    # The C++ runtime by its shared object's name. Where the compiler finds no libstdc++.so (as
+    # on the GPU machines' image) g++ links libstdc++.a into _C: the process then holds two C++
+    # runtimes, and formatting a number into a torch error message (TORCH_CHECK's c10::str)
+    # crashed in the private copy's uninitialised locale (a segfault instead of the message).
+    # Naming libstdc++.so.6 first resolves every C++ runtime symbol from the shared library
+    # whatever the toolchain's defaults (tests/test_build.py checks the result).
+    return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
 def _extensions(path, reason, torch):
     if path == "python":
         return [], {}
@@ -70,7 +80,8 @@ def _extensions(path, reason, torch):
     # No --use_fast_math / -ffast-math: the ops promise nn.LSTMCell/GRUCell numerics. No -std:
     # torch adds the -std its own headers need (C++20 for torch 2.14).
     cxx = ["-O3"]
-    kwargs = dict(name="rims_fast._C", include_dirs=[str(ROOT / "csrc")])
+    kwargs = dict(name="rims_fast._C", include_dirs=[str(ROOT / "csrc")],
+                  extra_link_args=_link_args())
     if path == "cuda":
         ext = CUDAExtension(
             sources=cpp + cu,

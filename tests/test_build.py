@@ -32,6 +32,21 @@ def test_extension_loads():
         assert hasattr(torch.ops.rims_fast, name)
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not on PATH")
+def test_extension_uses_the_shared_cxx_runtime():
+    # A _C with its own copy of libstdc++ (linked statically where the toolchain has no
+    # libstdc++.so) segfaulted formatting numbers into error messages on the GPU machines; the
+    # copy shows as a definition of std::ostream::_M_insert<long>, which _C must import instead.
+    if not mc.HAVE_C:
+        pytest.skip(f"rims_fast._C not built: {mc.C_IMPORT_ERROR}")
+    import rims_fast._C as ext
+    syms = subprocess.run(["nm", ext.__file__], capture_output=True, text=True, check=True).stdout
+    insert_long = [line.split() for line in syms.splitlines() if "_ZNSo9_M_insertIlEERSoT_" in line]
+    assert insert_long, "_C does not use std::ostream::_M_insert<long> at all (nm output changed?)"
+    kinds = {fields[-2] for fields in insert_long}
+    assert kinds == {"U"}, f"_C defines the C++ runtime's own symbols ({kinds}): libstdc++ linked in"
+
+
 @pytest.mark.skipif(not REQUIRE_CUDA, reason="set RIMS_FAST_REQUIRE_CUDA_BUILD=1 to require it")
 def test_extension_built_with_cuda():
     assert mc.HAVE_C, mc.C_IMPORT_ERROR
