@@ -9,6 +9,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <utility>
@@ -154,6 +155,19 @@ int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma, bool resident
                     "tiles and the packed operand rows), so RIMS_FAST_CUDA_MMA=0 may fit"
                   : "");
   return S;
+}
+
+// The automatic tile (tile = 0) of the one-block-per-tile kernels: the fewest samples per block
+// that still leave at most one block per SM, ceil(B / SMs), capped by the tile asked for. A tile's
+// samples run one after another inside its block, so when the batch is small, spreading it over
+// more SMs beats sharing each weight read among more samples: on an H100 at the paper shape
+// (B = 64, bf16) tile 1 ran the tensor-core forward in 10.8 ms against 19.6 ms at tile 8 (the old
+// default), and forward+backward in 26.7 ms against 44.4 ms
+// (benchmarks/results/nvidia-h100-session-2026-11-26d-2-tiles.log).
+int64_t spread_tile(int64_t S, int64_t B, int dev) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return std::max<int64_t>(1, std::min<int64_t>(S, (B + sms - 1) / sms));
 }
 
 // The tensor-core path needs sm_80+ (bfloat16 WMMA; the kernels are built for 8.0 and 9.0a).
@@ -327,6 +341,7 @@ SeqFwdResult rim_seq_fwd_cuda(
     const bool auto_res = d.resident < 0;
     if (auto_res) d.resident = 0;
     auto bytes = [&](int64_t s) { return rim_seq_fwd_smem_bytes(d, s, tb, cb); };
+    if (tile == 0 && d.kpr == 0) d.S = spread_tile(d.S, d.B, dev);
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma, d.resident > 0);
     if (d.kpr > 0) {
       const auto kernel = rim_seq_fwd_cluster_kernel<C, T>;
@@ -376,6 +391,7 @@ SeqBwdResult rim_seq_bwd_cuda(
                                      d.cv, d.lstm) +
               (d.mma ? mma_smem_elems(d.K, s, c.ba, tb, cb) : 0)) * cb;
     };
+    if (tile == 0) d.S = spread_tile(d.S, d.B, dev);
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
     launch_bwd<C, T>(c, bytes(d.S), dev);
   });

@@ -336,6 +336,17 @@ class TestGPU:
         monkeypatch.setenv("RIMS_FAST_TRITON_FWD", "tiled")
         self._case(cell, dtype)
 
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_realistic_bwd_kernels(self, monkeypatch, cell, dtype):
+        """RIMS_FAST_TRITON_BWD=kernels at the realistic shape, compiled for the GPU (the
+        benchmark's gate checks only the forward)."""
+        monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
+        calls = _count_bwd_launches(monkeypatch)
+        self._case(cell, dtype)
+        T = self.SHAPE["T"]
+        assert calls == {"comm": T, "cell": T}, f"the Triton backward did not run: {calls}"
+
     @pytest.mark.parametrize("fwd", ["fused", "tiled"])
     def test_large(self, monkeypatch, fwd):
         monkeypatch.setenv("RIMS_FAST_TRITON_FWD", fwd)
