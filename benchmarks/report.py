@@ -65,7 +65,10 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_sha": (sha + ("-dirty" if dirty else "")) if sha else "unknown (no git or no commit)",
+        # GIT_SHA (tools/gpu_session.sh passes it on): where the tree was copied without current
+        # git metadata, as on the device machines, whose git reported a stale commit.
+        "git_sha": os.environ.get("GIT_SHA") or ((sha + ("-dirty" if dirty else "")) if sha
+                                                 else "unknown (no git or no commit)"),
         "rims_fast_backends": {},
         "loadavg_start": _loadavg(),
     }

@@ -9,19 +9,22 @@
 #   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
 #   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log
+#   ncu       Nsight Compute on one persistent forward (CUDA cores, then tensor cores) and one
+#             backward at `paper` bf16 (tools/profile_case.py) -> $OUT/ncu.txt
 # Every stage's time limit is the smaller of its cap (*_TIMEOUT) and what is left before DEADLINE
 # seconds (default 420) from the start, so the call ends inside the device tool's limit whatever
 # hangs. Everything is appended to $OUT/${LOG:-session}.log.
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
+# Building takes ~85 s on the device, a fresh machine ~30 s to start: two calls per session fit.
 STAGES=${STAGES:-"build gputests memcheck bench"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/${LOG:-session}.log") 2>&1
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16
+export GIT_SHA=${GIT_SHA:-} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16
 DEADLINE=${DEADLINE:-420}
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -73,6 +76,18 @@ if want tiles; then
     RIMS_FAST_CUDA_TILE=$tile run_for "${TILE_TIMEOUT:-60}" python3 -m benchmarks --device cuda --dtype bf16 \
       --configs "${BENCH_CONFIGS:-paper}" --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --no-save --no-progress
   done
+fi
+if want ncu; then
+  stamp "ncu (persistent kernels, paper bf16)"
+  for a in "" "--mma" "--mma --backward"; do
+    k=rim_seq_fwd; case "$a" in *backward*) k=rim_seq_bwd;; esac
+    echo "##### profile_case $a ($k)" >> "$OUT/ncu.txt"
+    run_for "${NCU_TIMEOUT:-60}" ncu --kernel-name "regex:$k" --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats python3 tools/profile_case.py $a >> "$OUT/ncu.txt" 2>&1
+    echo "exit $?"
+  done
+  grep -E "Duration|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|Stall|Registers" "$OUT/ncu.txt" | head -40
 fi
 if want alltests; then
   stamp "all tests"
