@@ -102,6 +102,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const int C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
   const int64_t b0 = tile * p.S;
   const int S = int((B - b0) < p.S ? (B - b0) : p.S);
+  const auto in_tile = [S](int s, int64_t) { return s < S; };  // column_dot's samples
   const int KH = K * H;
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
@@ -172,12 +173,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      for (int64_t j = 0; j < H; ++j) {
-        const C w = to_c(p.c_output_t[(k * H + j) * cv + e]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) acc[s] += sm.dh[(s * K + k) * H + j] * w;
-      }
+      column_dot(acc, H, [&](int64_t j) { return to_c(p.c_output_t[(k * H + j) * cv + e]); },
+                 [&](int s, int64_t j) { return sm.dh[(s * K + k) * H + j]; }, in_tile);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
         if (s < S) sm.dout[(s * K + k) * cv + e] = active(t, s * K + k) ? acc[s] : C(0);
@@ -257,12 +254,9 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         acc[s] = C(0);
         kv[s] = s < S && (active(t, s * K + k) || !p.block_inactive_grad);
       }
-      for (int64_t c = 0; c < C3; ++c) {
-        const C w = to_c(p.c_qkv_t[(k * C3 + c) * H + j]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S && (c < ck || kv[s])) acc[s] += sm.dqkv[(s * K + k) * C3 + c] * w;
-      }
+      column_dot(acc, C3, [&](int64_t c) { return to_c(p.c_qkv_t[(k * C3 + c) * H + j]); },
+                 [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + c]; },
+                 [&](int s, int64_t c) { return s < S && (c < ck || kv[s]); });
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
         if (s < S) sm.dht[(s * K + k) * H + j] = sm.dh[(s * K + k) * H + j] + acc[s];
@@ -311,12 +305,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
       const C* ft = wx_t + (k * n_in + n) * GH * Dx + d;
-      for (int64_t g = 0; g < GH; ++g) {
-        const C w = ft[g * Dx];
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) acc[s] += sm.dg[(s * K + k) * GW + g] * w;
-      }
+      column_dot(acc, GH, [&](int64_t g) { return ft[g * Dx]; },
+                 [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + g]; }, in_tile);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
@@ -403,18 +393,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         acc[s] = s < S ? sm.dhp[(s * K + k) * H + j] : C(0);
       }
       const int64_t off = p.lstm ? 0 : GH;
-      for (int64_t g = 0; g < GH; ++g) {
-        const C w = to_c(p.w_hh_t[(k * GH + g) * H + j]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (on[s]) acc[s] += sm.dg[(s * K + k) * GW + off + g] * w;
-      }
-      for (int64_t e = 0; e < nk; ++e) {
-        const C w = to_c(p.w_query_t[(k * nk + e) * H + j]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (on[s]) acc[s] += sm.dq[(s * K + k) * nk + e] * w;
-      }
+      const auto on_row = [&](int s, int64_t) { return on[s]; };
+      column_dot(acc, GH, [&](int64_t g) { return to_c(p.w_hh_t[(k * GH + g) * H + j]); },
+                 [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + off + g]; }, on_row);
+      column_dot(acc, nk, [&](int64_t e) { return to_c(p.w_query_t[(k * nk + e) * H + j]); },
+                 [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;

@@ -40,6 +40,38 @@
 
 namespace rims {
 
+// Weights of one column loaded per batch by column_dot: in flight together.
+constexpr int kColumnBatch = 8;
+
+// acc[s] += row(s, j) * load(j) for j = 0 .. n-1 in ascending order, for each sample s < SMAX
+// (unrolled) where use(s, j) holds (the tile's S samples, or fewer). The weights (load: a strided global/L2 read) come
+// kColumnBatch at a time before their FMAs. The plain loop, with SMAX guarded FMAs per weight in
+// its body, was unrolled only by 2 by nvcc (the gate product's SASS: 2 loads per iteration), so
+// each step of the CUDA-core forward waited on hundreds of dependent L2 round trips
+// (benchmarks/README.md, "Measured on an H100"). Same FMAs in the same order: same result bits.
+template <int SMAX, typename C, typename Load, typename Row, typename Use>
+RIMS_HD void column_dot(C (&acc)[SMAX], int64_t n, const Load& load, const Row& row,
+                        const Use& use) {
+  int64_t j = 0;
+  for (; j + kColumnBatch <= n; j += kColumnBatch) {
+    C w[kColumnBatch];
+    RIMS_UNROLL
+    for (int u = 0; u < kColumnBatch; ++u) w[u] = load(j + u);
+    RIMS_UNROLL
+    for (int u = 0; u < kColumnBatch; ++u) {
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s)
+        if (use(s, j + u)) acc[s] += row(s, j + u) * w[u];
+    }
+  }
+  for (; j < n; ++j) {
+    const C w = load(j);
+    RIMS_UNROLL
+    for (int s = 0; s < SMAX; ++s)
+      if (use(s, j)) acc[s] += row(s, j) * w;
+  }
+}
+
 // Sizes and options of one call (SPEC names; Dx, xrow, xhead: the input term's source, above).
 struct RimSeqDims {
   int64_t T_, B, M, K, H, GH, n_in, dk, nk, Dx, xrow, xhead, n_c, dc, dcv, ck, cv, top_k;
@@ -277,6 +309,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
   auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
   auto L = [&](int r) { return CLUSTER ? (r / K) * kpr + r % K - k0 : r; };
+  const auto in_tile = [S](int s, int64_t) { return s < S; };  // column_dot's samples
 #if !defined(__CUDA_ARCH__)
   // Host runs (the tests): the template must match the call's options, which select the layout.
   if (MMA != p.mma || CLUSTER != (p.kpr > 0))
@@ -392,19 +425,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) gi[s] = gh[s] = C(0);
       const C* f = w_x + (k - k0) * XW * GH + col;
-      for (int64_t j = 0; j < XW; ++j) {
-        const C w = f[j * GH];
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) gi[s] += sm.xa[L(s * K + k) * XW + j] * w;
-      }
+      column_dot(gi, XW, [&](int64_t j) { return f[j * GH]; },
+                 [&](int s, int64_t j) { return sm.xa[L(s * K + k) * XW + j]; }, in_tile);
       const T* wh = w_hh + (k - k0) * H * GH + col;
-      for (int64_t j = 0; j < H; ++j) {
-        const C w = to_c(wh[j * GH]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) gh[s] += sm.h[L(s * K + k) * H + j] * w;
-      }
+      column_dot(gh, H, [&](int64_t j) { return to_c(wh[j * GH]); },
+                 [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, in_tile);
       const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
@@ -533,12 +558,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      for (int64_t j = 0; j < H; ++j) {
-        const C wj = to_c(w[j * ld]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) acc[s] += sm.ht[L(s * K + k) * H + j] * wj;
-      }
+      column_dot(acc, H, [&](int64_t j) { return to_c(w[j * ld]); },
+                 [&](int s, int64_t j) { return sm.ht[L(s * K + k) * H + j]; }, in_tile);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
         if (s < S) {
@@ -607,12 +628,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
       const T* w = c_output + (k - k0) * cv * H + j;
-      for (int64_t e = 0; e < cv; ++e) {
-        const C we = to_c(w[e * H]);
-        RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) acc[s] += sm.o[L(s * K + k) * cv + e] * we;
-      }
+      column_dot(acc, cv, [&](int64_t e) { return to_c(w[e * H]); },
+                 [&](int s, int64_t e) { return sm.o[L(s * K + k) * cv + e]; }, in_tile);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
