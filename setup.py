@@ -60,12 +60,13 @@ def _build_info_text(path, reason, torch):
 
 
 def _link_args():
-    # The C++ runtime by its shared object's name. Where the compiler finds no libstdc++.so (as
-    # on the GPU machines' image) g++ links libstdc++.a into _C: the process then holds two C++
-    # runtimes, and formatting a number into a torch error message (TORCH_CHECK's c10::str)
-    # crashed in the private copy's uninitialised locale (a segfault instead of the message).
-    # Naming libstdc++.so.6 first resolves every C++ runtime symbol from the shared library
-    # whatever the toolchain's defaults (tests/test_build.py checks the result).
+    # The C++ runtime by its shared object's name. Built on the GPU machines' image, _C held its
+    # own copy of libstdc++ code (presumably linked from libstdc++.a: where g++ finds no
+    # libstdc++.so it falls back to the archive), so the process ran two C++ runtimes, and
+    # formatting a number into a torch error message (TORCH_CHECK's c10::str) segfaulted in the
+    # private copy instead of raising. Naming libstdc++.so.6 first resolves every C++ runtime
+    # symbol from the shared library whatever the toolchain's defaults, -static-libstdc++
+    # included (tests/test_build.py checks the result).
     return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 

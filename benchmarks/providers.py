@@ -54,13 +54,13 @@ from .naive import NaiveRIM
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
-             "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq", "cuda_seq_mma",
-             "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu", "lstm",
+             "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq",
+             "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu", "lstm",
              "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
-                 "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq",
-                 "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu",
+                 "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda",
+                 "cuda_seq", "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu",
                  "naive")
 
 

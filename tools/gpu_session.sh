@@ -14,11 +14,11 @@
 # Every stage's time limit is the smaller of its cap (*_TIMEOUT) and what is left before DEADLINE
 # seconds (default 420) from the start, so the call ends inside the device tool's limit whatever
 # hangs. Everything is appended to $OUT/${LOG:-session}.log.
-#   bash tools/gpu_session.sh                         (build gputests memcheck bench)
+#   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
 # Building takes ~85 s on the device, a fresh machine ~30 s to start: two calls per session fit.
-STAGES=${STAGES:-"build gputests memcheck bench"}
+STAGES=${STAGES:-"build gputests memcheck bench ncu"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
