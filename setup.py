@@ -66,8 +66,18 @@ def _link_args():
     # formatting a number into a torch error message (TORCH_CHECK's c10::str) segfaulted in the
     # private copy instead of raising. Naming libstdc++.so.6 first resolves every C++ runtime
     # symbol from the shared library whatever the toolchain's defaults, -static-libstdc++
-    # included (tests/test_build.py checks the result).
-    return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+    # included (tests/test_build.py checks the result). By the compiler's own path to it
+    # (-print-file-name), since `-l:libstdc++.so.6` fails where that file is outside the linker's
+    # search path (a conda toolchain without its LDFLAGS); no flag if the compiler finds none.
+    if not sys.platform.startswith("linux"):
+        return []
+    import subprocess
+    try:
+        found = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.so.6"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [os.path.normpath(found)] if os.path.isabs(found) else []
 
 
 def _extensions(path, reason, torch):

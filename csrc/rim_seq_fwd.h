@@ -23,8 +23,9 @@ using SeqFwdResult = std::vector<at::Tensor>;
 using SeqBwdResult = std::vector<at::Tensor>;
 
 // One checked call of the forward, shared by the CPU and CUDA implementations: the sizes (S is
-// the tile chosen: the `tile` argument, or kSeqTileMax capped by B when it is 0), the inputs made
-// contiguous, and the allocated outputs.
+// the tile asked for: the `tile` argument, or kSeqTileMax capped by B when it is 0, which the CUDA
+// launcher lowers to ceil(B / SMs) and to what fits shared memory), the inputs made contiguous,
+// and the allocated outputs.
 struct SeqFwdCall {
   RimSeqDims d;
   at::Tensor keys, xsrc, w_x, h0, c0, wq, whh, bih, bhh, cq, ck, cv, co;

@@ -73,9 +73,9 @@ RESIDENT = {"weight_hh": 1, "w_x": 2, "comm_query": 4, "comm_key": 8, "comm_valu
 
 def tile_size() -> int:
     """``RIMS_FAST_CUDA_TILE``: samples per thread block of the persistent kernel, 1..8; 0 (the
-    default) takes 8, fewer when shared memory is short; the cluster forward's default is the
-    smallest tile whose clusters all run at once (one wave, ``cudaOccupancyMaxActiveClusters``).
-    A tuning knob until a GPU run picks the defaults from measurements."""
+    default) takes ``ceil(B / SMs)`` capped at 8 on the GPU (``min(8, B)`` in host runs), fewer
+    when shared memory is short; the cluster forward's default is the smallest tile whose
+    clusters all run at once (one wave, ``cudaOccupancyMaxActiveClusters``)."""
     v = os.environ.get("RIMS_FAST_CUDA_TILE", "0")
     if not v.isdigit() or int(v) > 8:
         raise ValueError(f"RIMS_FAST_CUDA_TILE must be an integer in 0..8, got {v!r}")
@@ -331,7 +331,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
-    ``tile``: samples per thread block, 1..8 (0: 8, fewer when shared memory is short; None:
+    ``tile``: samples per thread block, 1..8 (0: automatic, see :func:`tile_size`; None:
     :func:`tile_size`); ``mma``: weight products on tensor cores (None: :func:`mma_mode`; on CPU
     tensors ``True`` runs the tensor-core tiling in the host run, for tests); ``cluster``:
     mechanisms per block of a thread-block cluster for the forward, 0 for none (None:

@@ -11,9 +11,9 @@
 #   alltests  the whole test suite -> $OUT/pytest.log
 #   ncu       Nsight Compute on one persistent forward (CUDA cores, then tensor cores) and one
 #             backward at `paper` bf16 (tools/profile_case.py) -> $OUT/ncu.txt
-# Every stage's time limit is the smaller of its cap (*_TIMEOUT) and what is left before DEADLINE
-# seconds (default 420) from the start, so the call ends inside the device tool's limit whatever
-# hangs. Everything is appended to $OUT/${LOG:-session}.log.
+# Every stage's time limit (the build's too) is the smaller of its cap (*_TIMEOUT) and what is left
+# before DEADLINE seconds (default 420) from the start, so the call ends inside the device tool's
+# limit whatever hangs (the few seconds of nvidia-smi and version prints excepted). Everything is appended to $OUT/${LOG:-session}.log.
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
@@ -38,7 +38,7 @@ stamp "machine (commit ${GIT_SHA:-unknown})"; date -u; nvidia-smi --query-gpu=na
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 if want build; then
   stamp "build"
-  python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -60 /tmp/build.log; exit 1; }
+  run_for "${BUILD_TIMEOUT:-300}" python3 -m pip install --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1 || { tail -60 /tmp/build.log; exit 1; }
   tail -2 /tmp/build.log
 fi
 python3 -m rims_fast.info

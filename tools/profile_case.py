@@ -18,6 +18,7 @@ ap.add_argument("--tile", type=int, default=0, help="RIMS_FAST_CUDA_TILE (0: aut
 ap.add_argument("--backward", action="store_true", help="also run the backward kernel")
 args = ap.parse_args()
 os.environ.update(RIMS_FAST_CUDA_FWD="persistent", RIMS_FAST_CUDA_MMA=str(int(args.mma)),
+                  RIMS_FAST_CUDA_CLUSTER="0",
                   RIMS_FAST_CUDA_TILE=str(args.tile))
 torch.manual_seed(0)
 rim = rims_fast.RIM(64, 100, 6, 4, backend="cuda", device="cuda", dtype=torch.bfloat16)
