@@ -13,6 +13,10 @@ Triton's wheel) and its cubin's resource usage read with Triton's bundled ``cuob
     python tools/triton_resources.py                        # paper and large, bf16 and fp32, sm_90
     python tools/triton_resources.py --configs large --dtypes bf16 --cells lstm --arch 80
     python tools/triton_resources.py --configs large --kernels query,gates,qkv --json r.json
+    python tools/triton_resources.py --host-overhead --dtypes bf16 --cells lstm   # no compile
+
+``--host-overhead`` instead times the eager forward's own Python per step with every launch a
+no-op (``host_overhead``): what the launch loop costs besides Triton's launch itself.
 
 Exit status 1 if a kernel fails to compile or needs more shared memory than the target allows.
 Must run without ``TRITON_INTERPRET`` (the kernels are then JIT functions, not interpreted ones).
@@ -119,9 +123,9 @@ def resources(cubin: bytes, tmp: Path) -> dict:
             and kv.split(":")[1].isdigit()}
 
 
-def launches_for(cfg_name: str, dtype: torch.dtype, cell: str, T: int = 2) -> list:
-    """The launches of a forward (fused, tiled; saving, with dropout) and of the backward sweep at
-    this benchmark config's shapes (``T`` steps), on meta tensors."""
+def meta_inputs(cfg_name: str, dtype: torch.dtype, cell: str, T: int):
+    """``cfg, x, h0, c0, params`` of this benchmark config's shapes (``T`` steps), on meta
+    tensors."""
     c = CONFIGS[cfg_name]
     cfg = RimConfig(input_size=c.D, hidden_size=c.H, num_units=c.K, top_k=c.top_k, cell=cell)
     meta = dict(device="meta", dtype=dtype)
@@ -140,24 +144,62 @@ def launches_for(cfg_name: str, dtype: torch.dtype, cell: str, T: int = 2) -> li
     x = torch.empty(T, c.B, c.M, c.D, **meta)
     h0 = torch.empty(c.B, K, H, **meta)
     c0 = torch.empty(c.B, K, H, **meta) if cell == "lstm" else None
-    drop = dataclasses.replace(cfg, input_dropout=0.1, comm_dropout=0.1)
+    return cfg, x, h0, c0, P
+
+
+@contextmanager
+def fwd_mode(mode: str):
+    """``RIMS_FAST_TRITON_FWD=mode`` within, the caller's value restored after."""
     old = os.environ.get("RIMS_FAST_TRITON_FWD")
+    os.environ["RIMS_FAST_TRITON_FWD"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RIMS_FAST_TRITON_FWD", None)
+        else:
+            os.environ["RIMS_FAST_TRITON_FWD"] = old
+
+
+def launches_for(cfg_name: str, dtype: torch.dtype, cell: str, T: int = 2) -> list:
+    """The launches of a forward (fused, tiled; saving, with dropout) and of the backward sweep at
+    this benchmark config's shapes (``T`` steps), on meta tensors."""
+    cfg, x, h0, c0, P = meta_inputs(cfg_name, dtype, cell, T)
+    drop = dataclasses.replace(cfg, input_dropout=0.1, comm_dropout=0.1)
     with recording() as rec:
-        try:
-            for mode in ("fused", "tiled"):
-                os.environ["RIMS_FAST_TRITON_FWD"] = mode
+        for mode in ("fused", "tiled"):
+            with fwd_mode(mode):
                 rt._forward(x, h0, c0, P, cfg, 0.0, 0.0, 0, save=False)
                 res = rt._forward(x, h0, c0, P, drop, 0.1, 0.1, 0, save=True)
-            out, h_n, c_n, masks, *saved = res
-            rt._backward_sweep(drop, True, 0, torch.empty_like(out), torch.empty_like(h_n),
-                               torch.empty_like(c_n) if cell == "lstm" else None, x, h0, c0, P,
-                               masks, saved)
-        finally:
-            if old is None:
-                os.environ.pop("RIMS_FAST_TRITON_FWD", None)
-            else:
-                os.environ["RIMS_FAST_TRITON_FWD"] = old
+        out, h_n, c_n, masks, *saved = res
+        rt._backward_sweep(drop, True, 0, torch.empty_like(out), torch.empty_like(h_n),
+                           torch.empty_like(c_n) if cell == "lstm" else None, x, h0, c0, P,
+                           masks, saved)
     return rec
+
+
+def host_overhead(cfg_name: str, dtype: torch.dtype, cell: str, T: int = 100,
+                  reps: int = 7) -> dict:
+    """Microseconds of host (Python) time per step of the no-grad forward, fused and tiled, with
+    every ``JITFunction.run`` a no-op: what the eager loop costs besides Triton's own launch
+    (argument binding, specialization key, driver call), which needs a GPU. Best of ``reps``."""
+    import time
+    cfg, x, h0, c0, P = meta_inputs(cfg_name, dtype, cell, T)
+    orig, res = JITFunction.run, {}
+    JITFunction.run = lambda self, *a, **k: None
+    try:
+        for mode in ("fused", "tiled"):
+            with fwd_mode(mode):
+                rt._forward(x, h0, c0, P, cfg, 0.0, 0.0, 0, save=False)  # warm-up
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    rt._forward(x, h0, c0, P, cfg, 0.0, 0.0, 0, save=False)
+                    best = min(best, time.perf_counter() - t0)
+            res[mode] = best / T * 1e6
+    finally:
+        JITFunction.run = orig
+    return res
 
 
 def compile_all(rec: list, arch: int, tmp: Path, only=None) -> list[dict]:
@@ -203,7 +245,17 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="", help="only kernels whose name contains one of these "
                     "comma-separated strings")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--host-overhead", action="store_true", help="instead: the forward's host "
+                    "time per step with launches stubbed (no compile), per config, dtype, cell")
     args = ap.parse_args(argv)
+    if args.host_overhead:
+        print("| config | dtype | cell | fused µs/step | tiled µs/step |\n| --- | --- | --- | ---: | ---: |")
+        for name in args.configs.split(","):
+            for dt in args.dtypes.split(","):
+                for cell in args.cells.split(","):
+                    r = host_overhead(name, DTYPES[dt], cell)
+                    print(f"| {name} | {dt} | {cell} | {r['fused']:.1f} | {r['tiled']:.1f} |")
+        return 0
     only = [s for s in args.kernels.split(",") if s]
     allrows = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"triton_resources_{os.getpid()}"

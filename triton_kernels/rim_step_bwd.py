@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rim_step_fwd import BLOCK_B, NUM_WARPS, _load_rows, _sigmoid, _tanh, pad, pad_dot
+from .rim_step_fwd import BLOCK_B, NUM_WARPS, _load_rows, _sigmoid, _tanh, cdiv, pad, pad_dot
 
 # The cell backward keeps about fifteen (BLOCK_B, H) float32 tiles live (gates, their gradients,
 # states, dh): 8 warps halve their registers per thread (tools/triton_resources.py; the
@@ -306,7 +306,7 @@ def rim_comm_bwd(dh, masks, qc, kc, vc, bp, co, dhp, do, ds, dq, *, t, K, H, NC,
                  p_drop, prec):
     """Launch :func:`_rim_comm_bwd_kernel` for step ``t`` (all tensors contiguous)."""
     B = dh.shape[0]
-    grid = (triton.cdiv(B, BLOCK_B), K)
+    grid = (cdiv(B, BLOCK_B), K)
     _rim_comm_bwd_kernel[grid](
         dh, masks, qc, kc, vc, bp, co, dhp, do, ds, dq, B, t, seed, float(p_drop),
         1.0 / DC ** 0.5, K=K, H=H, NC=NC, DC=DC, DCV=DCV, HAS_DROP=p_drop > 0, BLOCK_B=BLOCK_B,
@@ -321,7 +321,7 @@ def rim_cell_bwd(dh, dc, gout, masks, hs, cs, gates, a, keys, xw, qc, bp, do, ds
     add ``gout[t-1]`` (the gradient of ``out[t-1] = h_{t-1}``) to the new ``dh``. ``xw`` holds
     step ``t`` at index ``t_xw`` (default ``t``: all steps; a chunk of steps otherwise)."""
     B = dh.shape[0]
-    grid = (triton.cdiv(B, BLOCK_B), K)
+    grid = (cdiv(B, BLOCK_B), K)
     _rim_cell_bwd_kernel[grid](
         dh, dc, gout, masks, hs, cs, gates, a, keys, xw, qc, bp, do, ds, dqc, wq, whh, cq, ck, cv,
         dkc, dvc, dg, dqi, dsi, B, M, t, t if t_xw is None else t_xw, seed, seed + 1, float(p_in),

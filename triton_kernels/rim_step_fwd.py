@@ -37,17 +37,27 @@ import triton.language as tl
 # are already rounded to the storage dtype are then done in float32 (the same values, exactly).
 _INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-__all__ = ["rim_cell_fwd", "rim_comm_fwd", "rim_dropout_masks", "pad_dot", "pad"]
+__all__ = ["rim_cell_fwd", "rim_comm_fwd", "rim_dropout_masks", "pad_dot", "pad", "cdiv"]
+
+# Host-side sizes in plain Python: triton.next_power_of_2 and triton.cdiv are ConstexprFunctions,
+# ~1.6 us a call from host code (Triton 3.6 and 3.8), and the launchers make ~10 such calls per
+# step: ~15 us of the eager loop's ~60 us of Python per step (launches stubbed, this machine).
 
 
 def pad(n: int) -> int:
-    """Next power of two (a ``tl.arange`` size)."""
-    return triton.next_power_of_2(int(n))
+    """Next power of two (a ``tl.arange`` size); ``triton.next_power_of_2``'s values."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def pad_dot(n: int) -> int:
     """Next power of two, at least 16 (a ``tl.dot`` dimension)."""
-    return max(16, triton.next_power_of_2(int(n)))
+    return max(16, pad(n))
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv``: ceil(a / b) for positive b."""
+    return -(-int(a) // int(b))
 
 
 @triton.jit
@@ -454,7 +464,7 @@ def rim_cell_fwd(h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, q
     pre-activations (LSTM ``i|f|g|o`` sums, GW = 4H; GRU ``gi|gh``, GW = 6H) and the undropped
     input attention probabilities of step ``t`` for the backward."""
     B = h.shape[0]
-    grid = (triton.cdiv(B, BLOCK_B), K)
+    grid = (cdiv(B, BLOCK_B), K)
     save = gates is not None
     _rim_cell_fwd_kernel[grid](
         h, c, keys, xw, wq, whh, bih, bhh, cq, ck, cv, ht, cn, masks, qc, kc, vc,
@@ -473,7 +483,7 @@ def rim_comm_fwd(ht, masks, qc, kc, vc, co, h, out, *, t, K, H, NC, DC, DCV, see
     ``(T, B, K, NC, K)`` and ``o`` ``(T, B, K, NC*DCV)`` float32 given, also saves the undropped
     communication probabilities and the (dropped, rounded) read of step ``t``."""
     B = h.shape[0]
-    grid = (triton.cdiv(B, BLOCK_B), K)
+    grid = (cdiv(B, BLOCK_B), K)
     save = bp is not None
     _rim_comm_fwd_kernel[grid](
         ht, masks, qc, kc, vc, co, h, out, bp if save else h, o if save else h,
@@ -491,5 +501,5 @@ def rim_dropout_masks(shape, seed, p_drop, device):
         n *= int(s)
     keep = torch.empty(n, dtype=torch.int8, device=device)
     BLOCK = 1024
-    _rim_dropout_masks_fwd_kernel[(triton.cdiv(n, BLOCK),)](keep, n, seed, float(p_drop), BLOCK=BLOCK)
+    _rim_dropout_masks_fwd_kernel[(cdiv(n, BLOCK),)](keep, n, seed, float(p_drop), BLOCK=BLOCK)
     return keep.view(shape).bool()

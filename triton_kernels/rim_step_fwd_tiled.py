@@ -34,8 +34,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .rim_step_fwd import (_dropout, _gates_cell, _null_softmax_head, _proj_store, _query, _rnd, pad,
-                           pad_dot)
+from .rim_step_fwd import (_dropout, _gates_cell, _null_softmax_head, _proj_store, _query, _rnd, cdiv,
+                           pad, pad_dot)
 
 __all__ = ["rim_query_fwd", "rim_gates_fwd", "rim_comm_qkv_fwd", "tile_sizes", "Tiles"]
 
@@ -195,7 +195,7 @@ def rim_query_fwd(h, keys, wq, p, a, *, t, M, K, H, NI, DK, prec, tiles: Tiles):
     undropped input probabilities ``a`` ``(B, K, NI, M)`` (contiguous; a slice of the saved
     ``(T, ...)`` history when saving)."""
     B = h.shape[0]
-    _rim_query_fwd_kernel[(triton.cdiv(B, tiles.block_b), K)](
+    _rim_query_fwd_kernel[(cdiv(B, tiles.block_b), K)](
         h, keys, wq, p, a, B, M, t, 1.0 / DK ** 0.5,
         K=K, H=H, NI=NI, DK=DK, BLOCK_B=tiles.block_b, BLOCK_K=tiles.block_k, DK_P=pad_dot(DK),
         M_P=pad(M), PREC=prec, num_warps=tiles.num_warps)
@@ -207,7 +207,7 @@ def rim_gates_fwd(h, c, p, a, xw, whh, bih, bhh, ht, cn, masks, *, t, M, K, H, N
     ``t``); with ``gates`` ``(T, B, K, GW)`` float32 given, also saves the gate pre-activations as
     :func:`.rim_step_fwd.rim_cell_fwd` does."""
     B = h.shape[0]
-    grid = (triton.cdiv(B, tiles.block_b), K, triton.cdiv(H, tiles.block_u))
+    grid = (cdiv(B, tiles.block_b), K, cdiv(H, tiles.block_u))
     save = gates is not None
     _rim_gates_fwd_kernel[grid](
         h, c, p, a, xw, whh, bih, bhh, ht, cn, masks, gates if save else h,
@@ -220,7 +220,7 @@ def rim_gates_fwd(h, c, p, a, xw, whh, bih, bhh, ht, cn, masks, *, t, M, K, H, N
 def rim_comm_qkv_fwd(ht, cq, ck, cv, qc, kc, vc, *, K, H, NC, DC, DCV, prec, tiles: Tiles):
     """Launch :func:`_rim_comm_qkv_fwd_kernel`: Q, K, V (rounded) of every mechanism's ``h~``."""
     B = ht.shape[0]
-    _rim_comm_qkv_fwd_kernel[(triton.cdiv(B, tiles.block_b), K, 3)](
+    _rim_comm_qkv_fwd_kernel[(cdiv(B, tiles.block_b), K, 3)](
         ht, cq, ck, cv, qc, kc, vc, B,
         K=K, H=H, NC=NC, DC=DC, DCV=DCV, BLOCK_B=tiles.block_b, BLOCK_K=tiles.block_k,
         CQ_P=pad_dot(NC * DC), CV_P=pad_dot(NC * DCV), PREC=prec, num_warps=tiles.num_warps)
