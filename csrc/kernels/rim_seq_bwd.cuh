@@ -102,7 +102,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const int C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
   const int64_t b0 = tile * p.S;
   const int S = int((B - b0) < p.S ? (B - b0) : p.S);
-  const auto in_tile = [S](int s, int64_t) { return s < S; };  // column_dot's samples
+  // The CUDA-core products' items: NC adjacent columns each (column_dot.cuh); groups per
+  // mechanism of d o (cv columns), of dh~ and dh_{t-1} (H) and per input head of d xa (Dx).
+  constexpr int NC = kColumnsOf<C>;
+  const int g_cv = column_groups(cv, NC), g_h = column_groups(H, NC);
+  const int g_dx = column_groups(Dx, NC);
   const int KH = K * H;
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
@@ -168,16 +172,20 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dout[(s * K + k) * cv + e] = v;  // zero on inactive rows (their operand rows are)
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * cv, [&](int i) {
-      const int k = i / cv, e = i % cv;
-      C acc[SMAX];
+    if constexpr (!MMA) ex.parallel_for(K * g_cv, [&](int i) {
+      const int k = i / g_cv, e0 = (i % g_cv) * NC, nc = min_int(NC, cv - e0);
+      C acc[NC][SMAX];
+      columns_fill(acc, C(0));
+      columns_dot(acc, S, H, p.c_output_t + int64_t(k) * H * cv + e0, cv, nc,
+                  [&](int s, int64_t j) { return sm.dh[(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      column_dot(acc, H, [&](int64_t j) { return to_c(p.c_output_t[(k * H + j) * cv + e]); },
-                 [&](int s, int64_t j) { return sm.dh[(s * K + k) * H + j]; }, in_tile);
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s)
-        if (s < S) sm.dout[(s * K + k) * cv + e] = active(t, s * K + k) ? acc[s] : C(0);
+      for (int s = 0; s < SMAX; ++s) {
+        if (s >= S) continue;
+        const bool on = active(t, s * K + k);
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c)
+          if (c < nc) sm.dout[(s * K + k) * cv + e0 + c] = on ? acc[c][s] : C(0);
+      }
     });
     ex.parallel_for(S * KH, [&](int i) {
       hist(p.h_dhp, t, i / H, H)[i % H] = active(t, i / H) ? sm.dh[i] : C(0);
@@ -245,21 +253,27 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dht[i] = sm.dh[i] + v;
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
-      const int k = i / H, j = i % H;
-      C acc[SMAX];
+    if constexpr (!MMA) ex.parallel_for(K * g_h, [&](int i) {
+      const int k = i / g_h, j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      C acc[NC][SMAX];
       bool kv[SMAX];
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) {
-        acc[s] = C(0);
-        kv[s] = s < S && (active(t, s * K + k) || !p.block_inactive_grad);
-      }
-      column_dot(acc, C3, [&](int64_t c) { return to_c(p.c_qkv_t[(k * C3 + c) * H + j]); },
-                 [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + c]; },
-                 [&](int s, int64_t c) { return s < S && (c < ck || kv[s]); });
+      columns_fill(acc, C(0));
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
-        if (s < S) sm.dht[(s * K + k) * H + j] = sm.dh[(s * K + k) * H + j] + acc[s];
+        kv[s] = s < S && (active(t, s * K + k) || !p.block_inactive_grad);
+      columns_dot(acc, S, C3, p.c_qkv_t + int64_t(k) * C3 * H + j0, H, nc,
+                  [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + c]; },
+                  [&](int s, int64_t c) { return s < S && (c < ck || kv[s]); });
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        if (s >= S) continue;
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nc) continue;
+          const int x = (s * K + k) * H + j0 + c;
+          sm.dht[x] = sm.dh[x] + acc[c][s];
+        }
+      }
     });
     // 3 backward: the masked cell. Inactive rows pass dh~ and dc through unchanged.
     ex.parallel_for(S * KH, [&](int i) {
@@ -299,20 +313,26 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * XW, [&](int i) {
-      const int k = i / XW, col = i % XW, n = col / Dx, d = col % Dx;
-      C acc[SMAX];
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      const C* ft = wx_t + (k * n_in + n) * GH * Dx + d;
-      column_dot(acc, GH, [&](int64_t g) { return ft[g * Dx]; },
-                 [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + g]; }, in_tile);
+    // Groups of NC columns within one input head n.
+    if constexpr (!MMA) ex.parallel_for(K * n_in * g_dx, [&](int i) {
+      const int k = i / (n_in * g_dx), n = (i / g_dx) % n_in, d0 = (i % g_dx) * NC;
+      const int nc = min_int(NC, Dx - d0);
+      C acc[NC][SMAX];
+      columns_fill(acc, C(0));
+      columns_dot(acc, S, GH, wx_t + (int64_t(k) * n_in + n) * GH * Dx + d0, Dx, nc,
+                  [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + g]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
         const int r = s * K + k;
-        sm.dgf[r * XW + col] = active(t, r) ? acc[s] : C(0);
-        hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
+        const bool on = active(t, r);
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nc) continue;
+          const int d = d0 + c, col = n * Dx + d;
+          sm.dgf[r * XW + col] = on ? acc[c][s] : C(0);
+          hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
+        }
       }
     });
     // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax; dq.
@@ -383,26 +403,34 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dhp[i] = d;
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * H, [&](int i) {
-      const int k = i / H, j = i % H;
-      C acc[SMAX];
+    if constexpr (!MMA) ex.parallel_for(K * g_h, [&](int i) {
+      const int k = i / g_h, j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      C acc[NC][SMAX];
       bool on[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         on[s] = s < S && active(t, s * K + k);
-        acc[s] = s < S ? sm.dhp[(s * K + k) * H + j] : C(0);
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c)
+          acc[c][s] = s < S && c < nc ? sm.dhp[(s * K + k) * H + j0 + c] : C(0);
       }
       const int64_t off = p.lstm ? 0 : GH;
       const auto on_row = [&](int s, int64_t) { return on[s]; };
-      column_dot(acc, GH, [&](int64_t g) { return to_c(p.w_hh_t[(k * GH + g) * H + j]); },
-                 [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + off + g]; }, on_row);
-      column_dot(acc, nk, [&](int64_t e) { return to_c(p.w_query_t[(k * nk + e) * H + j]); },
-                 [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
+      columns_dot(acc, S, GH, p.w_hh_t + int64_t(k) * GH * H + j0, H, nc,
+                  [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + off + g]; }, on_row);
+      columns_dot(acc, S, nk, p.w_query_t + int64_t(k) * nk * H + j0, H, nc,
+                  [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
-        if (t > 0 && g_out != nullptr) acc[s] += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
-        sm.dhp[(s * K + k) * H + j] = acc[s];
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nc) continue;
+          const int j = j0 + c;
+          if (t > 0 && g_out != nullptr)
+            acc[c][s] += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
+          sm.dhp[(s * K + k) * H + j] = acc[c][s];
+        }
       }
     });
     ex.parallel_for(S * KH, [&](int i) { sm.dh[i] = sm.dhp[i]; });

@@ -27,50 +27,13 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "column_dot.cuh"
 #include "masked_cell.cuh"
 #include "mma_rows.cuh"
 #include "rim_numerics.h"
 #include "storage_types.cuh"
 
-#if defined(__CUDACC__)
-#define RIMS_UNROLL _Pragma("unroll")
-#else
-#define RIMS_UNROLL
-#endif
-
 namespace rims {
-
-// Weights of one column loaded per batch by column_dot: in flight together.
-constexpr int kColumnBatch = 8;
-
-// acc[s] += row(s, j) * load(j) for j = 0 .. n-1 in ascending order, for each sample s < SMAX
-// (unrolled) where use(s, j) holds (the tile's S samples, or fewer). The weights (load: a strided global/L2 read) come
-// kColumnBatch at a time before their FMAs. The plain loop, with SMAX guarded FMAs per weight in
-// its body, was unrolled only by 2 by nvcc (the gate product's SASS: 2 loads per iteration), so
-// each step of the CUDA-core forward waited on hundreds of dependent L2 round trips
-// (benchmarks/README.md, "Measured on an H100"). Same FMAs in the same order: same result bits.
-template <int SMAX, typename C, typename Load, typename Row, typename Use>
-RIMS_HD void column_dot(C (&acc)[SMAX], int64_t n, const Load& load, const Row& row,
-                        const Use& use) {
-  int64_t j = 0;
-  for (; j + kColumnBatch <= n; j += kColumnBatch) {
-    C w[kColumnBatch];
-    RIMS_UNROLL
-    for (int u = 0; u < kColumnBatch; ++u) w[u] = load(j + u);
-    RIMS_UNROLL
-    for (int u = 0; u < kColumnBatch; ++u) {
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s)
-        if (use(s, j + u)) acc[s] += row(s, j + u) * w[u];
-    }
-  }
-  for (; j < n; ++j) {
-    const C w = load(j);
-    RIMS_UNROLL
-    for (int s = 0; s < SMAX; ++s)
-      if (use(s, j)) acc[s] += row(s, j) * w;
-  }
-}
 
 // Sizes and options of one call (SPEC names; Dx, xrow, xhead: the input term's source, above).
 struct RimSeqDims {
@@ -309,7 +272,12 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
   auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
   auto L = [&](int r) { return CLUSTER ? (r / K) * kpr + r % K - k0 : r; };
-  const auto in_tile = [S](int s, int64_t) { return s < S; };  // column_dot's samples
+  // The CUDA-core products' items: NC adjacent columns each (column_dot.cuh); groups per
+  // mechanism of the queries, gates, communication Q|K|V and output.
+  constexpr int NC = kColumnsOf<C>;
+  const int g_q = column_groups(nk, NC), g_g = column_groups(GH, NC);
+  const int g_ck = column_groups(ck, NC), g_qkv = 2 * g_ck + column_groups(cv, NC);
+  const int g_h = column_groups(H, NC);
 #if !defined(__CUDA_ARCH__)
   // Host runs (the tests): the template must match the call's options, which select the layout.
   if (MMA != p.mma || CLUSTER != (p.kpr > 0))
@@ -361,15 +329,25 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   for (int64_t t = 0; t < p.T_; ++t) {
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * xrow;
-    // 1a. Input queries q[s, k] = h[s, k] input_query[k].
-    ex.parallel_for(S * kn * nk, [&](int i) {
-      const int e = i % nk, r = row(i / nk), k = r % K;
-      const C* hr = sm.h + L(r) * H;
-      const T* w = w_query + (k - k0) * H * nk + e;
-      C acc = C(0);
-      for (int64_t j = 0; j < H; ++j) acc += hr[j] * to_c(w[j * nk]);
-      sm.q[L(r) * nk + e] = acc;
-      if (save) sv(p.sv_q, t, r, nk)[e] = acc;
+    // 1a. Input queries q[s, k] = h[s, k] input_query[k], weight-stationary: item (k, NC
+    // columns), all the tile's samples.
+    ex.parallel_for(kn * g_q, [&](int i) {
+      const int k = k0 + i / g_q, e0 = (i % g_q) * NC, nc = min_int(NC, nk - e0);
+      C acc[NC][SMAX];
+      columns_fill(acc, C(0));
+      columns_dot(acc, S, H, w_query + (k - k0) * H * nk + e0, nk, nc,
+                  [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
+      RIMS_UNROLL
+      for (int s = 0; s < SMAX; ++s) {
+        if (s >= S) continue;
+        const int r = s * K + k;
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nc) continue;
+          sm.q[L(r) * nk + e0 + c] = acc[c][s];
+          if (save) sv(p.sv_q, t, r, nk)[e0 + c] = acc[c][s];
+        }
+      }
     });
     // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
     ex.parallel_for(S * kn, [&](int i) {
@@ -418,39 +396,42 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     });
     // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
     // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
-    if constexpr (!MMA) ex.parallel_for(kn * GH, [&](int i) {
-      const int k = k0 + i / GH, col = i % GH;
-      // Accumulators indexed by compile-time s (unrolled to SMAX, guarded by S): registers.
-      C gi[SMAX], gh[SMAX];
+    if constexpr (!MMA) ex.parallel_for(kn * g_g, [&](int i) {
+      const int k = k0 + i / g_g, c0 = (i % g_g) * NC, nc = min_int(NC, GH - c0);
+      // Accumulators indexed by compile-time c, s (unrolled, guarded by nc, S): registers.
+      C gi[NC][SMAX], gh[NC][SMAX];
+      columns_fill(gi, C(0));
+      columns_fill(gh, C(0));
+      columns_dot(gi, S, XW, w_x + (k - k0) * XW * GH + c0, GH, nc,
+                  [&](int s, int64_t j) { return sm.xa[L(s * K + k) * XW + j]; }, EveryRow{});
+      columns_dot(gh, S, H, w_hh + (k - k0) * H * GH + c0, GH, nc,
+                  [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) gi[s] = gh[s] = C(0);
-      const C* f = w_x + (k - k0) * XW * GH + col;
-      column_dot(gi, XW, [&](int64_t j) { return f[j * GH]; },
-                 [&](int s, int64_t j) { return sm.xa[L(s * K + k) * XW + j]; }, in_tile);
-      const T* wh = w_hh + (k - k0) * H * GH + col;
-      column_dot(gh, H, [&](int64_t j) { return to_c(wh[j * GH]); },
-                 [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, in_tile);
-      const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) {
-        const int r = s * K + k, l = L(r);
-        if (s >= S) continue;
-        if (sm.act[l] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
-          if (save) {
-            sv(p.sv_g, t, r, GW)[col] = C(0);
-            if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = C(0);
+      for (int c = 0; c < NC; ++c) {
+        if (c >= nc) continue;
+        const int col = c0 + c;
+        const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s) {
+          const int r = s * K + k, l = L(r);
+          if (s >= S) continue;
+          if (sm.act[l] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
+            if (save) {
+              sv(p.sv_g, t, r, GW)[col] = C(0);
+              if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = C(0);
+            }
+            continue;
           }
-          continue;
-        }
-        if (p.lstm) {
-          sm.g[l * GW + col] = gi[s] + gh[s] + (bi + bh);
-        } else {
-          sm.g[l * GW + col] = gi[s] + bi;
-          sm.g[l * GW + GH + col] = gh[s] + bh;
-        }
-        if (save) {
-          sv(p.sv_g, t, r, GW)[col] = sm.g[l * GW + col];
-          if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = sm.g[l * GW + GH + col];
+          if (p.lstm) {
+            sm.g[l * GW + col] = gi[c][s] + gh[c][s] + (bi + bh);
+          } else {
+            sm.g[l * GW + col] = gi[c][s] + bi;
+            sm.g[l * GW + GH + col] = gh[c][s] + bh;
+          }
+          if (save) {
+            sv(p.sv_g, t, r, GW)[col] = sm.g[l * GW + col];
+            if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = sm.g[l * GW + GH + col];
+          }
         }
       }
     });
@@ -549,29 +530,35 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       });
     }
     // Weight-stationary on CUDA cores: item (k, column), all the tile's samples.
-    if constexpr (!MMA) ex.parallel_for(kn * C3, [&](int i) {
-      const int k = k0 + i / C3, col = i % C3;
-      const T* w = col < ck ? c_query + (k - k0) * H * ck + col
-                   : col < 2 * ck ? c_key + (k - k0) * H * ck + (col - ck)
-                                  : c_value + (k - k0) * H * cv + (col - 2 * ck);
-      const int64_t ld = col < 2 * ck ? ck : cv;
-      C acc[SMAX];
+    // Groups: g_ck of comm_query's columns, g_ck of comm_key's, then g_cv of comm_value's.
+    if constexpr (!MMA) ex.parallel_for(kn * g_qkv, [&](int i) {
+      const int k = k0 + i / g_qkv, g = i % g_qkv;
+      const int which = g < g_ck ? 0 : g < 2 * g_ck ? 1 : 2;  // Q, K, V
+      const int c0 = (g - which * g_ck) * NC;                   // in that weight
+      const int width = which < 2 ? ck : cv, nc = min_int(NC, width - c0);
+      const T* w = which == 0 ? c_query + (k - k0) * H * ck
+                   : which == 1 ? c_key + (k - k0) * H * ck : c_value + (k - k0) * H * cv;
+      C acc[NC][SMAX];
+      columns_fill(acc, C(0));
+      columns_dot(acc, S, H, w + c0, width, nc,
+                  [&](int s, int64_t j) { return sm.ht[L(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      column_dot(acc, H, [&](int64_t j) { return to_c(w[j * ld]); },
-                 [&](int s, int64_t j) { return sm.ht[L(s * K + k) * H + j]; }, in_tile);
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s)
-        if (s < S) {
-          const int r = s * K + k;
-          if (save) sv(p.sv_qkv, t, r, C3)[col] = acc[s];
-          if (col < ck) {
-            sm.cq[L(r) * ck + col] = acc[s];
-          } else {  // K | V: every block reads them
-            sm.kv[r * CKV + col - ck] = acc[s];
-            push(sm.kv + r * CKV + col - ck, acc[s]);
+      for (int c = 0; c < NC; ++c) {
+        if (c >= nc) continue;
+        const int col = which * ck + c0 + c;  // in Q | K | V
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          if (s < S) {
+            const int r = s * K + k;
+            if (save) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
+            if (col < ck) {
+              sm.cq[L(r) * ck + col] = acc[c][s];
+            } else {  // K | V: every block reads them
+              sm.kv[r * CKV + col - ck] = acc[c][s];
+              push(sm.kv + r * CKV + col - ck, acc[c][s]);
+            }
           }
-        }
+      }
     });
     publish();  // every mechanism's K | V
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
@@ -622,21 +609,24 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         from_c(hv, p.out + ((t * B + b0 + s) * K + k) * H + j);
       });
     }
-    if constexpr (!MMA) ex.parallel_for(kn * H, [&](int i) {
-      const int k = k0 + i / H, j = i % H;
-      C acc[SMAX];
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s) acc[s] = C(0);
-      const T* w = c_output + (k - k0) * cv * H + j;
-      column_dot(acc, cv, [&](int64_t e) { return to_c(w[e * H]); },
-                 [&](int s, int64_t e) { return sm.o[L(s * K + k) * cv + e]; }, in_tile);
+    if constexpr (!MMA) ex.parallel_for(kn * g_h, [&](int i) {
+      const int k = k0 + i / g_h, j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      C acc[NC][SMAX];
+      columns_fill(acc, C(0));
+      columns_dot(acc, S, cv, c_output + (k - k0) * cv * H + j0, H, nc,
+                  [&](int s, int64_t e) { return sm.o[L(s * K + k) * cv + e]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) continue;
         const int l = L(s * K + k);
-        const C v = sm.act[l] != C(0) ? sm.ht[l * H + j] + acc[s] : sm.ht[l * H + j];
-        sm.h[l * H + j] = v;
-        from_c(v, p.out + ((t * B + b0 + s) * K + k) * H + j);
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nc) continue;
+          const int j = j0 + c;
+          const C v = sm.act[l] != C(0) ? sm.ht[l * H + j] + acc[c][s] : sm.ht[l * H + j];
+          sm.h[l * H + j] = v;
+          from_c(v, p.out + ((t * B + b0 + s) * K + k) * H + j);
+        }
       }
     });
   }

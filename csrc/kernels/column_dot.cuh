@@ -1,0 +1,118 @@
+// The weight-stationary CUDA-core products of the persistent kernels (rim_seq_fwd.cuh,
+// rim_seq_bwd.cuh): one item computes NC adjacent columns of a mechanism's weight product for all
+// the tile's samples,
+//   acc[c][s] += row(s, j) * W[j, col0 + c]   for j = 0 .. n-1 in ascending order,
+// W row-major with row stride ld (W[j, col0 + c] at w[j * ld + c]).
+//
+// Why this shape: on an H100 these products were bound by the latency of their weight loads
+// (benchmarks/README.md, "Measured on an H100": each thread waited on one L2 round trip per one
+// or two weights, and one block of 8 warps per SM hid none of it). So a thread keeps
+// kColumnBatch rows x NC columns of weights in flight before their FMAs, reads the NC columns of
+// a row as one vector where alignment allows, and reuses each activation row(s, j) NC times.
+// Each column's sum keeps the order of a plain loop over j (same FMAs, same result bits), so the
+// grouping changes no result: host runs check that (tests/test_rim_seq.py).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "masked_cell.cuh"  // RIMS_HD
+#include "storage_types.cuh"
+
+#if defined(__CUDACC__)
+#define RIMS_UNROLL _Pragma("unroll")
+#else
+#define RIMS_UNROLL
+#endif
+
+namespace rims {
+
+// Rows of weights loaded per batch, before their FMAs.
+constexpr int kColumnBatch = 16;
+
+// Adjacent columns per item: 4 in float32 compute (one 8-byte load of bfloat16/half weights, 16
+// bytes of float), 2 in float64 (its accumulators take twice the registers).
+template <typename C>
+constexpr int kColumnsOf = sizeof(C) > 4 ? 2 : 4;
+
+RIMS_HD int min_int(int a, int b) { return a < b ? a : b; }
+
+// Groups of NC columns covering `width` columns (the last one may be partial).
+RIMS_HD int column_groups(int width, int nc) { return (width + nc - 1) / nc; }
+
+template <typename W, int N>
+struct alignas(sizeof(W) * N) WeightVec {
+  W v[N];
+};
+
+// Whether every row's NC weights of a full group can be read as one aligned vector.
+template <int NC, typename W>
+RIMS_HD bool columns_vectorizable(const W* w, int64_t ld) {
+  return NC > 1 && ld % NC == 0 && reinterpret_cast<uintptr_t>(w) % (sizeof(W) * NC) == 0;
+}
+
+// out[c] = W[j, col0 + c] for c < nc, converted to the compute type; columns past nc (a partial
+// group) repeat column 0 so that every load stays in bounds; their sums are never used.
+template <int NC, typename C, typename W>
+RIMS_HD void load_columns(const W* w, bool vec, int nc, C (&out)[NC]) {
+  if (vec) {
+#if defined(__CUDA_ARCH__)
+    const WeightVec<W, NC> v = *reinterpret_cast<const WeightVec<W, NC>*>(w);
+    RIMS_UNROLL
+    for (int c = 0; c < NC; ++c) out[c] = to_c(v.v[c]);
+#else
+    W v[NC];
+    std::memcpy(v, w, sizeof(v));
+    for (int c = 0; c < NC; ++c) out[c] = to_c(v[c]);
+#endif
+    return;
+  }
+  RIMS_UNROLL
+  for (int c = 0; c < NC; ++c) out[c] = to_c(w[c < nc ? c : 0]);
+}
+
+// The product (header comment) for columns col0 .. col0 + nc - 1 (nc <= NC; w points at
+// W[0, col0]) and the samples s < S (S <= SMAX) where use(s, j) holds; acc is accumulated into,
+// not cleared. Per batch of rows: the loads first, then sample by sample (a branch, not SMAX
+// predicated blocks: a tile of 1 sample would otherwise issue 8 samples' instructions). Indices
+// into acc are compile-time (unrolled loops) so that it stays in registers.
+template <int NC, int SMAX, typename C, typename W, typename Row, typename Use>
+RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64_t ld, int nc,
+                         const Row& row, const Use& use) {
+  const bool vec = nc == NC && columns_vectorizable<NC>(w, ld);
+  for (int64_t j = 0; j < n; j += kColumnBatch) {
+    const int m = n - j < kColumnBatch ? int(n - j) : kColumnBatch;
+    C wb[kColumnBatch][NC] = {};
+    RIMS_UNROLL
+    for (int u = 0; u < kColumnBatch; ++u)
+      if (u < m) load_columns<NC>(w + (j + u) * ld, vec, nc, wb[u]);
+    RIMS_UNROLL
+    for (int s = 0; s < SMAX; ++s) {
+      if (s >= S) break;
+      RIMS_UNROLL
+      for (int u = 0; u < kColumnBatch; ++u) {
+        if (u >= m || !use(s, j + u)) continue;
+        const C x = row(s, j + u);
+        RIMS_UNROLL
+        for (int c = 0; c < NC; ++c) acc[c][s] += x * wb[u][c];
+      }
+    }
+  }
+}
+
+// columns_dot's use() when every sample s < S takes part.
+struct EveryRow {
+  RIMS_HD bool operator()(int, int64_t) const { return true; }
+};
+
+// acc[c][s] = value for every column and sample (the accumulators' start).
+template <int NC, int SMAX, typename C>
+RIMS_HD void columns_fill(C (&acc)[NC][SMAX], C value) {
+  RIMS_UNROLL
+  for (int c = 0; c < NC; ++c) {
+    RIMS_UNROLL
+    for (int s = 0; s < SMAX; ++s) acc[c][s] = value;
+  }
+}
+
+}  // namespace rims
