@@ -7,6 +7,9 @@
 ``python -m benchmarks.flops --matmul``        + this CPU's torch.mm / bmm GFLOP/s
 ``python -m benchmarks.flops --triton``        + the Triton forward's L2 traffic per step, fused
                                                and column-tiled (a model, not a measurement)
+``python -m benchmarks.flops --seq-trips``     + the persistent CUDA-core forward's dependent L2
+                                               round trips per thread and step, per code version
+                                               (a latency model, calibrated on one measurement)
 
 FLOPs count a multiply-add as 2. "all" is what the reference evaluates (every mechanism, masked
 afterwards); "active-only" is what a kernel that skips inactive mechanisms must do (SPEC step 3
@@ -284,6 +287,67 @@ def triton_l2_bytes(c: BenchConfig, tiled: bool, block_b: int, block_u: int = 32
     return t
 
 
+def seq_fwd_trips(c: BenchConfig, S: int = 1, columns: int = 4, batch: int = 16,
+                  query_items_per_sample: bool = False, query_batch: int = 16,
+                  threads: int = 256, n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c: int = 32,
+                  d_cv: int = 32) -> dict[str, int]:
+    """Dependent L2 round trips one thread of the persistent CUDA-core forward
+    (``csrc/kernels/rim_seq_fwd.cuh``, one block of ``threads`` per tile of ``S`` samples) waits
+    on per step, by weight product: the items (a mechanism's ``columns`` adjacent columns, all
+    the tile's samples) are spread over the threads (``rounds``), and an item's reduction of
+    length ``n`` loads its weights ``batch`` rows at a time before their FMAs (``ceil(n /
+    batch)`` trips). ``query_items_per_sample``: the input queries as they were before
+    weight-stationary items (one item per sample, mechanism and column, loop unrolled by
+    ``query_batch``). A model of latency only: no bandwidth, FLOPs, barriers or shared memory."""
+    K, H, M, D = c.K, c.H, c.M, c.D
+    GH, nk, ck, cv = 4 * H, n_in * d_k, n_c * d_c, n_c * d_cv
+    d_v = 4 * H // n_in
+    XW = n_in * D if M * D <= d_v else n_in * d_v
+
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    def rounds(items: int) -> int:
+        return cdiv(items, threads)
+
+    def groups(width: int) -> int:
+        return cdiv(width, columns)
+
+    q = (rounds(S * K * nk) * cdiv(H, query_batch) if query_items_per_sample
+         else rounds(K * groups(nk)) * cdiv(H, batch))
+    return {"queries": q,
+            "gates": rounds(K * groups(GH)) * (cdiv(XW, batch) + cdiv(H, batch)),
+            "Q|K|V": rounds(K * (2 * groups(ck) + groups(cv))) * cdiv(H, batch),
+            "output": rounds(K * groups(H)) * cdiv(cv, batch)}
+
+
+#: The persistent forward's code versions for :func:`seq_fwd_trips`: (label, keyword arguments).
+#: 8646de0 is the code the H100 measured (nvcc unrolled the plain column loops by 2 and the query
+#: loop by 16, in the sm_90a SASS).
+SEQ_VERSIONS = (
+    ("8646de0 (measured: plain loops)", dict(columns=1, batch=2, query_items_per_sample=True)),
+    ("0816b89 (column_dot, 8 rows)", dict(columns=1, batch=8, query_items_per_sample=True)),
+    ("columns_dot (4 columns, 16 rows)", dict(columns=4, batch=16)),
+)
+
+
+def report_seq_trips(measured_us: float = 405.0, name: str = "paper") -> str:
+    """Markdown table of :func:`seq_fwd_trips` per code version at tile 1, each scaled by the time
+    per trip that makes the first version match ``measured_us`` per step (the H100's bf16 tile-1
+    forward, results/nvidia-h100-session-2026-11-26d-2-tiles.log)."""
+    c = CONFIGS[name]
+    rows = [(label, seq_fwd_trips(c, S=1, **kw)) for label, kw in SEQ_VERSIONS]
+    ns = measured_us * 1e3 / sum(rows[0][1].values())
+    out = [f"`{name}`, tile 1, 256 threads; {ns:.0f} ns per trip (calibrated on the first row)\n",
+           "| code | queries | gates | comm Q/K/V | output | trips per step | model µs per step |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, t in rows:
+        tot = sum(t.values())
+        out.append(f"| {label} | {t['queries']} | {t['gates']} | {t['Q|K|V']} | {t['output']} | "
+                   f"{tot} | {tot * ns / 1e3:.0f} |")
+    return "\n".join(out)
+
+
 def report_triton(names=("paper", "large")) -> str:
     """Markdown table of :func:`triton_l2_bytes` for both modes, at the kernels' tile sizes."""
     try:
@@ -313,6 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--matmul", action="store_true", help="measure this CPU's matmul GFLOP/s")
     ap.add_argument("--triton", action="store_true",
                     help="the Triton forward's L2 bytes per step, fused and tiled (a model)")
+    ap.add_argument("--seq-trips", action="store_true",
+                    help="the persistent CUDA-core forward's L2 round trips per step (a model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -334,6 +400,9 @@ def main(argv=None) -> int:
     if args.triton:
         print("\n### The Triton forward's L2 traffic per step (bf16 weights; a model)\n")
         print(report_triton())
+    if args.seq_trips:
+        print("\n### The persistent CUDA-core forward's dependent L2 round trips per step (a model)\n")
+        print(report_seq_trips())
     if args.launches:
         device = torch.device(args.device)
         print(f"\n### Ops per step ({device.type}, paper shapes, T=3 minus T=2, torch.profiler)\n")

@@ -9,8 +9,9 @@
 #   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
 #   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log
-#   ncu       Nsight Compute on one persistent forward (CUDA cores, then tensor cores) and one
-#             backward at `paper` bf16 (tools/profile_case.py) -> $OUT/ncu.txt
+#   ncu       Nsight Compute on one persistent forward (CUDA cores, tensor cores, clusters) and
+#             one backward at `paper` bf16 (tools/profile_case.py), with every warp stall reason
+#             (which of L2 latency, barriers, instruction fetch... the step waits on) -> $OUT/ncu.txt
 # Every stage's time limit (the build's too) is the smaller of its cap (*_TIMEOUT) and what is left
 # before DEADLINE seconds (default 420) from the start, so the call ends inside the device tool's
 # limit whatever hangs (the few seconds of nvidia-smi and version prints excepted). Everything is appended to $OUT/${LOG:-session}.log.
@@ -79,15 +80,22 @@ if want tiles; then
 fi
 if want ncu; then
   stamp "ncu (persistent kernels, paper bf16)"
-  for a in "" "--mma" "--mma --backward"; do
+  stalls=""
+  for r in long_scoreboard short_scoreboard barrier no_instruction wait mio_throttle lg_throttle \
+           math_pipe_throttle branch_resolving membar not_selected selected dispatch_stall misc; do
+    stalls="$stalls,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+  done
+  for a in "" "--mma" "--cluster" "--mma --backward"; do
     k=rim_seq_fwd; case "$a" in *backward*) k=rim_seq_bwd;; esac
     echo "##### profile_case $a ($k)" >> "$OUT/ncu.txt"
     run_for "${NCU_TIMEOUT:-60}" ncu --kernel-name "regex:$k" --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-      --section MemoryWorkloadAnalysis --section SchedulerStats python3 tools/profile_case.py $a >> "$OUT/ncu.txt" 2>&1
+      --section MemoryWorkloadAnalysis --section SchedulerStats \
+      --metrics "smsp__inst_executed.sum,sm__cycles_elapsed.max$stalls" \
+      python3 tools/profile_case.py $a >> "$OUT/ncu.txt" 2>&1
     echo "exit $?"
   done
-  grep -E "Duration|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|Stall|Registers" "$OUT/ncu.txt" | head -40
+  grep -E "#####|Duration|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|Registers|inst_executed|issue_stalled" "$OUT/ncu.txt" | head -120
 fi
 if want alltests; then
   stamp "all tests"

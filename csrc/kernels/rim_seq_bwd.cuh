@@ -180,7 +180,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
                   [&](int s, int64_t j) { return sm.dh[(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        if (s >= S) continue;
+        if (s >= S) break;
         const bool on = active(t, s * K + k);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c)
@@ -266,10 +266,10 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
                   [&](int s, int64_t c) { return s < S && (c < ck || kv[s]); });
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        if (s >= S) continue;
+        if (s >= S) break;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
-          if (c >= nc) continue;
+          if (c >= nc) break;
           const int x = (s * K + k) * H + j0 + c;
           sm.dht[x] = sm.dh[x] + acc[c][s];
         }
@@ -323,12 +323,12 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
                   [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + g]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        if (s >= S) continue;
+        if (s >= S) break;
         const int r = s * K + k;
         const bool on = active(t, r);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
-          if (c >= nc) continue;
+          if (c >= nc) break;
           const int d = d0 + c, col = n * Dx + d;
           sm.dgf[r * XW + col] = on ? acc[c][s] : C(0);
           hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
@@ -422,10 +422,10 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
                   [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        if (s >= S) continue;
+        if (s >= S) break;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
-          if (c >= nc) continue;
+          if (c >= nc) break;
           const int j = j0 + c;
           if (t > 0 && g_out != nullptr)
             acc[c][s] += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];

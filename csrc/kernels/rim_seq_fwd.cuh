@@ -339,11 +339,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
                   [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        if (s >= S) continue;
+        if (s >= S) break;
         const int r = s * K + k;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
-          if (c >= nc) continue;
+          if (c >= nc) break;
           sm.q[L(r) * nk + e0 + c] = acc[c][s];
           if (save) sv(p.sv_q, t, r, nk)[e0 + c] = acc[c][s];
         }
@@ -408,13 +408,13 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
                   [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int c = 0; c < NC; ++c) {
-        if (c >= nc) continue;
+        if (c >= nc) break;
         const int col = c0 + c;
         const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s) {
           const int r = s * K + k, l = L(r);
-          if (s >= S) continue;
+          if (s >= S) break;
           if (sm.act[l] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
             if (save) {
               sv(p.sv_g, t, r, GW)[col] = C(0);
@@ -544,20 +544,20 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
                   [&](int s, int64_t j) { return sm.ht[L(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int c = 0; c < NC; ++c) {
-        if (c >= nc) continue;
+        if (c >= nc) break;
         const int col = which * ck + c0 + c;  // in Q | K | V
         RIMS_UNROLL
-        for (int s = 0; s < SMAX; ++s)
-          if (s < S) {
-            const int r = s * K + k;
-            if (save) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
-            if (col < ck) {
-              sm.cq[L(r) * ck + col] = acc[c][s];
-            } else {  // K | V: every block reads them
-              sm.kv[r * CKV + col - ck] = acc[c][s];
-              push(sm.kv + r * CKV + col - ck, acc[c][s]);
-            }
+        for (int s = 0; s < SMAX; ++s) {
+          if (s >= S) break;
+          const int r = s * K + k;
+          if (save) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
+          if (col < ck) {
+            sm.cq[L(r) * ck + col] = acc[c][s];
+          } else {  // K | V: every block reads them
+            sm.kv[r * CKV + col - ck] = acc[c][s];
+            push(sm.kv + r * CKV + col - ck, acc[c][s]);
           }
+        }
       }
     });
     publish();  // every mechanism's K | V
@@ -617,11 +617,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
                   [&](int s, int64_t e) { return sm.o[L(s * K + k) * cv + e]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        if (s >= S) continue;
+        if (s >= S) break;
         const int l = L(s * K + k);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
-          if (c >= nc) continue;
+          if (c >= nc) break;
           const int j = j0 + c;
           const C v = sm.act[l] != C(0) ? sm.ht[l * H + j] + acc[c][s] : sm.ht[l * H + j];
           sm.h[l * H + j] = v;
