@@ -178,9 +178,14 @@ std::vector<at::Tensor> seq_bwd_transposed(const at::Tensor& wq, const at::Tenso
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// A padded (K, kd, n) product matrix as the tensor-core products read it: (K, n, kd), the
+// column-major operand of csrc/kernels/mma_tile.cuh.
+at::Tensor mma_operand(const at::Tensor& w) { return w.transpose(1, 2).contiguous(); }
+
 // The tensor-core path's sizes (RimSeqDims::mk ... ma) and its zero-padded operands in the
 // storage type (rounding the fold F to it): per mechanism the gates' [F ; weight_hh] (mk, mn),
-// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo). The gate columns are
+// [comm_query | comm_key | comm_value] (mh, mq) and comm_output (mv, mo), each stored transposed
+// (mma_operand). The gate columns are
 // interleaved by hidden unit, U per unit (LSTM 4: i f g o; GRU 8: r z n from F, r z n from
 // weight_hh, 2 zero), so that a warp's 32 columns hold whole units and its epilogue runs the cell
 // (rim_seq_fwd_tile).
@@ -213,12 +218,13 @@ std::vector<at::Tensor> seq_mma_weights(RimSeqDims& d, const at::Tensor& w_x,
   qkv.narrow(1, 0, d.H).narrow(2, 0, C3).copy_(at::cat({cq, ck, cv}, -1));
   at::Tensor out = at::zeros({d.K, d.mv, d.mo}, opt);
   out.narrow(1, 0, d.cv).narrow(2, 0, d.H).copy_(co);
-  return {g, qkv, out};
+  return {mma_operand(g), mma_operand(qkv), mma_operand(out)};
 }
 
 // The backward's tensor-core operands, zero-padded per mechanism in the storage type (rounding F):
 // comm_output^T (bh, bo), [comm_query|comm_key|comm_value]^T (bq, bh2), F^T (bg, bx) and
-// [weight_hh^T ; input_query^T] (bg + bk, bh2); sets the operand tile's width ba.
+// [weight_hh^T ; input_query^T] (bg + bk, bh2), each stored transposed (mma_operand); sets the
+// operand tile's width ba.
 std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tensor& w_x,
                                             const std::vector<at::Tensor>& wt, int64_t& ba) {
   const int64_t XW = d.n_in * d.Dx, C3 = 2 * d.ck + d.cv;
@@ -236,7 +242,7 @@ std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tenso
   at::Tensor w_h = at::zeros({d.K, bg + bk, bh2}, opt);
   w_h.narrow(1, 0, d.GH).narrow(2, 0, d.H).copy_(wt[1]);
   w_h.narrow(1, bg, d.nk).narrow(2, 0, d.H).copy_(wt[0]);
-  return {w_out, w_qkv, w_x_t, w_h};
+  return {mma_operand(w_out), mma_operand(w_qkv), mma_operand(w_x_t), mma_operand(w_h)};
 }
 
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {

@@ -118,11 +118,13 @@ RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
                    &p.h_dhp, &p.h_xa};
   for (int i = 0; i < 9; ++i)
     *outs[i] = c.res[i].numel() > 0 ? c.res[i].mutable_data_ptr() : nullptr;
-  if (!c.wb.empty()) {  // widths from the padded operands' shapes (seq_bwd_mma_weights)
+  if (!c.wb.empty()) {
+    // Widths from the padded operands' shapes (seq_bwd_mma_weights), each (K, n, kd): stored
+    // transposed, so a product's reduction width kd is the last dimension.
     p.wb_out = cp(c.wb[0]), p.wb_qkv = cp(c.wb[1]), p.wb_x = cp(c.wb[2]), p.wb_h = cp(c.wb[3]);
-    p.bh = c.wb[0].size(1), p.bo = c.wb[0].size(2), p.bq = c.wb[1].size(1);
-    p.bh2 = c.wb[1].size(2), p.bg = c.wb[2].size(1), p.bx = c.wb[2].size(2);
-    p.bk = c.wb[3].size(1) - p.bg, p.ba = c.ba;
+    p.bh = c.wb[0].size(2), p.bo = c.wb[0].size(1), p.bq = c.wb[1].size(2);
+    p.bh2 = c.wb[1].size(1), p.bg = c.wb[2].size(2), p.bx = c.wb[2].size(1);
+    p.bk = c.wb[3].size(2) - p.bg, p.ba = c.ba;
   }
   return p;
 }

@@ -1,7 +1,8 @@
 // The persistent kernels' tensor-core products: for every mechanism k of a tile,
 //   out(s, k, col, (A_k W_k)[s, col])   for the tile's samples s < S and columns col < n_valid,
 // where A_k (the tile's rows of one activation or gradient, rounded to the storage type) is packed
-// in shared memory and W_k (a weight, zero-padded once per call) is read from global memory / L2.
+// in shared memory and W_k (a weight, zero-padded and transposed once per call: (n, kd) per
+// mechanism, the column-major operand of mma_tile.cuh) is read from global memory / L2.
 //
 // Layout of the operand tile A (storage type): mechanism k's rows start at row k * S_l (S_l: the
 // call's tile size, >= this tile's S) with leading dimension kd; a WMMA A fragment reads 8 rows,
@@ -19,15 +20,19 @@
 #include "storage_types.cuh"
 
 #if defined(__CUDACC__)
-#define RIMS_UNROLL4 _Pragma("unroll 4")
+#define RIMS_UNROLL_ALL _Pragma("unroll")
 #else
-#define RIMS_UNROLL4
+#define RIMS_UNROLL_ALL
 #endif
 
 namespace rims {
 
 // Warps per thread block of the persistent kernels (the launchers use 32 * kSeqWarps threads).
 constexpr int kSeqWarps = 8;
+
+// k-steps (of 16) whose operands a warp loads together before their products: the paper layer's
+// widest product (the gates, 176 rows) takes 2 rounds of loads, the others 1.
+constexpr int kMmaBatch = 4;
 
 RIMS_HD int64_t mma_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -79,8 +84,9 @@ RIMS_HD void mma_pack(const Exec& ex, int K, int S, int S_l, int kd, T* A, const
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-// The products (header comment). W: (K, kd, n) zero-padded, kd a multiple of 16 and n of 32, so
-// every fragment pointer is 256-bit aligned; A as packed by mma_pack with the same kd.
+// The products (header comment). W: (K, n, kd), each mechanism's (kd, n) matrix zero-padded and
+// transposed, kd a multiple of 16 and n of 32, so every fragment pointer is 256-bit aligned; A as
+// packed by mma_pack with the same kd.
 // The products as tiles: tile(k, n0, st, lane, lanes) gets each warp's 8 x 32 result tile (columns
 // n0..n0+31 of mechanism k, row-major in the warp's staging area st) and runs with the warp's
 // lanes (host: one lane), which must split the tile's work between them.
@@ -93,10 +99,20 @@ RIMS_HD void mma_tiles(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S_l, 
     MmaTile8x32<T, C> t;
     t.zero();
     const T* a = sm.aop + k * S_l * kd;
-    const T* w = W + int64_t(k) * kd * n + n0;
-    // Unrolled so that the next steps' weight loads (from L2) issue before this step's mma.
-    RIMS_UNROLL4
-    for (int j = 0; j < kd; j += kMmaK) t.step(a + j, kd, w + int64_t(j) * n, n);
+    const T* w = W + (int64_t(k) * n + n0) * kd;  // column n0 of mechanism k's (n, kd)
+    // kMmaBatch steps' loads (the weights from L2) issue before their products; the same steps
+    // in the same order as one at a time.
+    for (int j0 = 0; j0 < kd; j0 += kMmaK * kMmaBatch) {
+      MmaOperands<T, kMmaBatch> ops;
+      RIMS_UNROLL_ALL
+      for (int u = 0; u < kMmaBatch; ++u) {
+        const int j = j0 + u * kMmaK;
+        if (j < kd) ops.load(u, a + j, kd, w + j, kd);
+      }
+      RIMS_UNROLL_ALL
+      for (int u = 0; u < kMmaBatch; ++u)
+        if (j0 + u * kMmaK < kd) t.mma(ops, u);
+    }
     C* st = sm.stage + warp * kMmaM * kMmaN;
     t.store(st, kMmaN);
     ex.syncwarp();

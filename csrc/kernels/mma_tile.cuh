@@ -1,6 +1,10 @@
 // One warp's 8 x 32 output tile of a tensor-core product, K in steps of 16 (WMMA m8n32k16):
-// A (8 x 16 per step) and B (16 x 32 per step) row-major in the storage type T, accumulated in
-// the compute type. On the device this is nvcuda::wmma (T = __half or __nv_bfloat16, float
+// A (8 x 16 per step) row-major and B (16 x 32 per step) column-major (B[k, n] at B[n * ldb + k])
+// in the storage type T, accumulated in the compute type. B is column-major because that is
+// mma.sync's own operand layout: a row-major B fragment is loaded word by word and transposed in
+// registers (MOVM), and each transpose waits for its load, so a warp's weight loads from L2 went
+// one k-step at a time whatever the unrolling (sm_90a SASS); column-major, they are plain loads
+// that a batch (MmaOperands) keeps in flight together. On the device this is nvcuda::wmma (T = __half or __nv_bfloat16, float
 // accumulators, sm_80+; compiled for an older architecture it traps, and the launchers refuse such
 // a device before launching). On the host it is the same product written
 // out, for any T, with WMMA's operand requirements asserted (pointers 256-bit aligned, leading
@@ -25,24 +29,52 @@ constexpr int kMmaM = 8, kMmaN = 32, kMmaK = 16;
 
 RIMS_HD bool mma_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 
+// Up to KB k-steps' operand fragments of one warp, loaded together (load) before their products
+// (MmaTile8x32::mma), so that a warp has KB steps' weight loads in flight instead of one (the
+// products are bound by the latency of those L2 loads, benchmarks/README.md). On the host it
+// keeps the operand pointers and the product reads them.
+template <typename T, int KB>
+struct MmaOperands {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __device__ void load(int, const T*, int, const T*, int) { __trap(); }
+#elif defined(__CUDA_ARCH__)
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 8, 32, 16, T, nvcuda::wmma::row_major> a[KB];
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 8, 32, 16, T, nvcuda::wmma::col_major> b[KB];
+  // Slot u (a compile-time index in the callers' unrolled loops, so the fragments stay in
+  // registers) = A[0:8, 0:16], B[0:16, 0:32].
+  __device__ __forceinline__ void load(int u, const T* A, int lda, const T* B, int ldb) {
+    nvcuda::wmma::load_matrix_sync(a[u], A, lda);
+    nvcuda::wmma::load_matrix_sync(b[u], B, ldb);
+  }
+#else
+  const T* A[KB] = {};
+  const T* B[KB] = {};
+  int lda[KB] = {}, ldb[KB] = {};
+  void load(int u, const T* a, int la, const T* b, int lb) {
+    A[u] = a;
+    B[u] = b;
+    lda[u] = la;
+    ldb[u] = lb;
+  }
+#endif
+};
+
 template <typename T, typename Acc>
 struct MmaTile8x32 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   // bfloat16 fragments do not exist below sm_80: never launched there (check_mma_device).
   float c;
   __device__ void zero() { __trap(); }
-  __device__ void step(const T*, int, const T*, int) { __trap(); }
+  template <int KB>
+  __device__ void mma(const MmaOperands<T, KB>&, int) { __trap(); }
   __device__ void store(float*, int) { __trap(); }
 #elif defined(__CUDA_ARCH__)
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 8, 32, 16, T, nvcuda::wmma::row_major> a;
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 8, 32, 16, T, nvcuda::wmma::row_major> b;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 8, 32, 16, float> c;
   __device__ __forceinline__ void zero() { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  // c += A[0:8, 0:16] B[0:16, 0:32].
-  __device__ __forceinline__ void step(const T* A, int lda, const T* B, int ldb) {
-    nvcuda::wmma::load_matrix_sync(a, A, lda);
-    nvcuda::wmma::load_matrix_sync(b, B, ldb);
-    nvcuda::wmma::mma_sync(c, a, b, c);
+  // c += the product of ops' slot u (loaded earlier).
+  template <int KB>
+  __device__ __forceinline__ void mma(const MmaOperands<T, KB>& ops, int u) {
+    nvcuda::wmma::mma_sync(c, ops.a[u], ops.b[u], c);
   }
   __device__ __forceinline__ void store(float* C, int ldc) {
     nvcuda::wmma::store_matrix_sync(C, c, ldc, nvcuda::wmma::mem_row_major);
@@ -56,6 +88,7 @@ struct MmaTile8x32 {
   void zero() {
     for (Acc& v : c) v = Acc(0);
   }
+  // c += A[0:8, 0:16] B[0:16, 0:32] (B column-major).
   void step(const T* A, int lda, const T* B, int ldb) {
     require(mma_aligned(A) && mma_aligned(B), "operand pointer not 256-bit aligned");
     require(lda % 8 == 0 && ldb % 8 == 0, "operand leading dimension not a multiple of 8");
@@ -63,9 +96,13 @@ struct MmaTile8x32 {
       for (int n = 0; n < kMmaN; ++n) {
         Acc s = c[i * kMmaN + n];
         for (int k = 0; k < kMmaK; ++k)
-          s += Acc(to_c(A[i * lda + k])) * Acc(to_c(B[k * ldb + n]));
+          s += Acc(to_c(A[i * lda + k])) * Acc(to_c(B[n * ldb + k]));
         c[i * kMmaN + n] = s;
       }
+  }
+  template <int KB>
+  void mma(const MmaOperands<T, KB>& ops, int u) {
+    step(ops.A[u], ops.lda[u], ops.B[u], ops.ldb[u]);
   }
   void store(Acc* C, int ldc) const {
     require(mma_aligned(C), "accumulator pointer not 256-bit aligned");

@@ -46,7 +46,8 @@ struct RimSeqBwdParams : RimSeqDims {
   // mechanism, storage type: comm_output^T (bh, bo), [comm_query|comm_key|comm_value]^T (bq, bh2),
   // F^T (bg, bx) and [weight_hh^T ; input_query^T] (bg + bk, bh2) (dq's rows from bg).
   // Widths: bh = H, bq = C3, bg = GH, bk = nk padded to 16; bo = cv, bh2 = H, bx = XW padded to
-  // 32; ba: the largest operand width (the operand tile's).
+  // 32; ba: the largest operand width (the operand tile's). Each stored transposed, (n, kd) per
+  // mechanism (mma_rows.cuh).
   const T *wb_out, *wb_qkv, *wb_x, *wb_h;
   int64_t bh, bq, bg, bk, bo, bh2, bx, ba;
 };

@@ -71,7 +71,8 @@ struct RimSeqFwdParams : RimSeqDims {
   const T* b_hh;          // (K, GH)
   // Tensor-core path only, zero-padded per mechanism, storage type: the gates' (mk, mn)
   // [F ; weight_hh] (GRU: F in columns 0..GH, weight_hh in GH..2GH, block-diagonal), (mh, mq)
-  // [comm_query | comm_key | comm_value] and (mv, mo) comm_output.
+  // [comm_query | comm_key | comm_value] and (mv, mo) comm_output, each stored transposed ((mn,
+  // mk) ..., mma_rows.cuh).
   const T *w_mma, *w_mma_qkv, *w_mma_out;
   const T* c_query;       // (K, H, ck)
   const T* c_key;         // (K, H, ck)
