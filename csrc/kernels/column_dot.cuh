@@ -51,52 +51,82 @@ RIMS_HD bool columns_vectorizable(const W* w, int64_t ld) {
   return NC > 1 && ld % NC == 0 && reinterpret_cast<uintptr_t>(w) % (sizeof(W) * NC) == 0;
 }
 
-// out[c] = W[j, col0 + c] for c < nc, converted to the compute type; columns past nc (a partial
-// group) repeat column 0 so that every load stays in bounds; their sums are never used.
+// out[c] = W[j, col0 + c], c < NC, as one aligned vector, converted to the compute type.
+template <int NC, typename C, typename W>
+RIMS_HD void load_vector(const W* w, C (&out)[NC]) {
+#if defined(__CUDA_ARCH__)
+  const WeightVec<W, NC> v = *reinterpret_cast<const WeightVec<W, NC>*>(w);
+  RIMS_UNROLL
+  for (int c = 0; c < NC; ++c) out[c] = to_c(v.v[c]);
+#else
+  W v[NC];
+  std::memcpy(v, w, sizeof(v));
+  for (int c = 0; c < NC; ++c) out[c] = to_c(v[c]);
+#endif
+}
+
+// out[c] = W[j, col0 + c] for c < nc: one vector (vec), or one load per column where columns past
+// nc (a partial group) repeat column 0 so that every load stays in bounds; their sums are never
+// used.
 template <int NC, typename C, typename W>
 RIMS_HD void load_columns(const W* w, bool vec, int nc, C (&out)[NC]) {
   if (vec) {
-#if defined(__CUDA_ARCH__)
-    const WeightVec<W, NC> v = *reinterpret_cast<const WeightVec<W, NC>*>(w);
-    RIMS_UNROLL
-    for (int c = 0; c < NC; ++c) out[c] = to_c(v.v[c]);
-#else
-    W v[NC];
-    std::memcpy(v, w, sizeof(v));
-    for (int c = 0; c < NC; ++c) out[c] = to_c(v[c]);
-#endif
+    load_vector(w, out);
     return;
   }
   RIMS_UNROLL
   for (int c = 0; c < NC; ++c) out[c] = to_c(w[c < nc ? c : 0]);
 }
 
+// acc[c][s] += row(s, j + u) * wb[u][c] for the batch's rows u < m (m == MB: a full batch, no
+// guard left once inlined), sample by sample for s < S: a branch per sample, not SMAX predicated
+// blocks (a tile of 1 sample would otherwise issue 8 samples' instructions).
+template <int MB, int NC, int SMAX, typename C, typename Row, typename Use>
+RIMS_HD void columns_fma(C (&acc)[NC][SMAX], int S, int64_t j, const C (&wb)[MB][NC], int m,
+                         const Row& row, const Use& use) {
+  RIMS_UNROLL
+  for (int s = 0; s < SMAX; ++s) {
+    if (s >= S) break;
+    RIMS_UNROLL
+    for (int u = 0; u < MB; ++u) {
+      if (u >= m || !use(s, j + u)) continue;
+      const C x = row(s, j + u);
+      RIMS_UNROLL
+      for (int c = 0; c < NC; ++c) acc[c][s] += x * wb[u][c];
+    }
+  }
+}
+
 // The product (header comment) for columns col0 .. col0 + nc - 1 (nc <= NC; w points at
 // W[0, col0]) and the samples s < S (S <= SMAX) where use(s, j) holds; acc is accumulated into,
-// not cleared. Per batch of rows: the loads first, then sample by sample (a branch, not SMAX
-// predicated blocks: a tile of 1 sample would otherwise issue 8 samples' instructions). Indices
-// into acc are compile-time (unrolled loops) so that it stays in registers.
+// not cleared. Where the group reads as vectors, full batches run without guards and only
+// vector loads (the next row's address one add away); the rest (the last rows, or every row of a
+// partial or unaligned group) runs as guarded batches choosing the load kind per row. One
+// guarded loop for everything issued ~4x the instructions per row at tile 1 (both loads' address
+// arithmetic, predicates spilled to registers; sm_90a SASS); a separate copy per load kind
+// doubled the build time. Indices into acc are compile-time (unrolled loops) so that it stays in
+// registers.
 template <int NC, int SMAX, typename C, typename W, typename Row, typename Use>
 RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64_t ld, int nc,
                          const Row& row, const Use& use) {
+  constexpr int MB = kColumnBatch;
   const bool vec = nc == NC && columns_vectorizable<NC>(w, ld);
-  for (int64_t j = 0; j < n; j += kColumnBatch) {
-    const int m = n - j < kColumnBatch ? int(n - j) : kColumnBatch;
-    C wb[kColumnBatch][NC] = {};
-    RIMS_UNROLL
-    for (int u = 0; u < kColumnBatch; ++u)
-      if (u < m) load_columns<NC>(w + (j + u) * ld, vec, nc, wb[u]);
-    RIMS_UNROLL
-    for (int s = 0; s < SMAX; ++s) {
-      if (s >= S) break;
+  int64_t j = 0;
+  if (vec) {
+    for (; j + MB <= n; j += MB) {
+      C wb[MB][NC];
       RIMS_UNROLL
-      for (int u = 0; u < kColumnBatch; ++u) {
-        if (u >= m || !use(s, j + u)) continue;
-        const C x = row(s, j + u);
-        RIMS_UNROLL
-        for (int c = 0; c < NC; ++c) acc[c][s] += x * wb[u][c];
-      }
+      for (int u = 0; u < MB; ++u, w += ld) load_vector(w, wb[u]);
+      columns_fma(acc, S, j, wb, MB, row, use);
     }
+  }
+  for (; j < n; j += MB, w += MB * ld) {
+    const int m = n - j < MB ? int(n - j) : MB;
+    C wb[MB][NC] = {};
+    RIMS_UNROLL
+    for (int u = 0; u < MB; ++u)
+      if (u < m) load_columns(w + u * ld, vec, nc, wb[u]);
+    columns_fma(acc, S, j, wb, m, row, use);
   }
 }
 
