@@ -18,7 +18,8 @@
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
-# Building takes ~85 s on the device, a fresh machine ~30 s to start: two calls per session fit.
+# Building took ~85 s on the device (9.0a only) before the column-group kernels, which made the
+# local two-arch build 1m50 -> 3m28, so expect ~2-3 min; a fresh machine takes ~30 s to start.
 STAGES=${STAGES:-"build gputests memcheck bench ncu"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
