@@ -1,0 +1,28 @@
+"""benchmarks.flops's latency model of the persistent forward (`--seq-trips`) against hand counts at
+the `paper` layer (K=6, H=100, D=64 folded, nk=64, ck=cv=128, GH=400; 256 threads, tile 1), so a
+change to the model's arithmetic shows here and not only in benchmarks/README.md's table."""
+
+from benchmarks.configs import CONFIGS
+from benchmarks.flops import SEQ_VERSIONS, report_seq_trips, seq_fwd_trips
+
+PAPER = CONFIGS["paper"]
+
+
+def test_measured_code_count():
+    # Plain loops, 2 rows per trip: gates 2400 items -> 10 rounds x (64/2 + 100/2) = 820;
+    # Q|K|V 2304 items -> 9 x 50 = 450; output 600 items -> 3 x 64 = 192; queries per sample:
+    # 384 items -> 2 x ceil(100/16) = 14.
+    t = seq_fwd_trips(PAPER, S=1, **SEQ_VERSIONS[0][1])
+    assert t == {"queries": 14, "gates": 820, "Q|K|V": 450, "output": 192}
+
+
+def test_column_groups_count():
+    # 4 columns, 16 rows: gates 6*100 items -> 3 x (4 + 7) = 33; Q|K|V 6*96 -> 3 x 7 = 21;
+    # output 6*25 -> 1 x 8 = 8; queries 6*16 -> 1 x 7 = 7.
+    t = seq_fwd_trips(PAPER, S=1, **SEQ_VERSIONS[2][1])
+    assert t == {"queries": 7, "gates": 33, "Q|K|V": 21, "output": 8}
+
+
+def test_report_is_calibrated_on_the_measured_row():
+    table = report_seq_trips(measured_us=405.0)
+    assert "| 1476 | 405 |" in table and "| 69 | 19 |" in table
