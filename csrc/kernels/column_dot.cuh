@@ -40,6 +40,17 @@ RIMS_HD int min_int(int a, int b) { return a < b ? a : b; }
 // Groups of NC columns covering `width` columns (the last one may be partial).
 RIMS_HD int column_groups(int width, int nc) { return (width + nc - 1) / nc; }
 
+// Item i of a phase whose items are `groups` column groups (of NC) of a `width`-column product per
+// mechanism (or per any outer index): that index, the group's first column and its width.
+struct ColumnGroup {
+  int outer, c0, nc;
+};
+template <int NC>
+RIMS_HD ColumnGroup column_group(int i, int groups, int width) {
+  const int c0 = (i % groups) * NC;
+  return {i / groups, c0, min_int(NC, width - c0)};
+}
+
 template <typename W, int N>
 struct alignas(sizeof(W) * N) WeightVec {
   W v[N];

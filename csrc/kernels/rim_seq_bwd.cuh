@@ -174,7 +174,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * g_cv, [&](int i) {
-      const int k = i / g_cv, e0 = (i % g_cv) * NC, nc = min_int(NC, cv - e0);
+      const ColumnGroup cg = column_group<NC>(i, g_cv, cv);
+      const int k = cg.outer, e0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, H, p.c_output_t + int64_t(k) * H * cv + e0, cv, nc,
@@ -184,8 +185,10 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         if (s >= S) break;
         const bool on = active(t, s * K + k);
         RIMS_UNROLL
-        for (int c = 0; c < NC; ++c)
-          if (c < nc) sm.dout[(s * K + k) * cv + e0 + c] = on ? acc[c][s] : C(0);
+        for (int c = 0; c < NC; ++c) {
+          if (c >= nc) break;
+          sm.dout[(s * K + k) * cv + e0 + c] = on ? acc[c][s] : C(0);
+        }
       }
     });
     ex.parallel_for(S * KH, [&](int i) {
@@ -255,7 +258,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * g_h, [&](int i) {
-      const int k = i / g_h, j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      const ColumnGroup cg = column_group<NC>(i, g_h, H);
+      const int k = cg.outer, j0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       bool kv[SMAX];
       columns_fill(acc, C(0));
@@ -316,8 +320,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     }
     // Groups of NC columns within one input head n.
     if constexpr (!MMA) ex.parallel_for(K * n_in * g_dx, [&](int i) {
-      const int k = i / (n_in * g_dx), n = (i / g_dx) % n_in, d0 = (i % g_dx) * NC;
-      const int nc = min_int(NC, Dx - d0);
+      const ColumnGroup cg = column_group<NC>(i, g_dx, Dx);  // outer = k * n_in + n
+      const int k = cg.outer / n_in, n = cg.outer % n_in, d0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, GH, wx_t + (int64_t(k) * n_in + n) * GH * Dx + d0, Dx, nc,
@@ -405,7 +409,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       });
     }
     if constexpr (!MMA) ex.parallel_for(K * g_h, [&](int i) {
-      const int k = i / g_h, j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      const ColumnGroup cg = column_group<NC>(i, g_h, H);
+      const int k = cg.outer, j0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       bool on[SMAX];
       RIMS_UNROLL

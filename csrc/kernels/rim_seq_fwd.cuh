@@ -333,7 +333,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // 1a. Input queries q[s, k] = h[s, k] input_query[k], weight-stationary: item (k, NC
     // columns), all the tile's samples.
     ex.parallel_for(kn * g_q, [&](int i) {
-      const int k = k0 + i / g_q, e0 = (i % g_q) * NC, nc = min_int(NC, nk - e0);
+      const ColumnGroup cg = column_group<NC>(i, g_q, nk);
+      const int k = k0 + cg.outer, e0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, H, w_query + (k - k0) * H * nk + e0, nk, nc,
@@ -398,7 +399,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
     // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
     if constexpr (!MMA) ex.parallel_for(kn * g_g, [&](int i) {
-      const int k = k0 + i / g_g, c0 = (i % g_g) * NC, nc = min_int(NC, GH - c0);
+      const ColumnGroup cg = column_group<NC>(i, g_g, GH);
+      const int k = k0 + cg.outer, c0 = cg.c0, nc = cg.nc;
       // Accumulators indexed by compile-time c, s (unrolled, guarded by nc, S): registers.
       C gi[NC][SMAX], gh[NC][SMAX];
       columns_fill(gi, C(0));
@@ -611,7 +613,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       });
     }
     if constexpr (!MMA) ex.parallel_for(kn * g_h, [&](int i) {
-      const int k = k0 + i / g_h, j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      const ColumnGroup cg = column_group<NC>(i, g_h, H);
+      const int k = k0 + cg.outer, j0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, cv, c_output + (k - k0) * cv * H + j0, H, nc,
