@@ -1,7 +1,8 @@
 // rims_fast::rim_seq_fwd / rim_seq_bwd: the persistent whole-sequence forward and backward
 // (csrc/kernels/rim_seq_fwd.cuh, rim_seq_bwd.cuh).
 // Schema, argument checks and the CPU implementation (the kernel's tile function run on the host,
-// for tests) are in rim_seq_fwd.cpp; the CUDA launcher in rim_seq_fwd_cuda.cu.
+// for tests) are in rim_seq_fwd.cpp; the CUDA launchers in rim_seq_fwd_cuda.cu,
+// rim_seq_fwd_cluster_cuda.cu and rim_seq_bwd_cuda.cu (shared pieces: rim_seq_cuda.cuh).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -18,8 +18,9 @@
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
-# Building took ~85 s on the device (9.0a only) before the column-group kernels, which made the
-# local two-arch build 1m50 -> 3m28, so expect ~2-3 min; a fresh machine takes ~30 s to start.
+# Building took ~85 s on the device (9.0a only) before the column-group kernels made them larger;
+# the kernels now compile as three units in parallel (here, two archs on 2 cores: 205 s for the
+# one unit before, 89-129 s each after), so expect ~1-2 min; a fresh machine takes ~30 s to start.
 STAGES=${STAGES:-"build gputests memcheck bench ncu"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
