@@ -8,6 +8,9 @@ Paths, chosen in this order (one line printed says which and why):
 nvcc is looked up under CUDA_HOME (default /usr/local/cuda). TORCH_CUDA_ARCH_LIST defaults to
 "8.0;9.0a". Build with `pip install --no-build-isolation [-e] .` so the extension is compiled
 against the torch you run; MAX_JOBS limits ninja's parallel jobs.
+RIMS_FAST_SEQ_TILE_MAX (1..8, default 8): the largest tile the persistent kernels are compiled
+for (their per-sample code is unrolled that many times); a diagnostic for GPU runs that compare
+kernel sizes, not an install option (the tests use tiles up to 3 and 8).
 """
 
 import os
@@ -46,6 +49,13 @@ def _choose_build():
     return "cuda", f"torch {torch.__version__} has CUDA {torch.version.cuda}, nvcc at {nvcc}", torch
 
 
+def _seq_tile_max():
+    v = os.environ.get("RIMS_FAST_SEQ_TILE_MAX", "8").strip()
+    if not v.isdigit() or not 1 <= int(v) <= 8:
+        raise SystemExit(f"RIMS_FAST_SEQ_TILE_MAX must be an integer in 1..8, got {v!r}")
+    return int(v)
+
+
 def _build_info_text(path, reason, torch):
     cuda = path == "cuda"
     info = {
@@ -54,6 +64,7 @@ def _build_info_text(path, reason, torch):
         "TORCH_VERSION": torch.__version__ if torch is not None else None,
         "CUDA_VERSION": torch.version.cuda if cuda else None,
         "CUDA_ARCH_LIST": os.environ["TORCH_CUDA_ARCH_LIST"] if cuda else None,
+        "SEQ_TILE_MAX": _seq_tile_max() if path != "python" else None,
     }
     lines = ['"""Written by setup.py at build time; do not edit."""', ""]
     return "\n".join(lines + [f"{k} = {v!r}" for k, v in info.items()]) + "\n"
@@ -91,17 +102,19 @@ def _extensions(path, reason, torch):
     # No --use_fast_math / -ffast-math: the ops promise nn.LSTMCell/GRUCell numerics. No -std:
     # torch adds the -std its own headers need (C++20 for torch 2.14).
     cxx = ["-O3"]
+    tile_max = [("RIMS_SEQ_TILE_MAX", str(_seq_tile_max()))]
     kwargs = dict(name="rims_fast._C", include_dirs=[str(ROOT / "csrc")],
                   extra_link_args=_link_args())
     if path == "cuda":
         ext = CUDAExtension(
             sources=cpp + cu,
-            define_macros=[("RIMS_FAST_WITH_CUDA", "1")],
+            define_macros=[("RIMS_FAST_WITH_CUDA", "1")] + tile_max,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             **kwargs,
         )
     else:
-        ext = CppExtension(sources=cpp, extra_compile_args={"cxx": cxx}, **kwargs)
+        ext = CppExtension(sources=cpp, define_macros=tile_max, extra_compile_args={"cxx": cxx},
+                           **kwargs)
 
     class build_ext(BuildExtension.with_options(use_ninja=True)):
         # The metadata is written by the command that builds _C, so it always describes the _C

@@ -83,7 +83,7 @@ RimSeqDims seq_fwd_check(
   d.p_in = input_dropout, d.p_c = comm_dropout;
   d.seed = static_cast<uint64_t>(seed);
   TORCH_CHECK(tile >= 0 && tile <= kSeqTileMax, op, "tile must be in 0..", kSeqTileMax,
-              " (0 = automatic), got ", tile);
+              " (0 = automatic; the build's RIMS_FAST_SEQ_TILE_MAX), got ", tile);
   d.S = tile > 0 ? tile : std::min<int64_t>(kSeqTileMax, d.B);
   d.S = std::min<int64_t>(d.S, d.B);
 

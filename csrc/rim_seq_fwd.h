@@ -15,8 +15,14 @@
 
 namespace rims {
 
-// The largest tile (samples per thread block) the kernel's accumulators hold.
-constexpr int kSeqTileMax = 8;
+// The largest tile (samples per thread block) the kernel's accumulators hold: the per-sample code
+// of every phase is unrolled this many times. setup.py sets it from RIMS_FAST_SEQ_TILE_MAX (a
+// diagnostic: smaller kernels for a GPU run that asks whether code size bounds a step).
+#ifndef RIMS_SEQ_TILE_MAX
+#define RIMS_SEQ_TILE_MAX 8
+#endif
+constexpr int kSeqTileMax = RIMS_SEQ_TILE_MAX;
+static_assert(kSeqTileMax >= 1 && kSeqTileMax <= 8, "RIMS_SEQ_TILE_MAX must be in 1..8");
 
 // out, h_n, c_n, masks, then the 9 saved activations (empty unless save).
 using SeqFwdResult = std::vector<at::Tensor>;

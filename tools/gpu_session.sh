@@ -18,6 +18,9 @@
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
+#   RIMS_FAST_SEQ_TILE_MAX=1 STAGES="build bench ncu" bash tools/gpu_session.sh   (the persistent
+#             kernels compiled for tile 1 only: 1/8 of their per-sample code, fewer registers;
+#             the automatic tile at paper is 1 anyway, so the bench compares kernel sizes)
 # Building took ~85 s on the device (9.0a only) before the column-group kernels made them larger;
 # the kernels now compile as three units in parallel (here, two archs on 2 cores: 205 s for the
 # one unit before, 89-129 s each after), so expect ~1-2 min; a fresh machine takes ~30 s to start.
