@@ -122,7 +122,7 @@ def runner(name: str) -> Callable:
         return rim_ref
     if name == "cuda":
         from .rim_seq import cuda_fwd_mode, rim_seq
-        if cuda_fwd_mode() == "persistent":  # RIMS_FAST_CUDA_FWD=persistent (opt-in, see rim_seq)
+        if cuda_fwd_mode() != "cell":  # RIMS_FAST_CUDA_FWD=persistent|stepped (opt-in, rim_seq)
             return rim_seq
         from .masked_cell import masked_gru_cell, masked_lstm_cell
         return functools.partial(rim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)

@@ -132,10 +132,14 @@ def resident_mode() -> int:
 
 
 def cuda_fwd_mode() -> str:
-    """``RIMS_FAST_CUDA_FWD``: ``"cell"`` (default) or ``"persistent"``."""
+    """``RIMS_FAST_CUDA_FWD``: ``"cell"`` (default), ``"persistent"`` (:func:`rim_seq`, the
+    persistent forward) or ``"stepped"`` (:func:`rim_seq` with ``stepped=True``: the forward as
+    batched GEMMs and four small kernels per step, ``rims_fast::rim_steps_fwd``; the backward is
+    the persistent one either way)."""
     mode = os.environ.get("RIMS_FAST_CUDA_FWD", "cell")
-    if mode not in ("cell", "persistent"):
-        raise ValueError(f"RIMS_FAST_CUDA_FWD must be 'cell' or 'persistent', got {mode!r}")
+    if mode not in ("cell", "persistent", "stepped"):
+        raise ValueError("RIMS_FAST_CUDA_FWD must be 'cell', 'persistent' or 'stepped', got "
+                         f"{mode!r}")
     return mode
 
 
@@ -195,9 +199,10 @@ def _register_fake() -> None:
     """Shapes of the C++ ops for torch.compile / opcheck."""
 
     @torch.library.register_fake(_OP)
-    def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
-          comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
-          input_dropout, comm_dropout, seed, tile, save, mma=False, cluster=0, resident=-1):
+    def seq_fwd_fake(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
+                     comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
+                     comm_heads, per_head, input_dropout, comm_dropout, seed, tile, save,
+                     mma=False, cluster=0, resident=-1):
         T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
         lstm = GH == 4 * H
@@ -209,6 +214,15 @@ def _register_fake() -> None:
                   GH if lstm else 2 * GH, 2 * ck + cv, comm_heads * K, cv]
         res += [keys.new_empty((T, B, K, w) if save and w else (0,)) for w in widths]
         return res
+
+    @torch.library.register_fake("rims_fast::rim_steps_fwd")
+    def _(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
+          comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
+          input_dropout, comm_dropout, seed, save):
+        return seq_fwd_fake(
+            keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh, comm_query,
+            comm_key, comm_value, comm_output, top_k, input_heads, comm_heads, per_head,
+            input_dropout, comm_dropout, seed, 1, save)
 
     @torch.library.register_fake("rims_fast::rim_seq_bwd")
     def _(grad_out, grad_h_n, grad_c_n, keys, xsrc, w_x, h0, c0, input_query, weight_hh, *rest):
@@ -232,7 +246,8 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool, mma: bool, cluster: int, resident: int) -> list[Tensor]:
+               tile: int, save: bool, mma: bool, cluster: int, resident: int,
+               stepped: bool) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
     unless ``save``). Dropout probabilities are the effective ones (0 outside training).
@@ -240,10 +255,16 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
     ``cluster``: mechanisms per block of a thread-block cluster, 0 for one block per tile
     (:func:`cluster_mechs`; forward only); ``resident``: with a cluster, the bit set of the
     weights a block keeps in shared memory (:data:`RESIDENT`; -1: on the GPU as many as fit,
-    largest first, on CPU tensors all). No argument has a default: torch 2.11's dispatcher drops
+    largest first, on CPU tensors all); ``stepped``: the forward is ``rims_fast::rim_steps_fwd``
+    (batched GEMMs and four small kernels per step; ``tile``, ``mma``, ``cluster`` and
+    ``resident`` then apply to the backward only, or not at all). No argument has a default: torch 2.11's dispatcher drops
     an argument equal to its default before autograd, then rejects the backward's gradient for it
     (one per argument, as setup_context sees them)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
+    if stepped:
+        return list(torch.ops.rims_fast.rim_steps_fwd(
+            keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads,
+            per_head, input_dropout, comm_dropout, seed, save))
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
         input_dropout, comm_dropout, seed, tile, save, mma, cluster, resident))
@@ -251,7 +272,7 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident):
+      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident, stepped):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -264,7 +285,7 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, mma, _cluster, _resident) = inputs
+     save, mma, _cluster, _resident, _stepped) = inputs
     ctx.mma = mma
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
@@ -318,7 +339,7 @@ def _backward(ctx, grads):
     h_dt, w_dts = ctx.dtypes
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
-            d_weights, *(None,) * 12)  # sizes ... resident
+            d_weights, *(None,) * 13)  # sizes ... stepped
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -328,6 +349,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
             tile: Optional[int] = None, mma: Optional[bool] = None,
             cluster: Optional[int] = None, resident: Optional[int] = None,
+            stepped: Optional[bool] = None,
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
@@ -338,8 +360,10 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     :func:`cluster_mechs`; on CPU tensors > 0 runs the cluster's blocks as host threads, for
     tests); ``resident``: with a cluster, which weights a block keeps in shared memory, a bit set
     of :data:`RESIDENT` (None: :func:`resident_mode`: as many as fit on the GPU, largest first,
-    all in the host run; or none).
-    Gradients flow into
+    all in the host run; or none); ``stepped``: the forward as batched GEMMs and four small
+    kernels per step (``rims_fast::rim_steps_fwd``, for layers whose weights do not fit on chip;
+    ``cluster`` and ``resident`` are then ignored, ``tile`` and ``mma`` apply to the backward;
+    None: ``RIMS_FAST_CUDA_FWD=stepped``, :func:`cuda_fwd_mode`). Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
@@ -349,6 +373,10 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         tile = tile_size()
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
+    if stepped is None:
+        stepped = cuda_fwd_mode() == "stepped"
+    if stepped:
+        cluster, resident = 0, 0
     if cluster is None:
         cluster = cluster_mechs(x.device, cfg.num_units, mma)
     sizes, cell, p_in, p_c, big = cfg_args(cfg)
@@ -365,6 +393,6 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
                      weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma,
-                     cluster, resident_mode() if resident is None else resident)
+                     cluster, resident_mode() if resident is None else resident, stepped)
     out, h_n, c_n, masks = res[:4]
     return out, h_n, (c_n if lstm else None), masks

@@ -242,7 +242,7 @@ def test_opcheck_and_errors():
     torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
                                           h0.detach().requires_grad_(True), c0.detach(), weights,
                                           sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True,
-                                          False, 0, -1))
+                                          False, 0, -1, False))
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2))  # cluster
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2, 5))
     with pytest.raises(RuntimeError, match=r"must be -1 \(auto\) or in 0..127, got 128"):

@@ -1,0 +1,247 @@
+// Torch-free phases of the stepped RIM forward (rims_fast::rim_steps_fwd, csrc/rim_steps_fwd.h):
+// each step is four batched GEMMs over the whole batch (the driver calls ATen, i.e. cuBLAS on a
+// GPU) and four small kernels between them:
+//
+//   q = h_{t-1} input_query           GEMM    (K, B, H) x (K, H, nk)
+//   select                            kernel  scores, null softmax, p, rank rule, xa
+//   gates = [h_{t-1} | xa] [W_hh ; F]  GEMM    (GRU: two, gh and gi apart)
+//   cell                              kernel  biases, masked LSTM/GRU update
+//   Q|K|V = h~ [c_q | c_k | c_v]      GEMM
+//   comm                              kernel  attention of the active mechanisms over all K
+//   y = o comm_output                 GEMM
+//   residual                          kernel  h_t = h~ + y (active), h~ (inactive)
+//
+// Where the persistent kernels (rim_seq_fwd.cuh) reuse a weight only across the <= 8 samples of
+// their tile and so read every weight B / 8 times per step, here each GEMM reads each weight once
+// per step for the whole batch: the design for layers whose weights do not fit on chip (the
+// `large` config; benchmarks/README.md). The GEMMs compute inactive rows too (their inputs are
+// zero or their results discarded): a dense GEMM on tensor cores is cheaper than a gather.
+//
+// Layouts: GEMM operands and results are mechanism-major (K, B, width), contiguous, so that
+// each GEMM is a plain batched product; the state, the outputs and the saved activations are the
+// persistent forward's sample-major (B, K, width) / (T, B, K, width), so the backward is the
+// persistent one (rim_seq_bwd.cuh) unchanged. GEMM operands are in the storage type T (bf16/fp16
+// operands with fp32 accumulation on tensor cores: activations are rounded to T before a product,
+// as the reference rounds them); results and everything else are in the compute type C.
+//
+// Each phase reads and writes what the persistent forward does, in the same order of operations
+// for everything but the GEMMs' sums, and saves the same values (rim_seq_fwd.cuh, RimSeqFwdParams).
+#pragma once
+
+#include "rim_seq_fwd.cuh"
+
+namespace rims {
+
+template <typename T>
+struct RimStepParams {
+  RimSeqFwdParams<T> s;  // sizes, inputs, outputs and saved histories as the persistent forward
+  // GEMM operands (storage type, (K, B, width)).
+  T* hx;     // [h_{t-1} | xa], width H + XW
+  T* ht_op;  // h~, width H
+  T* o_op;   // the dropped read o, width cv (zero on inactive rows)
+  // GEMM results (compute type, (K, B, width)).
+  const void* q;    // nk
+  const void* g;    // GH: LSTM both terms; GRU gi = xa F
+  const void* gh;   // GH: GRU h W_hh; nullptr for LSTM
+  const void* qkv;  // 2 ck + cv
+  const void* y;    // H
+  // Compute-type state and per-step rows, (B, K, width).
+  void* h;   // h_{t-1}, then h_t
+  void* c;   // LSTM only
+  // One step's scratch where nothing is saved (the saved history's slice at t otherwise).
+  void *ht, *a, *bp, *o;
+};
+
+namespace step_detail {
+
+// Row r = b * K + k of step t in a (T, B, K, width) history, or of the one-step scratch.
+template <typename C, typename T>
+RIMS_HD C* row_at(const RimStepParams<T>& p, void* saved, void* scratch, int64_t t, int64_t r,
+                  int64_t width) {
+  return saved != nullptr ? static_cast<C*>(saved) + (t * p.s.B * p.s.K + r) * width
+                          : static_cast<C*>(scratch) + r * width;
+}
+
+}  // namespace step_detail
+
+// SPEC steps 1-2 and the attention-weighted input for sample b: one block (Exec: items over its
+// threads, a barrier after each loop). smem: 2 K compute-type values (p, then the active flags).
+template <typename C, typename T, class Exec>
+RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t t, int64_t b,
+                             C* smem) {
+  const RimSeqFwdParams<T>& d = p.s;
+  const int64_t B = d.B, M = d.M, K = d.K, H = d.H, nk = d.nk, dk = d.dk, n_in = d.n_in;
+  const int64_t Dx = d.Dx, XW = n_in * Dx, HX = H + XW;
+  const C* kt = static_cast<const C*>(d.keys) + (t * B + b) * M * nk;
+  const C* xt = static_cast<const C*>(d.xsrc) + (t * B + b) * M * d.xrow;
+  const C* q = static_cast<const C*>(p.q);
+  const C scale_in = C(1) / sqrt(C(dk));
+  const C keep_in = C(1.0 - d.p_in);
+  const float drop_in = static_cast<float>(d.p_in);
+  C* pk = smem;
+  C* on = smem + K;
+  ex.parallel_for(int(K), [&](int k) {
+    const int64_t r = b * K + k;
+    const C* qk = q + (k * B + b) * nk;
+    C* ar = step_detail::row_at<C>(p, d.sv_a, p.a, t, r, n_in * M);
+    C psum = C(0);
+    for (int64_t n = 0; n < n_in; ++n) {
+      C* an = ar + n * M;
+      const C* qn = qk + n * dk;
+      for (int64_t m = 0; m < M; ++m) {
+        const C* km = kt + m * nk + n * dk;
+        C dot = C(0);
+        for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
+        an[m] = dot * scale_in;
+      }
+      psum += null_softmax(an, M, an);
+    }
+    pk[k] = psum / C(n_in);
+    if (d.sv_q != nullptr) {
+      C* sq = static_cast<C*>(d.sv_q) + (t * B * K + r) * nk;
+      for (int64_t e = 0; e < nk; ++e) sq[e] = qk[e];
+    }
+  });
+  ex.parallel_for(int(K), [&](int k) {
+    const bool act = competition_active(pk, K, k, d.top_k);
+    on[k] = act ? C(1) : C(0);
+    d.masks[(t * B + b) * K + k] = act;
+  });
+  ex.parallel_for(int(K * XW), [&](int i) {
+    const int64_t k = i / XW, col = i % XW, n = col / Dx, dd = col % Dx;
+    T* dst = p.hx + (k * B + b) * HX + H + col;
+    if (on[k] == C(0)) {
+      from_c(C(0), dst);
+      return;
+    }
+    const C* ar = step_detail::row_at<C>(p, d.sv_a, p.a, t, b * K + k, n_in * M) + n * M;
+    C acc = C(0);
+    for (int64_t m = 0; m < M; ++m) {
+      C w = ar[m];
+      if (drop_in > 0.f) {
+        const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_in + n) * M + m);
+        w = dropout_keep(d.seed, 0, idx, drop_in) ? w / keep_in : C(0);
+      }
+      acc += w * xt[m * d.xrow + n * d.xhead + dd];
+    }
+    from_c(acc, dst);
+  });
+}
+
+// SPEC step 3 for element i = (b, k, j) of (B, K, H): biases, the masked cell, saving.
+template <typename C, typename T>
+RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
+  const RimSeqFwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, H = d.H, GH = d.GH, GW = d.lstm ? GH : 2 * GH;
+  const int64_t r = i / H, j = i % H, b = r / K, k = r % K, kb = k * B + b;
+  C* h = static_cast<C*>(p.h);
+  C* c = static_cast<C*>(p.c);
+  C* ht = step_detail::row_at<C>(p, d.sv_ht, p.ht, t, r, H);
+  C* sg = d.sv_g != nullptr ? static_cast<C*>(d.sv_g) + (t * B * K + r) * GW : nullptr;
+  if (d.sv_h != nullptr) {
+    static_cast<C*>(d.sv_h)[(t * B * K + r) * H + j] = h[i];
+    if (d.lstm) static_cast<C*>(d.sv_c)[(t * B * K + r) * H + j] = c[i];
+  }
+  T* op = p.ht_op + kb * H + j;
+  if (!d.masks[t * B * K + r]) {  // copied, not evaluated; saved gates zero
+    ht[j] = h[i];
+    from_c(h[i], op);
+    if (sg != nullptr)
+      for (int64_t col = j; col < GW; col += H) sg[col] = C(0);
+    return;
+  }
+  const C* g = static_cast<const C*>(p.g) + kb * GH;
+  auto bias = [&](const T* w, int64_t col) { return to_c(w[k * GH + col]); };
+  if (d.lstm) {
+    C v[4];
+    for (int q = 0; q < 4; ++q) {
+      const int64_t col = q * H + j;
+      v[q] = g[col] + (bias(d.b_ih, col) + bias(d.b_hh, col));
+      if (sg != nullptr) sg[col] = v[q];
+    }
+    C hn, cn;
+    lstm_pointwise_fwd(v[0], v[1], v[2], v[3], c[i], hn, cn);
+    ht[j] = hn;
+    c[i] = cn;
+  } else {
+    const C* gh = static_cast<const C*>(p.gh) + kb * GH;
+    C v[6];
+    for (int q = 0; q < 3; ++q) {
+      const int64_t col = q * H + j;
+      v[q] = g[col] + bias(d.b_ih, col);
+      v[3 + q] = gh[col] + bias(d.b_hh, col);
+      if (sg != nullptr) {
+        sg[col] = v[q];
+        sg[GH + col] = v[3 + q];
+      }
+    }
+    ht[j] = gru_pointwise_fwd(v[0], v[1], v[2], v[3], v[4], v[5], h[i]);
+  }
+  from_c(ht[j], op);
+}
+
+// SPEC step 4 for item i = (b, k, n) of (B, K, n_c): head n of mechanism k's attention over all
+// K mechanisms (active k only), the read o, saving Q|K|V, b and o.
+template <typename C, typename T>
+RIMS_HD void rim_step_comm(const RimStepParams<T>& p, int64_t t, int64_t i) {
+  const RimSeqFwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, n_c = d.n_c, dc = d.dc, dcv = d.dcv, ck = d.ck, cv = d.cv;
+  const int64_t C3 = 2 * ck + cv;
+  const int64_t r = i / n_c, n = i % n_c, b = r / K, k = r % K;
+  const C* qkv = static_cast<const C*>(p.qkv);
+  const C* mine = qkv + (k * B + b) * C3;
+  if (d.sv_qkv != nullptr) {  // this head's columns of Q, K and V
+    C* sv = static_cast<C*>(d.sv_qkv) + (t * B * K + r) * C3;
+    for (int64_t e = 0; e < dc; ++e) {
+      sv[n * dc + e] = mine[n * dc + e];
+      sv[ck + n * dc + e] = mine[ck + n * dc + e];
+    }
+    for (int64_t e = 0; e < dcv; ++e) sv[2 * ck + n * dcv + e] = mine[2 * ck + n * dcv + e];
+  }
+  C* on = step_detail::row_at<C>(p, d.sv_o, p.o, t, r, cv) + n * dcv;
+  C* y = step_detail::row_at<C>(p, d.sv_bp, p.bp, t, r, n_c * K) + n * K;
+  T* op = p.o_op + (k * B + b) * cv + n * dcv;
+  for (int64_t e = 0; e < dcv; ++e) on[e] = C(0);
+  if (!d.masks[t * B * K + r]) {
+    for (int64_t j = 0; j < K; ++j) y[j] = C(0);
+    for (int64_t e = 0; e < dcv; ++e) from_c(C(0), op + e);
+    return;
+  }
+  const C scale_c = C(1) / sqrt(C(dc));
+  const C keep_c = C(1.0 - d.p_c);
+  const float drop_c = static_cast<float>(d.p_c);
+  const C* qn = mine + n * dc;
+  for (int64_t j = 0; j < K; ++j) {
+    const C* kj = qkv + (j * B + b) * C3 + ck + n * dc;
+    C dot = C(0);
+    for (int64_t e = 0; e < dc; ++e) dot += qn[e] * kj[e];
+    y[j] = dot * scale_c;
+  }
+  softmax(y, K, y);
+  for (int64_t j = 0; j < K; ++j) {
+    C w = y[j];
+    if (drop_c > 0.f) {
+      const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_c + n) * K + j);
+      w = dropout_keep(d.seed, 1, idx, drop_c) ? w / keep_c : C(0);
+    }
+    const C* vj = qkv + (j * B + b) * C3 + 2 * ck + n * dcv;
+    for (int64_t e = 0; e < dcv; ++e) on[e] += w * vj[e];
+  }
+  for (int64_t e = 0; e < dcv; ++e) from_c(on[e], op + e);
+}
+
+// SPEC step 5 for element i = (b, k, j): the residual of active rows, out[t], the next step's
+// operand row.
+template <typename C, typename T>
+RIMS_HD void rim_step_residual(const RimStepParams<T>& p, int64_t t, int64_t i) {
+  const RimSeqFwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, H = d.H, HX = H + d.n_in * d.Dx;
+  const int64_t r = i / H, j = i % H, b = r / K, k = r % K, kb = k * B + b;
+  const C ht = step_detail::row_at<C>(p, d.sv_ht, p.ht, t, r, H)[j];
+  const C v = d.masks[t * B * K + r] ? ht + static_cast<const C*>(p.y)[kb * H + j] : ht;
+  static_cast<C*>(p.h)[i] = v;
+  from_c(v, d.out + t * B * K * H + i);
+  from_c(v, p.hx + kb * HX + j);
+}
+
+}  // namespace rims

@@ -1,0 +1,224 @@
+"""``rims_fast::rim_steps_fwd`` (the stepped forward: batched GEMMs and four small kernels per
+step, ``csrc/kernels/rim_step_fwd.cuh``) against the persistent forward and ``rim_ref``.
+
+Without a GPU the op's CPU implementation runs the same driver with ATen's CPU GEMMs and the
+phases as host loops, so these tests check its arithmetic in CI: every output and every saved
+activation against the persistent forward's host run (which the backward reads: the stepped
+forward has no backward of its own), masks exactly, the gradients through that backward against
+the reference, dropout (the same counter-based stream). The ``gpu`` tests run the CUDA phases
+and cuBLAS.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rims_fast
+from helpers import assert_close
+from rims_fast import rim_seq as rs
+from test_rim_seq import GRID, MMA_WIDE, PARAMS, _compare, _grads, _paper_cuda, _setup
+
+_WHY = rs.unavailable_reason(torch.device("cpu"), torch.float64)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"rim_steps_fwd not built: {_WHY}")
+
+# GRID (H = 3) plus wider layers (H = 20, several heads, per-head and folded input terms).
+CASES = GRID + MMA_WIDE
+
+
+def _setup_case(case, **kw):
+    extra = case[8] if len(case) > 8 else {}
+    return _setup(*case[:8], **extra, **kw)
+
+
+def _op_args(x, h0, c0, P, cfg, p_in=0.0, p_c=0.0, seed=0):
+    p = {n: t.detach() for n, t in P.items()}
+    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
+    return (keys, xsrc, w_x, h0.detach(), None if c0 is None else c0.detach(),
+            *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
+            per_head, p_in, p_c, seed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_stepped_matches_reference_float64(case):
+    rim, x, h0, c0, P, leaves = _setup_case(case)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+    _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_saved_activations_are_the_persistent_forwards(case, dropout):
+    """Every output and saved activation equals the persistent forward's up to float64 rounding
+    (the GEMMs sum in another order), masks exactly: the persistent backward reads them."""
+    rim, x, h0, c0, P, _ = _setup_case(case)
+    args = _op_args(x, h0, c0, P, rim.config, *((0.3, 0.4, 11) if dropout else ()))
+    want = torch.ops.rims_fast.rim_seq_fwd(*args, 3, True)
+    got = torch.ops.rims_fast.rim_steps_fwd(*args, True)
+    assert torch.equal(got[3], want[3]), "masks differ"
+    names = ["out", "h_n", "c_n", "masks", *rs.SAVED]
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape, name
+        if a.numel() and name != "masks":
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    # Without saving: the same outputs, nothing saved.
+    lean = torch.ops.rims_fast.rim_steps_fwd(*args, False)
+    for a, b in zip(lean[:4], got[:4]):
+        assert torch.equal(a, b)
+    assert all(t.numel() == 0 for t in lean[4:])
+
+
+@pytest.mark.parametrize("case", GRID[:2] + GRID[4:5], ids=lambda c: "-".join(map(str, c)))
+def test_stepped_float32_against_float64(case):
+    rim, x, h0, c0, P, leaves = _setup(*case, dtype=torch.float32)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+    l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"), {n: l64[n] for n in PARAMS},
+                             rim.config, masks=got[3])
+    _compare(got, want, leaves, torch.float32, l64)
+
+
+def test_opcheck_and_errors():
+    rim, x, h0, c0, P, _ = _setup("lstm", 2, 2, 2, 3, 2, 2, 3, B=2)
+    args = _op_args(x, h0, c0, P, rim.config)
+    torch.library.opcheck(torch.ops.rims_fast.rim_steps_fwd.default, args + (True,))
+    torch.library.opcheck(torch.ops.rims_fast.rim_steps_fwd.default, args + (False,))
+    sizes, cell, _, _, big = rims_fast._config.cfg_args(rim.config)
+    keys, xsrc, w_x, h0d, c0d, *rest = args
+    weights = [w.requires_grad_(True) for w in rest[:len(rs.OP_WEIGHTS)]]
+    torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
+                                          h0d.requires_grad_(True), c0d, weights, sizes, cell,
+                                          0.2, 0.3, big, rest[-4], 5, 0, True, False, 0, 0,
+                                          True))
+    bad = list(args)
+    bad[13] = 4
+    with pytest.raises(RuntimeError, match="top_k must be in 1..K=3"):
+        torch.ops.rims_fast.rim_steps_fwd(*bad, True)
+    bad = list(args)
+    bad[3] = h0.detach().float()
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.rims_fast.rim_steps_fwd(*bad, True)
+    f16 = [a.half() if isinstance(a, torch.Tensor) and a.dtype == torch.float64 else a
+           for a in args]
+    for i in (0, 1, 2):  # the hoisted inputs stay in the compute type
+        f16[i] = args[i].float()
+    with pytest.raises(RuntimeError, match="CPU implementation .* takes float32 and float64"):
+        torch.ops.rims_fast.rim_steps_fwd(*f16, True)
+
+
+def test_backend_cuda_env_switch(monkeypatch):
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "stepped")
+    assert rs.cuda_fwd_mode() == "stepped"
+    rim, x, h0, c0, P, _ = _setup(*GRID[1])
+    with torch.no_grad():  # stepped=None reads the variable: the same op as stepped=True
+        env = rs.rim_seq(x, h0, c0, P, rim.config)
+        explicit = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        persistent = rs.rim_seq(x, h0, c0, P, rim.config, stepped=False)
+    assert all(torch.equal(a, b) for a, b in zip(env, explicit))
+    assert torch.equal(env[3], persistent[3])
+    assert_close("stepped vs persistent", env[0], persistent[0], torch.float64)
+    from rims_fast import _backend
+    assert _backend.runner("cuda") is rs.rim_seq
+
+
+# ---- on a GPU: the CUDA phases and cuBLAS -----------------------------------------------------
+
+_GPU = torch.cuda.is_available() and rs.unavailable_reason(torch.device("cuda"), torch.float32) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _GPU, reason="needs a CUDA device and a CUDA build of rims_fast._C")
+class TestCUDA:
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])))
+    def test_equals_host_run(self, case):
+        """float64 on the GPU against the host run of the same driver: masks exactly, outputs and
+        saved activations to float64 rounding."""
+        rim, x, h0, c0, P, _ = _setup_case(case, B=19)
+        args = _op_args(x, h0, c0, P, rim.config, 0.3, 0.4, 11)
+        host = torch.ops.rims_fast.rim_steps_fwd(*args, True)
+        cu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        got = torch.ops.rims_fast.rim_steps_fwd(*cu, True)
+        assert torch.equal(got[3].cpu(), host[3])
+        for i, (a, b) in enumerate(zip(got, host)):
+            if i != 3 and b.numel():
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_paper_shape(self, cell, dtype):
+        """The paper layer (B=64, T=20) against the float64 reference under the op's masks: the
+        output by the tolerance table, the gradients (the persistent backward from the stepped
+        forward's saved activations) by relative norm error, as test_rim_seq's."""
+        rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
+        got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+        want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"),
+                                 {n: l64[n] for n in PARAMS}, rim.config, masks=got[3])
+        assert_close("out", got[0], want[0], dtype)
+        assert got[3].sum(-1).eq(4).all()
+        bound = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+        g_got, g_want = _grads(got[:3], leaves), _grads(want[:3], l64)
+        for name in leaves:
+            a, b = g_got[name].double(), g_want[name]
+            rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+            print(f"d{name}: relative norm error {rel:.2e} (bound {bound:g})")
+            assert rel <= bound, name
+
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_large_layer(self, cell):
+        """The `large` layer (D=512, K=8, H=256) in bfloat16, the shape this path is for:
+        forward against the float64 reference under the op's masks, and a backward that runs."""
+        torch.manual_seed(0)
+        rim = rims_fast.RIM(512, 256, 8, 4, cell=cell, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(3, 32, 1, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        P = dict(rim.named_parameters())
+        h0 = torch.randn(32, 8, 256, device="cuda", dtype=torch.bfloat16)
+        c0 = torch.randn_like(h0) if cell == "lstm" else None
+        got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        p64 = {n: v.detach().double() for n, v in P.items()}
+        want = rims_fast.rim_ref(x.detach().double(), h0.double(),
+                                 c0.double() if c0 is not None else None, p64, rim.config,
+                                 masks=got[3])
+        assert_close("out", got[0], want[0], torch.bfloat16)
+        got[0].float().square().sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_cuda_graph_capture(self, dtype):
+        """No host sync and no allocation the caching allocator cannot replay: a captured CUDA
+        graph of the stepped forward replays to the eager result, also on new inputs."""
+        torch.manual_seed(0)
+        rim = rims_fast.RIM(64, 100, 6, 4, device="cuda", dtype=dtype)
+        P = {n: p.detach() for n, p in rim.named_parameters()}
+        x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype)
+        h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
+        c0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
+        run = lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)  # noqa: E731
+        with torch.no_grad():
+            eager = run()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = run()
+            graph.replay()
+            for a, b in zip(captured, eager):
+                assert torch.equal(a, b)
+            x2 = torch.randn_like(x)
+            x.copy_(x2)
+            graph.replay()
+            again = rs.rim_seq(x2, h0, c0, P, rim.config, stepped=True)
+            for a, b in zip(captured, again):
+                assert torch.equal(a, b)
+
+    def test_module_backend_cuda_stepped(self, monkeypatch):
+        monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "stepped")
+        rim = rims_fast.RIM(5, 3, 4, 2, backend="cuda").cuda()
+        x = torch.randn(6, 4, 5, device="cuda")
+        out, _ = rim(x)
+        rim.backend = "torch"
+        ref, _ = rim(x)
+        assert_close("out", out, ref, torch.float32)
