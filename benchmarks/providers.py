@@ -22,6 +22,13 @@
   block's weights in its shared memory as far as they fit.
 - ``cuda_seq_cluster_l2``: ``cuda_seq_cluster`` with ``RIMS_FAST_CUDA_RESIDENT=0``: every weight
   read from L2 each step (what residency buys is the ratio of the two).
+- ``cuda_steps``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=stepped``: the
+  stepped forward (``rims_fast::rim_steps_fwd``: per step four batched GEMMs on cuBLAS and four
+  small kernels, launched from C++), the persistent backward.
+- ``cuda_steps_graph``: ``cuda_steps`` with ``RIMS_FAST_CUDA_GRAPH=1``: the no-grad forward
+  replays a captured CUDA graph (fwd+bwd runs as ``cuda_steps``).
+- ``cuda_seq_mma_graph``: ``cuda_seq_mma`` with ``RIMS_FAST_CUDA_GRAPH=1`` (one launch per call
+  already: the graph takes the hoisted products' launches off the host).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
 - ``brim2``, ``brim2_cpu``, ``brim2_cuda``, ``brim2_triton``, ``brim2_cuda_seq``: a two-layer
@@ -55,13 +62,13 @@ __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build",
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
              "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq",
-             "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu", "lstm",
-             "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
+             "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cuda_steps",
+             "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "lstm", "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
                  "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda",
-                 "cuda_seq", "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cpu",
-                 "naive")
+                 "cuda_seq", "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2",
+                 "cuda_steps", "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "naive")
 
 
 class Skip(Exception):
@@ -146,7 +153,7 @@ def _backend(name: str, env: Optional[dict] = None, label: Optional[str] = None,
     an implementation inside the backend, read at call time)."""
     def build_backend(ctx: Context) -> Provider:
         why = rims_fast.available_backends(ctx.device, ctx.dtype).get(name)
-        if why is None and env and env.get("RIMS_FAST_CUDA_FWD") == "persistent":
+        if why is None and env and env.get("RIMS_FAST_CUDA_FWD") in ("persistent", "stepped"):
             from rims_fast.rim_seq import unavailable_reason
             why = unavailable_reason(ctx.device, ctx.dtype)
         if why is not None:
@@ -221,6 +228,12 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "cuda_seq_cluster_l2": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
                                              "RIMS_FAST_CUDA_CLUSTER": "1",
                                              "RIMS_FAST_CUDA_RESIDENT": "0"}, "cuda_seq_cluster_l2"),
+    "cuda_steps": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped"}, "cuda_steps"),
+    "cuda_steps_graph": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
+                                          "RIMS_FAST_CUDA_GRAPH": "1"}, "cuda_steps_graph"),
+    "cuda_seq_mma_graph": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
+                                            "RIMS_FAST_CUDA_MMA": "1",
+                                            "RIMS_FAST_CUDA_GRAPH": "1"}, "cuda_seq_mma_graph"),
     "triton_graph": _backend("triton", {"RIMS_FAST_TRITON_GRAPH": "1"}, "triton_graph"),
     "triton_tiled": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled"}, "triton_tiled"),
     "triton_tiled_graph": _backend("triton", {"RIMS_FAST_TRITON_FWD": "tiled",

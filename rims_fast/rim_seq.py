@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ._backend import assume_constant_result
+from . import rim_seq_graph
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
@@ -386,13 +387,23 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         from .rim_cpu import draw_seed
         seed = draw_seed() if (p_in > 0 or p_c > 0) else 0
     lstm = cfg.cell == "lstm"
-    c0 = c0 if lstm else None
-    keys, xsrc, w_x, per_head = _hoisted(x, params, cfg)
-    weights = [params[n] for n in OP_WEIGHTS]
-    leaves = (keys, xsrc, w_x, h0, c0, *weights)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
-    res = rim_seq_op(keys, xsrc, w_x, h0.contiguous(), c0.contiguous() if lstm else None,
-                     weights, sizes, cell, p_in, p_c, big, per_head, seed, tile, save, mma,
-                     cluster, resident_mode() if resident is None else resident, stepped)
-    out, h_n, c_n, masks = res[:4]
-    return out, h_n, (c_n if lstm else None), masks
+    if resident is None:
+        resident = resident_mode()
+
+    def run(x: Tensor, h0: Tensor, c0: Optional[Tensor]) -> tuple:
+        keys, xsrc, w_x, per_head = _hoisted(x, params, cfg)
+        weights = [params[n] for n in OP_WEIGHTS]
+        leaves = (keys, xsrc, w_x, h0, c0, *weights)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+        res = rim_seq_op(keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big,
+                         per_head, seed, tile, save, mma, cluster, resident, stepped)
+        return res[0], res[1], (res[2] if lstm else None), res[3]
+
+    h0 = h0.contiguous()
+    c0 = c0.contiguous() if lstm else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, *params.values()))
+    if x.is_cuda and not needs_grad and p_in == 0 and p_c == 0 and rim_seq_graph.graph_mode():
+        return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped), run,
+                                    x, h0, c0, dict(params))
+    return run(x, h0, c0)

@@ -121,6 +121,23 @@ def test_backend_cuda_env_switch(monkeypatch):
     assert _backend.runner("cuda") is rs.rim_seq
 
 
+def test_graph_mode_env(monkeypatch):
+    from rims_fast import rim_seq_graph
+    assert not rim_seq_graph.graph_mode()  # opt-in
+    monkeypatch.setenv("RIMS_FAST_CUDA_GRAPH", "1")
+    assert rim_seq_graph.graph_mode()
+    monkeypatch.setenv("RIMS_FAST_CUDA_GRAPH", "yes")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_GRAPH must be 0 or 1"):
+        rim_seq_graph.graph_mode()
+    # CPU tensors never take the graph path, whatever the variable says.
+    monkeypatch.setenv("RIMS_FAST_CUDA_GRAPH", "1")
+    rim, x, h0, c0, P, _ = _setup(*GRID[1])
+    with torch.no_grad():
+        got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+    assert not rim_seq_graph._GRAPHS
+    assert got[0].shape == (x.shape[0], x.shape[1], rim.config.num_units * rim.config.hidden_size)
+
+
 # ---- on a GPU: the CUDA phases and cuBLAS -----------------------------------------------------
 
 _GPU = torch.cuda.is_available() and rs.unavailable_reason(torch.device("cuda"), torch.float32) is None
@@ -213,6 +230,38 @@ class TestCUDA:
             again = rs.rim_seq(x2, h0, c0, P, rim.config, stepped=True)
             for a, b in zip(captured, again):
                 assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("stepped", [True, False], ids=["stepped", "persistent"])
+    def test_graph_replay(self, monkeypatch, stepped):
+        """RIMS_FAST_CUDA_GRAPH=1: the no-grad forward replays a captured graph, bit-identical
+        to eager launches, on new inputs, after an in-place parameter update (read in place), and
+        a parameter with new storage makes a new capture."""
+        from rims_fast import rim_seq_graph
+        torch.manual_seed(0)
+        rim = rims_fast.RIM(64, 100, 6, 4, device="cuda", dtype=torch.bfloat16)
+        P = {n: p.detach() for n, p in rim.named_parameters()}
+        x = torch.randn(20, 64, 1, 64, device="cuda", dtype=torch.bfloat16)
+        h0 = torch.randn(64, 6, 100, device="cuda", dtype=torch.bfloat16)
+        c0 = torch.randn_like(h0)
+        run = lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=stepped)  # noqa: E731
+        with torch.no_grad():
+            eager = run()
+            monkeypatch.setenv("RIMS_FAST_CUDA_GRAPH", "1")
+            rim_seq_graph._GRAPHS.clear()
+            for _ in range(2):  # capture, then replay
+                for a, b in zip(run(), eager):
+                    assert torch.equal(a, b)
+            assert len(rim_seq_graph._GRAPHS) == 1
+            x.copy_(torch.randn_like(x))
+            P["weight_hh"].mul_(0.5)
+            replayed = run()
+            monkeypatch.setenv("RIMS_FAST_CUDA_GRAPH", "0")
+            for a, b in zip(replayed, run()):
+                assert torch.equal(a, b)
+            monkeypatch.setenv("RIMS_FAST_CUDA_GRAPH", "1")
+            P["weight_hh"] = P["weight_hh"].clone()
+            run()
+            assert len(rim_seq_graph._GRAPHS) == 2
 
     def test_module_backend_cuda_stepped(self, monkeypatch):
         monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "stepped")

@@ -51,7 +51,7 @@ python3 -m rims_fast.info
 TIMEOUT_OPT=""
 python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=${PER_TEST_TIMEOUT:-60} --timeout-method=thread"
 if want gputests; then
-  for f in ${GPU_TEST_FILES:-tests/test_masked_cell.py tests/test_rim_seq.py tests/test_brim.py tests/test_rim_triton.py}; do
+  for f in ${GPU_TEST_FILES:-tests/test_masked_cell.py tests/test_rim_seq.py tests/test_rim_steps.py tests/test_brim.py tests/test_rim_triton.py}; do
     stamp "gpu-marked tests: $f"
     echo "##### $f" >> "$OUT/pytest-gpu.log"
     run_for "${GPU_TEST_TIMEOUT:-150}" python3 -m pytest "$f" -m gpu -v -rfEs --tb=short -p no:cacheprovider \
@@ -73,7 +73,7 @@ fi
 if want bench; then
   stamp "benchmarks"
   run_for "${BENCH_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
-    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_cluster,cuda_seq_cluster_l2,triton,triton_graph,triton_tiled,triton_tiled_graph}" \
+    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_mma_graph,cuda_seq_cluster,cuda_seq_cluster_l2,cuda_steps,cuda_steps_graph,triton,triton_graph,triton_tiled,triton_tiled_graph}" \
     --modes fwd,fwd+bwd --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
 fi
 if want tiles; then

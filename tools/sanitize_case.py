@@ -1,7 +1,8 @@
 """A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward),
 one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
 (rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout;
-the tensor-core variant; on sm_90+ the cluster forward). With
+the tensor-core variant; on sm_90+ the cluster forward), and the stepped forward
+(rims_fast::rim_steps_fwd). With
 ``--seq-only`` only the persistent kernel runs (for racecheck/synccheck, which are slow)."""
 
 import sys
@@ -51,6 +52,14 @@ def persistent_kernel():
             rim_seq(x.detach().bfloat16(), h0.bfloat16(),
                     c0.bfloat16() if c0 is not None else None,
                     {n: p.detach() for n, p in P16.items()}, rim.config, tile=2, cluster=2)
+        # The stepped forward (rims_fast::rim_steps_fwd: cuBLAS and its four phase kernels),
+        # float32 with dropout and the persistent backward, and bfloat16 (out_dtype GEMMs).
+        out, h_n, _, _ = rim_seq(x.detach().requires_grad_(True), h0, c0,
+                                 dict(rim.named_parameters()), rim.config, training=True, seed=1,
+                                 stepped=True)
+        (out.square().sum() + h_n.sum()).backward()
+        rim_seq(x.detach().bfloat16(), h0.bfloat16(), c0.bfloat16() if c0 is not None else None,
+                {n: p.detach() for n, p in P16.items()}, rim.config, stepped=True)
     torch.cuda.synchronize()
 
 
