@@ -10,6 +10,8 @@
 ``python -m benchmarks.flops --seq-trips``     + the persistent CUDA-core forward's dependent L2
                                                round trips per thread and step, per code version
                                                (a latency model, calibrated on one measurement)
+``python -m benchmarks.flops --steps``         + the stepped forward's GEMM FLOPs, bytes and
+                                               launches per step, and the floors they imply
 
 FLOPs count a multiply-add as 2. "all" is what the reference evaluates (every mechanism, masked
 afterwards); "active-only" is what a kernel that skips inactive mechanisms must do (SPEC step 3
@@ -348,6 +350,55 @@ def report_seq_trips(measured_us: float = 405.0, name: str = "paper") -> str:
     return "\n".join(out)
 
 
+def steps_model(c: BenchConfig, n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c: int = 32,
+                d_cv: int = 32, w_bytes: int = 2, lstm: bool = True) -> dict:
+    """One step of the stepped forward (``rims_fast::rim_steps_fwd``, csrc/rim_steps_fwd.h): its
+    four batched GEMMs over all ``B`` samples and all ``K`` mechanisms (dense: inactive rows are
+    computed and discarded), the bytes they and the four phase kernels move (weights in
+    ``w_bytes`` read once per step, GEMM operands in ``w_bytes``, results and state float32, each
+    written once and read once), and its launches. GRU: two gate GEMMs (one more launch)."""
+    B, K, H, M, D = c.B, c.K, c.H, c.M, c.D
+    G = 4 if lstm else 3
+    GH, nk, ck, cv = G * H, n_in * d_k, n_c * d_c, n_c * d_cv
+    d_v = 4 * H // n_in
+    XW = n_in * D if M * D <= d_v else n_in * d_v
+    C3 = 2 * ck + cv
+    flops = {"query": 2 * K * B * H * nk, "gates": 2 * K * B * (H + XW) * GH,
+             "Q|K|V": 2 * K * B * H * C3, "output": 2 * K * B * cv * H}
+    weights = K * (H * nk + (H + XW) * GH + H * C3 + cv * H) * w_bytes
+    operands = K * B * (H + XW + H + cv) * w_bytes          # [h | xa], h~, o: written, read
+    results = K * B * (nk + GH + C3 + H) * 4                # q, gates, Q|K|V, y: written, read
+    state = B * K * H * 4 * (5 if lstm else 3)              # h, c, h~ and out rows, roughly
+    inputs = B * M * (nk + (D if M * D <= d_v else n_in * d_v)) * 4  # keys and x of the step
+    return {"flops": flops, "weight_bytes": weights,
+            "other_bytes": 2 * (operands + results) + state + inputs,
+            "launches": 8 if lstm else 9}
+
+
+def report_steps(names=("paper", "large"), tc_flops: float = H100_BF16_FLOPS,
+                 l2_bps: float = 5.5e12) -> str:
+    """Markdown table of :func:`steps_model` (bf16): compute at the tensor-core peak and at half of
+    it, bytes at L2 bandwidth, and the launch chain at ``LAUNCH_US`` per launch."""
+    out = ["| config | GEMM FLOP per step (query, gates, Q\|K\|V, output) | weights + other bytes "
+           "per step | compute at peak / at 50% | bytes at 5.5 TB/s | launches | launch chain | "
+           "floor per step | per sequence |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        c = CONFIGS[name]
+        m = steps_model(c)
+        f = sum(m["flops"].values())
+        by = m["weight_bytes"] + m["other_bytes"]
+        lo, hi = (m["launches"] * u * 1e-6 for u in LAUNCH_US)
+        t_c, t_b = f / tc_flops, by / l2_bps
+        floor = (max(t_c, t_b) + lo, max(2 * t_c, t_b) + hi)
+        per = ", ".join(_fmt(v) for v in m["flops"].values())
+        out.append(f"| `{name}` | {_fmt(f)} ({per}) | {m['weight_bytes'] / 1e6:.1f} + "
+                   f"{m['other_bytes'] / 1e6:.1f} MB | {_us(t_c)} / {_us(2 * t_c)} | {_us(t_b)} | "
+                   f"{m['launches']} | {_us(lo)}–{_us(hi)} | {_us(floor[0])}–{_us(floor[1])} | "
+                   f"{floor[0] * c.T * 1e3:.2g}–{floor[1] * c.T * 1e3:.2g} ms |")
+    return "\n".join(out)
+
+
 def report_triton(names=("paper", "large")) -> str:
     """Markdown table of :func:`triton_l2_bytes` for both modes, at the kernels' tile sizes."""
     try:
@@ -379,6 +430,8 @@ def main(argv=None) -> int:
                     help="the Triton forward's L2 bytes per step, fused and tiled (a model)")
     ap.add_argument("--seq-trips", action="store_true",
                     help="the persistent CUDA-core forward's L2 round trips per step (a model)")
+    ap.add_argument("--steps", action="store_true",
+                    help="the stepped forward's FLOPs, bytes and launches per step (a model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -403,6 +456,9 @@ def main(argv=None) -> int:
     if args.seq_trips:
         print("\n### The persistent CUDA-core forward's dependent L2 round trips per step (a model)\n")
         print(report_seq_trips())
+    if args.steps:
+        print("\n### The stepped forward per step (bf16 operands; a model)\n")
+        print(report_steps())
     if args.launches:
         device = torch.device(args.device)
         print(f"\n### Ops per step ({device.type}, paper shapes, T=3 minus T=2, torch.profiler)\n")

@@ -26,3 +26,16 @@ def test_column_groups_count():
 def test_report_is_calibrated_on_the_measured_row():
     table = report_seq_trips(measured_us=405.0)
     assert "| 1476 | 405 |" in table and "| 69 | 19 |" in table
+
+
+def test_steps_model_paper_by_hand():
+    # The stepped forward at `paper` (B=64, K=6, H=100, XW = D = 64 folded, nk=64, Q|K|V 384,
+    # cv=128): query 2*6*64*100*64, gates 2*6*64*(100+64)*400, Q|K|V 2*6*64*100*384, output
+    # 2*6*64*128*100; weights (100*64 + 164*400 + 100*384 + 128*100) * 6 * 2 bytes.
+    from benchmarks.flops import report_steps, steps_model
+    m = steps_model(PAPER)
+    assert m["flops"] == {"query": 4_915_200, "gates": 50_380_800, "Q|K|V": 29_491_200,
+                          "output": 9_830_400}
+    assert m["weight_bytes"] == 1_478_400
+    assert m["launches"] == 8 and steps_model(PAPER, lstm=False)["launches"] == 9
+    assert "`large`" in report_steps()
