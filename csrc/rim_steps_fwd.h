@@ -13,19 +13,9 @@
 
 #include "kernels/rim_step_fwd.cuh"
 #include "rim_seq_fwd.h"
+#include "step_gemm.h"
 
 namespace rims {
-
-// out = a w for each mechanism: a (K, B, kd) in the storage type (a strided view is fine: its rows
-// are unit-stride), w (K, kd, n), out (K, B, n) in the compute type, contiguous. float16/bfloat16
-// operands accumulate in float32 and the result stays float32 (ATen's bmm with out_dtype: cuBLAS
-// on tensor cores); float32 follows PyTorch's TF32 setting, as the reference's matmuls do.
-inline void step_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
-  if (a.scalar_type() == out.scalar_type())
-    at::bmm_out(out, a, w);
-  else
-    at::bmm_out(out, a, w, out.scalar_type());
-}
 
 // The whole sequence for a prepared call (seq_fwd_prepare; c.res holds the outputs). T: the
 // storage type as the phases see it; C: the compute type; Dev runs the phases for one step:

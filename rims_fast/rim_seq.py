@@ -226,6 +226,7 @@ def _register_fake() -> None:
             input_dropout, comm_dropout, seed, 1, save)
 
     @torch.library.register_fake("rims_fast::rim_seq_bwd")
+    @torch.library.register_fake("rims_fast::rim_steps_bwd")
     def _(grad_out, grad_h_n, grad_c_n, keys, xsrc, w_x, h0, c0, input_query, weight_hh, *rest):
         T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
@@ -286,8 +287,9 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, mma, _cluster, _resident, _stepped) = inputs
+     save, mma, _cluster, _resident, stepped) = inputs
     ctx.mma = mma
+    ctx.stepped = stepped
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
     ctx.has_c0 = c0 is not None
@@ -314,10 +316,14 @@ def _backward(ctx, grads):
     lstm = cfg.cell == "lstm"
     g_out, g_hn, g_cn = grads[0], grads[1], grads[2] if lstm else None
     up = lambda g: None if g is None else g.to(ct).contiguous()  # noqa: E731
-    (d_keys, d_xsrc, d_h0, d_c0, dq, dg, dqkv, dhp, xa) = torch.ops.rims_fast.rim_seq_bwd(
-        up(g_out), up(g_hn), up(g_cn), keys, xsrc, w_x, h0, c0, *weights, masks, acts,
-        cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, p_in, p_c, seed,
-        cfg.block_inactive_grad, tile, ctx.mma)
+    args = (up(g_out), up(g_hn), up(g_cn), keys, xsrc, w_x, h0, c0, *weights, masks, acts,
+            cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head, p_in, p_c, seed,
+            cfg.block_inactive_grad)
+    if ctx.stepped:  # the stepped backward: batched GEMMs and four small kernels per step
+        res = torch.ops.rims_fast.rim_steps_bwd(*args)
+    else:
+        res = torch.ops.rims_fast.rim_seq_bwd(*args, tile, ctx.mma)
+    (d_keys, d_xsrc, d_h0, d_c0, dq, dg, dqkv, dhp, xa) = res
     # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients.
     T, B = keys.shape[:2]
     K, GH = cfg.num_units, cfg.gates * cfg.hidden_size

@@ -1,12 +1,13 @@
-"""``rims_fast::rim_steps_fwd`` (the stepped forward: batched GEMMs and four small kernels per
-step, ``csrc/kernels/rim_step_fwd.cuh``) against the persistent forward and ``rim_ref``.
+"""``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd`` (the stepped forward and backward: batched
+GEMMs and four small kernels per step, ``csrc/kernels/rim_step_{fwd,bwd}.cuh``) against the
+persistent kernels and ``rim_ref``.
 
-Without a GPU the op's CPU implementation runs the same driver with ATen's CPU GEMMs and the
-phases as host loops, so these tests check its arithmetic in CI: every output and every saved
-activation against the persistent forward's host run (which the backward reads: the stepped
-forward has no backward of its own), masks exactly, the gradients through that backward against
-the reference, dropout (the same counter-based stream). The ``gpu`` tests run the CUDA phases
-and cuBLAS.
+Without a GPU the ops' CPU implementations run the same drivers with ATen's CPU GEMMs and the
+phases as host loops, so these tests check their arithmetic in CI: every output and saved
+activation of the forward, and every output of the backward, against the persistent kernels'
+host runs (the two pairs are interchangeable: same inputs, outputs and saved layouts), masks
+exactly, the gradients against the reference and by gradcheck, dropout (the same counter-based
+stream). The ``gpu`` tests run the CUDA phases and cuBLAS.
 """
 
 from __future__ import annotations
@@ -68,6 +69,58 @@ def test_saved_activations_are_the_persistent_forwards(case, dropout):
     assert all(t.numel() == 0 for t in lean[4:])
 
 
+def _bwd_args(case, dropout, block, grads):
+    """The forward's saved activations (persistent forward) and incoming gradients, as the
+    backward ops take them. grads: which of d out, d h_n, d c_n are given (None for the rest)."""
+    rim, x, h0, c0, P, _ = _setup_case(case, block_inactive_grad=block)
+    cfg = rim.config
+    fwd = _op_args(x, h0, c0, P, cfg, *((0.3, 0.4, 11) if dropout else ()))
+    res = torch.ops.rims_fast.rim_seq_fwd(*fwd, 3, True)
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+    lstm = cfg.cell == "lstm"
+    gs = [rnd(res[0]) if "out" in grads else None, rnd(res[1]) if "h_n" in grads else None,
+          rnd(res[2]) if lstm and "c_n" in grads else None]
+    return (*gs, *fwd[:13], res[3], res[4:], *fwd[13:], block)
+
+
+@pytest.mark.parametrize("grads", [("out", "h_n", "c_n"), ("out",), ("h_n", "c_n")],
+                         ids=["all", "out", "final"])
+@pytest.mark.parametrize("dropout,block", [(False, True), (True, False)],
+                         ids=["plain", "dropout-kv_grad"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_backward_equals_the_persistent_backward(case, dropout, block, grads):
+    """rim_steps_bwd writes what rim_seq_bwd does (d keys, d x, d h0, d c0 and the per-step
+    gradients the weight-gradient GEMMs read) up to float64 rounding, from the same saved
+    activations and incoming gradients."""
+    args = _bwd_args(case, dropout, block, grads)
+    want = torch.ops.rims_fast.rim_seq_bwd(*args, 3)
+    got = torch.ops.rims_fast.rim_steps_bwd(*args)
+    names = ("d keys", "d xsrc", "d h0", "d c0", "dq", "d gates", "d qkv", "dh'", "xa")
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["folded", "per_head"])
+def test_gradcheck(cell, per_head):
+    """torch.autograd.gradcheck through the stepped forward and backward in float64 (as
+    test_rim_seq's: block_inactive_grad=False, dropout on)."""
+    rim, x, h0, c0, P, leaves = _setup(cell, 2, 2, 2, 4, 2, 3, 2 if per_head else 16, B=3,
+                                       block_inactive_grad=False, input_dropout=0.25,
+                                       comm_dropout=0.25)
+    names = list(leaves)
+
+    def f(*tensors):
+        d = dict(zip(names, tensors))
+        out, h_n, c_n, _ = rs.rim_seq(d["x"], d["h0"], d.get("c0"), {n: d[n] for n in PARAMS},
+                                      rim.config, training=True, seed=17, stepped=True)
+        return (out, h_n) if c_n is None else (out, h_n, c_n)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("case", GRID[:2] + GRID[4:5], ids=lambda c: "-".join(map(str, c)))
 def test_stepped_float32_against_float64(case):
     rim, x, h0, c0, P, leaves = _setup(*case, dtype=torch.float32)
@@ -83,6 +136,8 @@ def test_opcheck_and_errors():
     args = _op_args(x, h0, c0, P, rim.config)
     torch.library.opcheck(torch.ops.rims_fast.rim_steps_fwd.default, args + (True,))
     torch.library.opcheck(torch.ops.rims_fast.rim_steps_fwd.default, args + (False,))
+    torch.library.opcheck(torch.ops.rims_fast.rim_steps_bwd.default,
+                          _bwd_args(GRID[0], True, False, ("out", "h_n", "c_n")))
     sizes, cell, _, _, big = rims_fast._config.cfg_args(rim.config)
     keys, xsrc, w_x, h0d, c0d, *rest = args
     weights = [w.requires_grad_(True) for w in rest[:len(rs.OP_WEIGHTS)]]
@@ -160,12 +215,23 @@ class TestCUDA:
             if i != 3 and b.numel():
                 torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12)
 
+    @pytest.mark.parametrize("case", CASES[:2] + CASES[4:6], ids=lambda c: "-".join(map(str, c[:8])))
+    def test_backward_equals_host_run(self, case):
+        """The CUDA phases of rim_steps_bwd against their host run, float64, dropout on."""
+        args = _bwd_args(case, True, False, ("out", "h_n", "c_n"))
+        host = torch.ops.rims_fast.rim_steps_bwd(*args)
+        cu = [a.cuda() if isinstance(a, torch.Tensor) else
+              [s.cuda() for s in a] if isinstance(a, (list, tuple)) else a for a in args]
+        got = torch.ops.rims_fast.rim_steps_bwd(*cu)
+        for a, b in zip(got, host):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-12)
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
     def test_paper_shape(self, cell, dtype):
         """The paper layer (B=64, T=20) against the float64 reference under the op's masks: the
-        output by the tolerance table, the gradients (the persistent backward from the stepped
-        forward's saved activations) by relative norm error, as test_rim_seq's."""
+        output by the tolerance table, the gradients (the stepped backward) by relative norm
+        error, as test_rim_seq's."""
         rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
         got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
         l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}

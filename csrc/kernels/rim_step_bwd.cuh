@@ -1,0 +1,303 @@
+// Torch-free phases of the stepped RIM backward (rims_fast::rim_steps_bwd, csrc/rim_steps_bwd.h):
+// the reverse-time sweep of rim_step_fwd.cuh's forward, each step four batched GEMMs over the
+// whole batch (the driver calls ATen: cuBLAS on a GPU) and four small kernels:
+//
+//   d o = dh' comm_output^T                       GEMM   (active rows; zero operand otherwise)
+//   comm_bwd                                      kernel a block per sample: d scores, dQ, dK, dV
+//   dh~_Q|K|V = d(Q|K|V) [c_q | c_k | c_v]^T      GEMM
+//   cell_bwd                                      kernel dh~, the masked cell's backward
+//   d xa = d gi F^T                               GEMM
+//   select_bwd                                    kernel a block per sample: xa, d scores, dq,
+//                                                        this step's d keys and d x
+//   dh_{t-1} += [d gh | dq] [W_hh^T ; W_q^T]      GEMM
+//   dh_final                                      kernel dh_{t-1}, the next step's operand
+//
+// Inputs, outputs and every per-step gradient written are those of the persistent backward
+// (rim_seq_bwd.cuh, RimSeqBwdParams), with the same formulas in the same order apart from the
+// GEMMs' sums, so the caller's weight-gradient GEMMs are shared. GEMM operands (the gradient
+// rows) are in the storage type T, results and everything else in the compute type C.
+#pragma once
+
+#include "rim_seq_bwd.cuh"
+
+namespace rims {
+
+template <typename T>
+struct RimStepBwdParams {
+  RimSeqBwdParams<T> s;  // sizes, inputs, saved activations, outputs as the persistent backward
+  // GEMM operands (storage type, (K, B, width)).
+  T* dhp_op;   // dh' of active rows, width H
+  T* dqkv_op;  // d(Q|K|V), K|V cut for inactive rows under block_inactive_grad, width C3
+  T* dg_op;    // [d gates | dq], width GW + nk (LSTM [dg | dq], GRU [d gi | d gh | dq])
+  // GEMM results (compute type, (K, B, width)).
+  const void* dout;    // cv
+  const void* dht;     // H: d(Q|K|V) [c_q | c_k | c_v]^T
+  const void* dxa;     // XW
+  const void* dhprev;  // H: [d gh | dq] [W_hh^T ; W_q^T]
+  // Compute-type state and per-step scratch, (B, K, width).
+  void* dh;      // H: dh_t, then dh_{t-1}
+  void* dc;      // H (LSTM)
+  void* direct;  // H: the part of dh_{t-1} that does not go through a GEMM
+  void* dsc;     // n_c K: communication score gradients
+  void* dsi;     // n_in M: input score gradients
+  void* dgf;     // XW: d xa of active rows
+};
+
+namespace step_bwd_detail {
+
+template <typename C, typename T>
+RIMS_HD const C* saved_row(const RimStepBwdParams<T>& p, const void* base, int64_t t, int64_t r,
+                           int64_t width) {
+  return static_cast<const C*>(base) + (t * p.s.B * p.s.K + r) * width;
+}
+
+template <typename C, typename T>
+RIMS_HD C* hist_row(const RimStepBwdParams<T>& p, void* base, int64_t t, int64_t r,
+                    int64_t width) {
+  return static_cast<C*>(base) + (t * p.s.B * p.s.K + r) * width;
+}
+
+template <typename T>
+RIMS_HD bool active(const RimStepBwdParams<T>& p, int64_t t, int64_t r) {
+  return p.s.masks[t * p.s.B * p.s.K + r];
+}
+
+// The dropout keep factors of the forward's stream (1 without dropout).
+template <typename C, typename T>
+RIMS_HD C keep_a(const RimStepBwdParams<T>& p, int64_t t, int64_t r, int64_t n, int64_t m) {
+  const RimSeqBwdParams<T>& d = p.s;
+  const float drop = static_cast<float>(d.p_in);
+  if (!(drop > 0.f)) return C(1);
+  const uint64_t idx = static_cast<uint64_t>(((t * d.B * d.K + r) * d.n_in + n) * d.M + m);
+  return dropout_keep(d.seed, 0, idx, drop) ? C(1) / C(1.0 - d.p_in) : C(0);
+}
+
+template <typename C, typename T>
+RIMS_HD C keep_b(const RimStepBwdParams<T>& p, int64_t t, int64_t r, int64_t n, int64_t j) {
+  const RimSeqBwdParams<T>& d = p.s;
+  const float drop = static_cast<float>(d.p_c);
+  if (!(drop > 0.f)) return C(1);
+  const uint64_t idx = static_cast<uint64_t>(((t * d.B * d.K + r) * d.n_c + n) * d.K + j);
+  return dropout_keep(d.seed, 1, idx, drop) ? C(1) / C(1.0 - d.p_c) : C(0);
+}
+
+// dh_{t} rows of step t's active mechanisms: the history dh' and the d o GEMM's operand.
+template <typename C, typename T>
+RIMS_HD void put_dhp(const RimStepBwdParams<T>& p, int64_t t, int64_t i, C v) {
+  const RimSeqBwdParams<T>& d = p.s;
+  const int64_t r = i / d.H, j = i % d.H, b = r / d.K, k = r % d.K;
+  const C a = active(p, t, r) ? v : C(0);
+  hist_row<C>(p, d.h_dhp, t, r, d.H)[j] = a;
+  from_c(a, p.dhp_op + (k * d.B + b) * d.H + j);
+}
+
+}  // namespace step_bwd_detail
+
+// Before the sweep, element i = (b, k, j): dh_{T-1} = d h_n + d out[T-1], dc = d c_n.
+template <typename C, typename T>
+RIMS_HD void rim_step_bwd_init(const RimStepBwdParams<T>& p, int64_t i) {
+  const RimSeqBwdParams<T>& d = p.s;
+  const int64_t KH = d.K * d.H, T_ = d.T_;
+  C v = d.g_hn != nullptr ? static_cast<const C*>(d.g_hn)[i] : C(0);
+  if (d.g_out != nullptr) v += static_cast<const C*>(d.g_out)[(T_ - 1) * d.B * KH + i];
+  static_cast<C*>(p.dh)[i] = v;
+  if (d.lstm) static_cast<C*>(p.dc)[i] = d.g_cn != nullptr ? static_cast<const C*>(d.g_cn)[i] : C(0);
+  step_bwd_detail::put_dhp<C>(p, T_ - 1, i, v);
+}
+
+// SPEC step 4 backward for sample b (one block; smem unused): d scores and dQ per (k, head),
+// then dK, dV of every mechanism j (sums over the querying k, no atomics), then the dh~ GEMM's
+// operand.
+template <typename C, typename T, class Exec>
+RIMS_HD void rim_step_comm_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int64_t t,
+                               int64_t b) {
+  using namespace step_bwd_detail;
+  const RimSeqBwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, n_c = d.n_c, dc = d.dc, dcv = d.dcv, ck = d.ck, cv = d.cv;
+  const int64_t C3 = 2 * ck + cv;
+  const C scale_c = C(1) / sqrt(C(dc));
+  const C* qkv = saved_row<C>(p, d.sv_qkv, t, b * K, C3);  // row (b, j) at qkv + j * C3
+  const C* dout = static_cast<const C*>(p.dout);         // (K, B, cv)
+  C* dqkv = hist_row<C>(p, d.h_dqkv, t, b * K, C3);
+  C* dsc = static_cast<C*>(p.dsc) + b * K * n_c * K;
+  ex.parallel_for(int(K * n_c), [&](int i) {
+    const int64_t k = i / n_c, n = i % n_c, r = b * K + k;
+    C* ds = dsc + (k * n_c + n) * K;
+    C* dqc = dqkv + k * C3 + n * dc;
+    if (!active(p, t, r)) {
+      for (int64_t j = 0; j < K; ++j) ds[j] = C(0);
+      for (int64_t e = 0; e < dc; ++e) dqc[e] = C(0);
+      return;
+    }
+    const C* don = dout + (k * B + b) * cv + n * dcv;
+    for (int64_t j = 0; j < K; ++j) {
+      const C* vj = qkv + j * C3 + 2 * ck + n * dcv;
+      C dot = C(0);
+      for (int64_t e = 0; e < dcv; ++e) dot += don[e] * vj[e];
+      ds[j] = dot * keep_b<C>(p, t, r, n, j);
+    }
+    softmax_bwd(saved_row<C>(p, d.sv_bp, t, r, n_c * K) + n * K, ds, K, ds);
+    for (int64_t j = 0; j < K; ++j) ds[j] *= scale_c;
+    for (int64_t e = 0; e < dc; ++e) {
+      C acc = C(0);
+      for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[j * C3 + ck + n * dc + e];
+      dqc[e] = acc;
+    }
+  });
+  ex.parallel_for(int(K * (ck + cv)), [&](int i) {
+    const int64_t j = i / (ck + cv), col = i % (ck + cv);
+    C acc = C(0);
+    if (col < ck) {  // d key_j[n, e] = sum_k d score[k, n, j] q_k[n, e]
+      const int64_t n = col / dc;
+      for (int64_t k = 0; k < K; ++k) acc += dsc[(k * n_c + n) * K + j] * qkv[k * C3 + col];
+    } else {         // d value_j[n, e] = sum_k b~[k, n, j] d o_k[n, e]
+      const int64_t c2 = col - ck, n = c2 / dcv;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t rk = b * K + k;
+        if (!active(p, t, rk)) continue;
+        const C bw = saved_row<C>(p, d.sv_bp, t, rk, n_c * K)[n * K + j] * keep_b<C>(p, t, rk, n, j);
+        acc += bw * dout[(k * B + b) * cv + c2];
+      }
+    }
+    dqkv[j * C3 + ck + col] = acc;
+  });
+  ex.parallel_for(int(K * C3), [&](int i) {
+    const int64_t k = i / C3, c = i % C3;
+    const bool kv = active(p, t, b * K + k) || !d.block_inactive_grad;
+    from_c(c < ck || kv ? dqkv[k * C3 + c] : C(0), p.dqkv_op + (k * B + b) * C3 + c);
+  });
+}
+
+// SPEC step 3 backward for element i = (b, k, j): dh~ = dh' + the Q|K|V GEMM's part, the masked
+// cell's backward (inactive rows pass dh~ and dc through), d gates to the history and the GEMMs'
+// operand.
+template <typename C, typename T>
+RIMS_HD void rim_step_cell_bwd(const RimStepBwdParams<T>& p, int64_t t, int64_t i) {
+  using namespace step_bwd_detail;
+  const RimSeqBwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, H = d.H, GH = d.GH, GW = d.lstm ? GH : 2 * GH;
+  const int64_t r = i / H, j = i % H, b = r / K, k = r % K, kb = k * B + b;
+  const C dht = static_cast<const C*>(p.dh)[i] + static_cast<const C*>(p.dht)[kb * H + j];
+  C* direct = static_cast<C*>(p.direct);
+  C* dg = hist_row<C>(p, d.h_dg, t, r, GW);
+  T* op = p.dg_op + kb * (GW + d.nk);
+  if (!active(p, t, r)) {
+    direct[i] = dht;
+    for (int64_t col = j; col < GW; col += H) {
+      dg[col] = C(0);
+      from_c(C(0), op + col);
+    }
+    return;
+  }
+  const C* g = saved_row<C>(p, d.sv_g, t, r, GW);
+  if (d.lstm) {
+    C* dc = static_cast<C*>(p.dc);
+    const C cprev = saved_row<C>(p, d.sv_c, t, r, H)[j];
+    lstm_pointwise_bwd(dht, dc[i], g[j], g[H + j], g[2 * H + j], g[3 * H + j], cprev, dg[j],
+                       dg[H + j], dg[2 * H + j], dg[3 * H + j], dc[i]);
+    direct[i] = C(0);
+  } else {
+    const C hprev = saved_row<C>(p, d.sv_h, t, r, H)[j];
+    const C* gh = g + GH;
+    C* dgh = dg + GH;
+    gru_pointwise_bwd(dht, g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j], gh[2 * H + j], hprev,
+                      dg[j], dg[H + j], dg[2 * H + j], dgh[j], dgh[H + j], dgh[2 * H + j],
+                      direct[i]);
+  }
+  for (int64_t col = j; col < GW; col += H) from_c(dg[col], op + col);
+}
+
+// SPEC step 1 backward for sample b (one block; smem unused): the forward's read xa (for d F),
+// d xa of active rows, the input scores' gradients through dropout and the null softmax, dq
+// (history and the last GEMM's operand), then this step's d keys and d x.
+template <typename C, typename T, class Exec>
+RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int64_t t,
+                                 int64_t b) {
+  using namespace step_bwd_detail;
+  const RimSeqBwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, M = d.M, n_in = d.n_in, dk = d.dk, nk = d.nk, Dx = d.Dx;
+  const int64_t XW = n_in * Dx, xrow = d.xrow, xhead = d.xhead;
+  const int64_t GW = d.lstm ? d.GH : 2 * d.GH;
+  const C scale_in = C(1) / sqrt(C(dk));
+  const C* kt = static_cast<const C*>(d.keys) + (t * B + b) * M * nk;
+  const C* xt = static_cast<const C*>(d.xsrc) + (t * B + b) * M * xrow;
+  C* dgf = static_cast<C*>(p.dgf) + b * K * XW;
+  C* dsi = static_cast<C*>(p.dsi) + b * K * n_in * M;
+  ex.parallel_for(int(K * XW), [&](int i) {
+    const int64_t k = i / XW, col = i % XW, n = col / Dx, dd = col % Dx, r = b * K + k;
+    const bool on = active(p, t, r);
+    dgf[i] = on ? static_cast<const C*>(p.dxa)[(k * B + b) * XW + col] : C(0);
+    C xacc = C(0);
+    if (on) {
+      const C* a = saved_row<C>(p, d.sv_a, t, r, n_in * M) + n * M;
+      for (int64_t m = 0; m < M; ++m)
+        xacc += a[m] * keep_a<C>(p, t, r, n, m) * xt[m * xrow + n * xhead + dd];
+    }
+    hist_row<C>(p, d.h_xa, t, r, XW)[col] = xacc;
+  });
+  ex.parallel_for(int(K * n_in), [&](int i) {
+    const int64_t k = i / n_in, n = i % n_in, r = b * K + k;
+    C* ds = dsi + (k * n_in + n) * M;
+    C* dq = hist_row<C>(p, d.h_dq, t, r, nk) + n * dk;
+    T* op = p.dg_op + (k * B + b) * (GW + nk) + GW + n * dk;
+    if (!active(p, t, r)) {
+      for (int64_t m = 0; m < M; ++m) ds[m] = C(0);
+      for (int64_t e = 0; e < dk; ++e) {
+        dq[e] = C(0);
+        from_c(C(0), op + e);
+      }
+      return;
+    }
+    const C* dxa = dgf + k * XW + n * Dx;
+    for (int64_t m = 0; m < M; ++m) {
+      const C* xm = xt + m * xrow + n * xhead;
+      C dot = C(0);
+      for (int64_t dd = 0; dd < Dx; ++dd) dot += dxa[dd] * xm[dd];
+      ds[m] = dot * keep_a<C>(p, t, r, n, m);
+    }
+    softmax_bwd(saved_row<C>(p, d.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
+    for (int64_t m = 0; m < M; ++m) ds[m] *= scale_in;
+    for (int64_t e = 0; e < dk; ++e) {
+      C acc = C(0);
+      for (int64_t m = 0; m < M; ++m) acc += ds[m] * kt[m * nk + n * dk + e];
+      dq[e] = acc;
+      from_c(acc, op + e);
+    }
+  });
+  ex.parallel_for(int(M * nk), [&](int i) {
+    const int64_t m = i / nk, e = i % nk, n = e / dk;
+    C acc = C(0);
+    for (int64_t k = 0; k < K; ++k)
+      acc += dsi[(k * n_in + n) * M + m] * saved_row<C>(p, d.sv_q, t, b * K + k, nk)[e];
+    static_cast<C*>(d.d_keys)[(t * B + b) * M * nk + i] = acc;
+  });
+  ex.parallel_for(int(M * xrow), [&](int i) {
+    const int64_t m = i / xrow, col = i % xrow;
+    const int64_t n_lo = xhead > 0 ? col / Dx : 0, n_hi = xhead > 0 ? n_lo + 1 : n_in;
+    const int64_t dd = xhead > 0 ? col % Dx : col;
+    C acc = C(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = b * K + k;
+      if (!active(p, t, r)) continue;
+      for (int64_t n = n_lo; n < n_hi; ++n)
+        acc += saved_row<C>(p, d.sv_a, t, r, n_in * M)[n * M + m] * keep_a<C>(p, t, r, n, m) *
+               dgf[k * XW + n * Dx + dd];
+    }
+    static_cast<C*>(d.d_xsrc)[(t * B + b) * M * xrow + i] = acc;
+  });
+}
+
+// Element i = (b, k, j): dh_{t-1} = the direct part + the last GEMM's + d out[t-1]; for t > 0 the
+// next (earlier) step's dh' history and operand.
+template <typename C, typename T>
+RIMS_HD void rim_step_dh_final(const RimStepBwdParams<T>& p, int64_t t, int64_t i) {
+  const RimSeqBwdParams<T>& d = p.s;
+  const int64_t B = d.B, K = d.K, H = d.H;
+  const int64_t r = i / H, j = i % H, b = r / K, k = r % K;
+  C v = static_cast<const C*>(p.direct)[i] + static_cast<const C*>(p.dhprev)[(k * B + b) * H + j];
+  if (t > 0 && d.g_out != nullptr) v += static_cast<const C*>(d.g_out)[(t - 1) * B * K * H + i];
+  static_cast<C*>(p.dh)[i] = v;
+  if (t > 0) step_bwd_detail::put_dhp<C>(p, t - 1, i, v);
+}
+
+}  // namespace rims
