@@ -89,7 +89,7 @@ def lstm_terms(D: int, Hl: int) -> dict:
 
 
 def _fmt(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:.0f}"
@@ -351,12 +351,16 @@ def report_seq_trips(measured_us: float = 405.0, name: str = "paper") -> str:
 
 
 def steps_model(c: BenchConfig, n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c: int = 32,
-                d_cv: int = 32, w_bytes: int = 2, lstm: bool = True) -> dict:
+                d_cv: int = 32, w_bytes: int = 2, lstm: bool = True,
+                backward: bool = False) -> dict:
     """One step of the stepped forward (``rims_fast::rim_steps_fwd``, csrc/rim_steps_fwd.h): its
     four batched GEMMs over all ``B`` samples and all ``K`` mechanisms (dense: inactive rows are
     computed and discarded), the bytes they and the four phase kernels move (weights in
     ``w_bytes`` read once per step, GEMM operands in ``w_bytes``, results and state float32, each
-    written once and read once), and its launches. GRU: two gate GEMMs (one more launch)."""
+    written once and read once), and its launches. GRU: two gate GEMMs (one more launch).
+    ``backward``: a step of ``rim_steps_bwd`` instead (the four transposed products d o, dh~,
+    d xa, dh_{t-1}; its bytes counted like the forward's, which they mirror; 8 launches), and
+    ``wgrad_flops``, the weight-gradient GEMMs over all T*B rows after the sweep."""
     B, K, H, M, D = c.B, c.K, c.H, c.M, c.D
     G = 4 if lstm else 3
     GH, nk, ck, cv = G * H, n_in * d_k, n_c * d_c, n_c * d_cv
@@ -365,6 +369,9 @@ def steps_model(c: BenchConfig, n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c:
     C3 = 2 * ck + cv
     flops = {"query": 2 * K * B * H * nk, "gates": 2 * K * B * (H + XW) * GH,
              "Q|K|V": 2 * K * B * H * C3, "output": 2 * K * B * cv * H}
+    if backward:  # d o, dh~ through Q|K|V, d xa through F, dh_{t-1} through [W_hh ; W_q]
+        flops = {"d o": flops["output"], "dh~": flops["Q|K|V"], "d xa": 2 * K * B * GH * XW,
+                 "dh_{t-1}": 2 * K * B * (GH + nk) * H}
     weights = K * (H * nk + (H + XW) * GH + H * C3 + cv * H) * w_bytes
     operands = K * B * (H + XW + H + cv) * w_bytes          # [h | xa], h~, o: written, read
     results = K * B * (nk + GH + C3 + H) * 4                # q, gates, Q|K|V, y: written, read
@@ -372,31 +379,35 @@ def steps_model(c: BenchConfig, n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c:
     inputs = B * M * (nk + (D if M * D <= d_v else n_in * d_v)) * 4  # keys and x of the step
     return {"flops": flops, "weight_bytes": weights,
             "other_bytes": 2 * (operands + results) + state + inputs,
-            "launches": 8 if lstm else 9}
+            "launches": 8 if (lstm or backward) else 9,
+            "wgrad_flops": 2 * c.T * B * K * (H * nk + H * GH + XW * GH + H * C3 + cv * H)}
 
 
 def report_steps(names=("paper", "large"), tc_flops: float = H100_BF16_FLOPS,
                  l2_bps: float = 5.5e12) -> str:
     """Markdown table of :func:`steps_model` (bf16): compute at the tensor-core peak and at half of
     it, bytes at L2 bandwidth, and the launch chain at ``LAUNCH_US`` per launch."""
-    out = ["| config | GEMM FLOP per step (query, gates, Q\|K\|V, output) | weights + other bytes "
+    out = ["| config | GEMM FLOP per step (fwd: query, gates, Q\\|K\\|V, output; bwd: d o, dh~, d xa, "
+           "dh_{t-1}) | weights + other bytes "
            "per step | compute at peak / at 50% | bytes at 5.5 TB/s | launches | launch chain | "
            "floor per step | per sequence |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name in names:
+    for name, bwd in ((n, b) for n in names for b in (False, True)):
         c = CONFIGS[name]
-        m = steps_model(c)
+        m = steps_model(c, backward=bwd)
         f = sum(m["flops"].values())
         by = m["weight_bytes"] + m["other_bytes"]
         lo, hi = (m["launches"] * u * 1e-6 for u in LAUNCH_US)
         t_c, t_b = f / tc_flops, by / l2_bps
         floor = (max(t_c, t_b) + lo, max(2 * t_c, t_b) + hi)
         per = ", ".join(_fmt(v) for v in m["flops"].values())
-        out.append(f"| `{name}` | {_fmt(f)} ({per}) | {m['weight_bytes'] / 1e6:.1f} + "
+        out.append(f"| `{name}` {'bwd' if bwd else 'fwd'} | {_fmt(f)} ({per}) | {m['weight_bytes'] / 1e6:.1f} + "
                    f"{m['other_bytes'] / 1e6:.1f} MB | {_us(t_c)} / {_us(2 * t_c)} | {_us(t_b)} | "
                    f"{m['launches']} | {_us(lo)}–{_us(hi)} | {_us(floor[0])}–{_us(floor[1])} | "
                    f"{floor[0] * c.T * 1e3:.2g}–{floor[1] * c.T * 1e3:.2g} ms |")
-    return "\n".join(out)
+    wg = ", ".join(f"`{n}` {_fmt(steps_model(CONFIGS[n], backward=True)['wgrad_flops'])}"
+                   for n in names)
+    return "\n".join(out) + f"\n\nWeight-gradient GEMMs after the sweep (FLOP per sequence): {wg}."
 
 
 def report_triton(names=("paper", "large")) -> str:

@@ -38,6 +38,12 @@ thread-block clusters, the mechanisms split over the blocks, each block keeping 
 as many of its mechanisms' weights as fit in its shared memory (:data:`RESIDENT`); on CPU tensors,
 ``cluster > 0`` runs the blocks as host threads.
 
+``stepped=True`` (``RIMS_FAST_CUDA_FWD=stepped``) swaps both kernels for the stepped ops
+``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd`` (``csrc/rim_steps_fwd.h``, ``rim_steps_bwd.h``):
+per step four batched GEMMs over the whole batch (cuBLAS) and four small kernels, each way, with
+the same inputs, outputs and saved activations; the design for layers whose weights do not fit
+on chip, where the persistent kernels re-read every weight per tile and step.
+
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
 how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
 ``backend="cuda"`` use this op; the default, ``cell``, keeps the reference loop with the fused
@@ -134,9 +140,9 @@ def resident_mode() -> int:
 
 def cuda_fwd_mode() -> str:
     """``RIMS_FAST_CUDA_FWD``: ``"cell"`` (default), ``"persistent"`` (:func:`rim_seq`, the
-    persistent forward) or ``"stepped"`` (:func:`rim_seq` with ``stepped=True``: the forward as
-    batched GEMMs and four small kernels per step, ``rims_fast::rim_steps_fwd``; the backward is
-    the persistent one either way)."""
+    persistent kernels) or ``"stepped"`` (:func:`rim_seq` with ``stepped=True``: forward and
+    backward as batched GEMMs and four small kernels per step, ``rims_fast::rim_steps_fwd`` /
+    ``rim_steps_bwd``)."""
     mode = os.environ.get("RIMS_FAST_CUDA_FWD", "cell")
     if mode not in ("cell", "persistent", "stepped"):
         raise ValueError("RIMS_FAST_CUDA_FWD must be 'cell', 'persistent' or 'stepped', got "
@@ -258,8 +264,8 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
     (:func:`cluster_mechs`; forward only); ``resident``: with a cluster, the bit set of the
     weights a block keeps in shared memory (:data:`RESIDENT`; -1: on the GPU as many as fit,
     largest first, on CPU tensors all); ``stepped``: the forward is ``rims_fast::rim_steps_fwd``
-    (batched GEMMs and four small kernels per step; ``tile``, ``mma``, ``cluster`` and
-    ``resident`` then apply to the backward only, or not at all). No argument has a default: torch 2.11's dispatcher drops
+    and the backward ``rim_steps_bwd`` (batched GEMMs and four small kernels per step; ``tile``,
+    ``mma``, ``cluster`` and ``resident`` do not apply). No argument has a default: torch 2.11's dispatcher drops
     an argument equal to its default before autograd, then rejects the backward's gradient for it
     (one per argument, as setup_context sees them)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
@@ -367,10 +373,10 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     :func:`cluster_mechs`; on CPU tensors > 0 runs the cluster's blocks as host threads, for
     tests); ``resident``: with a cluster, which weights a block keeps in shared memory, a bit set
     of :data:`RESIDENT` (None: :func:`resident_mode`: as many as fit on the GPU, largest first,
-    all in the host run; or none); ``stepped``: the forward as batched GEMMs and four small
-    kernels per step (``rims_fast::rim_steps_fwd``, for layers whose weights do not fit on chip;
-    ``cluster`` and ``resident`` are then ignored, ``tile`` and ``mma`` apply to the backward;
-    None: ``RIMS_FAST_CUDA_FWD=stepped``, :func:`cuda_fwd_mode`). Gradients flow into
+    all in the host run; or none); ``stepped``: forward and backward as batched GEMMs over the
+    whole batch and four small kernels per step (``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd``,
+    for layers whose weights do not fit on chip; ``tile``, ``mma``, ``cluster`` and ``resident``
+    are then ignored; None: ``RIMS_FAST_CUDA_FWD=stepped``, :func:`cuda_fwd_mode`). Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
@@ -382,8 +388,8 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         mma = mma_mode(x.device, x.dtype)
     if stepped is None:
         stepped = cuda_fwd_mode() == "stepped"
-    if stepped:
-        cluster, resident = 0, 0
+    if stepped:  # the options of the persistent kernels do not apply
+        tile, mma, cluster, resident = 0, False, 0, 0
     if cluster is None:
         cluster = cluster_mechs(x.device, cfg.num_units, mma)
     sizes, cell, p_in, p_c, big = cfg_args(cfg)
