@@ -90,7 +90,8 @@ class BRIM(nn.Module):
             top) instead of the top layer's.
         backend: ``"auto"``, ``"torch"`` (the reference), ``"cuda"`` (the reference with the
             fused CUDA cell; with ``RIMS_FAST_CUDA_FWD=persistent`` the persistent kernels, one
-            launch per layer-step, see :mod:`rims_fast.brim_seq`) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
+            launch per layer-step, with ``stepped`` the stepped ops, see
+            :mod:`rims_fast.brim_seq`) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
             :mod:`rims_fast.brim_cpu`) or ``"triton"`` (the Triton RIM kernels per layer-step,
             backward by recompute; see :mod:`rims_fast.brim_triton`). ``"auto"`` picks the first
             available of ``"cpu"``, ``"torch"`` on CPU tensors and of ``"cuda"``, ``"triton"``,
@@ -188,7 +189,7 @@ class BRIM(nn.Module):
         elif name == "triton":
             from .brim_triton import brim_triton
             run = brim_triton
-        elif name == "cuda" and cuda_fwd_mode() == "persistent":
+        elif name == "cuda" and cuda_fwd_mode() != "cell":  # persistent or stepped
             from .brim_seq import brim_seq
             run = brim_seq
         elif name == "cuda":

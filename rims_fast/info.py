@@ -32,7 +32,8 @@ def _modes() -> dict:
     import os
     from rims_fast import rim_seq
     res = {"RIMS_FAST_CUDA_FWD": f"{rim_seq.cuda_fwd_mode()} (backend='cuda': 'cell' = reference "
-                                 "loop + fused cell, 'persistent' = rim_seq kernels)",
+                                 "loop + fused cell, 'persistent' = rim_seq kernels, 'stepped' = rim_steps "
+                                 "ops)",
            "RIMS_FAST_CUDA_TILE": f"{rim_seq.tile_size()} (0 = automatic)",
            "RIMS_FAST_CUDA_MMA": os.environ.get("RIMS_FAST_CUDA_MMA", "0")
            + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)",

@@ -187,11 +187,11 @@ def test_call_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", ["cell", "persistent"])
+@pytest.mark.parametrize("mode", ["cell", "persistent", "stepped"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cuda_backend_matches_reference(cell, mode, monkeypatch):
     """backend="cuda" (RIMS_FAST_CUDA_FWD: the reference with the fused CUDA cell, or the
-    persistent kernels per layer-step) against backend="torch" on the same CUDA tensors, float64:
+    persistent kernels or the stepped ops per layer-step) against backend="torch" on the same CUDA tensors, float64:
     outputs, masks and every gradient."""
     monkeypatch.setenv("RIMS_FAST_CUDA_FWD", mode)
     from rims_fast._backend import unavailable_reason

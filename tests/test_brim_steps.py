@@ -1,11 +1,13 @@
 """BRIM stacks one fused layer-step per call (rims_fast.brim_steps) against ``brim_ref``: on the
-C++ driver (``brim_cpu``, ``BRIM(backend="cpu")``) and on the persistent CUDA kernels
-(``brim_seq``, here their host runs on CPU tensors). Float64, float32 and (C++ driver) half
+C++ driver (``brim_cpu``, ``BRIM(backend="cpu")``), on the persistent CUDA kernels and on the
+stepped ops (``brim_seq``, here their host runs on CPU tensors). Float64, float32 and (C++ driver) half
 precision against the float64 reference under the implementation's masks, every gradient, dropout
 replayed from the implementation's own keep-masks, batch tiles on 2 threads.
 (Float64 equality of ``backend="cpu"`` with a plain loop, L = 1, 2, 3, is in test_brim.py.)"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -23,7 +25,10 @@ _NO_SEQ = brim_seq.unavailable_reason(torch.device("cpu"), torch.float64)
 #: The implementations: the C++ driver, and the persistent kernels' host runs.
 IMPLS = [pytest.param(brim_cpu.brim_cpu, id="cpu"),
          pytest.param(brim_seq.brim_seq, id="seq", marks=pytest.mark.skipif(
-             _NO_SEQ is not None, reason=f"rim_seq ops not built: {_NO_SEQ}"))]
+             _NO_SEQ is not None, reason=f"rim_seq ops not built: {_NO_SEQ}")),
+         pytest.param(functools.partial(brim_seq.brim_seq, stepped=True), id="steps",
+                      marks=pytest.mark.skipif(_NO_SEQ is not None,
+                                               reason=f"rim_seq ops not built: {_NO_SEQ}"))]
 
 
 def _run(brim, x, states, **kw):
