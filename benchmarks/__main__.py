@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import rims_fast  # noqa: E402
 
-from . import harness, report  # noqa: E402
+from . import flops, harness, report  # noqa: E402
 from .configs import CONFIGS, SWEEPS, default_config_names, expand  # noqa: E402
 from .providers import PROVIDERS, Context, Skip, build, make_reference  # noqa: E402
 
@@ -187,8 +187,10 @@ def run_config(cfg, args, device, dtype, providers, modes, timer, prog: _Progres
         for n, ts in times.items():
             med = harness.median(ts)
             peak = harness.measure_peak(calls[n], device)
+            sf = flops.step_flops(cfg, n) if mode == "fwd" else None
             rows.append(_row(cfg, n, mode, "ok", median_ms=med * 1e3, min_ms=min(ts) * 1e3, n=len(ts),
                              ms_per_step=med * 1e3 / cfg.T, tokens_per_s=cfg.B * cfg.T / med,
+                             step_tflops=None if sf is None else sf * cfg.T / med / 1e12,
                              peak_mem_bytes=peak, first_call_s=firsts.get(n),
                              gate=gates.get(n, "not a RIM: no gate")))
         del calls

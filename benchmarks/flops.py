@@ -99,6 +99,21 @@ def _us(s: float) -> str:
     return f"{s * 1e6:.3g} µs"
 
 
+def step_flops(c: BenchConfig, provider: str) -> float | None:
+    """Useful FLOPs per step of a whole batch on the sequential path (not the hoisted products):
+    a RIM layer's active-only step terms (:func:`rim_terms`), or ``nn.LSTM``'s recurrent gates
+    and pointwise work; None for providers computing something else (BRIM stacks). Divided by a
+    measured time per step it is the sequential part's achieved FLOP rate, and by the device's
+    peak its utilisation (the benchmark report's ``step TFLOP/s`` column)."""
+    if provider.startswith("brim"):
+        return None
+    if provider == "lstm":
+        t = lstm_terms(c.M * c.D, c.K * c.H)
+        return c.B * sum(v[0] for k, v in t.items() if not k.startswith("_") and v[1] == "step")
+    t = rim_terms(c)
+    return c.B * sum(v[1] for k, v in t.items() if not k.startswith("_") and v[2] == "step")
+
+
 def report_rim(c: BenchConfig, cpu_gflops: float | None) -> str:
     t = rim_terms(c)
     folded, fold_once = t.pop("_folded"), t.pop("_fold_once")

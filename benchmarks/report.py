@@ -17,7 +17,7 @@ import torch
 __all__ = ["environment", "device_slug", "format_table", "save", "plot_sweeps", "fmt_bytes"]
 
 ROW_FIELDS = ("provider", "config", "group", "mode", "status", "median_ms", "min_ms", "n",
-              "ms_per_step", "tokens_per_s", "peak_mem_bytes", "ratio", "baseline", "first_call_s",
+              "ms_per_step", "tokens_per_s", "step_tflops", "peak_mem_bytes", "ratio", "baseline", "first_call_s",
               "B", "T", "M", "D", "K", "top_k", "H", "reason", "gate")
 
 
@@ -129,7 +129,7 @@ def _fmt_ms(v) -> str:
 def format_table(rows: list[dict], markdown: bool = False, baseline: str = "lstm") -> str:
     """provider x config x mode -> median ms, ms/step, tokens/s, peak memory, ratio to baseline."""
     head = ["config", "shape", "mode", "provider", "median ms", "min ms", "ms/step", "tokens/s",
-            "peak mem", f"x {baseline}", "status"]
+            "step TFLOP/s", "peak mem", f"x {baseline}", "status"]
     body = []
     for r in rows:
         ok = r["status"] == "ok"
@@ -142,6 +142,7 @@ def format_table(rows: list[dict], markdown: bool = False, baseline: str = "lstm
             _fmt_ms(r.get("median_ms")) if ok else "", _fmt_ms(r.get("min_ms")) if ok else "",
             _fmt_ms(r.get("ms_per_step")) if ok else "",
             _fmt_tok(r.get("tokens_per_s")) if ok else "",
+            (f"{r['step_tflops']:.3g}" if r.get("step_tflops") is not None else "") if ok else "",
             fmt_bytes(r.get("peak_mem_bytes")) if ok else "",
             (f"{r['ratio']:.2f}" if r.get("ratio") is not None else "") if ok else "",
             status,
@@ -152,7 +153,7 @@ def format_table(rows: list[dict], markdown: bool = False, baseline: str = "lstm
         return "\n".join(lines)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[-1] = len(head[-1])  # the status column is free-running
-    num = {4, 5, 6, 7, 8, 9}
+    num = {4, 5, 6, 7, 8, 9, 10}
     fmt = lambda cells: "  ".join(c.rjust(w) if i in num else c.ljust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [fmt(head), fmt(["-" * w for w in widths])]

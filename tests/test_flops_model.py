@@ -39,3 +39,14 @@ def test_steps_model_paper_by_hand():
     assert m["weight_bytes"] == 1_478_400
     assert m["launches"] == 8 and steps_model(PAPER, lstm=False)["launches"] == 9
     assert "`large`" in report_steps()
+
+
+def test_step_flops_column():
+    """The report's `step TFLOP/s` numerator: nn.LSTM(64, 600)'s recurrent gates and pointwise
+    work per step of the batch; the RIM's active-only step terms; none for a BRIM stack."""
+    from benchmarks.flops import rim_terms, step_flops
+    assert step_flops(PAPER, "lstm") == 64 * (2 * 600 * 2400 + 16 * 600)
+    t = rim_terms(PAPER)
+    want = 64 * sum(v[1] for k, v in t.items() if not k.startswith("_") and v[2] == "step")
+    assert step_flops(PAPER, "cuda_steps") == want == step_flops(PAPER, "torch")
+    assert step_flops(PAPER, "brim2") is None
