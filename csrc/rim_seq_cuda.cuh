@@ -122,7 +122,8 @@ int64_t fit_tile(int64_t S, int dev, const Bytes& bytes, bool mma, bool resident
   while (S > 1 && bytes(S) > max_smem) --S;
   TORCH_CHECK(bytes(S) <= max_smem, "rims_fast::rim_seq: one sample needs ", bytes(1),
               " bytes of shared memory, more than this GPU's ", max_smem,
-              " per block (K, H or the input width too large for the persistent kernel)",
+              " per block (K, H or the input width too large for the persistent kernel; the "
+              "stepped ops, RIMS_FAST_CUDA_FWD=stepped, have no such limit)",
               resident ? "; that includes the resident weights asked for (resident=...): fewer "
                          "may fit" : "",
               mma ? "; that includes the tensor-core scratch (mma_smem_elems: the warps' staging "
