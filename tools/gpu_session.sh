@@ -18,6 +18,9 @@
 #   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
+#   STAGES="build bench" BENCH_CONFIGS=large BENCH_NAME=large \
+#     BENCH_PROVIDERS=lstm,cuda_steps,cuda_steps_graph,triton_tiled_graph bash tools/gpu_session.sh
+#             (the stepped ops, the CUDA C++ path meant for `large`, beside cuDNN and the Triton one)
 #   RIMS_FAST_SEQ_TILE_MAX=1 STAGES="build bench ncu" bash tools/gpu_session.sh   (the persistent
 #             kernels compiled for tile 1 only: 1/8 of their per-sample code, fewer registers;
 #             the automatic tile at paper is 1 anyway, so the bench compares kernel sizes)
