@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+import rims_fast._backend
+
 __all__ = ["environment", "device_slug", "format_table", "save", "plot_sweeps", "fmt_bytes"]
 
 ROW_FIELDS = ("provider", "config", "group", "mode", "status", "median_ms", "min_ms", "n",
@@ -85,7 +87,7 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
                    sm_count=props.multi_processor_count,
                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cudnn=torch.backends.cudnn.version(),
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+                   tf32_matmul=rims_fast._backend.tf32_matmul())
     else:
         env.update(device=env["cpu"], cuda=None, driver=None)
     return env

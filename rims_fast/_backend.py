@@ -135,6 +135,15 @@ def runner(name: str) -> Callable:
     raise ValueError(f"unknown backend {name!r}")
 
 
+def tf32_matmul() -> bool:
+    """Whether PyTorch's float32 CUDA matmuls may use TF32 (SPEC "Dtypes": float32 products follow
+    this setting). Read through ``torch.backends.cuda.matmul.fp32_precision``, which answers after
+    either API set it: reading the legacy ``allow_tf32`` raises once the new API was used."""
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    return prec == "tf32" if prec is not None else bool(m.allow_tf32)
+
+
 def triton_interpreter() -> bool:
     """Whether Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -415,7 +415,8 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     c0 = c0.contiguous() if lstm else None
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *params.values()))
-    if x.is_cuda and not needs_grad and p_in == 0 and p_c == 0 and rim_seq_graph.graph_mode():
+    if (x.is_cuda and not needs_grad and p_in == 0 and p_c == 0 and rim_seq_graph.graph_mode()
+            and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
         return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped), run,
                                     x, h0, c0, dict(params))
     return run(x, h0, c0)

@@ -71,18 +71,24 @@ def replay(key: tuple, run: Run, x: Tensor, h0: Tensor, c0: Optional[Tensor],
            params: dict) -> tuple:
     """``run(x, h0, c0)``'s outputs (tensors or None), from the graph captured for ``key`` (made
     on first use). ``key`` must pin everything ``run`` depends on besides ``x``, ``h0``, ``c0``;
-    the parameters' storage, shapes and dtypes, the input shapes and the TF32 setting (the
-    captured float32 GEMMs keep that of capture time) are added here."""
-    key = (key, tuple(x.shape), x.dtype, x.device, c0 is not None,
-           torch.backends.cuda.matmul.allow_tf32,
-           tuple((n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in params.items()))
-    cap = _GRAPHS.get(key)
-    if cap is None:
-        while len(_GRAPHS) >= _GRAPHS_MAX:
-            _GRAPHS.popitem(last=False)
-        cap = _GRAPHS[key] = _Captured(run, x, h0, c0, tuple(params.values()))
-    _GRAPHS.move_to_end(key)
-    cap.fill(x, h0, c0)
-    cap.graph.replay()
-    # Copies: the next replay overwrites the static outputs.
-    return tuple(None if t is None else t.clone() for t in cap.outputs)
+    added here: the parameters' storage, shapes and dtypes, the input shapes, the TF32 setting
+    (the captured float32 GEMMs keep that of capture time), inference mode (whose static
+    buffers later plain calls could not fill) and the current stream (each stream its own
+    buffers: replays on two streams must not share them). Capture and replay run on ``x``'s
+    device, whichever is current."""
+    from ._backend import tf32_matmul
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device)
+        key = (key, tuple(x.shape), x.dtype, x.device, c0 is not None, tf32_matmul(),
+               torch.is_inference_mode_enabled(), stream.cuda_stream,
+               tuple((n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in params.items()))
+        cap = _GRAPHS.get(key)
+        if cap is None:
+            while len(_GRAPHS) >= _GRAPHS_MAX:
+                _GRAPHS.popitem(last=False)
+            cap = _GRAPHS[key] = _Captured(run, x, h0, c0, tuple(params.values()))
+        _GRAPHS.move_to_end(key)
+        cap.fill(x, h0, c0)
+        cap.graph.replay()
+        # Copies: the next replay overwrites the static outputs.
+        return tuple(None if t is None else t.clone() for t in cap.outputs)

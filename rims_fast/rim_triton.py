@@ -205,7 +205,7 @@ FP32_DOT = "tf32x3"
 def _dot_precision(dtype: torch.dtype) -> str:
     """float32 products follow PyTorch's TF32 setting (SPEC "Dtypes"): TF32 when allowed, else
     :data:`FP32_DOT`; half-precision operands ignore it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and _backend.tf32_matmul():
         return "tf32"
     return FP32_DOT
 
@@ -470,7 +470,8 @@ def _graph_forward(x, xc, h0, c0, p, cfg, tiles) -> tuple[Tensor, ...]:
     prec = _dot_precision(x.dtype)
     # The captured float32 GEMMs (keys, fold, XW) follow the TF32 setting of capture time.
     key = (tuple(x.shape), x.dtype, x.device, cfg, prec, tiles,  # tiles: None when fused
-           torch.backends.cuda.matmul.allow_tf32,
+           _backend.tf32_matmul(), torch.is_inference_mode_enabled(),
+           torch.cuda.current_stream(x.device).cuda_stream,
            tuple((n, t.data_ptr(), tuple(t.shape)) for n, t in p.items()))
     cap = _GRAPHS.get(key)
     if cap is None:

@@ -337,3 +337,20 @@ class TestCUDA:
         rim.backend = "torch"
         ref, _ = rim(x)
         assert_close("out", out, ref, torch.float32)
+
+
+def test_tf32_setting_read_with_either_api():
+    """The graph caches' keys and the Triton float32 dot precision read the TF32 setting; after
+    PyTorch's new API set it, reading the legacy flag raises, so they must not."""
+    from rims_fast import _backend
+    m = torch.backends.cuda.matmul
+    if getattr(m, "fp32_precision", None) is None:
+        pytest.skip("this torch has only the legacy TF32 flag")
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert _backend.tf32_matmul()
+        m.fp32_precision = "ieee"
+        assert not _backend.tf32_matmul()
+    finally:
+        m.fp32_precision = old
