@@ -40,7 +40,9 @@ def _modes() -> dict:
            "RIMS_FAST_CUDA_CLUSTER": os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
            + " (1 = the persistent forward on thread-block clusters, sm_90+)",
            "RIMS_FAST_CUDA_RESIDENT": os.environ.get("RIMS_FAST_CUDA_RESIDENT", "1")
-           + " (with clusters: 1 = weights in shared memory as fit, 0 = none)"}
+           + " (with clusters: 1 = weights in shared memory as fit, 0 = none)",
+           "RIMS_FAST_CUDA_GRAPH": os.environ.get("RIMS_FAST_CUDA_GRAPH", "0")
+           + " (1 = backend='cuda' persistent/stepped no-grad forward replays a CUDA graph)"}
     try:
         from rims_fast import rim_triton
         res["RIMS_FAST_TRITON_BWD"] = rim_triton.bwd_mode()
