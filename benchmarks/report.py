@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-import rims_fast._backend
+from rims_fast._backend import tf32_matmul
 
 __all__ = ["environment", "device_slug", "format_table", "save", "plot_sweeps", "fmt_bytes"]
 
@@ -87,7 +87,7 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
                    sm_count=props.multi_processor_count,
                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cudnn=torch.backends.cudnn.version(),
-                   tf32_matmul=rims_fast._backend.tf32_matmul())
+                   tf32_matmul=tf32_matmul())
     else:
         env.update(device=env["cpu"], cuda=None, driver=None)
     return env

@@ -18,7 +18,8 @@ import torch
 import rims_fast
 from helpers import assert_close
 from rims_fast import rim_seq as rs
-from test_rim_seq import GRID, MMA_WIDE, PARAMS, _compare, _grads, _paper_cuda, _setup
+from test_rim_seq import (GRID, MMA_WIDE, PARAMS, _compare, _paper_cuda, _setup,
+                          check_graph_capture, check_paper_run)
 
 _WHY = rs.unavailable_reason(torch.device("cpu"), torch.float64)
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"rim_steps_fwd not built: {_WHY}")
@@ -233,19 +234,7 @@ class TestCUDA:
         output by the tolerance table, the gradients (the stepped backward) by relative norm
         error, as test_rim_seq's."""
         rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
-        got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
-        l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
-        want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"),
-                                 {n: l64[n] for n in PARAMS}, rim.config, masks=got[3])
-        assert_close("out", got[0], want[0], dtype)
-        assert got[3].sum(-1).eq(4).all()
-        bound = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
-        g_got, g_want = _grads(got[:3], leaves), _grads(want[:3], l64)
-        for name in leaves:
-            a, b = g_got[name].double(), g_want[name]
-            rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-            print(f"d{name}: relative norm error {rel:.2e} (bound {bound:g})")
-            assert rel <= bound, name
+        check_paper_run(rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), rim, leaves, dtype)
 
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
     def test_large_layer(self, cell):
@@ -276,26 +265,7 @@ class TestCUDA:
         x = torch.randn(20, 64, 1, 64, device="cuda", dtype=dtype)
         h0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
         c0 = torch.randn(64, 6, 100, device="cuda", dtype=dtype)
-        run = lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)  # noqa: E731
-        with torch.no_grad():
-            eager = run()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                captured = run()
-            graph.replay()
-            for a, b in zip(captured, eager):
-                assert torch.equal(a, b)
-            x2 = torch.randn_like(x)
-            x.copy_(x2)
-            graph.replay()
-            again = rs.rim_seq(x2, h0, c0, P, rim.config, stepped=True)
-            for a, b in zip(captured, again):
-                assert torch.equal(a, b)
+        check_graph_capture(lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), x)
 
     @pytest.mark.parametrize("stepped", [True, False], ids=["stepped", "persistent"])
     def test_graph_replay(self, monkeypatch, stepped):
