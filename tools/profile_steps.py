@@ -1,0 +1,53 @@
+"""Where the stepped path's time goes: torch.profiler kernel table (count, total and mean device
+time per kernel) for one no-grad forward and one forward+backward of ``RIM(backend="cuda")`` with
+``RIMS_FAST_CUDA_FWD=stepped`` in bfloat16, at the benchmark configs `paper` and `large`.
+
+    python tools/profile_steps.py [--configs paper,large] [--rows 20]
+"""
+
+import argparse
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import rims_fast
+from benchmarks.configs import CONFIGS
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--configs", default="paper,large")
+ap.add_argument("--rows", type=int, default=20)
+args = ap.parse_args()
+os.environ["RIMS_FAST_CUDA_FWD"] = "stepped"
+
+
+def run(rim, x, grad):
+    with torch.set_grad_enabled(grad):
+        out, _ = rim(x)
+        if grad:
+            out.float().square().mean().backward()
+
+
+def table(prof, rows):
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return prof.key_averages().table(row_limit=rows)
+
+
+for name in args.configs.split(","):
+    c = CONFIGS[name]
+    torch.manual_seed(0)
+    rim = rims_fast.RIM(c.D, c.H, c.K, c.top_k, backend="cuda", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(c.T, c.B, c.D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for grad in (False, True):
+        run(rim, x, grad)  # warm-up: cuBLAS handles and heuristics, allocations
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(rim, x, grad)
+            torch.cuda.synchronize()
+        print(f"##### {name} B{c.B} T{c.T} D{c.D} K{c.K}/{c.top_k} H{c.H} bf16 "
+              f"{'fwd+bwd' if grad else 'fwd (no grad)'} ({rim.last_backend}); per step: divide by T={c.T}")
+        print(table(prof, args.rows), flush=True)
