@@ -533,8 +533,10 @@ def test_bwd_kernels_half(monkeypatch, cell, dtype):
 
 def test_xw_chunks_equal_one_chunk(monkeypatch):
     """The no-save forward makes XW for a chunk of steps at a time: chunks of 1 and 2 steps give
-    bit-identical outputs, states and masks to one chunk of all steps (LSTM: the c ping-pong
-    crosses chunk boundaries)."""
+    the masks of one chunk of all steps, and its outputs and states within float32 round-off
+    (LSTM: the c ping-pong crosses chunk boundaries). Not bit for bit: a chunk's XW is one GEMM
+    whose row count is the chunk's, and a BLAS may reduce GEMMs of other shapes in other orders
+    (MKL on AVX-512 does: 1-ulp differences in XW)."""
     rim = make_rim(seed=1, dtype=torch.float64, input_heads=2, comm_heads=2)
     cfg = rim.config
     pk = {n: p.detach().float().to(DEV) for n, p in rim.named_parameters()}
@@ -547,15 +549,18 @@ def test_xw_chunks_equal_one_chunk(monkeypatch):
         with torch.no_grad():
             res[steps] = rt.rim_triton(x, h0, c0, pk, cfg)
     for steps in (1, 2):
-        for a, b in zip(res[steps], res[5]):
-            assert torch.equal(a, b), steps
+        out, h_n, c_n, masks = res[steps][:4]
+        assert torch.equal(masks, res[5][3]), steps
+        for name, a, b in (("out", out, res[5][0]), ("h_n", h_n, res[5][1]), ("c_n", c_n, res[5][2])):
+            assert_close(f"{name} ({steps})", a, b, torch.float32)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_bwd_kernels_xw_chunks_equal_one_chunk(monkeypatch, cell):
     """With the backward kernels the forward makes XW chunk by chunk too and the backward
-    recomputes it chunk by chunk in reverse (XW is not saved): chunks of 1 and 2 steps give
-    bit-identical outputs and gradients to one chunk of all steps."""
+    recomputes it chunk by chunk in reverse (XW is not saved): chunks of 1 and 2 steps give the
+    masks of one chunk of all steps, and its outputs and gradients within float32 round-off (not
+    bit for bit: see test_xw_chunks_equal_one_chunk)."""
     monkeypatch.setenv("RIMS_FAST_TRITON_BWD", "kernels")
     rim = make_rim(seed=2, dtype=torch.float64, cell=cell, input_heads=2, comm_heads=2)
     cfg = rim.config
@@ -573,9 +578,11 @@ def test_bwd_kernels_xw_chunks_equal_one_chunk(monkeypatch, cell):
         vals, grads, masks = res[steps]
         assert torch.equal(masks, res[5][2])
         for name, v in vals.items():
-            assert v is None or torch.equal(v, res[5][0][name]), (steps, name)
+            if v is not None:
+                assert_close(f"{name} ({steps})", v, res[5][0][name], torch.float32)
         for name, g in grads.items():
-            assert torch.equal(g, res[5][1][name]), (steps, name)
+            kind = "grad_w" if name in rim.state_dict() else "grad_in"
+            assert_close(f"d {name} ({steps})", g, res[5][1][name], torch.float32, kind)
 
 
 # ------------------------------------------------------------ column-tiled forward
