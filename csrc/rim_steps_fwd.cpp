@@ -24,7 +24,7 @@ struct StepHostDev {
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    for (int64_t i = 0; i < p.s.B * p.s.K * p.s.n_c; ++i) rim_step_comm<C>(p, t, i);
+    for (int64_t b = 0; b < p.s.B; ++b) rim_step_comm<C>(HostExec{}, p, t, b);
   }
   template <typename C, typename T>
   void residual(const RimStepParams<T>& p, int64_t t) const {

@@ -1,8 +1,9 @@
 // rims_fast::rim_steps_fwd: the stepped forward of one RIM layer (csrc/kernels/rim_step_fwd.cuh),
-// four batched GEMMs and four small kernels per step, the same inputs, outputs and saved
-// activations as the persistent rims_fast::rim_seq_fwd (so rim_seq_bwd is its backward).
-// The driver below is shared by the CPU implementation (rim_steps_fwd.cpp: the phases as host
-// loops, for tests) and the CUDA one (rim_steps_cuda.cu: the phases as kernels); the GEMMs are
+// four batched GEMMs (five for GRU) and four small kernels per step, the same inputs, outputs and
+// saved activations as the persistent rims_fast::rim_seq_fwd (so either rim_seq_bwd or the stepped
+// rim_steps_bwd can be its backward). The driver below is shared by the CPU implementation
+// (rim_steps_fwd.cpp: the phases as host loops, for tests) and the CUDA one
+// (rim_steps_fwd_cuda.cu: the phases as kernels); the GEMMs are
 // ATen's (cuBLAS on a GPU). No host synchronisation, no allocation inside the time loop: a CUDA
 // graph can capture a whole call.
 #pragma once

@@ -26,7 +26,9 @@ template <typename C, typename T>
 struct CommPhase {
   RimStepParams<T> p;
   int64_t t;
-  __device__ void operator()(int64_t i) const { rim_step_comm<C>(p, t, i); }
+  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t b, unsigned char*) const {
+    rim_step_comm<C>(ex, p, t, b);
+  }
 };
 template <typename C, typename T>
 struct ResidualPhase {
@@ -49,7 +51,7 @@ struct StepCudaDev {
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    for_items(CommPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.n_c, stream);
+    for_samples(CommPhase<C, T>{p, t}, p.s.B, 0, stream);
   }
   template <typename C, typename T>
   void residual(const RimStepParams<T>& p, int64_t t) const {

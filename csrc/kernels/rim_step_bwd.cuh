@@ -40,8 +40,14 @@ struct RimStepBwdParams {
   void* direct;  // H: the part of dh_{t-1} that does not go through a GEMM
   void* dsc;     // n_c K: communication score gradients
   void* dsi;     // n_in M: input score gradients
+  void* dsi_part;  // n_in M kDotChunks: their dot products' partial sums (select_bwd)
   void* dgf;     // XW: d xa of active rows
 };
+
+// select_bwd splits each input score's D-long dot product d xa . x_m into this many partial sums,
+// so that a block has work for more than K n_in M threads (8 at `large`, where the whole phase
+// took 45 us per step on an H100: results/nvidia-h100-profile-steps-2026-11-27a.log).
+constexpr int64_t kDotChunks = 32;
 
 namespace step_bwd_detail {
 
@@ -105,7 +111,8 @@ RIMS_HD void rim_step_bwd_init(const RimStepBwdParams<T>& p, int64_t i) {
   step_bwd_detail::put_dhp<C>(p, T_ - 1, i, v);
 }
 
-// SPEC step 4 backward for sample b (one block; smem unused): d scores and dQ per (k, head),
+// SPEC step 4 backward for sample b (one block; smem unused): d scores per (k, head, j), their
+// softmax backward per (k, head), dQ per (k, column) (three loops, so that every thread has work),
 // then dK, dV of every mechanism j (sums over the querying k, no atomics), then the dh~ GEMM's
 // operand.
 template <typename C, typename T, class Exec>
@@ -120,29 +127,31 @@ RIMS_HD void rim_step_comm_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int
   const C* dout = static_cast<const C*>(p.dout);         // (K, B, cv)
   C* dqkv = hist_row<C>(p, d.h_dqkv, t, b * K, C3);
   C* dsc = static_cast<C*>(p.dsc) + b * K * n_c * K;
+  ex.parallel_for(int(K * n_c * K), [&](int i) {
+    const int64_t k = i / (n_c * K), n = (i / K) % n_c, j = i % K, r = b * K + k;
+    C dot = C(0);
+    if (active(p, t, r)) {
+      const C* don = dout + (k * B + b) * cv + n * dcv;
+      const C* vj = qkv + j * C3 + 2 * ck + n * dcv;
+      for (int64_t e = 0; e < dcv; ++e) dot += don[e] * vj[e];
+      dot *= keep_b<C>(p, t, r, n, j);
+    }
+    dsc[i] = dot;
+  });
   ex.parallel_for(int(K * n_c), [&](int i) {
     const int64_t k = i / n_c, n = i % n_c, r = b * K + k;
-    C* ds = dsc + (k * n_c + n) * K;
-    C* dqc = dqkv + k * C3 + n * dc;
-    if (!active(p, t, r)) {
-      for (int64_t j = 0; j < K; ++j) ds[j] = C(0);
-      for (int64_t e = 0; e < dc; ++e) dqc[e] = C(0);
-      return;
-    }
-    const C* don = dout + (k * B + b) * cv + n * dcv;
-    for (int64_t j = 0; j < K; ++j) {
-      const C* vj = qkv + j * C3 + 2 * ck + n * dcv;
-      C dot = C(0);
-      for (int64_t e = 0; e < dcv; ++e) dot += don[e] * vj[e];
-      ds[j] = dot * keep_b<C>(p, t, r, n, j);
-    }
+    if (!active(p, t, r)) return;
+    C* ds = dsc + i * K;
     softmax_bwd(saved_row<C>(p, d.sv_bp, t, r, n_c * K) + n * K, ds, K, ds);
     for (int64_t j = 0; j < K; ++j) ds[j] *= scale_c;
-    for (int64_t e = 0; e < dc; ++e) {
-      C acc = C(0);
-      for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[j * C3 + ck + n * dc + e];
-      dqc[e] = acc;
-    }
+  });
+  ex.parallel_for(int(K * ck), [&](int i) {
+    const int64_t k = i / ck, col = i % ck, n = col / dc;
+    const C* ds = dsc + (k * n_c + n) * K;
+    C acc = C(0);
+    if (active(p, t, b * K + k))
+      for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[j * C3 + ck + col];
+    dqkv[k * C3 + col] = acc;
   });
   ex.parallel_for(int(K * (ck + cv)), [&](int i) {
     const int64_t j = i / (ck + cv), col = i % (ck + cv);
@@ -208,8 +217,9 @@ RIMS_HD void rim_step_cell_bwd(const RimStepBwdParams<T>& p, int64_t t, int64_t 
 }
 
 // SPEC step 1 backward for sample b (one block; smem unused): the forward's read xa (for d F),
-// d xa of active rows, the input scores' gradients through dropout and the null softmax, dq
-// (history and the last GEMM's operand), then this step's d keys and d x.
+// d xa of active rows, the input scores' gradients (their dot products in kDotChunks partial
+// sums, added in order) through dropout and the null softmax, dq (history and the last GEMM's
+// operand), then this step's d keys and d x.
 template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int64_t t,
                                  int64_t b) {
@@ -235,34 +245,43 @@ RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, i
     }
     hist_row<C>(p, d.h_xa, t, r, XW)[col] = xacc;
   });
+  C* part = static_cast<C*>(p.dsi_part) + b * K * n_in * M * kDotChunks;
+  const int64_t chunk = (Dx + kDotChunks - 1) / kDotChunks;
+  ex.parallel_for(int(K * n_in * M * kDotChunks), [&](int i) {
+    const int64_t km = i / kDotChunks, c = i % kDotChunks;  // km = (k * n_in + n) * M + m
+    const int64_t k = km / (n_in * M), n = (km / M) % n_in, m = km % M;
+    C dot = C(0);
+    if (active(p, t, b * K + k)) {
+      const C* dxa = dgf + k * XW + n * Dx;
+      const C* xm = xt + m * xrow + n * xhead;
+      const int64_t hi = c * chunk + chunk < Dx ? c * chunk + chunk : Dx;
+      for (int64_t dd = c * chunk; dd < hi; ++dd) dot += dxa[dd] * xm[dd];
+    }
+    part[i] = dot;
+  });
   ex.parallel_for(int(K * n_in), [&](int i) {
     const int64_t k = i / n_in, n = i % n_in, r = b * K + k;
-    C* ds = dsi + (k * n_in + n) * M;
-    C* dq = hist_row<C>(p, d.h_dq, t, r, nk) + n * dk;
-    T* op = p.dg_op + (k * B + b) * (GW + nk) + GW + n * dk;
+    C* ds = dsi + i * M;
     if (!active(p, t, r)) {
       for (int64_t m = 0; m < M; ++m) ds[m] = C(0);
-      for (int64_t e = 0; e < dk; ++e) {
-        dq[e] = C(0);
-        from_c(C(0), op + e);
-      }
       return;
     }
-    const C* dxa = dgf + k * XW + n * Dx;
     for (int64_t m = 0; m < M; ++m) {
-      const C* xm = xt + m * xrow + n * xhead;
       C dot = C(0);
-      for (int64_t dd = 0; dd < Dx; ++dd) dot += dxa[dd] * xm[dd];
+      for (int64_t c = 0; c < kDotChunks; ++c) dot += part[(i * M + m) * kDotChunks + c];
       ds[m] = dot * keep_a<C>(p, t, r, n, m);
     }
     softmax_bwd(saved_row<C>(p, d.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
     for (int64_t m = 0; m < M; ++m) ds[m] *= scale_in;
-    for (int64_t e = 0; e < dk; ++e) {
-      C acc = C(0);
-      for (int64_t m = 0; m < M; ++m) acc += ds[m] * kt[m * nk + n * dk + e];
-      dq[e] = acc;
-      from_c(acc, op + e);
-    }
+  });
+  ex.parallel_for(int(K * nk), [&](int i) {
+    const int64_t k = i / nk, col = i % nk, n = col / dk, r = b * K + k;
+    const C* ds = dsi + (k * n_in + n) * M;
+    C acc = C(0);
+    if (active(p, t, r))
+      for (int64_t m = 0; m < M; ++m) acc += ds[m] * kt[m * nk + col];
+    hist_row<C>(p, d.h_dq, t, r, nk)[col] = acc;
+    from_c(acc, p.dg_op + (k * B + b) * (GW + nk) + GW + col);
   });
   ex.parallel_for(int(M * nk), [&](int i) {
     const int64_t m = i / nk, e = i % nk, n = e / dk;

@@ -7,7 +7,8 @@
 //   gates = [h_{t-1} | xa] [W_hh ; F]  GEMM    (GRU: two, gh and gi apart)
 //   cell                              kernel  biases, masked LSTM/GRU update
 //   Q|K|V = h~ [c_q | c_k | c_v]      GEMM
-//   comm                              kernel  attention of the active mechanisms over all K
+//   comm                              kernel  a block per sample: attention of the active
+//                                             mechanisms over all K
 //   y = o comm_output                 GEMM
 //   residual                          kernel  h_t = h~ + y (active), h~ (inactive)
 //
@@ -19,8 +20,8 @@
 //
 // Layouts: GEMM operands and results are mechanism-major (K, B, width), contiguous, so that
 // each GEMM is a plain batched product; the state, the outputs and the saved activations are the
-// persistent forward's sample-major (B, K, width) / (T, B, K, width), so the backward is the
-// persistent one (rim_seq_bwd.cuh) unchanged. GEMM operands are in the storage type T (bf16/fp16
+// persistent forward's sample-major (B, K, width) / (T, B, K, width), so either backward
+// (rim_seq_bwd.cuh, or the stepped rim_step_bwd.cuh) can follow either forward. GEMM operands are in the storage type T (bf16/fp16
 // operands with fp32 accumulation on tensor cores: activations are rounded to T before a product,
 // as the reference rounds them); results and everything else are in the compute type C.
 //
@@ -80,28 +81,29 @@ RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t 
   const float drop_in = static_cast<float>(d.p_in);
   C* pk = smem;
   C* on = smem + K;
-  ex.parallel_for(int(K), [&](int k) {
-    const int64_t r = b * K + k;
-    const C* qk = q + (k * B + b) * nk;
-    C* ar = step_detail::row_at<C>(p, d.sv_a, p.a, t, r, n_in * M);
-    C psum = C(0);
-    for (int64_t n = 0; n < n_in; ++n) {
-      C* an = ar + n * M;
-      const C* qn = qk + n * dk;
-      for (int64_t m = 0; m < M; ++m) {
-        const C* km = kt + m * nk + n * dk;
-        C dot = C(0);
-        for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
-        an[m] = dot * scale_in;
-      }
-      psum += null_softmax(an, M, an);
-    }
-    pk[k] = psum / C(n_in);
-    if (d.sv_q != nullptr) {
-      C* sq = static_cast<C*>(d.sv_q) + (t * B * K + r) * nk;
-      for (int64_t e = 0; e < nk; ++e) sq[e] = qk[e];
-    }
+  // Scores per (k, head, m), then per k the null softmax of each head and p (one thread per k ran
+  // the products too: the block's other threads idle), saving q per (k, column).
+  auto a_row = [&](int64_t k) {
+    return step_detail::row_at<C>(p, d.sv_a, p.a, t, b * K + k, n_in * M);
+  };
+  ex.parallel_for(int(K * n_in * M), [&](int i) {
+    const int64_t k = i / (n_in * M), n = (i / M) % n_in, m = i % M;
+    const C* qn = q + (k * B + b) * nk + n * dk;
+    const C* km = kt + m * nk + n * dk;
+    C dot = C(0);
+    for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
+    a_row(k)[n * M + m] = dot * scale_in;
   });
+  ex.parallel_for(int(K), [&](int k) {
+    C psum = C(0);
+    for (int64_t n = 0; n < n_in; ++n) psum += null_softmax(a_row(k) + n * M, M, a_row(k) + n * M);
+    pk[k] = psum / C(n_in);
+  });
+  if (d.sv_q != nullptr)
+    ex.parallel_for(int(K * nk), [&](int i) {
+      const int64_t k = i / nk, e = i % nk;
+      static_cast<C*>(d.sv_q)[(t * B * K + b * K + k) * nk + e] = q[(k * B + b) * nk + e];
+    });
   ex.parallel_for(int(K), [&](int k) {
     const bool act = competition_active(pk, K, k, d.top_k);
     on[k] = act ? C(1) : C(0);
@@ -180,54 +182,68 @@ RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
   from_c(ht[j], op);
 }
 
-// SPEC step 4 for item i = (b, k, n) of (B, K, n_c): head n of mechanism k's attention over all
-// K mechanisms (active k only), the read o, saving Q|K|V, b and o.
-template <typename C, typename T>
-RIMS_HD void rim_step_comm(const RimStepParams<T>& p, int64_t t, int64_t i) {
+// SPEC step 4 for sample b (one block; smem unused): each active mechanism's heads attend over
+// all K mechanisms. Three loops so that every thread has work (one thread per (k, head) ran the
+// K x (dc + dcv) products serially, accumulating o in global memory: 100 us of a 133 us step at
+// `paper` on an H100, results/nvidia-h100-profile-steps-2026-11-27a.log): the scores per
+// (k, head, j), the softmax per (k, head), then the read o per (k, column) and saving Q|K|V. Same
+// sums in the same order as the persistent forward.
+template <typename C, typename T, class Exec>
+RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t, int64_t b) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, n_c = d.n_c, dc = d.dc, dcv = d.dcv, ck = d.ck, cv = d.cv;
   const int64_t C3 = 2 * ck + cv;
-  const int64_t r = i / n_c, n = i % n_c, b = r / K, k = r % K;
-  const C* qkv = static_cast<const C*>(p.qkv);
-  const C* mine = qkv + (k * B + b) * C3;
-  if (d.sv_qkv != nullptr) {  // this head's columns of Q, K and V
-    C* sv = static_cast<C*>(d.sv_qkv) + (t * B * K + r) * C3;
-    for (int64_t e = 0; e < dc; ++e) {
-      sv[n * dc + e] = mine[n * dc + e];
-      sv[ck + n * dc + e] = mine[ck + n * dc + e];
-    }
-    for (int64_t e = 0; e < dcv; ++e) sv[2 * ck + n * dcv + e] = mine[2 * ck + n * dcv + e];
-  }
-  C* on = step_detail::row_at<C>(p, d.sv_o, p.o, t, r, cv) + n * dcv;
-  C* y = step_detail::row_at<C>(p, d.sv_bp, p.bp, t, r, n_c * K) + n * K;
-  T* op = p.o_op + (k * B + b) * cv + n * dcv;
-  for (int64_t e = 0; e < dcv; ++e) on[e] = C(0);
-  if (!d.masks[t * B * K + r]) {
-    for (int64_t j = 0; j < K; ++j) y[j] = C(0);
-    for (int64_t e = 0; e < dcv; ++e) from_c(C(0), op + e);
-    return;
-  }
+  const C* qkv = static_cast<const C*>(p.qkv);  // (K, B, C3): row (k, b) at (k * B + b) * C3
+  const bool* on = d.masks + (t * B + b) * K;
   const C scale_c = C(1) / sqrt(C(dc));
-  const C keep_c = C(1.0 - d.p_c);
-  const float drop_c = static_cast<float>(d.p_c);
-  const C* qn = mine + n * dc;
-  for (int64_t j = 0; j < K; ++j) {
+  auto probs = [&](int64_t k, int64_t n) {  // b~[k, n, :] (the saved row or this step's scratch)
+    return step_detail::row_at<C>(p, d.sv_bp, p.bp, t, b * K + k, n_c * K) + n * K;
+  };
+  ex.parallel_for(int(K * n_c * K), [&](int i) {
+    const int64_t k = i / (n_c * K), n = (i / K) % n_c, j = i % K;
+    C* y = probs(k, n);
+    if (!on[k]) {
+      y[j] = C(0);
+      return;
+    }
+    const C* qn = qkv + (k * B + b) * C3 + n * dc;
     const C* kj = qkv + (j * B + b) * C3 + ck + n * dc;
     C dot = C(0);
     for (int64_t e = 0; e < dc; ++e) dot += qn[e] * kj[e];
     y[j] = dot * scale_c;
-  }
-  softmax(y, K, y);
-  for (int64_t j = 0; j < K; ++j) {
-    C w = y[j];
-    if (drop_c > 0.f) {
-      const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_c + n) * K + j);
-      w = dropout_keep(d.seed, 1, idx, drop_c) ? w / keep_c : C(0);
+  });
+  ex.parallel_for(int(K * n_c), [&](int i) {
+    const int64_t k = i / n_c, n = i % n_c;
+    if (on[k]) softmax(probs(k, n), K, probs(k, n));
+  });
+  const C keep_c = C(1.0 - d.p_c);
+  const float drop_c = static_cast<float>(d.p_c);
+  ex.parallel_for(int(K * cv), [&](int i) {
+    const int64_t k = i / cv, col = i % cv, n = col / dcv, r = b * K + k;
+    const C* mine = qkv + (k * B + b) * C3;
+    if (d.sv_qkv != nullptr) {  // V's column col; Q's and K's columns col, col + cv, ...
+      C* sv = static_cast<C*>(d.sv_qkv) + (t * B * K + r) * C3;
+      for (int64_t c2 = col; c2 < ck; c2 += cv) {
+        sv[c2] = mine[c2];
+        sv[ck + c2] = mine[ck + c2];
+      }
+      sv[2 * ck + col] = mine[2 * ck + col];
     }
-    const C* vj = qkv + (j * B + b) * C3 + 2 * ck + n * dcv;
-    for (int64_t e = 0; e < dcv; ++e) on[e] += w * vj[e];
-  }
-  for (int64_t e = 0; e < dcv; ++e) from_c(on[e], op + e);
+    C acc = C(0);
+    if (on[k]) {
+      const C* y = probs(k, n);
+      for (int64_t j = 0; j < K; ++j) {
+        C w = y[j];
+        if (drop_c > 0.f) {
+          const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_c + n) * K + j);
+          w = dropout_keep(d.seed, 1, idx, drop_c) ? w / keep_c : C(0);
+        }
+        acc += w * qkv[(j * B + b) * C3 + 2 * ck + col];
+      }
+    }
+    step_detail::row_at<C>(p, d.sv_o, p.o, t, r, cv)[col] = acc;
+    from_c(acc, p.o_op + (k * B + b) * cv + col);
+  });
 }
 
 // SPEC step 5 for element i = (b, k, j): the residual of active rows, out[t], the next step's
