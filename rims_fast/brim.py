@@ -88,10 +88,10 @@ class BRIM(nn.Module):
         batch_first: ``x``, ``out`` and masks are ``(B, T, ...)``; states stay ``(B, K, H)``.
         output_all_layers: return every layer's ``h_t`` concatenated on the last dim (bottom to
             top) instead of the top layer's.
-        backend: ``"auto"``, ``"torch"`` (the reference), ``"cuda"`` (the reference with the
-            fused CUDA cell; with ``RIMS_FAST_CUDA_FWD=persistent`` the persistent kernels, one
-            launch per layer-step, with ``stepped`` the stepped ops, see
-            :mod:`rims_fast.brim_seq`) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
+        backend: ``"auto"``, ``"torch"`` (the reference), ``"cuda"`` (per layer the persistent
+            kernels, one launch per layer-step, or the stepped ops, as
+            :func:`rims_fast.rim_seq.use_stepped` picks, see :mod:`rims_fast.brim_seq`; with
+            ``RIMS_FAST_CUDA_FWD=cell`` the reference with the fused CUDA cell) or ``"cpu"`` (the C++ driver, one fused layer-step per call; see
             :mod:`rims_fast.brim_cpu`) or ``"triton"`` (the Triton RIM kernels per layer-step,
             backward by recompute; see :mod:`rims_fast.brim_triton`). ``"auto"`` picks the first
             available of ``"cpu"``, ``"torch"`` on CPU tensors and of ``"cuda"``, ``"triton"``,
@@ -189,7 +189,7 @@ class BRIM(nn.Module):
         elif name == "triton":
             from .brim_triton import brim_triton
             run = brim_triton
-        elif name == "cuda" and cuda_fwd_mode() != "cell":  # persistent or stepped
+        elif name == "cuda" and cuda_fwd_mode() != "cell":  # auto, persistent or stepped
             from .brim_seq import brim_seq
             run = brim_seq
         elif name == "cuda":

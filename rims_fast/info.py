@@ -31,9 +31,11 @@ def _modes() -> dict:
     """The environment switches that pick an implementation inside a backend."""
     import os
     from rims_fast import rim_seq
-    res = {"RIMS_FAST_CUDA_FWD": f"{rim_seq.cuda_fwd_mode()} (backend='cuda': 'cell' = reference "
-                                 "loop + fused cell, 'persistent' = rim_seq kernels, 'stepped' = rim_steps "
-                                 "ops)",
+    res = {"RIMS_FAST_CUDA_FWD": f"{rim_seq.cuda_fwd_mode()} (backend='cuda': 'auto' = per layer "
+                                 "'persistent' or 'stepped' by weight elements per step (> "
+                                 f"{rim_seq.STEPPED_MIN_WEIGHTS}: stepped), 'persistent' = rim_seq "
+                                 "kernels, 'stepped' = rim_steps ops, 'cell' = reference loop + fused "
+                                 "cell)",
            "RIMS_FAST_CUDA_TILE": f"{rim_seq.tile_size()} (0 = automatic)",
            "RIMS_FAST_CUDA_MMA": os.environ.get("RIMS_FAST_CUDA_MMA", "0")
            + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)",

@@ -22,9 +22,12 @@ C++) as one differentiable sequence op.
   atomics), and autograd carries the hoisted products' gradients back to ``x`` and the input
   key/value projections. Dropout keep-decisions are recomputed from the counter-based stream.
 
-Numerics: products accumulate in float32 (float64 for float64) from storage-dtype weights;
-activations are not rounded to bfloat16/float16 between products (as the C++ CPU driver), so half
-precision results differ from the reference's operand rounding within the tolerance table.
+Numerics: products accumulate in float32 (float64 for float64) from storage-dtype weights; the
+persistent kernels on CUDA cores do not round activations to bfloat16/float16 between products (as
+the C++ CPU driver), so half precision results differ from the reference's operand rounding within
+the tolerance table; their tensor-core products and the stepped ops' GEMMs round each operand
+(activations, and the stepped ops also the folded input matrix ``F``, once per call) to the
+storage dtype, as the reference rounds its product operands.
 Dropout uses the C++ driver's counter-based stream, so the keep-masks equal ``backend="cpu"``'s
 for the same seed (:func:`rims_fast.rim_cpu.dropout_masks`).
 
@@ -38,20 +41,23 @@ thread-block clusters, the mechanisms split over the blocks, each block keeping 
 as many of its mechanisms' weights as fit in its shared memory (:data:`RESIDENT`); on CPU tensors,
 ``cluster > 0`` runs the blocks as host threads.
 
-``stepped=True`` (``RIMS_FAST_CUDA_FWD=stepped``) swaps both kernels for the stepped ops
-``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd`` (``csrc/rim_steps_fwd.h``, ``rim_steps_bwd.h``):
-per step four batched GEMMs over the whole batch (cuBLAS) and four small kernels, each way, with
-the same inputs, outputs and saved activations; the design for layers whose weights do not fit
-on chip, where the persistent kernels re-read every weight per tile and step.
+``stepped=True`` swaps both kernels for the stepped ops ``rims_fast::rim_steps_fwd`` /
+``rim_steps_bwd`` (``csrc/rim_steps_fwd.h``, ``rim_steps_bwd.h``): per step four batched GEMMs
+over the whole batch (cuBLAS; five in the GRU forward) and four small kernels, each way, with the
+same inputs, outputs and saved activations; the design for layers whose weights do not fit on
+chip, where the persistent kernels re-read every weight per tile and step. ``backend="cuda"``
+picks one per layer (:func:`use_stepped`: ``RIMS_FAST_CUDA_FWD=auto``, the default, by the
+weight elements a step reads; ``persistent`` / ``stepped`` force one; ``cell`` runs the reference
+loop with the fused masked cell instead of this op).
 
 The ops' CPU implementations run the same tile functions on the host (no threads, slow): that is
-how the kernels' arithmetic is tested without a GPU. ``RIMS_FAST_CUDA_FWD=persistent`` makes
-``backend="cuda"`` use this op; the default, ``cell``, keeps the reference loop with the fused
-masked cell, because the persistent kernels have not run on a GPU yet.
+how the kernels' arithmetic is tested without a GPU; both ops also passed the GPU tests on an H100
+(benchmarks/results/nvidia-h100-session-2026-11-27a-1.log).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping, Optional
 
@@ -63,7 +69,8 @@ from . import rim_seq_graph
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
-__all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "tile_size", "mma_mode",
+__all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
+           "STEPPED_MIN_WEIGHTS", "tile_size", "mma_mode",
            "cluster_mechs", "RESIDENT", "resident_mode",
            "PARAM_NAMES"]
 
@@ -139,15 +146,65 @@ def resident_mode() -> int:
 
 
 def cuda_fwd_mode() -> str:
-    """``RIMS_FAST_CUDA_FWD``: ``"cell"`` (default), ``"persistent"`` (:func:`rim_seq`, the
-    persistent kernels) or ``"stepped"`` (:func:`rim_seq` with ``stepped=True``: forward and
-    backward as batched GEMMs and four small kernels per step, ``rims_fast::rim_steps_fwd`` /
-    ``rim_steps_bwd``)."""
-    mode = os.environ.get("RIMS_FAST_CUDA_FWD", "cell")
-    if mode not in ("cell", "persistent", "stepped"):
-        raise ValueError("RIMS_FAST_CUDA_FWD must be 'cell', 'persistent' or 'stepped', got "
-                         f"{mode!r}")
+    """``RIMS_FAST_CUDA_FWD``: ``"auto"`` (default: per layer, the persistent kernels or the
+    stepped ops, :func:`use_stepped`), ``"persistent"`` (:func:`rim_seq`, the persistent
+    kernels), ``"stepped"`` (:func:`rim_seq` with ``stepped=True``: forward and backward as
+    batched GEMMs and four small kernels per step, ``rims_fast::rim_steps_fwd`` /
+    ``rim_steps_bwd``) or ``"cell"`` (the reference loop with the fused masked cell)."""
+    mode = os.environ.get("RIMS_FAST_CUDA_FWD", "auto")
+    if mode not in ("auto", "cell", "persistent", "stepped"):
+        raise ValueError("RIMS_FAST_CUDA_FWD must be 'auto', 'cell', 'persistent' or 'stepped', "
+                         f"got {mode!r}")
     return mode
+
+
+#: ``RIMS_FAST_CUDA_FWD=auto`` runs a layer on the stepped ops when a step reads more weight
+#: elements than this (:func:`step_weights`), else on the persistent kernels, which re-read every
+#: weight once per tile of <= 8 samples and step. Placed between the two configs timed on an H100
+#: (bf16): `paper`, 0.74M elements, where the persistent kernels were faster (7.3 against 13.3 ms
+#: forward, 22.6 against 28.0 ms fwd+bwd), and `large`, 7.5M, where the stepped ops were (87.5
+#: against 367 ms forward with tensor cores, 274 against 1219 ms fwd+bwd);
+#: benchmarks/results/nvidia-h100-bfloat16-2026-11-27a.json, nvidia-h100-large-bfloat16-2026-11-27a.json.
+#: Sizes in between are untimed.
+STEPPED_MIN_WEIGHTS = 1 << 21
+
+
+def step_weights(cfg: RimConfig, xw: int) -> int:
+    """Weight elements one step of a layer reads: the recurrent and input-term gate weights
+    (``xw`` rows of the input term: ``n_in * D`` for the folded matrix, ``n_in * d_v`` for
+    ``weight_ih``), the input query, communication Q|K|V and output."""
+    K, H, GH = cfg.num_units, cfg.hidden_size, cfg.gates * cfg.hidden_size
+    nk = cfg.input_heads * cfg.input_key_size
+    ck, cv = cfg.comm_heads * cfg.comm_key_size, cfg.comm_heads * cfg.comm_value_size
+    return K * (GH * (H + xw) + H * (nk + 2 * ck + cv) + cv * H)
+
+
+_logged_choices: set = set()
+
+
+def use_stepped(cfg: RimConfig, xw: int) -> bool:
+    """Whether ``backend="cuda"`` runs this layer on the stepped ops: ``RIMS_FAST_CUDA_FWD=stepped``,
+    or ``auto`` and :func:`step_weights` above :data:`STEPPED_MIN_WEIGHTS` (the choice is logged
+    once per layer shape on the ``rims_fast`` logger, INFO)."""
+    mode = cuda_fwd_mode()
+    if mode != "auto":
+        return mode == "stepped"
+    w = step_weights(cfg, xw)
+    stepped = w > STEPPED_MIN_WEIGHTS
+    key = (cfg, xw)
+    # Not while torch.compile traces: Dynamo cannot trace the logging module (the eager call logs).
+    if not torch.compiler.is_compiling() and key not in _logged_choices:
+        _logged_choices.add(key)
+        logging.getLogger("rims_fast").info(
+            "rims_fast: backend='cuda' (RIMS_FAST_CUDA_FWD=auto) runs K=%d H=%d on the %s (%d "
+            "weight elements per step, threshold %d)", cfg.num_units, cfg.hidden_size,
+            "stepped ops" if stepped else "persistent kernels", w, STEPPED_MIN_WEIGHTS)
+    return stepped
+
+
+def input_rows(cfg: RimConfig, M: int, D: int) -> int:
+    """Rows of the input term's matrix as :func:`_hoisted` builds it (the fold or ``weight_ih``)."""
+    return cfg.input_heads * (D if M * D <= cfg.input_value_size else cfg.input_value_size)
 
 
 # torch.compile evaluates this at trace time: it depends only on the build, device and dtype.
@@ -387,7 +444,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
     if stepped is None:
-        stepped = cuda_fwd_mode() == "stepped"
+        stepped = use_stepped(cfg, input_rows(cfg, x.shape[2], x.shape[3]))
     if stepped:  # the options of the persistent kernels do not apply
         tile, mma, cluster, resident = 0, False, 0, 0
     if cluster is None:

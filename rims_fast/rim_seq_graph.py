@@ -5,10 +5,10 @@ A forward that saves nothing (no input requires grad) and draws no dropout is ca
 the op, the same code as the eager call — and replayed: ``x`` and the initial state are copied
 into the graph's static buffers, the outputs copied out. Parameters are read in place, so
 in-place optimizer updates are seen by later replays; a parameter that gets new storage (or a
-new shape) makes a new capture. This is what the stepped forward (``RIMS_FAST_CUDA_FWD=stepped``)
-needs to run at its GPU speed: it issues 8 launches per step from C++, each a few µs of host
-time, where a graph replays them back to back. The persistent forward, one launch per call,
-gains only the hoisted products' launches.
+new shape) makes a new capture. It was written for the stepped forward, which issues 8 launches
+per step from C++; on an H100 replay gained only 3-5% there (87.5 -> 82.9 ms at `large`, bf16:
+its kernels, not its launches, took the time) and 2% on the persistent forward, one launch per
+call (benchmarks/results/nvidia-h100-*-2026-11-27a.json).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ __all__ = ["graph_mode", "replay"]
 
 def graph_mode() -> bool:
     """``RIMS_FAST_CUDA_GRAPH``: ``1`` replays captured CUDA graphs of ``backend="cuda"``'s
-    no-grad, dropout-free forward (``RIMS_FAST_CUDA_FWD=persistent`` or ``stepped``); ``0``
-    (default) launches eagerly."""
+    no-grad, dropout-free forward (persistent kernels or stepped ops, but not
+    ``RIMS_FAST_CUDA_FWD=cell``); ``0`` (default) launches eagerly."""
     v = os.environ.get("RIMS_FAST_CUDA_GRAPH", "0")
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_GRAPH must be 0 or 1, got {v!r}")

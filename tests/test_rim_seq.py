@@ -271,6 +271,29 @@ def test_opcheck_and_errors():
         torch.ops.rims_fast.rim_seq_fwd(*bad)
 
 
+def test_cuda_auto_mode_picks_by_weights(monkeypatch, caplog):
+    """RIMS_FAST_CUDA_FWD=auto (the default): the persistent kernels for the `paper` layer, the
+    stepped ops for `large` (the two timed configs the threshold sits between), said once per
+    layer shape on the rims_fast logger; the explicit modes override it."""
+    monkeypatch.delenv("RIMS_FAST_CUDA_FWD", raising=False)
+    assert rs.cuda_fwd_mode() == "auto"
+    paper = rims_fast.RIM(64, 100, 6, 4).config
+    large = rims_fast.RIM(512, 256, 8, 4).config
+    assert rs.step_weights(paper, rs.input_rows(paper, 1, 64)) == 739_200
+    assert rs.step_weights(large, rs.input_rows(large, 1, 512)) == 7_471_104
+    rs._logged_choices.clear()
+    with caplog.at_level("INFO", logger="rims_fast"):
+        assert not rs.use_stepped(paper, 64)
+        assert rs.use_stepped(large, 512)
+        assert rs.use_stepped(large, 512)  # logged once
+    lines = [r.getMessage() for r in caplog.records if "RIMS_FAST_CUDA_FWD=auto" in r.getMessage()]
+    assert len(lines) == 2 and "persistent kernels" in lines[0] and "stepped ops" in lines[1], lines
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "persistent")
+    assert not rs.use_stepped(large, 512)
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "stepped")
+    assert rs.use_stepped(paper, 64)
+
+
 def test_backend_cuda_env_switch(monkeypatch):
     monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "bogus")
     with pytest.raises(ValueError, match="RIMS_FAST_CUDA_FWD"):
