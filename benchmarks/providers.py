@@ -23,8 +23,8 @@
 - ``cuda_seq_cluster_l2``: ``cuda_seq_cluster`` with ``RIMS_FAST_CUDA_RESIDENT=0``: every weight
   read from L2 each step (what residency buys is the ratio of the two).
 - ``cuda_steps``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=stepped``: the
-  stepped forward (``rims_fast::rim_steps_fwd``: per step four batched GEMMs on cuBLAS and four
-  small kernels, launched from C++), the persistent backward.
+  stepped ops (``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd``: per step four batched GEMMs on
+  cuBLAS (five in the GRU forward) and four small kernels each way, launched from C++).
 - ``cuda_steps_graph``: ``cuda_steps`` with ``RIMS_FAST_CUDA_GRAPH=1``: the no-grad forward
   replays a captured CUDA graph (fwd+bwd runs as ``cuda_steps``).
 - ``cuda_seq_mma_graph``: ``cuda_seq_mma`` with ``RIMS_FAST_CUDA_GRAPH=1`` (one launch per call

@@ -5,7 +5,8 @@
 #   gputests  the gpu-marked tests, one test file per pytest run (a hang or crash in one file
 #             does not cost the others; pytest-timeout stops a hung test) -> $OUT/pytest-gpu.log
 #   memcheck  compute-sanitizer memcheck on tools/sanitize_case.py (small workload)
-#   sanitize  memcheck, then racecheck and synccheck on the persistent kernels (--seq-only)
+#   sanitize  memcheck, then racecheck and synccheck on the persistent kernels and the stepped
+#             ops (--seq-only)
 #   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
 #   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log

@@ -29,12 +29,8 @@ def run(rim, x, grad):
 
 
 def table(prof, rows):
-    for key in ("self_device_time_total", "self_cuda_time_total"):
-        try:
-            return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
-        except (AttributeError, KeyError, ValueError):
-            continue
-    return prof.key_averages().table(row_limit=rows)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows,
+                                     max_name_column_width=90)
 
 
 for name in args.configs.split(","):
@@ -45,9 +41,15 @@ for name in args.configs.split(","):
     for grad in (False, True):
         run(rim, x, grad)  # warm-up: cuBLAS handles and heuristics, allocations
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     record_shapes=True) as prof:
             run(rim, x, grad)
             torch.cuda.synchronize()
         print(f"##### {name} B{c.B} T{c.T} D{c.D} K{c.K}/{c.top_k} H{c.H} bf16 "
               f"{'fwd+bwd' if grad else 'fwd (no grad)'} ({rim.last_backend}); per step: divide by T={c.T}")
         print(table(prof, args.rows), flush=True)
+        # The same by input shapes (ATen ops only, kernels have none): which tensors the copies,
+        # conversions and weight-gradient products move.
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=40,
+            max_shapes_column_width=110), flush=True)

@@ -52,8 +52,8 @@ def persistent_kernel():
             rim_seq(x.detach().bfloat16(), h0.bfloat16(),
                     c0.bfloat16() if c0 is not None else None,
                     {n: p.detach() for n, p in P16.items()}, rim.config, tile=2, cluster=2)
-        # The stepped forward (rims_fast::rim_steps_fwd: cuBLAS and its four phase kernels),
-        # float32 with dropout and the persistent backward, and bfloat16 (out_dtype GEMMs).
+        # The stepped ops (rims_fast::rim_steps_fwd / rim_steps_bwd: cuBLAS and their phase
+        # kernels), float32 with dropout, forward and backward, and bfloat16 (out_dtype GEMMs).
         out, h_n, _, _ = rim_seq(x.detach().requires_grad_(True), h0, c0,
                                  dict(rim.named_parameters()), rim.config, training=True, seed=1,
                                  stepped=True)
