@@ -19,10 +19,11 @@ from torch import Tensor
 
 from ._config import RimConfig, cfg_args
 from .brim_steps import brim_steps
-from .rim_seq import (OP_WEIGHTS, cluster_mechs, mma_mode, resident_mode, rim_seq_op, tile_size,
-                      unavailable_reason, use_stepped)
+from .rim_seq import (OP_WEIGHTS, SMEM_ERROR, cluster_mechs, cuda_fwd_mode, mma_mode,
+                      resident_mode, rim_seq_op, stepped_instead, tile_size, unavailable_reason,
+                      use_stepped)
 
-__all__ = ["brim_seq", "unavailable_reason"]
+__all__ = ["brim_seq", "unavailable_reason", "SMEM_ERROR"]
 
 
 def _step(keys, values, h, c, params, cfg, training, seed, stepped=None):
@@ -32,7 +33,14 @@ def _step(keys, values, h, c, params, cfg, training, seed, stepped=None):
     K, n, dv, GH = cfg.num_units, cfg.input_heads, cfg.input_value_size, cfg.gates * cfg.hidden_size
     w_x = params["weight_ih"].view(K, n, dv, GH)
     if stepped is None:  # per layer (per-head values: the input term is weight_ih, n * dv rows)
+        auto = cuda_fwd_mode() == "auto"
         stepped = use_stepped(cfg, n * dv)
+        try:
+            return _step(keys, values, h, c, params, cfg, training, seed, stepped)
+        except RuntimeError as e:
+            if not (auto and not stepped and stepped_instead(e, cfg)):
+                raise
+        return _step(keys, values, h, c, params, cfg, training, seed, True)
     weights = [params[name] for name in OP_WEIGHTS]
     lstm = cfg.cell == "lstm"
     leaves = (keys, values, w_x, h, c, *weights)

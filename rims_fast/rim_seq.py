@@ -70,6 +70,7 @@ from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
+           "stepped_instead",
            "STEPPED_MIN_WEIGHTS", "tile_size", "mma_mode",
            "cluster_mechs", "RESIDENT", "resident_mode",
            "PARAM_NAMES"]
@@ -102,7 +103,8 @@ def mma_mode(device: torch.device, dtype: torch.dtype) -> bool:
     the gates from ``[xa | h]``, communication Q|K|V from ``h~`` and the output projection from
     the read ``o`` (88% of a step's FLOPs at the paper layer); backward, the same four products
     transposed (d o, dh~, d xa, dh_{t-1}). float32/float64 stay on CUDA cores. Default ``0``:
-    opt-in until a GPU run has checked it. Operands (activations, gradients, the folded input
+    it passed the GPU tests on an H100 but no longer beats the CUDA cores at `paper` (8.64 against
+    7.27 ms forward in bf16, benchmarks/results/nvidia-h100-bfloat16-2026-11-27a.json). Operands (activations, gradients, the folded input
     matrix) are rounded to the storage dtype, as the reference rounds product operands."""
     v = os.environ.get("RIMS_FAST_CUDA_MMA", "0")
     if v not in ("0", "1"):
@@ -120,8 +122,8 @@ def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
     (DSMEM), a cluster barrier after each of the two. Each block copies as many of its
     mechanisms' weights into its shared memory as fit beside the tile's arrays, largest first
     (:data:`RESIDENT`), and reads them from there every step. Returns ``kpr``
-    (the op's ``cluster`` argument), 0 when off (the default: opt-in until a GPU run has checked
-    it). CUDA cores only: it cannot be combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the
+    (the op's ``cluster`` argument), 0 when off (the default: it passed the GPU tests on an H100
+    but gained nothing at `paper`, README's environment table). CUDA cores only: it cannot be combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the
     single-block kernel's."""
     v = os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
     if v not in ("0", "1"):
@@ -200,6 +202,25 @@ def use_stepped(cfg: RimConfig, xw: int) -> bool:
             "weight elements per step, threshold %d)", cfg.num_units, cfg.hidden_size,
             "stepped ops" if stepped else "persistent kernels", w, STEPPED_MIN_WEIGHTS)
     return stepped
+
+
+#: The persistent launcher's error when one sample's state and activations exceed a thread
+#: block's shared memory (csrc/rim_seq_cuda.cuh, fit_tile).
+SMEM_ERROR = "bytes of shared memory"
+
+
+def stepped_instead(e: RuntimeError, cfg: RimConfig) -> bool:
+    """Whether a call that ``RIMS_FAST_CUDA_FWD=auto`` gave to the persistent kernels and that
+    raised ``e`` reruns on the stepped ops: only for the persistent launcher's shared-memory limit
+    (the weight count does not see it: a narrow layer with wide inputs can exceed it), said as a
+    warning on the ``rims_fast`` logger. The launcher raises before anything runs."""
+    if SMEM_ERROR not in str(e):
+        return False
+    logging.getLogger("rims_fast").warning(
+        "rims_fast: backend='cuda' (RIMS_FAST_CUDA_FWD=auto) runs K=%d H=%d on the stepped ops: "
+        "it does not fit the persistent kernels (%s)", cfg.num_units, cfg.hidden_size,
+        str(e).splitlines()[0])
+    return True
 
 
 def input_rows(cfg: RimConfig, M: int, D: int) -> int:
@@ -433,7 +454,9 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     all in the host run; or none); ``stepped``: forward and backward as batched GEMMs over the
     whole batch and four small kernels per step (``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd``,
     for layers whose weights do not fit on chip; ``tile``, ``mma``, ``cluster`` and ``resident``
-    are then ignored; None: ``RIMS_FAST_CUDA_FWD=stepped``, :func:`cuda_fwd_mode`). Gradients flow into
+    are then ignored; None: :func:`use_stepped`, and with ``RIMS_FAST_CUDA_FWD=auto`` a layer
+    that does not fit the persistent kernels' shared memory reruns on the stepped ops,
+    :func:`stepped_instead`; not under ``RIMS_FAST_CUDA_GRAPH=1``). Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
@@ -443,6 +466,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         tile = tile_size()
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
+    auto = stepped is None and cuda_fwd_mode() == "auto"
     if stepped is None:
         stepped = use_stepped(cfg, input_rows(cfg, x.shape[2], x.shape[3]))
     if stepped:  # the options of the persistent kernels do not apply
@@ -476,4 +500,9 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
         return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped), run,
                                     x, h0, c0, dict(params))
-    return run(x, h0, c0)
+    try:
+        return run(x, h0, c0)
+    except RuntimeError as e:
+        if not (auto and not stepped and stepped_instead(e, cfg)):
+            raise
+    return rim_seq(x, h0, c0, params, cfg, training=training, seed=seed, stepped=True)

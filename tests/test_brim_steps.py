@@ -162,3 +162,29 @@ def test_no_grad_saves_nothing():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.no_grad():
         out, _ = brim(x)
     assert sizes == [] and out.shape == (6, 2, 6)
+
+
+@pytest.mark.skipif(_NO_SEQ is not None, reason=f"rim_seq ops not built: {_NO_SEQ}")
+def test_auto_layer_reruns_on_stepped_when_shared_memory_is_short(monkeypatch):
+    """RIMS_FAST_CUDA_FWD=auto in a stack: a layer-step whose persistent launch reports the
+    shared-memory limit (faked: host runs have none) reruns on the stepped ops, equal to asking
+    for them; test_rim_seq has the single layer's twin."""
+    monkeypatch.delenv("RIMS_FAST_CUDA_FWD", raising=False)
+    brim = make_brim()
+    x = torch.randn(4, 2, 1, 5, dtype=torch.float64)
+    params, states = _run(brim, x, brim_states(brim, 2))
+    real = brim_seq.rim_seq_op
+    calls = []
+
+    def fake(*args):
+        calls.append(args[-1])
+        if not args[-1]:
+            raise RuntimeError(f"one sample needs 300000 {brim_seq.SMEM_ERROR}")
+        return real(*args)
+
+    monkeypatch.setattr(brim_seq, "rim_seq_op", fake)
+    got = brim_seq.brim_seq(x, states, params, brim.configs)
+    assert calls and all(calls[i:i + 2] == [False, True] for i in range(0, len(calls), 2))
+    want = brim_seq.brim_seq(x, states, params, brim.configs, stepped=True)
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)

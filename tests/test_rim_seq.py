@@ -294,6 +294,44 @@ def test_cuda_auto_mode_picks_by_weights(monkeypatch, caplog):
     assert rs.use_stepped(paper, 64)
 
 
+def test_auto_reruns_on_stepped_when_shared_memory_is_short(monkeypatch, caplog):
+    """RIMS_FAST_CUDA_FWD=auto: a layer the weight count gives to the persistent kernels but whose
+    sample does not fit their shared memory (the launcher's error, faked here: host runs have no
+    such limit) reruns on the stepped ops with a warning, with the same result as asking for them;
+    any other error, or an explicit mode, raises."""
+    monkeypatch.delenv("RIMS_FAST_CUDA_FWD", raising=False)
+    rim, x, h0, c0, P, _ = _setup(*GRID[0])
+    real = rs.rim_seq_op
+    calls = []
+
+    def fake(*args):
+        calls.append(args[-1])
+        if not args[-1]:  # stepped
+            raise RuntimeError(f"rims_fast::rim_seq: one sample needs 300000 {rs.SMEM_ERROR}, more "
+                               "than this GPU's 232448 per block")
+        return real(*args)
+
+    monkeypatch.setattr(rs, "rim_seq_op", fake)
+    with caplog.at_level("WARNING", logger="rims_fast"):
+        got = rs.rim_seq(x, h0, c0, P, rim.config)
+    assert calls == [False, True]
+    assert any("does not fit the persistent kernels" in r.getMessage() for r in caplog.records)
+    want = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "persistent")
+    with pytest.raises(RuntimeError, match=rs.SMEM_ERROR):
+        rs.rim_seq(x, h0, c0, P, rim.config)
+    monkeypatch.delenv("RIMS_FAST_CUDA_FWD")
+
+    def other(*args):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(rs, "rim_seq_op", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        rs.rim_seq(x, h0, c0, P, rim.config)
+
+
 def test_backend_cuda_env_switch(monkeypatch):
     monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "bogus")
     with pytest.raises(ValueError, match="RIMS_FAST_CUDA_FWD"):
