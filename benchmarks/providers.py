@@ -4,7 +4,11 @@
 - ``torch_compile``: the same reference module under ``torch.compile`` (the T-step loop unrolls,
   so compile time grows with T and every new shape recompiles).
 - ``triton``, ``cuda``, ``cpu``: ``rims_fast.RIM(backend=...)``; skipped with the reason from
-  :func:`rims_fast.available_backends` when that backend cannot run here.
+  :func:`rims_fast.available_backends` when that backend cannot run here. ``cuda`` is the
+  default per-layer choice (``RIMS_FAST_CUDA_FWD=auto``: ``cuda_seq`` or ``cuda_steps`` below);
+  results before 2026-11-27's commits name the reference loop with the fused cell ``cuda``.
+- ``cuda_cell``: ``cuda`` with ``RIMS_FAST_CUDA_FWD=cell``: the reference loop with the fused CUDA
+  masked-cell kernels.
 - ``triton_graph``: ``rims_fast.RIM(backend="triton")`` with ``RIMS_FAST_TRITON_GRAPH=1``: the
   no-grad forward replays a captured CUDA graph (fwd+bwd runs as ``triton``).
 - ``triton_tiled``, ``triton_tiled_graph``: the same two with ``RIMS_FAST_TRITON_FWD=tiled``: the
@@ -33,9 +37,10 @@
 - ``naive``: :class:`benchmarks.naive.NaiveRIM`, unfused code shaped like public RIM code.
 - ``brim2``, ``brim2_cpu``, ``brim2_cuda``, ``brim2_triton``, ``brim2_cuda_seq``: a two-layer
   :class:`rims_fast.BRIM` with the config's K, top_k, H in both layers, on the reference
-  (``brim2``), the C++ driver one fused layer-step per call (``brim2_cpu``), the reference with the
-  fused CUDA cell (``brim2_cuda``), the Triton kernels per layer-step (``brim2_triton``) and the
-  persistent CUDA kernels per layer-step (``brim2_cuda_seq``): what a stack
+  (``brim2``), the C++ driver one fused layer-step per call (``brim2_cpu``), ``backend="cuda"``
+  (``brim2_cuda``: per layer the persistent kernels or the stepped ops), the Triton kernels per
+  layer-step (``brim2_triton``) and the persistent CUDA kernels per layer-step
+  (``brim2_cuda_seq``): what a stack
   costs next to one layer. It computes another function than the RIM providers, so it has its own
   gate (:func:`benchmarks.harness.gate_brim`: ``brim_ref`` under the provider's masks).
 
@@ -61,13 +66,14 @@ from .naive import NaiveRIM
 __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build", "make_reference"]
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
-             "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_seq",
+             "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_cell",
+             "cuda_seq",
              "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cuda_steps",
              "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "lstm", "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
                  "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda",
-                 "cuda_seq", "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2",
+                 "cuda_cell", "cuda_seq", "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2",
                  "cuda_steps", "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "naive")
 
 
@@ -220,6 +226,7 @@ def _brim2(backend: str, env: Optional[dict] = None, label: Optional[str] = None
 _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "torch": _torch, "torch_compile": _torch_compile, "triton": _backend("triton"),
     "cuda": _backend("cuda"), "cpu": _backend("cpu"),
+    "cuda_cell": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "cell"}, "cuda_cell"),
     "cuda_seq": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "cuda_seq"),
     "cuda_seq_mma": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent", "RIMS_FAST_CUDA_MMA": "1"},
                              "cuda_seq_mma"),

@@ -11,7 +11,7 @@ namespace steps_cuda {
 
 constexpr int kItemThreads = 256;
 // A block per sample: at `paper` (B = 64) that is half the SMs of an H100 with one block each, so
-// the phases' loops (hundreds to thousands of items) are better spread over 8 warps than 4.
+// the phases' wide loops (hundreds to thousands of items) are better spread over 8 warps than 4.
 constexpr int kSampleThreads = 256;
 
 template <class F>

@@ -20,7 +20,8 @@ from .rim_seq import cuda_fwd_mode
 
 PerLayer = Union[int, Sequence[int], None]
 
-#: Backends that run a BRIM stack: the reference, the reference with the fused CUDA cell, the C++
+#: Backends that run a BRIM stack: the reference, the CUDA ops per layer-step (or the reference
+#: with the fused CUDA cell under RIMS_FAST_CUDA_FWD=cell), the C++
 #: driver one layer-step per call (:mod:`rims_fast.brim_cpu`) and the Triton RIM kernels one
 #: layer-step at a time (:mod:`rims_fast.brim_triton`).
 BRIM_BACKENDS = ("torch", "cuda", "cpu", "triton")

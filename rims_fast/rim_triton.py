@@ -11,7 +11,8 @@ What runs where:
   State-independent work is hoisted out of the loop as PyTorch GEMMs before it: the input keys of
   all steps and the folded input term ``XW[t,b,k,n,m] = X_m (input_value_n W_ih[k]_n)`` (the read
   is linear in the attention probabilities, as in ``reference._InputGates``).
-  With ``RIMS_FAST_TRITON_FWD=tiled`` (:func:`fwd_mode`; opt-in until run on a GPU) the cell
+  With ``RIMS_FAST_TRITON_FWD=tiled`` (:func:`fwd_mode`; opt-in: on an H100 it was faster than
+  the fused forward only under graph replay, README's environment table) the cell
   kernel's work is three kernels of ``triton_kernels/rim_step_fwd_tiled.py`` instead — each
   mechanism's queries once, the gate products and cell on a grid of batch tile x mechanism x unit
   tile, the communication Q|K|V — for wide layers, where a program owning all of a mechanism's
@@ -49,8 +50,11 @@ What runs where:
   linear in ``T``; the sweep recomputes nothing else of the forward.
 
   Why ``recompute`` stays the default: the ``kernels`` path is tested against the float64
-  reference (every gradient, LSTM/GRU, dropout, ``block_inactive_grad`` both ways) only under
-  ``TRITON_INTERPRET=1`` on CPU tensors so far; it has not yet been compiled or timed on a GPU.
+  reference (every gradient, LSTM/GRU, dropout, ``block_inactive_grad`` both ways) under
+  ``TRITON_INTERPRET=1`` on CPU tensors, and at the realistic shape on an H100 (fp32/bf16,
+  benchmarks/results/nvidia-h100-session-2026-11-27a-1-pytest.log), where it trained 7x faster
+  than the recompute; it stays opt-in because the CUDA ops (``backend="cuda"``) train faster
+  still.
   Its bfloat16/float16 gradients use float32 operands throughout (no rounding of gradient
   operands), which is at least as accurate as the reference's rounding but not identical.
 
@@ -67,8 +71,9 @@ without dropout on CUDA captures the whole no-save forward once per (shapes, dty
 parameter storage) — the hoisted GEMMs (keys, fold, ``XW`` chunk by chunk) and the ``2T``
 launches, the same code as the eager path (:func:`_run_chunked`) — and replays it: ``x`` and the
 initial state are copied into the graph's static buffers, the outputs copied out. Parameters are
-read in place, so in-place optimizer updates are seen by later replays. Not yet run on a GPU,
-hence not the default.
+read in place, so in-place optimizer updates are seen by later replays. Equal to eager launches
+on an H100; not the default because each captured graph keeps its own buffers and the first call
+per shape pays the capture.
 
 The sequence op is ``torch.library.custom_op("rims_fast::rim_triton_fwd")`` with a fake impl and
 ``register_autograd``, so ``torch.compile`` sees one node per layer and ``opcheck`` can test it.

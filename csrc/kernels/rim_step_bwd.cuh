@@ -112,7 +112,7 @@ RIMS_HD void rim_step_bwd_init(const RimStepBwdParams<T>& p, int64_t i) {
 }
 
 // SPEC step 4 backward for sample b (one block; smem unused): d scores per (k, head, j), their
-// softmax backward per (k, head), dQ per (k, column) (three loops, so that every thread has work),
+// softmax backward per (k, head), dQ per (k, column) (three loops, so that more threads have work),
 // then dK, dV of every mechanism j (sums over the querying k, no atomics), then the dh~ GEMM's
 // operand.
 template <typename C, typename T, class Exec>

@@ -183,7 +183,7 @@ RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
 }
 
 // SPEC step 4 for sample b (one block; smem unused): each active mechanism's heads attend over
-// all K mechanisms. Three loops so that every thread has work (one thread per (k, head) ran the
+// all K mechanisms. Three loops so that more threads have work (one thread per (k, head) ran the
 // K x (dc + dcv) products serially, accumulating o in global memory: 100 us of a 133 us step at
 // `paper` on an H100, results/nvidia-h100-profile-steps-2026-11-27a.log): the scores per
 // (k, head, j), the softmax per (k, head), then the read o per (k, column) and saving Q|K|V. Same
