@@ -25,9 +25,10 @@ C++) as one differentiable sequence op.
 Numerics: products accumulate in float32 (float64 for float64) from storage-dtype weights; the
 persistent kernels on CUDA cores do not round activations to bfloat16/float16 between products (as
 the C++ CPU driver), so half precision results differ from the reference's operand rounding within
-the tolerance table; their tensor-core products and the stepped ops' GEMMs round each operand
-(activations, and the stepped ops also the folded input matrix ``F``, once per call) to the
-storage dtype, as the reference rounds its product operands.
+the tolerance table; their tensor-core products, the stepped ops' GEMMs and (both paths) the
+weight-gradient products after the sweep round each operand (activations, per-step gradients, and
+the stepped ops also the folded input matrix ``F``, once per call) to the storage dtype, as the
+reference rounds its product operands.
 Dropout uses the C++ driver's counter-based stream, so the keep-masks equal ``backend="cpu"``'s
 for the same seed (:func:`rims_fast.rim_cpu.dropout_masks`).
 
@@ -408,26 +409,32 @@ def _backward(ctx, grads):
     else:
         res = torch.ops.rims_fast.rim_seq_bwd(*args, tile, ctx.mma)
     (d_keys, d_xsrc, d_h0, d_c0, dq, dg, dqkv, dhp, xa) = res
-    # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients.
+    # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients. In half
+    # precision their operands are rounded to the storage dtype, as the reference's autograd has
+    # them (tensor cores, float32 accumulation): in float32 they ran on CUDA cores, ~49 ms of a
+    # 274 ms `large` fwd+bwd on an H100 (benchmarks/results/nvidia-h100-profile-steps-2026-11-27a.log).
+    h_dt, w_dts = ctx.dtypes
+    op = (lambda a: a.to(h_dt)) if h_dt in (torch.float16, torch.bfloat16) else (lambda a: a)  # noqa: E731
     T, B = keys.shape[:2]
     K, GH = cfg.num_units, cfg.gates * cfg.hidden_size
-    hprev, ht, o = acts[0], acts[2], acts[8]
+    hprev, ht, o = op(acts[0]), op(acts[2]), op(acts[8])
     dgi, dgh = (dg, dg) if lstm else (dg[..., :GH], dg[..., GH:])
     ck = cfg.comm_heads * cfg.comm_key_size
-    g_c = torch.einsum("tbkh,tbkc->khc", ht, dqkv)
+    g_c = torch.einsum("tbkh,tbkc->khc", ht, op(dqkv))
+    dgh_op = op(dgh)
+    dgi_op = dgh_op if lstm else op(dgi)
     g = {
-        "input_query": torch.einsum("tbkh,tbke->khe", hprev, dq),
-        "weight_hh": torch.einsum("tbkh,tbkg->khg", hprev, dgh),
+        "input_query": torch.einsum("tbkh,tbke->khe", hprev, op(dq)),
+        "weight_hh": torch.einsum("tbkh,tbkg->khg", hprev, dgh_op),
         "bias_ih": dgi.sum((0, 1)),
         "bias_hh": dgh.sum((0, 1)),
         "comm_query": g_c[..., :ck],
         "comm_key": g_c[..., ck:2 * ck],
         "comm_value": g_c[..., 2 * ck:],
-        "comm_output": torch.einsum("tbkv,tbkh->kvh", o, dhp),
+        "comm_output": torch.einsum("tbkv,tbkh->kvh", o, op(dhp)),
     }
     n, Dx = w_x.shape[1], w_x.shape[2]
-    d_wx = torch.einsum("tbknd,tbkg->kndg", xa.view(T, B, K, n, Dx), dgi)
-    h_dt, w_dts = ctx.dtypes
+    d_wx = torch.einsum("tbknd,tbkg->kndg", op(xa).view(T, B, K, n, Dx), dgi_op).to(w_x.dtype)
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
             d_weights, *(None,) * 13)  # sizes ... stepped
