@@ -8,15 +8,21 @@
 #   sanitize  memcheck, then racecheck and synccheck on the persistent kernels and the stepped
 #             ops (--seq-only)
 #   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
+#   large     the benchmark at `large`: bf16, LARGE_PROVIDERS (cuDNN, the default cuda choice, the
+#             stepped ops, the Triton forward) -> $OUT/large.json, csv
+#   profile   tools/profile_steps.py: torch.profiler kernel and input-shape tables of the stepped
+#             ops at paper and large -> $OUT/profile-steps.log
 #   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log
 #   ncu       Nsight Compute on one persistent forward (CUDA cores, tensor cores, clusters) and
 #             one backward at `paper` bf16 (tools/profile_case.py), with every warp stall reason
 #             (which of L2 latency, barriers, instruction fetch... the step waits on) -> $OUT/ncu.txt
 # Every stage's time limit (the build's too) is the smaller of its cap (*_TIMEOUT) and what is left
-# before DEADLINE seconds (default 420) from the start, so the call ends inside the device tool's
+# before DEADLINE seconds (default 560: run the call with timeout_s 590) from the start, so the call ends inside the device tool's
 # limit whatever hangs (the few seconds of nvidia-smi and version prints excepted). Everything is appended to $OUT/${LOG:-session}.log.
-#   bash tools/gpu_session.sh                         (build gputests memcheck bench ncu)
+#   bash tools/gpu_session.sh                         (build gputests sanitize bench large profile;
+#             ~450 s on an H100 on 2026-11-27: build 100, tests 140, sanitizers 55, paper 35,
+#             large 80, profile 40)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large BENCH_NAME=large \
@@ -28,14 +34,14 @@
 # Building took ~85 s on the device (9.0a only) before the column-group kernels made them larger;
 # the kernels now compile as three units in parallel (here, two archs on 2 cores: 205 s for the
 # one unit before, 89-129 s each after), so expect ~1-2 min; a fresh machine takes ~30 s to start.
-STAGES=${STAGES:-"build gputests memcheck bench ncu"}
+STAGES=${STAGES:-"build gputests sanitize bench large profile"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/${LOG:-session}.log") 2>&1
 export GIT_SHA=${GIT_SHA:-} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16
-DEADLINE=${DEADLINE:-420}
+DEADLINE=${DEADLINE:-560}
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 stamp() { echo "=== [$(elapsed)s] $*"; }
@@ -77,8 +83,19 @@ fi
 if want bench; then
   stamp "benchmarks"
   run_for "${BENCH_TIMEOUT:-180}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
-    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_mma_graph,cuda_seq_cluster,cuda_steps,cuda_steps_graph,triton,triton_graph,triton_tiled,triton_tiled_graph}" \
+    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_mma_graph,cuda_steps,cuda_steps_graph,triton,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
     --modes fwd,fwd+bwd --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
+fi
+if want large; then
+  stamp "benchmarks at large"
+  run_for "${LARGE_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs large \
+    --providers "${LARGE_PROVIDERS:-lstm,cuda,cuda_steps_graph,triton_tiled_graph}" \
+    --modes fwd,fwd+bwd --out "$OUT" --name large --no-progress
+fi
+if want profile; then
+  stamp "profile of the stepped ops"
+  run_for "${PROFILE_TIMEOUT:-90}" python3 tools/profile_steps.py --rows 16 > "$OUT/profile-steps.log" 2>&1
+  echo "exit $?"; grep -E "^#####|CommPhase|SelectPhase|CommBwd|SelectBwd" "$OUT/profile-steps.log" | cut -c1-160 | head -40
 fi
 if want tiles; then
   for tile in ${TILES:-4}; do
