@@ -19,11 +19,10 @@ from torch import Tensor
 
 from ._config import RimConfig, cfg_args
 from .brim_steps import brim_steps
-from .rim_seq import (OP_WEIGHTS, SMEM_ERROR, cluster_mechs, cuda_fwd_mode, mma_mode,
-                      resident_mode, rim_seq_op, stepped_instead, tile_size, unavailable_reason,
-                      use_stepped)
+from .rim_seq import (OP_WEIGHTS, cluster_mechs, cuda_fwd_mode, mma_mode, resident_mode,
+                      rim_seq_op, stepped_instead, tile_size, unavailable_reason, use_stepped)
 
-__all__ = ["brim_seq", "unavailable_reason", "SMEM_ERROR"]
+__all__ = ["brim_seq", "unavailable_reason"]
 
 
 def _step(keys, values, h, c, params, cfg, training, seed, stepped=None):

@@ -71,8 +71,7 @@ from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
-           "stepped_instead",
-           "STEPPED_MIN_WEIGHTS", "tile_size", "mma_mode",
+           "stepped_instead", "STEPPED_MIN_WEIGHTS", "SMEM_ERROR", "tile_size", "mma_mode",
            "cluster_mechs", "RESIDENT", "resident_mode",
            "PARAM_NAMES"]
 
@@ -104,9 +103,10 @@ def mma_mode(device: torch.device, dtype: torch.dtype) -> bool:
     the gates from ``[xa | h]``, communication Q|K|V from ``h~`` and the output projection from
     the read ``o`` (88% of a step's FLOPs at the paper layer); backward, the same four products
     transposed (d o, dh~, d xa, dh_{t-1}). float32/float64 stay on CUDA cores. Default ``0``:
-    it passed the GPU tests on an H100 but no longer beats the CUDA cores at `paper` (8.64 against
-    7.27 ms forward in bf16, benchmarks/results/nvidia-h100-bfloat16-2026-11-27a.json). Operands (activations, gradients, the folded input
-    matrix) are rounded to the storage dtype, as the reference rounds product operands."""
+    it passed the GPU tests on an H100 but no longer beats the CUDA cores at `paper` (8.64
+    against 7.27 ms forward in bf16, benchmarks/results/nvidia-h100-bfloat16-2026-11-27a.json).
+    Operands (activations, gradients, the folded input matrix) are rounded to the storage dtype,
+    as the reference rounds product operands."""
     v = os.environ.get("RIMS_FAST_CUDA_MMA", "0")
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_MMA must be 0 or 1, got {v!r}")
@@ -124,8 +124,8 @@ def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
     mechanisms' weights into its shared memory as fit beside the tile's arrays, largest first
     (:data:`RESIDENT`), and reads them from there every step. Returns ``kpr``
     (the op's ``cluster`` argument), 0 when off (the default: it passed the GPU tests on an H100
-    but gained nothing at `paper`, README's environment table). CUDA cores only: it cannot be combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the
-    single-block kernel's."""
+    but gained nothing at `paper`, README's environment table). CUDA cores only: it cannot be
+    combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the single-block kernel's."""
     v = os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_CLUSTER must be 0 or 1, got {v!r}")

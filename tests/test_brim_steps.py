@@ -14,7 +14,7 @@ import torch
 
 import rims_fast
 from brim_compare import assert_brim_close, clone_states, pairs
-from rims_fast import brim_cpu, brim_seq, brim_steps
+from rims_fast import brim_cpu, brim_seq, brim_steps, rim_seq
 from test_brim import brim_states, make_brim
 
 pytestmark = pytest.mark.skipif(
@@ -179,7 +179,7 @@ def test_auto_layer_reruns_on_stepped_when_shared_memory_is_short(monkeypatch):
     def fake(*args):
         calls.append(args[-1])
         if not args[-1]:
-            raise RuntimeError(f"one sample needs 300000 {brim_seq.SMEM_ERROR}")
+            raise RuntimeError(f"one sample needs 300000 {rim_seq.SMEM_ERROR}")
         return real(*args)
 
     monkeypatch.setattr(brim_seq, "rim_seq_op", fake)
