@@ -14,7 +14,8 @@
 //
 // Inputs, outputs and every per-step gradient written are those of the persistent backward
 // (rim_seq_bwd.cuh, RimSeqBwdParams), with the same formulas in the same order apart from the
-// GEMMs' sums, so the caller's weight-gradient GEMMs are shared. GEMM operands (the gradient
+// GEMMs' sums and select_bwd's input-score dots (kDotChunks partial sums), so the caller's
+// weight-gradient GEMMs are shared. GEMM operands (the gradient
 // rows) are in the storage type T, results and everything else in the compute type C.
 #pragma once
 
