@@ -69,6 +69,7 @@ from ._backend import assume_constant_result
 from . import rim_seq_graph
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import compute_dtype
+from .row_products import mechanism_rows_product
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
            "stepped_instead", "STEPPED_MIN_WEIGHTS", "SMEM_ERROR", "tile_size", "mma_mode",
@@ -420,21 +421,22 @@ def _backward(ctx, grads):
     hprev, ht, o = op(acts[0]), op(acts[2]), op(acts[8])
     dgi, dgh = (dg, dg) if lstm else (dg[..., :GH], dg[..., GH:])
     ck = cfg.comm_heads * cfg.comm_key_size
-    g_c = torch.einsum("tbkh,tbkc->khc", ht, op(dqkv))
+    g_c = mechanism_rows_product(ht, op(dqkv))
     dgh_op = op(dgh)
     dgi_op = dgh_op if lstm else op(dgi)
     g = {
-        "input_query": torch.einsum("tbkh,tbke->khe", hprev, op(dq)),
-        "weight_hh": torch.einsum("tbkh,tbkg->khg", hprev, dgh_op),
+        "input_query": mechanism_rows_product(hprev, op(dq)),
+        "weight_hh": mechanism_rows_product(hprev, dgh_op),
         "bias_ih": dgi.sum((0, 1)),
         "bias_hh": dgh.sum((0, 1)),
         "comm_query": g_c[..., :ck],
         "comm_key": g_c[..., ck:2 * ck],
         "comm_value": g_c[..., 2 * ck:],
-        "comm_output": torch.einsum("tbkv,tbkh->kvh", o, op(dhp)),
+        "comm_output": mechanism_rows_product(o, op(dhp)),
     }
     n, Dx = w_x.shape[1], w_x.shape[2]
-    d_wx = torch.einsum("tbknd,tbkg->kndg", op(xa).view(T, B, K, n, Dx), dgi_op).to(w_x.dtype)
+    d_wx = mechanism_rows_product(op(xa).view(T, B, K, n * Dx), dgi_op).view(K, n, Dx, -1)
+    d_wx = d_wx.to(w_x.dtype)
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
             d_weights, *(None,) * 13)  # sizes ... stepped

@@ -92,6 +92,7 @@ from torch import Tensor
 from . import _backend
 from ._config import RimConfig, cfg_args, cfg_from
 from .reference import _Rounder, compute_dtype, rim_ref
+from .row_products import mechanism_rows_product, rows_product
 
 def _import_kernels():
     """``rims_fast.triton_kernels.rim_step_fwd``: from the installed wheel (setup.py maps the
@@ -657,19 +658,19 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
     d_gi = d_g[..., :GH]
     d_gh = d_g if lstm else d_g[..., GH:]
     g = {}
-    g["input_query"] = torch.einsum("tbkh,tbke->khe", hprev, d_qi)
-    g["weight_hh"] = torch.einsum("tbkh,tbkg->khg", hprev, d_gh)
+    g["input_query"] = mechanism_rows_product(hprev, d_qi)
+    g["weight_hh"] = mechanism_rows_product(hprev, d_gh)
     g["bias_hh"] = d_gh.sum((0, 1))
     g["bias_ih"] = d_gi.sum((0, 1))
     htr = rnd(hts)
-    g["comm_query"] = torch.einsum("tbkh,tbkc->khc", htr, d_qc)
-    g["comm_key"] = torch.einsum("tbkh,tbkc->khc", htr, d_kc)
-    g["comm_value"] = torch.einsum("tbkh,tbkc->khc", htr, d_vc)
-    g["comm_output"] = torch.einsum("tbkv,tbkh->kvh", os_, d_hp)
+    g["comm_query"] = mechanism_rows_product(htr, d_qc)
+    g["comm_key"] = mechanism_rows_product(htr, d_kc)
+    g["comm_value"] = mechanism_rows_product(htr, d_vc)
+    g["comm_output"] = mechanism_rows_product(os_, d_hp)
     # Input keys (hoisted x @ input_key): d key from the scaled score gradients and the queries.
     q = rnd(torch.einsum("tbkh,khe->tbke", hprev, P["input_query"])).view(T, B, K, NI, DK)
     d_key = torch.einsum("tbknm,tbkne->tbmne", d_si, q).reshape(T, B, M, NI * DK)
-    g["input_key"] = torch.einsum("tbmd,tbme->de", xc, d_key)
+    g["input_key"] = rows_product(xc, d_key)
     dx = d_key @ P["input_key"].t()
     # Folded input term XW = x (input_value_n weight_ih[k]_n): through the dropped probabilities.
     at = a_s
@@ -678,7 +679,7 @@ def _backward_sweep(cfg: RimConfig, training: bool, seed: int, g_out: Optional[T
         at = torch.where(keep, a_s / (1.0 - drop_in), 0.0)
     at = rnd(at)
     xa = torch.einsum("tbknm,tbmd->tbknd", at, xc)
-    g_fold = torch.einsum("tbknd,tbkg->kndg", xa, d_gi)
+    g_fold = mechanism_rows_product(xa.reshape(T, B, K, NI * D), d_gi).view(K, NI, D, GH)
     dxa = torch.einsum("tbkg,kndg->tbknd", d_gi, fold)
     dx += torch.einsum("tbknm,tbknd->tbmd", at, dxa)
     g["input_value"] = torch.einsum("kndg,knvg->dnv", g_fold,
