@@ -20,9 +20,10 @@
 # Every stage's time limit (the build's too) is the smaller of its cap (*_TIMEOUT) and what is left
 # before DEADLINE seconds (default 560: run the call with timeout_s 590) from the start, so the call ends inside the device tool's
 # limit whatever hangs (the few seconds of nvidia-smi and version prints excepted). Everything is appended to $OUT/${LOG:-session}.log.
-#   bash tools/gpu_session.sh                         (build gputests sanitize bench large profile;
-#             ~450 s on an H100 on 2026-11-27: build 100, tests 140, sanitizers 55, paper 35,
-#             large 80, profile 40)
+#   bash tools/gpu_session.sh                         (build gputests sanitize bench large ncu
+#             profile; ~450 s on an H100 on 2026-11-27 without ncu: build 100, tests 140,
+#             sanitizers 55, paper 35, large 80, profile 40; ncu, never run yet, is capped at 60 s a
+#             case and the deadline skips what does not fit, profile last)
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large BENCH_NAME=large \
@@ -34,7 +35,7 @@
 # Building took ~85 s on the device (9.0a only) before the column-group kernels made them larger;
 # the kernels now compile as three units in parallel (here, two archs on 2 cores: 205 s for the
 # one unit before, 89-129 s each after), so expect ~1-2 min; a fresh machine takes ~30 s to start.
-STAGES=${STAGES:-"build gputests sanitize bench large profile"}
+STAGES=${STAGES:-"build gputests sanitize bench large ncu profile"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -83,7 +84,7 @@ fi
 if want bench; then
   stamp "benchmarks"
   run_for "${BENCH_TIMEOUT:-180}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
-    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_mma_graph,cuda_steps,cuda_steps_graph,triton,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
+    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_mma,cuda_seq_mma_graph,cuda_seq_cluster,cuda_steps,cuda_steps_graph,triton,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
     --modes fwd,fwd+bwd --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
 fi
 if want large; then
@@ -104,21 +105,26 @@ if want tiles; then
       --configs "${BENCH_CONFIGS:-paper}" --providers lstm,cuda_seq,cuda_seq_mma,cuda_seq_cluster --modes fwd,fwd+bwd --no-save --no-progress
   done
 fi
-if want ncu; then
-  stamp "ncu (persistent kernels, paper bf16)"
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if want ncu && [[ -z $NCU ]]; then
+  stamp "ncu: not found on this machine (PATH, /usr/local/cuda/bin, /opt/nvidia/nsight-compute), stage skipped"
+elif want ncu; then
+  stamp "ncu (persistent kernels, paper bf16): $NCU"
   stalls=""
   for r in long_scoreboard short_scoreboard barrier no_instruction wait mio_throttle lg_throttle \
            math_pipe_throttle branch_resolving membar not_selected selected dispatch_stall misc; do
     stalls="$stalls,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
   done
-  for a in "" "--mma" "--cluster" "--mma --backward"; do
+  IFS=, read -ra cases <<< "${NCU_CASES:-plain,--backward,--cluster}"  # e.g. NCU_CASES="--mma,--mma --backward"
+  for a in "${cases[@]}"; do
+    [[ $a == plain ]] && a=""
     k=rim_seq_fwd; case "$a" in *backward*) k=rim_seq_bwd;; esac
     echo "##### profile_case $a ($k)" >> "$OUT/ncu.txt"
-    run_for "${NCU_TIMEOUT:-60}" ncu --kernel-name "regex:$k" --launch-skip 1 --launch-count 1 \
+    run_for "${NCU_TIMEOUT:-60}" "$NCU" --kernel-name "regex:$k" --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section SchedulerStats \
       --metrics "smsp__inst_executed.sum,sm__cycles_elapsed.max$stalls" \
-      python3 tools/profile_case.py $a >> "$OUT/ncu.txt" 2>&1
+      python3 tools/profile_case.py $a >> "$OUT/ncu.txt" 2>&1  # $a unquoted: "--mma --backward" is two flags
     echo "exit $?"
   done
   grep -E "#####|Duration|Achieved Occupancy|Memory Throughput|Compute \(SM\) Throughput|Registers|inst_executed|issue_stalled" "$OUT/ncu.txt" | head -120
