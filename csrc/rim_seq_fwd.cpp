@@ -245,6 +245,20 @@ std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tenso
   return {mma_operand(w_out), mma_operand(w_qkv), mma_operand(w_x_t), mma_operand(w_h)};
 }
 
+// x_{m,n} F[k, n] for every step, sample and element: (T, B, M, K, n_in, GH) in the compute
+// type, one GEMM (folded: every head reads x_m) or one per head (per-head values v_{m,n}).
+at::Tensor seq_hoisted_xw(const RimSeqDims& d, const at::Tensor& xsrc, const at::Tensor& w_x) {
+  const int64_t R = d.T_ * d.B * d.M;
+  if (d.xhead == 0)
+    return at::matmul(xsrc.reshape({R, d.Dx}),
+                      w_x.permute({2, 0, 1, 3}).reshape({d.Dx, d.K * d.n_in * d.GH}))
+        .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
+  const at::Tensor v = xsrc.reshape({R, d.n_in, d.Dx}).transpose(0, 1);            // (n, R, Dx)
+  const at::Tensor f = w_x.permute({1, 2, 0, 3}).reshape({d.n_in, d.Dx, d.K * d.GH});
+  return at::bmm(v, f).view({d.n_in, R, d.K, d.GH}).permute({1, 2, 0, 3}).contiguous()
+      .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
+}
+
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
@@ -258,7 +272,7 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster, int64_t resident) {
+    bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw) {
   SeqFwdCall c;
   c.d = seq_fwd_check(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
                       comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
@@ -284,6 +298,15 @@ SeqFwdCall seq_fwd_prepare(
   TORCH_CHECK(resident <= 0 || cluster > 0, "rims_fast::rim_seq_fwd: resident weights need "
               "cluster > 0");
   c.d.resident = resident;  // -1: each implementation's choice
+  TORCH_CHECK(xw >= -1 && xw <= 1, "rims_fast::rim_seq_fwd: xw (hoist the input term) must be -1 "
+              "(auto), 0 or 1, got ", xw);
+  TORCH_CHECK(xw != 1 || !mma, "rims_fast::rim_seq_fwd: the hoisted input term (xw=1) runs on "
+              "CUDA cores; mma=True needs xw=0 or -1");
+  // Automatic: when a tile reads fewer rows of it per step (S*M per mechanism and head) than of
+  // F (Dx), and it is not too large to keep.
+  const int64_t xw_bytes = c.d.T_ * c.d.B * c.d.M * c.d.K * c.d.n_in * c.d.GH * c.keys.element_size();
+  c.d.xw = xw == 1 || (xw == -1 && !mma && c.d.M * c.d.S < c.d.Dx && xw_bytes <= kXwMaxBytes);
+  if (c.d.xw) c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;
 }
@@ -334,11 +357,11 @@ SeqFwdResult rim_seq_fwd_cpu(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster, int64_t resident) {
+    bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw) {
   SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                        bias_hh, comm_query, comm_key, comm_value, comm_output,
                                        top_k, input_heads, comm_heads, per_head, input_dropout,
-                                       comm_dropout, seed, tile, save, mma, cluster, resident);
+                                       comm_dropout, seed, tile, save, mma, cluster, resident, xw);
   check_host_dtype("rim_seq_fwd", h0);
   // Auto: every weight resident, the most code the host run can check (no capacity limit here).
   if (c.d.resident < 0) c.d.resident = c.d.kpr > 0 ? kResAll : 0;
@@ -418,7 +441,7 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor comm_query, Tensor comm_key, Tensor comm_value, Tensor comm_output, int top_k,"
         " int input_heads, int comm_heads, bool per_head, float input_dropout,"
         " float comm_dropout, int seed, int tile, bool save, bool mma=False, int cluster=0,"
-        " int resident=-1) -> Tensor[]");
+        " int resident=-1, int xw=-1) -> Tensor[]");
   m.def("rim_seq_bwd(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor keys,"
         " Tensor xsrc, Tensor w_x, Tensor h0, Tensor? c0, Tensor input_query, Tensor weight_hh,"
         " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"

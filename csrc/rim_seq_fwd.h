@@ -39,8 +39,14 @@ struct SeqFwdCall {
   // The tensor-core path's padded operands (seq_mma_weights; empty without it): the gates'
   // [F ; weight_hh], [comm_query | comm_key | comm_value], comm_output.
   std::vector<at::Tensor> w_mma;
+  // The hoisted input term (RimSeqDims::xw; undefined without it): (T, B, M, K, n_in, GH).
+  at::Tensor xw;
   SeqFwdResult res;
 };
+
+// At most this many bytes of hoisted input term (seq_fwd_prepare's automatic choice): beyond,
+// the forward reads F as before (the stepped ops take layers that large anyway).
+constexpr int64_t kXwMaxBytes = int64_t(512) << 20;
 
 SeqFwdCall seq_fwd_prepare(
     const at::Tensor& keys, const at::Tensor& xsrc, const at::Tensor& w_x, const at::Tensor& h0,
@@ -49,7 +55,7 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster, int64_t resident);
+    bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw);
 
 // The kernel's parameters for a prepared call (T: the storage type as the kernel sees it).
 template <typename T>
@@ -61,6 +67,7 @@ RimSeqFwdParams<T> seq_fwd_params(const SeqFwdCall& c) {
   p.keys = c.keys.const_data_ptr();
   p.xsrc = c.xsrc.const_data_ptr();
   p.w_x = c.w_x.const_data_ptr();
+  p.xw = c.xw.defined() ? c.xw.const_data_ptr() : nullptr;
   p.h0 = cp(c.h0);
   p.c0 = c.d.lstm ? cp(c.c0) : nullptr;
   p.w_query = cp(c.wq), p.w_hh = cp(c.whh), p.b_ih = cp(c.bih), p.b_hh = cp(c.bhh);
@@ -144,7 +151,7 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster, int64_t resident);
+    bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw);
 SeqBwdResult rim_seq_bwd_cuda(
     const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
     const std::optional<at::Tensor>& g_cn, const at::Tensor& keys, const at::Tensor& xsrc,

@@ -40,13 +40,13 @@ SeqFwdResult rim_seq_fwd_cuda(
     const at::Tensor& comm_query, const at::Tensor& comm_key, const at::Tensor& comm_value,
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
-    bool save, bool mma, int64_t cluster, int64_t resident) {
+    bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw) {
   const c10::cuda::CUDAGuard guard(h0.device());
   check_mma_dtype(mma, h0);
   SeqFwdCall c = seq_fwd_prepare(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih,
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
-                                 seed, tile, save, mma, cluster, resident);
+                                 seed, tile, save, mma, cluster, resident, xw);
   const int dev = h0.get_device();
   check_mma_device(mma, dev);
   if (c.d.kpr > 0) {

@@ -43,7 +43,7 @@ SeqFwdResult rim_steps_fwd_cpu(
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
                                  seed, /*tile=*/1, save, /*mma=*/false, /*cluster=*/0,
-                                 /*resident=*/0);
+                                 /*resident=*/0, /*xw=*/0);
   const auto st = h0.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "rims_fast::rim_steps_fwd: the CPU "
               "implementation (the phases as host loops, for tests) takes float32 and float64, "

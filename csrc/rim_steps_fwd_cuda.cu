@@ -73,7 +73,7 @@ SeqFwdResult rim_steps_fwd_cuda(
                                  bias_hh, comm_query, comm_key, comm_value, comm_output, top_k,
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
                                  seed, /*tile=*/1, save, /*mma=*/false, /*cluster=*/0,
-                                 /*resident=*/0);
+                                 /*resident=*/0, /*xw=*/0);
   const StepCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_steps_fwd_cuda",
                                   [&] {

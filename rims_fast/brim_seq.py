@@ -20,7 +20,8 @@ from torch import Tensor
 from ._config import RimConfig, cfg_args
 from .brim_steps import brim_steps
 from .rim_seq import (OP_WEIGHTS, cluster_mechs, cuda_fwd_mode, mma_mode, resident_mode,
-                      rim_seq_op, stepped_instead, tile_size, unavailable_reason, use_stepped)
+                      rim_seq_op, stepped_instead, tile_size, unavailable_reason, use_stepped,
+                      xw_mode)
 
 __all__ = ["brim_seq", "unavailable_reason"]
 
@@ -48,7 +49,8 @@ def _step(keys, values, h, c, params, cfg, training, seed, stepped=None):
     cluster, resident = (0, 0) if stepped else (cluster_mechs(h.device, K, mma), resident_mode())
     res = rim_seq_op(keys.contiguous(), values.contiguous(), w_x.contiguous(), h.contiguous(),
                      c.contiguous() if lstm else None, weights, sizes, cell, p_in, p_c, big, True,
-                     seed, 0 if stepped else tile_size(), save, mma, cluster, resident, stepped)
+                     seed, 0 if stepped else tile_size(), save, mma, cluster, resident,
+                     0 if stepped else xw_mode(), stepped)
     return res[0], res[1], (res[2] if lstm else None), res[3]
 
 

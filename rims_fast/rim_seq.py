@@ -12,7 +12,9 @@ C++) as one differentiable sequence op.
   no grid synchronisation. Before it, PyTorch hoists the state-independent work: the input keys of
   all steps and either the fold ``input_value_n weight_ih[k]_n`` (when ``M*D <= d_v``, the
   reference's rule; the kernel reads ``x``) or the values of all steps (the kernel reads them and
-  multiplies ``weight_ih`` in place). When a gradient is required the forward also writes, per
+  multiplies ``weight_ih`` in place); and where it pays (:func:`xw_mode`, CUDA cores) the op
+  itself multiplies them out before the launch, ``x_{m,n} F[k, n]`` for every step, so that a
+  step reads its samples' rows of that instead of ``F``. When a gradient is required the forward also writes, per
   step, what the backward needs (:data:`SAVED`: ``h_{t-1}``, ``c_{t-1}``, ``h~``, the queries,
   the undropped input and communication probabilities, the gate pre-activations, Q|K|V, the read).
 - **Backward — one CUDA kernel launch** (``csrc/kernels/rim_seq_bwd.cuh``): the reverse-time
@@ -147,6 +149,21 @@ def resident_mode() -> int:
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_RESIDENT must be 0 or 1, got {v!r}")
     return -1 if v == "1" else 0
+
+
+def xw_mode() -> int:
+    """``RIMS_FAST_CUDA_XW``: whether the persistent forward hoists the input term out of the
+    recurrence — one GEMM before the loop makes ``x_{m,n} F[k, n]`` of every step (``(T, B, M,
+    K, n_in, G*H)``, compute dtype) and each step reads its own samples' rows of it instead of the
+    fold ``F`` (``n_in * D`` rows per mechanism, re-read by every tile each step: a third of the
+    weight bytes at the paper layer). ``auto`` (default, ``-1``): when a tile's ``S * M`` rows are
+    fewer than ``F``'s ``D`` and it takes at most 512 MiB, on CUDA cores (not with
+    ``RIMS_FAST_CUDA_MMA=1``); ``1``: always (CUDA cores); ``0``: never. The same sums
+    reassociated (``a (x F)`` for ``(a x) F``); the backward is unchanged."""
+    v = os.environ.get("RIMS_FAST_CUDA_XW", "auto")
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_XW must be 'auto', '0' or '1', got {v!r}")
+    return -1 if v == "auto" else int(v)
 
 
 def cuda_fwd_mode() -> str:
@@ -289,7 +306,7 @@ def _register_fake() -> None:
     def seq_fwd_fake(keys, xsrc, w_x, h0, c0, input_query, weight_hh, bias_ih, bias_hh,
                      comm_query, comm_key, comm_value, comm_output, top_k, input_heads,
                      comm_heads, per_head, input_dropout, comm_dropout, seed, tile, save,
-                     mma=False, cluster=0, resident=-1):
+                     mma=False, cluster=0, resident=-1, xw=-1):
         T, B, M, _ = keys.shape
         K, H, GH = weight_hh.shape
         lstm = GH == 4 * H
@@ -334,7 +351,7 @@ if unavailable_reason(torch.device("cpu"), torch.float32) is None:
 def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional[Tensor],
                weights: list[Tensor], sizes: list[int], cell: str, input_dropout: float,
                comm_dropout: float, block_inactive_grad: bool, per_head: bool, seed: int,
-               tile: int, save: bool, mma: bool, cluster: int, resident: int,
+               tile: int, save: bool, mma: bool, cluster: int, resident: int, xw: int,
                stepped: bool) -> list[Tensor]:
     """The whole sequence from hoisted ``keys``, input-term source ``xsrc`` and its matrix ``w_x``
     (compute dtype): ``[out, h_n, c_n (empty for GRU), masks, *saved]`` (:data:`SAVED`, empty
@@ -345,7 +362,8 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
     weights a block keeps in shared memory (:data:`RESIDENT`; -1: on the GPU as many as fit,
     largest first, on CPU tensors all); ``stepped``: the forward is ``rims_fast::rim_steps_fwd``
     and the backward ``rim_steps_bwd`` (batched GEMMs and four small kernels per step; ``tile``,
-    ``mma``, ``cluster`` and ``resident`` do not apply). No argument has a default: torch 2.11's dispatcher drops
+    ``mma``, ``cluster``, ``resident`` and ``xw`` do not apply); ``xw``: hoist the input term
+    (:func:`xw_mode`: -1 auto, 0, 1). No argument has a default: torch 2.11's dispatcher drops
     an argument equal to its default before autograd, then rejects the backward's gradient for it
     (one per argument, as setup_context sees them)."""
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
@@ -355,12 +373,12 @@ def rim_seq_op(keys: Tensor, xsrc: Tensor, w_x: Tensor, h0: Tensor, c0: Optional
             per_head, input_dropout, comm_dropout, seed, save))
     return list(torch.ops.rims_fast.rim_seq_fwd(
         keys, xsrc, w_x, h0, c0, *weights, cfg.top_k, cfg.input_heads, cfg.comm_heads, per_head,
-        input_dropout, comm_dropout, seed, tile, save, mma, cluster, resident))
+        input_dropout, comm_dropout, seed, tile, save, mma, cluster, resident, xw))
 
 
 @rim_seq_op.register_fake
 def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout,
-      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident, stepped):
+      block_inactive_grad, per_head, seed, tile, save, mma, cluster, resident, xw, stepped):
     cfg = cfg_from(sizes, cell, input_dropout, comm_dropout, block_inactive_grad)
     T, B, M, _ = keys.shape
     K, H = cfg.num_units, cfg.hidden_size
@@ -373,7 +391,7 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, mma, _cluster, _resident, stepped) = inputs
+     save, mma, _cluster, _resident, _xw, stepped) = inputs
     ctx.mma = mma
     ctx.stepped = stepped
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
@@ -439,7 +457,7 @@ def _backward(ctx, grads):
     d_wx = d_wx.to(w_x.dtype)
     d_weights = [g[name].to(dt).contiguous() for name, dt in zip(OP_WEIGHTS, w_dts)]
     return (d_keys, d_xsrc, d_wx, d_h0.to(h_dt), d_c0.to(h_dt) if ctx.has_c0 else None,
-            d_weights, *(None,) * 13)  # sizes ... stepped
+            d_weights, *(None,) * 14)  # sizes ... xw, stepped
 
 
 rim_seq_op.register_autograd(_backward, setup_context=_setup_context)
@@ -449,7 +467,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
             cfg: RimConfig, *, training: bool = False, seed: Optional[int] = None,
             tile: Optional[int] = None, mma: Optional[bool] = None,
             cluster: Optional[int] = None, resident: Optional[int] = None,
-            stepped: Optional[bool] = None,
+            stepped: Optional[bool] = None, xw: Optional[int] = None,
             ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """One RIM layer over a sequence with the persistent kernels; :func:`rim_ref`'s contract.
     ``seed``: the dropout seed (``None``: drawn from PyTorch's generator when dropout is on);
@@ -465,7 +483,8 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     for layers whose weights do not fit on chip; ``tile``, ``mma``, ``cluster`` and ``resident``
     are then ignored; None: :func:`use_stepped`, and with ``RIMS_FAST_CUDA_FWD=auto`` a layer
     that does not fit the persistent kernels' shared memory reruns on the stepped ops,
-    :func:`stepped_instead`; not under ``RIMS_FAST_CUDA_GRAPH=1``). Gradients flow into
+    :func:`stepped_instead`; not under ``RIMS_FAST_CUDA_GRAPH=1``); ``xw``: hoist the input
+    term out of the persistent forward's recurrence (None: :func:`xw_mode`). Gradients flow into
     ``x``, ``h0``, ``c0`` and all parameters (the input key/value projections through the hoisted
     PyTorch products)."""
     why = unavailable_reason(x.device, x.dtype)
@@ -479,7 +498,9 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     if stepped is None:
         stepped = use_stepped(cfg, input_rows(cfg, x.shape[2], x.shape[3]))
     if stepped:  # the options of the persistent kernels do not apply
-        tile, mma, cluster, resident = 0, False, 0, 0
+        tile, mma, cluster, resident, xw = 0, False, 0, 0, 0
+    if xw is None:
+        xw = xw_mode()
     if cluster is None:
         cluster = cluster_mechs(x.device, cfg.num_units, mma)
     sizes, cell, p_in, p_c, big = cfg_args(cfg)
@@ -498,7 +519,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         leaves = (keys, xsrc, w_x, h0, c0, *weights)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
         res = rim_seq_op(keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big,
-                         per_head, seed, tile, save, mma, cluster, resident, stepped)
+                         per_head, seed, tile, save, mma, cluster, resident, xw, stepped)
         return res[0], res[1], (res[2] if lstm else None), res[3]
 
     h0 = h0.contiguous()
@@ -507,7 +528,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         t is not None and t.requires_grad for t in (x, h0, c0, *params.values()))
     if (x.is_cuda and not needs_grad and p_in == 0 and p_c == 0 and rim_seq_graph.graph_mode()
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
-        return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped), run,
+        return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped, xw), run,
                                     x, h0, c0, dict(params))
     try:
         return run(x, h0, c0)

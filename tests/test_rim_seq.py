@@ -83,6 +83,65 @@ def test_host_run_matches_reference_float64(case, tile):
     _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
 
 
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("tile", [1, 3])
+@pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
+def test_host_run_xw_matches_reference_float64(case, tile, xw):
+    """Both input-term paths of the forward (RIMS_FAST_CUDA_XW: F read per step, or x F hoisted
+    out of the recurrence), every output and gradient against the reference."""
+    rim, x, h0, c0, P, leaves = _setup(*case)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, xw=xw)
+    _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+
+
+def _op_args(cell, p_in, p_c, dv=3):
+    """rim_seq_fwd's arguments up to ``save`` (True) for a K = 7 layer with M = 3, D = 5, tile
+    3 (``dv`` >= 15 folds the input term)."""
+    rim, x, h0, c0, P, _ = _setup(cell, 3, 2, 2, 7, 3, 4, dv, B=6, input_dropout=p_in,
+                                  comm_dropout=p_c)
+    cfg = rim.config
+    p = {n: t.detach() for n, t in P.items()}
+    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
+    return (keys, xsrc, w_x, h0.detach(), None if c0 is None else c0.detach(),
+            *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
+            per_head, p_in, p_c, 11, 3, True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "folded"])
+def test_host_run_xw_saved_and_dropout(cell, per_head):
+    """The op with both dropouts, save=True: the hoisted input term's 13 outputs (the 9 saved
+    histories included) equal F's to float64 round-off (the same sums reassociated: a (x F)
+    for (a x) F), the masks exactly; with clusters, bit for bit the single block's."""
+    args = _op_args(cell, 0.3, 0.4, dv=3 if per_head else 16)
+    assert args[16] == per_head
+    base = torch.ops.rims_fast.rim_seq_fwd(*args, False, 0, -1, 0)
+    got = torch.ops.rims_fast.rim_seq_fwd(*args, False, 0, -1, 1)
+    assert len(got) == 13 and got[4].numel() > 0
+    assert torch.equal(got[3], base[3]), "masks"
+    for i, (a, b) in enumerate(zip(got, base)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"output {i}: {m}")
+    for kpr in (2, 3):
+        cl = torch.ops.rims_fast.rim_seq_fwd(*args, False, kpr, -1, 1)
+        for i, (a, b) in enumerate(zip(cl, got)):
+            assert torch.equal(a, b), (kpr, i)
+
+
+def test_xw_errors_and_env(monkeypatch):
+    args = _op_args("lstm", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"xw \(hoist the input term\) must be -1"):
+        torch.ops.rims_fast.rim_seq_fwd(*args, False, 0, -1, 2)
+    with pytest.raises(RuntimeError, match="mma=True needs xw=0 or -1"):
+        torch.ops.rims_fast.rim_seq_fwd(*args, True, 0, -1, 1)
+    torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 0, -1, 1))
+    for v, want in (("auto", -1), ("0", 0), ("1", 1)):
+        monkeypatch.setenv("RIMS_FAST_CUDA_XW", v)
+        assert rs.xw_mode() == want
+    monkeypatch.setenv("RIMS_FAST_CUDA_XW", "yes")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_XW must be"):
+        rs.xw_mode()
+
+
 # The tensor-core path's tiling (mma=True): operands padded to multiples of 16, products to 32
 # columns, 8-row tiles. GRID's H = 3 gives one column tile per product; these add H = 20 (gates
 # GH = 80 / GRU 160: several column tiles, the last partial; H padded to 32), an input width of
@@ -242,7 +301,7 @@ def test_opcheck_and_errors():
     torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
                                           h0.detach().requires_grad_(True), c0.detach(), weights,
                                           sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True,
-                                          False, 0, -1, False))
+                                          False, 0, -1, -1, False))
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2))  # cluster
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (False, 2, 5))
     with pytest.raises(RuntimeError, match=r"must be -1 \(auto\) or in 0..127, got 128"):
@@ -433,13 +492,15 @@ _GPU = torch.cuda.is_available() and rs.unavailable_reason(torch.device("cuda"),
 @pytest.mark.skipif(not _GPU, reason="needs a CUDA device and a CUDA build of rims_fast._C")
 class TestCUDA:
     @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
-    def test_kernel_equals_host_run(self, case):
-        """float64 on the GPU against the host run of the same tile function, and the reference."""
+    @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
+    def test_kernel_equals_host_run(self, case, xw):
+        """float64 on the GPU against the host run of the same tile function, and the reference;
+        both input-term paths (RIMS_FAST_CUDA_XW)."""
         rim, x, h0, c0, P, leaves = _setup(*case, B=19)
-        host = rs.rim_seq(x, h0, c0, P, rim.config)
+        host = rs.rim_seq(x, h0, c0, P, rim.config, xw=xw)
         cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
         Pc = {n: cu[n] for n in PARAMS}
-        got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config)
+        got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw)
         assert torch.equal(got[3].cpu(), host[3])
         for a, b in zip(got[:3], host[:3]):
             if b is not None:

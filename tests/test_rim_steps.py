@@ -145,7 +145,7 @@ def test_opcheck_and_errors():
     torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
                                           h0d.requires_grad_(True), c0d, weights, sizes, cell,
                                           0.2, 0.3, big, rest[-4], 5, 0, True, False, 0, 0,
-                                          True))
+                                          0, True))
     bad = list(args)
     bad[13] = 4
     with pytest.raises(RuntimeError, match="top_k must be in 1..K=3"):

@@ -1,7 +1,7 @@
 """A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward),
 one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
 (rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout;
-the tensor-core variant; on sm_90+ the cluster forward), and the stepped forward
+the tensor-core variant; the hoisted input term; on sm_90+ the cluster forward), and the stepped forward
 (rims_fast::rim_steps_fwd). With
 ``--seq-only`` only the persistent kernel runs (for racecheck/synccheck, which are slow)."""
 
@@ -24,10 +24,11 @@ def persistent_kernel():
         x = torch.randn(4, 5, 2, 6, device=dev)
         h0 = torch.randn(5, 3, 5, device=dev)
         c0 = torch.randn(5, 3, 5, device=dev) if cell == "lstm" else None
-        for tile in (1, 3):  # forward and the backward kernel
+        # Forward and the backward kernel; the forward with F read per step and hoisted (xw).
+        for tile, xw in ((1, 0), (3, 0), (1, 1), (3, 1)):
             out, h_n, c_n, _ = rim_seq(x.requires_grad_(True), h0, c0,
                                        dict(rim.named_parameters()), rim.config, training=True,
-                                       seed=1, tile=tile)
+                                       seed=1, tile=tile, xw=xw)
             (out.square().sum() + h_n.sum()).backward()
         # The tensor-core kernels, forward and backward (bfloat16; H = 5, D = 6: every operand
         # padded).
@@ -47,6 +48,8 @@ def persistent_kernel():
                     rim.config, tile=2, cluster=2)
             rim_seq(x.detach(), h0, c0, {n: p.detach() for n, p in rim.named_parameters()},
                     rim.config, tile=2, cluster=2, resident=0)
+            rim_seq(x.detach(), h0, c0, {n: p.detach() for n, p in rim.named_parameters()},
+                    rim.config, training=True, seed=1, tile=2, cluster=2, xw=1)
             # bfloat16 storage, float compute: the resident slots of both types (H = 5: GRU's
             # weight_hh takes 2 mod 4 bytes per mechanism, so the next slot's alignment matters).
             rim_seq(x.detach().bfloat16(), h0.bfloat16(),

@@ -141,6 +141,30 @@ RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64
   }
 }
 
+// The hoisted input term of the gates (RimSeqDims::xw): for the samples s < S where on(s),
+//   acc[c][s] += sum_j a(s, j) * X[rowof(s, j), c]   for j = 0 .. nj-1 in ascending order,
+// X row-major with row stride ld, x pointing at X[0, col0] of the tile's first sample (rowof
+// counts rows from there). Rows differ per sample (each reads its own x_m F), so unlike
+// columns_dot no weight row is shared across samples: one vector load per (sample, row), nj of
+// them (n_in * M: 1 at the paper layer, against the n_in * Dx rows of F columns_dot reads).
+template <int NC, int SMAX, typename C, typename On, typename Coef, typename RowOf>
+RIMS_HD void hoisted_input_term(C (&acc)[NC][SMAX], int S, int nj, const C* x, int nc,
+                                const On& on, const Coef& a, const RowOf& rowof, int64_t ld) {
+  const bool vec = nc == NC && columns_vectorizable<NC>(x, ld);
+  RIMS_UNROLL
+  for (int s = 0; s < SMAX; ++s) {
+    if (s >= S) break;
+    if (!on(s)) continue;
+    for (int j = 0; j < nj; ++j) {
+      C w[NC];
+      load_columns(x + rowof(s, j) * ld, vec, nc, w);
+      const C coef = a(s, j);
+      RIMS_UNROLL
+      for (int c = 0; c < NC; ++c) acc[c][s] += coef * w[c];
+    }
+  }
+}
+
 // columns_dot's use() when every sample s < S takes part.
 struct EveryRow {
   RIMS_HD bool operator()(int, int64_t) const { return true; }

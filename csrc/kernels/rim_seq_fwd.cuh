@@ -53,6 +53,10 @@ struct RimSeqDims {
   // Cluster only: which of the block's own mechanisms' weights it copies into shared memory once
   // and reads from there every step (kRes* bits below; 0: all read from global memory / L2).
   int64_t resident;
+  // The input term hoisted out of the recurrence (RimSeqFwdParams::xw; CUDA cores): a step reads
+  // x_{m,n} F[k, n] of its own samples instead of F, which at the paper layer was a third of the
+  // weight bytes every tile read per step (the forward only: the backward reads F).
+  bool xw;
   double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
 };
@@ -67,6 +71,8 @@ struct RimSeqFwdParams : RimSeqDims {
   const T* w_query;       // input_query (K, H, nk)
   const T* w_hh;          // (K, H, GH)
   const void* w_x;        // F (K, n_in, Dx, GH), compute type
+  // With RimSeqDims::xw: (T, B, M, K, n_in, GH), compute type, x_{m,n} F[k, n] (else nullptr).
+  const void* xw;
   const T* b_ih;          // (K, GH)
   const T* b_hh;          // (K, GH)
   // Tensor-core path only, zero-padded per mechanism, storage type: the gates' (mk, mn)
@@ -197,6 +203,7 @@ inline int64_t rim_seq_resident_fit(RimSeqDims d, int64_t tb, int64_t cb, int64_
   });
   int64_t chosen = 0;
   for (int i : order) {
+    if (i == 1 && d.xw) continue;  // F is not read with the input term hoisted
     d.resident = chosen | (int64_t(1) << i);
     if (rim_seq_fwd_smem_bytes(d, d.S, tb, cb) <= budget) chosen = d.resident;
   }
@@ -241,12 +248,13 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const int dk = int(p.dk), nk = int(p.nk), Dx = int(p.Dx), n_c = int(p.n_c), dc = int(p.dc);
   const int dcv = int(p.dcv), ck = int(p.ck), cv = int(p.cv);
   const int xrow = int(p.xrow), xhead = int(p.xhead);
-  const int C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx;
+  const int C3 = 2 * ck + cv, GW = p.lstm ? GH : 2 * GH, XW = n_in * Dx, NM = n_in * M;
   const int64_t b0 = tile * p.S;
   const int S = int((B - b0) < p.S ? (B - b0) : p.S);  // samples in this tile
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx = static_cast<const C*>(p.w_x);
+  const C* xwp = static_cast<const C*>(p.xw);  // hoisted input term, or nullptr
   const bool save = p.sv_h != nullptr;
   // Row r = s*K + k of the tile, step t, in a saved (T, B, K, width) history.
   auto sv = [&](void* base, int64_t t, int64_t r, int64_t width) {
@@ -379,8 +387,18 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       sm.act[L(r)] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
+    // 3a, hoisted input term: only the input dropout, on a~ in place (the saved a is the
+    // undropped one, saved above; nothing reads sm.a again this step).
+    if (xwp != nullptr && drop_in > 0.f) ex.parallel_for(S * kn * NM, [&](int i) {
+      const int r = row(i / NM), j = i % NM, l = L(r);
+      if (sm.act[l] == C(0)) return;
+      const int s = r / K, k = r % K;
+      const uint64_t idx = static_cast<uint64_t>(((t * B + b0 + s) * K + k) * NM + j);
+      C& w = sm.a[l * NM + j];
+      w = dropout_keep(p.seed, 0, idx, drop_in) ? w / keep_in : C(0);
+    });
     // 3a. xa[s, k, n] = sum_m a~[s, k, n, m] x_{m, n} (active rows; dropout on a).
-    ex.parallel_for(S * kn * XW, [&](int i) {
+    if (xwp == nullptr) ex.parallel_for(S * kn * XW, [&](int i) {
       const int r = row(i / XW), col = i % XW, n = col / Dx, d = col % Dx, l = L(r);
       if (sm.act[l] == C(0)) return;
       const int s = r / K, k = r % K;
@@ -405,8 +423,16 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C gi[NC][SMAX], gh[NC][SMAX];
       columns_fill(gi, C(0));
       columns_fill(gh, C(0));
-      columns_dot(gi, S, XW, w_x + (k - k0) * XW * GH + c0, GH, nc,
-                  [&](int s, int64_t j) { return sm.xa[L(s * K + k) * XW + j]; }, EveryRow{});
+      if (xwp != nullptr)
+        hoisted_input_term(gi, S, NM, xwp + (t * B + b0) * M * K * n_in * GH + c0, nc,
+                           [&](int s) { return sm.act[L(s * K + k)] != C(0); },
+                           [&](int s, int j) { return sm.a[L(s * K + k) * NM + j]; },
+                           [&](int s, int j) {  // row (s, m, k, n) of XW, j = n M + m
+                             return ((int64_t(s) * M + j % M) * K + k) * n_in + j / M;
+                           }, GH);
+      else
+        columns_dot(gi, S, XW, w_x + (k - k0) * XW * GH + c0, GH, nc,
+                    [&](int s, int64_t j) { return sm.xa[L(s * K + k) * XW + j]; }, EveryRow{});
       columns_dot(gh, S, H, w_hh + (k - k0) * H * GH + c0, GH, nc,
                   [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL

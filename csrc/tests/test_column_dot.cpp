@@ -3,6 +3,7 @@
 // fill the last group, row strides with and without vector alignment, a base pointer off the
 // vector alignment, reduction lengths around the load batch, a use mask that depends on the
 // sample and the reduction index, and fewer samples than accumulators. Float (4 columns per item) and double (2).
+// hoisted_input_term likewise against its plain loop (per-sample rows, skipped samples).
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -59,12 +60,55 @@ void test_columns(std::mt19937_64& rng) {
   }
 }
 
+// hoisted_input_term: per sample its own rows (rowof), coefficients a(s, j), samples with
+// on(s) false and s >= S untouched; the plain loop's sums bit for bit, vector and scalar loads.
+template <typename C>
+void test_hoisted(std::mt19937_64& rng) {
+  constexpr int NC = rims::kColumnsOf<C>, SMAX = 4, S = 3;
+  std::uniform_real_distribution<double> u(-1, 1);
+  for (int width : {1, 4, 6, 8, 12}) {
+    for (int extra : {0, 2}) {
+      for (int nj : {1, 2, 5}) {
+        const int ld = width + extra, rows_total = SMAX * nj + 3;
+        std::vector<C> buf(size_t(rows_total) * ld + 8), coef(size_t(SMAX) * nj);
+        for (auto& v : buf) v = C(u(rng));
+        for (auto& v : coef) v = C(u(rng));
+        // Sample s's row j sits at (j * SMAX + s) ^ 1 (interleaved, as x F's (m, k, n) rows).
+        auto rowof = [&](int s, int j) { return int64_t((j * SMAX + s) ^ 1); };
+        auto a = [&](int s, int j) { return coef[size_t(s) * nj + j]; };
+        auto on = [&](int s) { return s != 1; };
+        for (int c0 = 0; c0 < width; c0 += NC) {
+          const int nc = rims::min_int(NC, width - c0);
+          C acc[NC][SMAX];
+          rims::columns_fill(acc, C(0.5));
+          rims::hoisted_input_term(acc, S, nj, buf.data() + c0, nc, on, a, rowof, ld);
+          for (int c = 0; c < nc; ++c)
+            for (int s = 0; s < SMAX; ++s) {
+              C want = C(0.5);
+              if (s < S && on(s))
+                for (int j = 0; j < nj; ++j) want += a(s, j) * buf[rowof(s, j) * ld + c0 + c];
+              ++checks;
+              if (!same_bits(acc[c][s], want)) {
+                ++failures;
+                std::printf("FAIL hoisted %s width %d ld %d nj %d col %d s %d: %.17g vs %.17g\n",
+                            sizeof(C) == 4 ? "float" : "double", width, ld, nj, c0 + c, s,
+                            double(acc[c][s]), double(want));
+              }
+            }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   std::mt19937_64 rng(7);
   test_columns<float>(rng);
   test_columns<double>(rng);
+  test_hoisted<float>(rng);
+  test_hoisted<double>(rng);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
