@@ -36,14 +36,14 @@ SeqBwdResult rim_seq_bwd_cuda(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile, bool mma) {
+    int64_t tile, bool mma, int64_t xw) {
   const c10::cuda::CUDAGuard guard(h0.device());
   check_mma_dtype(mma, h0);
   SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
                                  weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
                                  comm_output, masks, saved, top_k, input_heads, comm_heads,
                                  per_head, input_dropout, comm_dropout, seed,
-                                 block_inactive_grad, tile, mma);
+                                 block_inactive_grad, tile, mma, xw);
   const int dev = h0.get_device();
   check_mma_device(mma, dev);
   RimSeqDims& d = c.d;
@@ -61,6 +61,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
     launch_bwd<C, T>(c, bytes(d.S), dev);
   });
+  if (d.xw) seq_bwd_input_term(c);
   return c.res;
 }
 

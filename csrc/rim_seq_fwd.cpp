@@ -245,8 +245,9 @@ std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tenso
   return {mma_operand(w_out), mma_operand(w_qkv), mma_operand(w_x_t), mma_operand(w_h)};
 }
 
-// x_{m,n} F[k, n] for every step, sample and element: (T, B, M, K, n_in, GH) in the compute
-// type, one GEMM (folded: every head reads x_m) or one per head (per-head values v_{m,n}).
+}  // namespace
+
+// One GEMM (folded: every head reads x_m) or one per head (per-head values v_{m,n}).
 at::Tensor seq_hoisted_xw(const RimSeqDims& d, const at::Tensor& xsrc, const at::Tensor& w_x) {
   const int64_t R = d.T_ * d.B * d.M;
   if (d.xhead == 0)
@@ -258,6 +259,38 @@ at::Tensor seq_hoisted_xw(const RimSeqDims& d, const at::Tensor& xsrc, const at:
   return at::bmm(v, f).view({d.n_in, R, d.K, d.GH}).permute({1, 2, 0, 3}).contiguous()
       .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
 }
+
+bool seq_use_xw(const RimSeqDims& d, int64_t xw, bool mma, int64_t elem_bytes) {
+  TORCH_CHECK(xw >= -1 && xw <= 1, "rims_fast::rim_seq: xw (hoist the input term) must be -1 "
+              "(auto), 0 or 1, got ", xw);
+  TORCH_CHECK(xw != 1 || !mma, "rims_fast::rim_seq: the hoisted input term (xw=1) runs on "
+              "CUDA cores; mma=True needs xw=0 or -1");
+  const int64_t bytes = d.T_ * d.B * d.M * d.K * d.n_in * d.GH * elem_bytes;
+  return xw == 1 || (xw == -1 && !mma && d.M * d.S < d.Dx && bytes <= kXwMaxBytes);
+}
+
+void seq_bwd_input_term(SeqBwdCall& c) {
+  const RimSeqDims& d = c.d;
+  const int64_t R = d.T_ * d.B, K = d.K, n = d.n_in, M = d.M, Dx = d.Dx;
+  // d xa = d gi F[k, n]^T for every row: (K, R, n*Dx); d gi zero on inactive rows.
+  const at::Tensor dgi = c.res[5].narrow(-1, 0, d.GH).reshape({R, K, d.GH}).transpose(0, 1);
+  const at::Tensor dxa = at::bmm(dgi, c.w_x.reshape({K, n * Dx, d.GH}).transpose(1, 2));
+  const at::Tensor ak = c.ak.view({R, K, n, M});  // zero on inactive rows
+  at::Tensor d_x, xa;
+  if (d.xhead == 0) {  // folded: every head reads x_m
+    const at::Tensor akm = ak.reshape({R, K * n, M});
+    d_x = at::bmm(akm.transpose(1, 2), dxa.view({K, R, n, Dx}).permute({1, 0, 2, 3})
+                                           .reshape({R, K * n, Dx}));
+    xa = at::bmm(akm, c.xsrc.reshape({R, M, Dx}));
+  } else {  // per-head values: head n reads its slice of the row
+    d_x = at::einsum("rknm,krnd->rmnd", {ak, dxa.view({K, R, n, Dx})});
+    xa = at::einsum("rknm,rmnd->rknd", {ak, c.xsrc.reshape({R, M, n, Dx})});
+  }
+  c.res[1] = d_x.reshape({d.T_, d.B, M, d.xrow}).contiguous();
+  c.res[8] = xa.reshape({d.T_, d.B, K, n * Dx}).contiguous();
+}
+
+namespace {
 
 at::Tensor contig_or_undef(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
@@ -298,14 +331,7 @@ SeqFwdCall seq_fwd_prepare(
   TORCH_CHECK(resident <= 0 || cluster > 0, "rims_fast::rim_seq_fwd: resident weights need "
               "cluster > 0");
   c.d.resident = resident;  // -1: each implementation's choice
-  TORCH_CHECK(xw >= -1 && xw <= 1, "rims_fast::rim_seq_fwd: xw (hoist the input term) must be -1 "
-              "(auto), 0 or 1, got ", xw);
-  TORCH_CHECK(xw != 1 || !mma, "rims_fast::rim_seq_fwd: the hoisted input term (xw=1) runs on "
-              "CUDA cores; mma=True needs xw=0 or -1");
-  // Automatic: when a tile reads fewer rows of it per step (S*M per mechanism and head) than of
-  // F (Dx), and it is not too large to keep.
-  const int64_t xw_bytes = c.d.T_ * c.d.B * c.d.M * c.d.K * c.d.n_in * c.d.GH * c.keys.element_size();
-  c.d.xw = xw == 1 || (xw == -1 && !mma && c.d.M * c.d.S < c.d.Dx && xw_bytes <= kXwMaxBytes);
+  c.d.xw = seq_use_xw(c.d, xw, mma, c.keys.element_size());
   if (c.d.xw) c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;
@@ -320,7 +346,7 @@ SeqBwdCall seq_bwd_prepare(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile, bool mma) {
+    int64_t tile, bool mma, int64_t xw) {
   SeqBwdCall c;
   for (const auto& t : saved) c.saved.push_back(t.contiguous());
   c.d = seq_bwd_check(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query, weight_hh,
@@ -338,6 +364,12 @@ SeqBwdCall seq_bwd_prepare(
     c.wb = seq_bwd_mma_weights(c.d, w_x, c.wt, c.ba);
   }
   c.res = seq_bwd_alloc(c.d, keys, xsrc);
+  c.d.xw = seq_use_xw(c.d, xw, mma, keys.element_size());
+  if (c.d.xw) {
+    c.w_x = w_x.contiguous();
+    c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
+    c.ak = at::empty({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());
+  }
   return c;
 }
 
@@ -405,12 +437,12 @@ SeqBwdResult rim_seq_bwd_cpu(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile, bool mma) {
-  const SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
-                                       weight_hh, bias_ih, bias_hh, comm_query, comm_key,
-                                       comm_value, comm_output, masks, saved, top_k, input_heads,
-                                       comm_heads, per_head, input_dropout, comm_dropout, seed,
-                                       block_inactive_grad, tile, mma);
+    int64_t tile, bool mma, int64_t xw) {
+  SeqBwdCall c = seq_bwd_prepare(g_out, g_hn, g_cn, keys, xsrc, w_x, h0, c0, input_query,
+                                 weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
+                                 comm_output, masks, saved, top_k, input_heads, comm_heads,
+                                 per_head, input_dropout, comm_dropout, seed, block_inactive_grad,
+                                 tile, mma, xw);
   check_host_dtype("rim_seq_bwd", h0);
   const RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_bwd_cpu", [&] {
@@ -429,6 +461,7 @@ SeqBwdResult rim_seq_bwd_cpu(
         rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
     }
   });
+  if (d.xw) seq_bwd_input_term(c);
   return c.res;
 }
 
@@ -447,7 +480,7 @@ TORCH_LIBRARY_FRAGMENT(rims_fast, m) {
         " Tensor bias_ih, Tensor bias_hh, Tensor comm_query, Tensor comm_key, Tensor comm_value,"
         " Tensor comm_output, Tensor masks, Tensor[] saved, int top_k, int input_heads,"
         " int comm_heads, bool per_head, float input_dropout, float comm_dropout, int seed,"
-        " bool block_inactive_grad, int tile, bool mma=False) -> Tensor[]");
+        " bool block_inactive_grad, int tile, bool mma=False, int xw=-1) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rims_fast, CPU, m) {

@@ -98,8 +98,23 @@ struct SeqBwdCall {
   // operand tile's width (RimSeqBwdParams::ba).
   std::vector<at::Tensor> wb;
   int64_t ba = 0;
+  // The hoisted input term (RimSeqDims::xw; undefined without it): x F as the forward's, F, and
+  // the sweep's a~ keep history (RimSeqBwdParams::h_ak).
+  at::Tensor xw, w_x, ak;
   SeqBwdResult res;
 };
+
+// Whether a call hoists the input term (xw: -1 auto, 0, 1; the forward's and backward's rule):
+// asked for, or automatically on CUDA cores when a tile reads fewer of its rows than of F and it
+// fits kXwMaxBytes.
+bool seq_use_xw(const RimSeqDims& d, int64_t xw, bool mma, int64_t elem_bytes);
+
+// x_{m,n} F[k, n] for every step, sample and element: (T, B, M, K, n_in, GH), compute type.
+at::Tensor seq_hoisted_xw(const RimSeqDims& d, const at::Tensor& xsrc, const at::Tensor& w_x);
+
+// After a hoisted sweep: d xsrc and the xa history (c.res[1], c.res[8]) from the a~ keep history
+// and d gi, as GEMMs over all rows.
+void seq_bwd_input_term(SeqBwdCall& c);
 
 SeqBwdCall seq_bwd_prepare(
     const std::optional<at::Tensor>& g_out, const std::optional<at::Tensor>& g_hn,
@@ -110,7 +125,7 @@ SeqBwdCall seq_bwd_prepare(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile, bool mma);
+    int64_t tile, bool mma, int64_t xw);
 
 template <typename T>
 RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
@@ -132,6 +147,8 @@ RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
                    &p.h_dhp, &p.h_xa};
   for (int i = 0; i < 9; ++i)
     *outs[i] = c.res[i].numel() > 0 ? c.res[i].mutable_data_ptr() : nullptr;
+  p.xw = c.xw.defined() ? c.xw.const_data_ptr() : nullptr;
+  p.h_ak = c.ak.defined() ? c.ak.mutable_data_ptr() : nullptr;
   if (!c.wb.empty()) {
     // Widths from the padded operands' shapes (seq_bwd_mma_weights), each (K, n, kd): stored
     // transposed, so a product's reduction width kd is the last dimension.
@@ -161,7 +178,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     const at::Tensor& comm_value, const at::Tensor& comm_output, const at::Tensor& masks,
     at::TensorList saved, int64_t top_k, int64_t input_heads, int64_t comm_heads, bool per_head,
     double input_dropout, double comm_dropout, int64_t seed, bool block_inactive_grad,
-    int64_t tile, bool mma);
+    int64_t tile, bool mma, int64_t xw);
 #endif
 
 }  // namespace rims

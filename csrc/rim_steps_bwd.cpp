@@ -44,7 +44,7 @@ SeqBwdResult rim_steps_bwd_cpu(
                                  weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
                                  comm_output, masks, saved, top_k, input_heads, comm_heads,
                                  per_head, input_dropout, comm_dropout, seed, block_inactive_grad,
-                                 /*tile=*/1, /*mma=*/false);
+                                 /*tile=*/1, /*mma=*/false, /*xw=*/0);
   const auto st = h0.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "rims_fast::rim_steps_bwd: the CPU "
               "implementation (the phases as host loops, for tests) takes float32 and float64, "

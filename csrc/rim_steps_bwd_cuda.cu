@@ -83,7 +83,7 @@ SeqBwdResult rim_steps_bwd_cuda(
                                  weight_hh, bias_ih, bias_hh, comm_query, comm_key, comm_value,
                                  comm_output, masks, saved, top_k, input_heads, comm_heads,
                                  per_head, input_dropout, comm_dropout, seed, block_inactive_grad,
-                                 /*tile=*/1, /*mma=*/false);
+                                 /*tile=*/1, /*mma=*/false, /*xw=*/0);
   const StepBwdCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_steps_bwd_cuda",
                                   [&] {

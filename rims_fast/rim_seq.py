@@ -159,7 +159,9 @@ def xw_mode() -> int:
     weight bytes at the paper layer). ``auto`` (default, ``-1``): when a tile's ``S * M`` rows are
     fewer than ``F``'s ``D`` and it takes at most 512 MiB, on CUDA cores (not with
     ``RIMS_FAST_CUDA_MMA=1``); ``1``: always (CUDA cores); ``0``: never. The same sums
-    reassociated (``a (x F)`` for ``(a x) F``); the backward is unchanged."""
+    reassociated (``a (x F)`` for ``(a x) F``). The persistent backward follows the same rule:
+    its sweep then reads no ``F`` either (``d a~`` is ``d gi . (x F)``, one warp per row, head
+    and element) and ``d x`` and the read ``xa`` for ``d F`` become GEMMs after the sweep."""
     v = os.environ.get("RIMS_FAST_CUDA_XW", "auto")
     if v not in ("auto", "0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_XW must be 'auto', '0' or '1', got {v!r}")
@@ -391,8 +393,9 @@ def _(keys, xsrc, w_x, h0, c0, weights, sizes, cell, input_dropout, comm_dropout
 
 def _setup_context(ctx, inputs, output):
     (keys, xsrc, w_x, h0, c0, weights, sizes, cell, p_in, p_c, big, per_head, seed, tile,
-     save, mma, _cluster, _resident, _xw, stepped) = inputs
+     save, mma, _cluster, _resident, xw, stepped) = inputs
     ctx.mma = mma
+    ctx.xw = xw
     ctx.stepped = stepped
     ctx.cfg = cfg_from(sizes, cell, p_in, p_c, big)
     ctx.args = (per_head, p_in, p_c, seed, tile)
@@ -426,7 +429,7 @@ def _backward(ctx, grads):
     if ctx.stepped:  # the stepped backward: batched GEMMs and four small kernels per step
         res = torch.ops.rims_fast.rim_steps_bwd(*args)
     else:
-        res = torch.ops.rims_fast.rim_seq_bwd(*args, tile, ctx.mma)
+        res = torch.ops.rims_fast.rim_seq_bwd(*args, tile, ctx.mma, ctx.xw)
     (d_keys, d_xsrc, d_h0, d_c0, dq, dg, dqkv, dhp, xa) = res
     # Weight gradients: GEMMs over all T*B rows of the sweep's per-step gradients. In half
     # precision their operands are rounded to the storage dtype, as the reference's autograd has

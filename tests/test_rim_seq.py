@@ -267,9 +267,11 @@ def test_dropout_is_the_cpu_driver_stream(cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["folded", "per_head"])
-def test_gradcheck(cell, per_head):
+@pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
+def test_gradcheck(cell, per_head, xw):
     """torch.autograd.gradcheck through the kernels in float64 (random state: no near-ties;
-    block_inactive_grad=False so the K|V path of inactive mechanisms is exercised; dropout on)."""
+    block_inactive_grad=False so the K|V path of inactive mechanisms is exercised; dropout on),
+    both input-term paths."""
     rim, x, h0, c0, P, leaves = _setup(cell, 2, 2, 2, 4, 2, 3, 2 if per_head else 16, B=3,
                                        block_inactive_grad=False, input_dropout=0.25,
                                        comm_dropout=0.25)
@@ -279,7 +281,7 @@ def test_gradcheck(cell, per_head):
     def f(*tensors):
         d = dict(zip(names, tensors))
         out, h_n, c_n, _ = rs.rim_seq(d["x"], d["h0"], d.get("c0"), {n: d[n] for n in PARAMS},
-                                      rim.config, training=True, seed=17)
+                                      rim.config, training=True, seed=17, xw=xw)
         return (out, h_n) if c_n is None else (out, h_n, c_n)
 
     assert torch.autograd.gradcheck(f, tuple(leaves.values()), eps=1e-6, atol=1e-7)

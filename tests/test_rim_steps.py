@@ -103,6 +103,24 @@ def test_backward_equals_the_persistent_backward(case, dropout, block, grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("tile", [1, 3])
+@pytest.mark.parametrize("dropout,block", [(False, True), (True, False)],
+                         ids=["plain", "dropout-kv_grad"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_persistent_backward_hoisted_equals_f(case, dropout, block, tile):
+    """rim_seq_bwd with the input term hoisted (xw=1: the sweep reads x F, d x and xa come from
+    GEMMs after it) writes what it writes reading F (xw=0), up to float64 rounding."""
+    args = _bwd_args(case, dropout, block, ("out", "h_n", "c_n"))
+    want = torch.ops.rims_fast.rim_seq_bwd(*args, tile, False, 0)
+    got = torch.ops.rims_fast.rim_seq_bwd(*args, tile, False, 1)
+    names = ("d keys", "d xsrc", "d h0", "d c0", "dq", "d gates", "d qkv", "dh'", "xa")
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    with pytest.raises(RuntimeError, match="mma=True needs xw=0 or -1"):
+        torch.ops.rims_fast.rim_seq_bwd(*args, tile, True, 1)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["folded", "per_head"])
 def test_gradcheck(cell, per_head):

@@ -50,7 +50,23 @@ struct RimSeqBwdParams : RimSeqDims {
   // mechanism (mma_rows.cuh).
   const T *wb_out, *wb_qkv, *wb_x, *wb_h;
   int64_t bh, bq, bg, bk, bo, bh2, bx, ba;
+  // The hoisted input term (RimSeqDims::xw; CUDA cores): x_{m,n} F[k, n] of every step, (T, B,
+  // M, K, n_in, GH) as the forward's (nullptr without it). With it the sweep reads no F: d a~ is
+  // d gi . (x F) per (row, head, element), and instead of d xsrc and the xa history it writes
+  // h_ak (T, B, K, n_in*M), a~ with the dropout's keep scale on active rows (zero elsewhere), from
+  // which the caller makes both with GEMMs after the sweep (seq_bwd_input_term).
+  const void* xw;
+  void* h_ak;
 };
+
+// The sum over a warp's lanes (every lane gets it); on the host a warp item is one lane.
+template <typename C>
+RIMS_HD C warp_sum(C v) {
+#if defined(__CUDA_ARCH__)
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+#endif
+  return v;
+}
 
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
@@ -112,6 +128,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx_t = static_cast<const C*>(p.w_x_t);
+  const C* xwp = static_cast<const C*>(p.xw);  // hoisted input term, or nullptr
+  const int NM = n_in * M;
   const C* g_out = static_cast<const C*>(p.g_out);
   const C scale_in = C(1) / sqrt(C(dk));
   const C scale_c = C(1) / sqrt(C(dc));
@@ -318,8 +336,33 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
       });
     }
+    // Hoisted input term: d a~_{n,m} = d gi . x_m F[k, n] (before the dropout's scale, as the
+    // F path's d xa . x_m), one warp per (row, head, element), into sm.dsi; a~ keep -> h_ak.
+    if (xwp != nullptr) ex.warp_for(S * K * NM, [&](int i, int, int lane, int lanes) {
+      const int r = i / NM, j = i % NM, s = r / K, k = r % K, n = j / M, m = j % M;
+      const bool on = active(t, r);
+      C dot = C(0);
+      if (on) {
+        const C* dgi = sm.dg + r * GW;
+        const C* xr = xwp + ((((t * B + b0 + s) * M + m) * K + k) * n_in + n) * GH;
+        C a0 = C(0), a1 = C(0), a2 = C(0), a3 = C(0);  // four loads in flight per lane
+        int g = lane;
+        for (; g + 3 * lanes < GH; g += 4 * lanes) {
+          a0 += dgi[g] * xr[g];
+          a1 += dgi[g + lanes] * xr[g + lanes];
+          a2 += dgi[g + 2 * lanes] * xr[g + 2 * lanes];
+          a3 += dgi[g + 3 * lanes] * xr[g + 3 * lanes];
+        }
+        for (; g < GH; g += lanes) a0 += dgi[g] * xr[g];
+        dot = warp_sum((a0 + a1) + (a2 + a3));
+      }
+      if (lane == 0) {
+        sm.dsi[r * NM + j] = dot;
+        hist(p.h_ak, t, r, NM)[j] = on ? at(p.sv_a, t, r, NM)[j] * keep_a(t, r, n, m) : C(0);
+      }
+    });
     // Groups of NC columns within one input head n.
-    if constexpr (!MMA) ex.parallel_for(K * n_in * g_dx, [&](int i) {
+    if constexpr (!MMA) if (xwp == nullptr) ex.parallel_for(K * n_in * g_dx, [&](int i) {
       const ColumnGroup cg = column_group<NC>(i, g_dx, Dx);  // outer = k * n_in + n
       const int k = cg.outer / n_in, n = cg.outer % n_in, d0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
@@ -352,9 +395,13 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       const C* dxa = sm.dgf + r * XW + n * Dx;
       for (int64_t m = 0; m < M; ++m) {
-        const C* xm = xt + (s * M + m) * xrow + n * xhead;
         C dot = C(0);
-        for (int64_t d = 0; d < Dx; ++d) dot += dxa[d] * xm[d];
+        if (xwp != nullptr) {
+          dot = ds[m];  // the hoisted term's phase above
+        } else {
+          const C* xm = xt + (s * M + m) * xrow + n * xhead;
+          for (int64_t d = 0; d < Dx; ++d) dot += dxa[d] * xm[d];
+        }
         ds[m] = dot * keep_a(t, r, n, m);
       }
       softmax_bwd(at(p.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
@@ -377,7 +424,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       static_cast<C*>(p.d_keys)[((t * B + b0) * M) * nk + i] = acc;
     });
-    ex.parallel_for(S * M * xrow, [&](int i) {
+    if (xwp == nullptr) ex.parallel_for(S * M * xrow, [&](int i) {  // hoisted: after the sweep
       const int s = i / (M * xrow), m = (i / xrow) % M, col = i % xrow;
       const int n_lo = xhead > 0 ? col / Dx : 0, n_hi = xhead > 0 ? n_lo + 1 : n_in;
       const int d = xhead > 0 ? col % Dx : col;
