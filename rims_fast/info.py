@@ -43,6 +43,8 @@ def _modes() -> dict:
            + " (1 = the persistent forward on thread-block clusters, sm_90+)",
            "RIMS_FAST_CUDA_RESIDENT": os.environ.get("RIMS_FAST_CUDA_RESIDENT", "1")
            + " (with clusters: 1 = weights in shared memory as fit, 0 = none)",
+           "RIMS_FAST_CUDA_XW": os.environ.get("RIMS_FAST_CUDA_XW", "auto")
+           + " (the persistent kernels' input term hoisted out of the recurrence: auto, 1, 0)",
            "RIMS_FAST_CUDA_GRAPH": os.environ.get("RIMS_FAST_CUDA_GRAPH", "0")
            + " (1 = backend='cuda' persistent/stepped no-grad forward replays a CUDA graph)"}
     try:
