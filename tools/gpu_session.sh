@@ -23,7 +23,10 @@
 #   bash tools/gpu_session.sh                         (build gputests sanitize bench large ncu
 #             profile; ~450 s on an H100 on 2026-11-27 without ncu: build 100, tests 140,
 #             sanitizers 55, paper 35, large 80, profile 40; ncu, never run yet, is capped at 60 s a
-#             case and the deadline skips what does not fit, profile last)
+#             case and the deadline skips what does not fit, profile last). All of it takes more
+#             than one call now; two calls, the second while the machine is warm (30 s):
+#   STAGES="build gputests sanitize bench" bash tools/gpu_session.sh
+#   STAGES="large ncu profile" LOG=session2 bash tools/gpu_session.sh
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large BENCH_NAME=large \
