@@ -61,7 +61,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma);
     launch_bwd<C, T>(c, bytes(d.S), dev);
   });
-  if (d.xw) seq_bwd_input_term(c);
+  if (d.xw_hoisted) seq_bwd_input_term(c);
   return c.res;
 }
 

@@ -10,6 +10,8 @@
 
 #include "kernels/cluster_host.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -247,17 +249,27 @@ std::vector<at::Tensor> seq_bwd_mma_weights(const RimSeqDims& d, const at::Tenso
 
 }  // namespace
 
-// One GEMM (folded: every head reads x_m) or one per head (per-head values v_{m,n}).
+// One GEMM (folded: every head reads x_m) or one per head (per-head values v_{m,n}). Autocast
+// stays out (the kernels read the result as the compute type); the products follow torch's TF32
+// setting, as the reference's own products do.
 at::Tensor seq_hoisted_xw(const RimSeqDims& d, const at::Tensor& xsrc, const at::Tensor& w_x) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t R = d.T_ * d.B * d.M;
-  if (d.xhead == 0)
-    return at::matmul(xsrc.reshape({R, d.Dx}),
-                      w_x.permute({2, 0, 1, 3}).reshape({d.Dx, d.K * d.n_in * d.GH}))
-        .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
-  const at::Tensor v = xsrc.reshape({R, d.n_in, d.Dx}).transpose(0, 1);            // (n, R, Dx)
-  const at::Tensor f = w_x.permute({1, 2, 0, 3}).reshape({d.n_in, d.Dx, d.K * d.GH});
-  return at::bmm(v, f).view({d.n_in, R, d.K, d.GH}).permute({1, 2, 0, 3}).contiguous()
-      .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
+  at::Tensor xw;
+  if (d.xhead == 0) {
+    xw = at::matmul(xsrc.reshape({R, d.Dx}),
+                    w_x.permute({2, 0, 1, 3}).reshape({d.Dx, d.K * d.n_in * d.GH}))
+             .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
+  } else {
+    const at::Tensor v = xsrc.reshape({R, d.n_in, d.Dx}).transpose(0, 1);          // (n, R, Dx)
+    const at::Tensor f = w_x.permute({1, 2, 0, 3}).reshape({d.n_in, d.Dx, d.K * d.GH});
+    xw = at::bmm(v, f).view({d.n_in, R, d.K, d.GH}).permute({1, 2, 0, 3}).contiguous()
+             .view({d.T_, d.B, d.M, d.K, d.n_in, d.GH});
+  }
+  TORCH_CHECK(xw.scalar_type() == xsrc.scalar_type() && xw.is_contiguous(),
+              "rims_fast::rim_seq: the hoisted input term came out as ", xw.scalar_type(),
+              xw.is_contiguous() ? "" : " (not contiguous)", ", expected ", xsrc.scalar_type());
+  return xw;
 }
 
 bool seq_use_xw(const RimSeqDims& d, int64_t xw, bool mma, int64_t elem_bytes) {
@@ -270,6 +282,7 @@ bool seq_use_xw(const RimSeqDims& d, int64_t xw, bool mma, int64_t elem_bytes) {
 }
 
 void seq_bwd_input_term(SeqBwdCall& c) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const RimSeqDims& d = c.d;
   const int64_t R = d.T_ * d.B, K = d.K, n = d.n_in, M = d.M, Dx = d.Dx;
   // d xa = d gi F[k, n]^T for every row: (K, R, n*Dx); d gi zero on inactive rows.
@@ -286,6 +299,9 @@ void seq_bwd_input_term(SeqBwdCall& c) {
     d_x = at::einsum("rknm,krnd->rmnd", {ak, dxa.view({K, R, n, Dx})});
     xa = at::einsum("rknm,rmnd->rknd", {ak, c.xsrc.reshape({R, M, n, Dx})});
   }
+  TORCH_CHECK(d_x.scalar_type() == c.keys.scalar_type() && xa.scalar_type() == c.keys.scalar_type(),
+              "rims_fast::rim_seq_bwd: the input term's gradients came out as ", d_x.scalar_type(),
+              ", expected ", c.keys.scalar_type());
   c.res[1] = d_x.reshape({d.T_, d.B, M, d.xrow}).contiguous();
   c.res[8] = xa.reshape({d.T_, d.B, K, n * Dx}).contiguous();
 }
@@ -331,8 +347,11 @@ SeqFwdCall seq_fwd_prepare(
   TORCH_CHECK(resident <= 0 || cluster > 0, "rims_fast::rim_seq_fwd: resident weights need "
               "cluster > 0");
   c.d.resident = resident;  // -1: each implementation's choice
-  c.d.xw = seq_use_xw(c.d, xw, mma, c.keys.element_size());
-  if (c.d.xw) c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
+  c.d.xw_hoisted = seq_use_xw(c.d, xw, mma, c.keys.element_size());
+  if (c.d.xw_hoisted) {
+    c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
+    if (c.d.resident > 0) c.d.resident &= ~kResWx;  // F is not read
+  }
   c.res = seq_fwd_alloc(c.d, h0, save);
   return c;
 }
@@ -364,8 +383,8 @@ SeqBwdCall seq_bwd_prepare(
     c.wb = seq_bwd_mma_weights(c.d, w_x, c.wt, c.ba);
   }
   c.res = seq_bwd_alloc(c.d, keys, xsrc);
-  c.d.xw = seq_use_xw(c.d, xw, mma, keys.element_size());
-  if (c.d.xw) {
+  c.d.xw_hoisted = seq_use_xw(c.d, xw, mma, keys.element_size());
+  if (c.d.xw_hoisted) {
     c.w_x = w_x.contiguous();
     c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
     c.ak = at::empty({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());
@@ -396,7 +415,8 @@ SeqFwdResult rim_seq_fwd_cpu(
                                        comm_dropout, seed, tile, save, mma, cluster, resident, xw);
   check_host_dtype("rim_seq_fwd", h0);
   // Auto: every weight resident, the most code the host run can check (no capacity limit here).
-  if (c.d.resident < 0) c.d.resident = c.d.kpr > 0 ? kResAll : 0;
+  if (c.d.resident < 0)
+    c.d.resident = c.d.kpr > 0 ? kResAll & ~(c.d.xw_hoisted ? kResWx : 0) : 0;
   const RimSeqDims& d = c.d;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rim_seq_fwd_cpu", [&] {
     const RimSeqFwdParams<scalar_t> p = seq_fwd_params<scalar_t>(c);
@@ -461,7 +481,7 @@ SeqBwdResult rim_seq_bwd_cpu(
         rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
     }
   });
-  if (d.xw) seq_bwd_input_term(c);
+  if (d.xw_hoisted) seq_bwd_input_term(c);
   return c.res;
 }
 

@@ -6,6 +6,7 @@ reference-only ``masks=``/cell hooks), returning ``(out, h_n, c_n, masks)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -117,6 +118,18 @@ def _resolve_auto(device_type: str, dtype: torch.dtype, module: str = "RIM") -> 
             return name
         reasons.append(why)
     raise AssertionError("the torch backend is always available")
+
+
+def no_autocast(device_type: str):
+    """A context that turns an active ``torch.autocast`` off for ``device_type`` (else a no-op).
+    The modules run their backends inside it: SPEC.md's dtype contract (input, state, parameters
+    and output share one dtype; products accumulate in float32 from operands rounded to that
+    dtype) is what every backend computes, so a float32 layer stays float32 under autocast, as a
+    custom op autocast does not list. Without it the reference's products would drop to the
+    autocast dtype and the fused backends' PyTorch glue would hand their ops mixed dtypes."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def runner(name: str) -> Callable:

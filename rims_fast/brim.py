@@ -197,7 +197,8 @@ class BRIM(nn.Module):
             from .masked_cell import masked_gru_cell, masked_lstm_cell
             run = functools.partial(brim_ref, lstm_cell=masked_lstm_cell, gru_cell=masked_gru_cell)
         params = [dict(layer.named_parameters()) for layer in self.layers]
-        outs, final, masks = run(x, checked, params, cfgs, training=self.training)
+        with _backend.no_autocast(x.device.type):  # SPEC's dtype contract, as RIM
+            outs, final, masks = run(x, checked, params, cfgs, training=self.training)
         self.last_backend = name  # only once it ran, as RIM
         out = torch.cat(outs, -1) if self.output_all_layers else outs[-1]
         if self.batch_first:

@@ -50,7 +50,7 @@ def _step(keys, values, h, c, params, cfg, training, seed, stepped=None):
     res = rim_seq_op(keys.contiguous(), values.contiguous(), w_x.contiguous(), h.contiguous(),
                      c.contiguous() if lstm else None, weights, sizes, cell, p_in, p_c, big, True,
                      seed, 0 if stepped else tile_size(), save, mma, cluster, resident,
-                     0 if stepped else xw_mode(), stepped)
+                     0 if stepped else xw_mode(mma), stepped)
     return res[0], res[1], (res[2] if lstm else None), res[3]
 
 

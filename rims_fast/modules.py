@@ -81,7 +81,8 @@ class _RimLayer(nn.Module):
         h0, c0 = self._check_state(state, x, x.shape[1])
         name = _backend.resolve(self.backend, x.device, x.dtype)
         params = dict(self.named_parameters(recurse=False))
-        result = _backend.runner(name)(x, h0, c0, params, self.config, training=self.training)
+        with _backend.no_autocast(x.device.type):
+            result = _backend.runner(name)(x, h0, c0, params, self.config, training=self.training)
         self.last_backend = name  # only once it ran: after a failure it still names the last success
         return result
 

@@ -151,7 +151,7 @@ def resident_mode() -> int:
     return -1 if v == "1" else 0
 
 
-def xw_mode() -> int:
+def xw_mode(mma: bool = False) -> int:
     """``RIMS_FAST_CUDA_XW``: whether the persistent forward hoists the input term out of the
     recurrence — one GEMM before the loop makes ``x_{m,n} F[k, n]`` of every step (``(T, B, M,
     K, n_in, G*H)``, compute dtype) and each step reads its own samples' rows of it instead of the
@@ -161,10 +161,15 @@ def xw_mode() -> int:
     ``RIMS_FAST_CUDA_MMA=1``); ``1``: always (CUDA cores); ``0``: never. The same sums
     reassociated (``a (x F)`` for ``(a x) F``). The persistent backward follows the same rule:
     its sweep then reads no ``F`` either (``d a~`` is ``d gi . (x F)``, one warp per row, head
-    and element) and ``d x`` and the read ``xa`` for ``d F`` become GEMMs after the sweep."""
+    and element) and ``d x`` and the read ``xa`` for ``d F`` become GEMMs after the sweep. The
+    hoisted products follow torch's TF32 setting, as the reference's do. ``mma``: whether the
+    call runs on tensor cores (``1`` then raises ``ValueError``)."""
     v = os.environ.get("RIMS_FAST_CUDA_XW", "auto")
     if v not in ("auto", "0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_XW must be 'auto', '0' or '1', got {v!r}")
+    if v == "1" and mma:
+        raise ValueError("RIMS_FAST_CUDA_XW=1 hoists the input term on CUDA cores; it cannot be "
+                         "combined with RIMS_FAST_CUDA_MMA=1")
     return -1 if v == "auto" else int(v)
 
 
@@ -503,7 +508,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
     if stepped:  # the options of the persistent kernels do not apply
         tile, mma, cluster, resident, xw = 0, False, 0, 0, 0
     if xw is None:
-        xw = xw_mode()
+        xw = xw_mode(mma)
     if cluster is None:
         cluster = cluster_mechs(x.device, cfg.num_units, mma)
     sizes, cell, p_in, p_c, big = cfg_args(cfg)

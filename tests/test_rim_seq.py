@@ -127,6 +127,25 @@ def test_host_run_xw_saved_and_dropout(cell, per_head):
             assert torch.equal(a, b), (kpr, i)
 
 
+def test_xw_outside_autocast():
+    """The op's own GEMMs (the hoisted input term, forward and backward) run in the compute
+    dtype under an active autocast: the kernels read their results as such."""
+    f32 = lambda a: a.float() if isinstance(a, torch.Tensor) else a  # noqa: E731
+    args = tuple(f32(a) for a in _op_args("lstm", 0.0, 0.0, dv=16))
+    want = torch.ops.rims_fast.rim_seq_fwd(*args, False, 0, -1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.rims_fast.rim_seq_fwd(*args, False, 0, -1, 1)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    g = [torch.randn_like(want[0]), None, None]
+    bwd = (*g, *args[:13], want[3], want[4:], *args[13:20], True, 3, False, 1)
+    want_b = torch.ops.rims_fast.rim_seq_bwd(*bwd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_b = torch.ops.rims_fast.rim_seq_bwd(*bwd)
+    for a, b in zip(got_b, want_b):
+        assert torch.equal(a, b)
+
+
 def test_xw_errors_and_env(monkeypatch):
     args = _op_args("lstm", 0.0, 0.0)
     with pytest.raises(RuntimeError, match=r"xw \(hoist the input term\) must be -1"):
@@ -137,6 +156,10 @@ def test_xw_errors_and_env(monkeypatch):
     for v, want in (("auto", -1), ("0", 0), ("1", 1)):
         monkeypatch.setenv("RIMS_FAST_CUDA_XW", v)
         assert rs.xw_mode() == want
+    with pytest.raises(ValueError, match="cannot be combined with RIMS_FAST_CUDA_MMA=1"):
+        rs.xw_mode(mma=True)
+    monkeypatch.setenv("RIMS_FAST_CUDA_XW", "auto")
+    assert rs.xw_mode(mma=True) == -1
     monkeypatch.setenv("RIMS_FAST_CUDA_XW", "yes")
     with pytest.raises(ValueError, match="RIMS_FAST_CUDA_XW must be"):
         rs.xw_mode()

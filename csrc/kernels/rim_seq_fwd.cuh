@@ -53,10 +53,11 @@ struct RimSeqDims {
   // Cluster only: which of the block's own mechanisms' weights it copies into shared memory once
   // and reads from there every step (kRes* bits below; 0: all read from global memory / L2).
   int64_t resident;
-  // The input term hoisted out of the recurrence (RimSeqFwdParams::xw; CUDA cores): a step reads
-  // x_{m,n} F[k, n] of its own samples instead of F, which at the paper layer was a third of the
-  // weight bytes every tile read per step (the forward only: the backward reads F).
-  bool xw;
+  // The input term hoisted out of the recurrence (CUDA cores; the rows in RimSeqFwdParams::xw and
+  // RimSeqBwdParams::xw): a step reads x_{m,n} F[k, n] of its own samples instead of F, which at
+  // the paper layer was 40% of the weight bytes every tile read per step; the backward's sweep
+  // reads no F either (rim_seq_bwd.cuh).
+  bool xw_hoisted;
   double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
 };
@@ -203,7 +204,7 @@ inline int64_t rim_seq_resident_fit(RimSeqDims d, int64_t tb, int64_t cb, int64_
   });
   int64_t chosen = 0;
   for (int i : order) {
-    if (i == 1 && d.xw) continue;  // F is not read with the input term hoisted
+    if (i == 1 && d.xw_hoisted) continue;  // F is not read with the input term hoisted
     d.resident = chosen | (int64_t(1) << i);
     if (rim_seq_fwd_smem_bytes(d, d.S, tb, cb) <= budget) chosen = d.resident;
   }
