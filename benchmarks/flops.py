@@ -307,7 +307,7 @@ def triton_l2_bytes(c: BenchConfig, tiled: bool, block_b: int, block_u: int = 32
 def seq_fwd_trips(c: BenchConfig, S: int = 1, columns: int = 4, batch: int = 16,
                   query_items_per_sample: bool = False, query_batch: int = 16,
                   threads: int = 256, n_in: int = 1, d_k: int = 64, n_c: int = 4, d_c: int = 32,
-                  d_cv: int = 32) -> dict[str, int]:
+                  d_cv: int = 32, hoisted: bool = False) -> dict[str, int]:
     """Dependent L2 round trips one thread of the persistent CUDA-core forward
     (``csrc/kernels/rim_seq_fwd.cuh``, one block of ``threads`` per tile of ``S`` samples) waits
     on per step, by weight product: the items (a mechanism's ``columns`` adjacent columns, all
@@ -315,7 +315,10 @@ def seq_fwd_trips(c: BenchConfig, S: int = 1, columns: int = 4, batch: int = 16,
     length ``n`` loads its weights ``batch`` rows at a time before their FMAs (``ceil(n /
     batch)`` trips). ``query_items_per_sample``: the input queries as they were before
     weight-stationary items (one item per sample, mechanism and column, loop unrolled by
-    ``query_batch``). A model of latency only: no bandwidth, FLOPs, barriers or shared memory."""
+    ``query_batch``). ``hoisted``: the input term hoisted out of the recurrence
+    (``RIMS_FAST_CUDA_XW``): a gate item loads, per sample, its ``n_in * M`` rows of ``x F`` one
+    after another instead of ``XW`` rows of ``F`` in batches. A model of latency only: no
+    bandwidth, FLOPs, barriers or shared memory."""
     K, H, M, D = c.K, c.H, c.M, c.D
     GH, nk, ck, cv = 4 * H, n_in * d_k, n_c * d_c, n_c * d_cv
     d_v = 4 * H // n_in
@@ -333,7 +336,8 @@ def seq_fwd_trips(c: BenchConfig, S: int = 1, columns: int = 4, batch: int = 16,
     q = (rounds(S * K * nk) * cdiv(H, query_batch) if query_items_per_sample
          else rounds(K * groups(nk)) * cdiv(H, batch))
     return {"queries": q,
-            "gates": rounds(K * groups(GH)) * (cdiv(XW, batch) + cdiv(H, batch)),
+            "gates": rounds(K * groups(GH)) * ((S * n_in * M if hoisted else cdiv(XW, batch))
+                                               + cdiv(H, batch)),
             "Q|K|V": rounds(K * (2 * groups(ck) + groups(cv))) * cdiv(H, batch),
             "output": rounds(K * groups(H)) * cdiv(cv, batch)}
 
@@ -345,6 +349,7 @@ SEQ_VERSIONS = (
     ("8646de0 (measured: plain loops)", dict(columns=1, batch=2, query_items_per_sample=True)),
     ("0816b89 (column_dot, 8 rows)", dict(columns=1, batch=8, query_items_per_sample=True)),
     ("columns_dot (4 columns, 16 rows)", dict(columns=4, batch=16)),
+    ("input term hoisted (RIMS_FAST_CUDA_XW)", dict(columns=4, batch=16, hoisted=True)),
 )
 
 

@@ -23,6 +23,12 @@ def test_column_groups_count():
     assert t == {"queries": 7, "gates": 33, "Q|K|V": 21, "output": 8}
 
 
+def test_hoisted_input_term_count():
+    # The gates' 64 rows of F (4 batches of 16) become one row of x F per sample: 3 x (1 + 7).
+    t = seq_fwd_trips(PAPER, S=1, **SEQ_VERSIONS[3][1])
+    assert t == {"queries": 7, "gates": 24, "Q|K|V": 21, "output": 8}
+
+
 def test_report_is_calibrated_on_the_measured_row():
     table = report_seq_trips(measured_us=405.0)
     assert "| 1476 | 405 |" in table and "| 69 | 19 |" in table
