@@ -39,7 +39,7 @@ struct SeqFwdCall {
   // The tensor-core path's padded operands (seq_mma_weights; empty without it): the gates'
   // [F ; weight_hh], [comm_query | comm_key | comm_value], comm_output.
   std::vector<at::Tensor> w_mma;
-  // The hoisted input term (RimSeqDims::xw; undefined without it): (T, B, M, K, n_in, GH).
+  // The hoisted input term (RimSeqDims::xw_hoisted; undefined without it): (T, B, M, K, n_in, GH).
   at::Tensor xw;
   SeqFwdResult res;
 };
@@ -98,7 +98,7 @@ struct SeqBwdCall {
   // operand tile's width (RimSeqBwdParams::ba).
   std::vector<at::Tensor> wb;
   int64_t ba = 0;
-  // The hoisted input term (RimSeqDims::xw; undefined without it): x F as the forward's, F, and
+  // The hoisted input term (RimSeqDims::xw_hoisted; undefined without it): x F as the forward's, F, and
   // the sweep's a~ keep history (RimSeqBwdParams::h_ak).
   at::Tensor xw, w_x, ak;
   SeqBwdResult res;

@@ -141,7 +141,7 @@ RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64
   }
 }
 
-// The hoisted input term of the gates (RimSeqDims::xw): for the samples s < S where on(s),
+// The hoisted input term of the gates (RimSeqDims::xw_hoisted): for the samples s < S where on(s),
 //   acc[c][s] += sum_j a(s, j) * X[rowof(s, j), c]   for j = 0 .. nj-1 in ascending order,
 // X row-major with row stride ld, x pointing at X[0, col0] of the tile's first sample (rowof
 // counts rows from there). Rows differ per sample (each reads its own x_m F), so unlike

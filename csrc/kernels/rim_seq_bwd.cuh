@@ -50,8 +50,8 @@ struct RimSeqBwdParams : RimSeqDims {
   // mechanism (mma_rows.cuh).
   const T *wb_out, *wb_qkv, *wb_x, *wb_h;
   int64_t bh, bq, bg, bk, bo, bh2, bx, ba;
-  // The hoisted input term (RimSeqDims::xw; CUDA cores): x_{m,n} F[k, n] of every step, (T, B,
-  // M, K, n_in, GH) as the forward's (nullptr without it). With it the sweep reads no F: d a~ is
+  // The hoisted input term (RimSeqDims::xw_hoisted; CUDA cores): x_{m,n} F[k, n] of every step,
+  // (T, B, M, K, n_in, GH) as the forward's (nullptr without it). With it the sweep reads no F: d a~ is
   // d gi . (x F) per (row, head, element), and instead of d xsrc and the xa history it writes
   // h_ak (T, B, K, n_in*M), a~ with the dropout's keep scale on active rows (zero elsewhere), from
   // which the caller makes both with GEMMs after the sweep (seq_bwd_input_term).

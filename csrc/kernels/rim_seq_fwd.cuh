@@ -72,7 +72,8 @@ struct RimSeqFwdParams : RimSeqDims {
   const T* w_query;       // input_query (K, H, nk)
   const T* w_hh;          // (K, H, GH)
   const void* w_x;        // F (K, n_in, Dx, GH), compute type
-  // With RimSeqDims::xw: (T, B, M, K, n_in, GH), compute type, x_{m,n} F[k, n] (else nullptr).
+  // With RimSeqDims::xw_hoisted: (T, B, M, K, n_in, GH), compute type, x_{m,n} F[k, n] (else
+  // nullptr).
   const void* xw;
   const T* b_ih;          // (K, GH)
   const T* b_hh;          // (K, GH)
