@@ -2,9 +2,11 @@
 
 Why not ``torch.einsum("tbkh,tbkg->khg", ...)``: einsum orders the contracted labels
 alphabetically, so ``t, b`` become ``(b, t)`` and both operands are copied into that permuted
-layout before the batched GEMM — two strided copies of every ``(T, B, K, width)`` operand. At the
-``large`` benchmark layer these were ~20 copies of ~1 GB, ~35 ms of a 274 ms forward+backward
-on an H100 (``benchmarks/results/nvidia-h100-profile-steps-2026-11-27a.log``, ``aten::copy_``).
+layout before the batched GEMM — two strided copies of every ``(T, B, K, width)`` operand (seen
+in a CPU profile of the same backward). They are the likely source of the 20 strided-copy
+launches, ~35 ms of a 274 ms ``large`` forward+backward on an H100, that the profile there showed
+without shapes (``benchmarks/results/nvidia-h100-profile-steps-2026-11-27a.log``,
+``aten::copy_``); not yet re-profiled.
 Viewing ``(T, B)`` as one row axis keeps the operands where they are: ``(K, X, T*B)`` and
 ``(K, T*B, Y)`` with leading dimension ``K*X`` / ``K*Y``, which cuBLAS's strided-batched GEMM
 reads in place (and ``torch.bmm`` passes through without a copy).
