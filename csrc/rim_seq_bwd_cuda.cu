@@ -53,7 +53,8 @@ SeqBwdResult rim_seq_bwd_cuda(
     using C = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr int64_t cb = sizeof(C), tb = sizeof(T);
     auto bytes = [&](int64_t s) {
-      return (rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck,
+      return (rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk,
+                                     rim_seq_bwd_dgf_width(d), d.n_c, d.ck,
                                      d.cv, d.lstm) +
               (d.mma ? mma_smem_elems(d.K, s, c.ba, tb, cb) : 0)) * cb;
     };

@@ -469,7 +469,8 @@ SeqBwdResult rim_seq_bwd_cpu(
     const RimSeqBwdParams<scalar_t> p = seq_bwd_params<scalar_t>(c);
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems =
-        rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, d.Dx, d.n_c, d.ck, d.cv,
+        rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, rim_seq_bwd_dgf_width(d),
+                               d.n_c, d.ck, d.cv,
                                d.lstm) +
         (d.mma ? mma_smem_elems(d.K, d.S, c.ba, bytes, bytes) : 0);
     at::Tensor smem = at::empty({elems}, h0.options());  // 64-byte aligned, as in the forward

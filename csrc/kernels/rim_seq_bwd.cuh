@@ -68,6 +68,11 @@ RIMS_HD C warp_sum(C v) {
   return v;
 }
 
+// Columns per head of the d xa array (dgf): Dx, or none with the input term hoisted (its sweep
+// has no d xa). The Dx argument of rim_seq_bwd_smem_elems and RimSeqBwdSmem, which use it for that
+// array alone.
+RIMS_HD int64_t rim_seq_bwd_dgf_width(const RimSeqDims& d) { return d.xw_hoisted ? 0 : d.Dx; }
+
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
                                        int64_t ck, int64_t cv, bool lstm) {
@@ -137,7 +142,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const float drop_in = static_cast<float>(p.p_in), drop_c = static_cast<float>(p.p_c);
   const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ba, sizeof(T), sizeof(C)) : 0;
   const MmaSmem<C, T> ms(smem);  // used only when MMA
-  RimSeqBwdSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, Dx, n_c, ck, cv, p.lstm);
+  RimSeqBwdSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, rim_seq_bwd_dgf_width(p), n_c,
+                      ck, cv, p.lstm);
   const int S_l = int(p.S), bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
   const int bo = int(p.bo), bh2 = int(p.bh2), bx = int(p.bx);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
@@ -393,12 +399,12 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         for (int64_t e = 0; e < dk; ++e) dq[e] = C(0);
         return;
       }
-      const C* dxa = sm.dgf + r * XW + n * Dx;
       for (int64_t m = 0; m < M; ++m) {
         C dot = C(0);
         if (xwp != nullptr) {
           dot = ds[m];  // the hoisted term's phase above
         } else {
+          const C* dxa = sm.dgf + r * XW + n * Dx;
           const C* xm = xt + (s * M + m) * xrow + n * xhead;
           for (int64_t d = 0; d < Dx; ++d) dot += dxa[d] * xm[d];
         }

@@ -111,7 +111,8 @@ RIMS_HD int64_t rim_seq_smem_elems(const RimSeqDims& d, int64_t S) {
   const int64_t GW = d.mma ? 0 : d.lstm ? d.GH : 2 * d.GH;
   const int64_t own = d.H * (d.lstm ? 3 : 2)                    // h, (c), h~
                       + d.nk + d.n_in * d.M + 1                  // q, a, active
-                      + d.n_in * d.Dx + GW + d.ck + d.n_c * d.K + d.cv;  // xa, g, Q, b, o
+                      + (d.xw_hoisted ? 0 : d.n_in * d.Dx)  // xa (none when hoisted)
+                      + GW + d.ck + d.n_c * d.K + d.cv;  // g, Q, b, o
   const int64_t all = 1 + d.ck + d.cv;                           // p, K | V
   return S * (rim_seq_own_stride(d) * own + d.K * all);
 }
@@ -134,7 +135,7 @@ struct RimSeqSmem {
     q = take(R * d.nk);
     a = take(R * d.n_in * d.M);
     act = take(R);
-    xa = take(R * d.n_in * d.Dx);
+    xa = take(d.xw_hoisted ? 0 : R * d.n_in * d.Dx);  // unread with the input term hoisted
     g = d.mma ? nullptr : take(R * GW);
     cq = take(R * d.ck);
     bp = take(R * d.n_c * d.K);
