@@ -376,6 +376,7 @@ SeqBwdCall seq_bwd_prepare(
   c.g_out = contig_or_undef(g_out), c.g_hn = contig_or_undef(g_hn);
   c.g_cn = c.d.lstm ? contig_or_undef(g_cn) : at::Tensor();
   c.keys = keys.contiguous(), c.xsrc = xsrc.contiguous(), c.masks = masks.contiguous();
+  c.d.xw_hoisted = seq_use_xw(c.d, xw, mma, keys.element_size());
   c.wt = seq_bwd_transposed(input_query, weight_hh, comm_query, comm_key, comm_value,
                             comm_output, w_x);
   if (mma) {
@@ -383,8 +384,9 @@ SeqBwdCall seq_bwd_prepare(
     c.wb = seq_bwd_mma_weights(c.d, w_x, c.wt, c.ba);
   }
   c.res = seq_bwd_alloc(c.d, keys, xsrc);
-  c.d.xw_hoisted = seq_use_xw(c.d, xw, mma, keys.element_size());
   if (c.d.xw_hoisted) {
+    // The sweep reads no F^T and writes neither d xsrc nor xa (seq_bwd_input_term makes them).
+    c.wt[4] = c.res[1] = c.res[8] = at::empty({0}, keys.options());
     c.w_x = w_x.contiguous();
     c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
     c.ak = at::empty({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());

@@ -94,19 +94,6 @@ def test_host_run_xw_matches_reference_float64(case, tile, xw):
     _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
 
 
-def _op_args(cell, p_in, p_c, dv=3):
-    """rim_seq_fwd's arguments up to ``save`` (True) for a K = 7 layer with M = 3, D = 5, tile
-    3 (``dv`` >= 15 folds the input term)."""
-    rim, x, h0, c0, P, _ = _setup(cell, 3, 2, 2, 7, 3, 4, dv, B=6, input_dropout=p_in,
-                                  comm_dropout=p_c)
-    cfg = rim.config
-    p = {n: t.detach() for n, t in P.items()}
-    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
-    return (keys, xsrc, w_x, h0.detach(), None if c0 is None else c0.detach(),
-            *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
-            per_head, p_in, p_c, 11, 3, True)
-
-
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "folded"])
 def test_host_run_xw_saved_and_dropout(cell, per_head):
@@ -229,19 +216,25 @@ def test_host_run_cluster_equals_single_block(case, kpr, tile, resident):
         assert torch.equal(g_got[name], g_base[name]), "d" + name
 
 
+def _op_args(cell, p_in, p_c, dv=3):
+    """rim_seq_fwd's arguments up to ``save`` (True) for a K = 7 layer with M = 3, D = 5, tile
+    3 (``dv`` >= 15 folds the input term)."""
+    rim, x, h0, c0, P, _ = _setup(cell, 3, 2, 2, 7, 3, 4, dv, B=6, input_dropout=p_in,
+                                  comm_dropout=p_c)
+    cfg = rim.config
+    p = {n: t.detach() for n, t in P.items()}
+    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
+    return (keys, xsrc, w_x, h0.detach(), None if c0 is None else c0.detach(),
+            *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
+            per_head, p_in, p_c, 11, 3, True)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_host_run_cluster_saved_and_dropout(cell):
     """The op itself, training with both dropouts and save=True: all 13 outputs (including the
     9 saved histories each block writes for its own rows) equal the single-block kernel's, for
     K = 7 split 2+2+2+1."""
-    rim, x, h0, c0, P, _ = _setup(cell, 3, 2, 2, 7, 3, 4, 3, B=6, input_dropout=0.3,
-                                  comm_dropout=0.4)
-    cfg = rim.config
-    p = {n: t.detach() for n, t in P.items()}
-    keys, xsrc, w_x, per_head = rs._hoisted(x.detach(), p, cfg)
-    args = (keys, xsrc, w_x, h0.detach(), None if c0 is None else c0.detach(),
-            *[p[n] for n in rs.OP_WEIGHTS], cfg.top_k, cfg.input_heads, cfg.comm_heads,
-            per_head, 0.3, 0.4, 11, 3, True, False)
+    args = _op_args(cell, 0.3, 0.4) + (False,)
     base = torch.ops.rims_fast.rim_seq_fwd(*args, 0)
     for resident in (-1, 0, sum(rs.RESIDENT.values()) - _MIX):
         got = torch.ops.rims_fast.rim_seq_fwd(*args, 2, resident)
