@@ -73,23 +73,34 @@ RIMS_HD C warp_sum(C v) {
 // array alone.
 RIMS_HD int64_t rim_seq_bwd_dgf_width(const RimSeqDims& d) { return d.xw_hoisted ? 0 : d.Dx; }
 
+// Elements of a staged array, rounded up to 4 so that the next one starts 16-byte aligned (the
+// block copies move 16 bytes per access where source and destination allow).
+RIMS_HD int64_t rim_seq_bwd_pad4(int64_t n) { return (n + 3) / 4 * 4; }
+
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
                                        int64_t ck, int64_t cv, bool lstm) {
   const int64_t GW = lstm ? GH : 2 * GH;
-  return S * K * (H * 4  // dh, dc, dh~, dh_{t-1} (direct part, then the sum)
-                  + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M);
+  return rim_seq_bwd_pad4(S * K * (2 * ck + cv)) + rim_seq_bwd_pad4(S * K * n_c * K) +
+         S * K * (H * 4  // dh, dc, dh~, dh_{t-1} (direct part, then the sum)
+                  + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1);
 }
 
+// The tile's arrays. Staged per step from the forward's saved activations (block copies, so that
+// the communication backward's per-item chains read shared memory, not global): qkv, the
+// tile's Q|K|V rows (S, K, C3), and bp, its communication probabilities (S, K, n_c, K); first,
+// each padded to 4 elements, so that both start 16-byte aligned. act: the step's masks (0 / 1).
 template <typename C>
 struct RimSeqBwdSmem {
-  C *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi;
+  C *qkv, *bp, *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi, *act;
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
                         bool lstm) {
     const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
+    qkv = take(rim_seq_bwd_pad4(R * (2 * ck + cv)));
+    bp = take(rim_seq_bwd_pad4(R * n_c * K));
     dh = take(R * H);
     dc = take(R * H);
     dht = take(R * H);
@@ -101,6 +112,7 @@ struct RimSeqBwdSmem {
     dgf = take(R * n_in * Dx);
     dq = take(R * nk);
     dsi = take(R * n_in * M);
+    act = take(R);
   }
 };
 
@@ -155,7 +167,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   auto hist = [&](void* base, int64_t t, int64_t r, int64_t width) {
     return static_cast<C*>(base) + ((t * B + b0) * K + r) * width;
   };
-  auto active = [&](int64_t t, int64_t r) { return p.masks[(t * B + b0) * K + r]; };
+  // Row r's mask at the step being swept (staged in sm.act by the previous phase that ends a step).
+  auto active = [&](int64_t r) { return sm.act[r] != C(0); };
+  auto stage_masks = [&](int64_t t, int i) {
+    sm.act[i] = p.masks[(t * B + b0) * K + i] ? C(1) : C(0);
+  };
   // Dropout keep-decisions, the forward's stream.
   auto keep_a = [&](int64_t t, int64_t r, int64_t n, int64_t m) {
     const uint64_t idx = static_cast<uint64_t>(((((t * B + b0) * K + r) * n_in + n) * M + m));
@@ -169,7 +185,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   // from the saved probabilities (zero on inactive rows); xt: the step's input term source.
   auto xa_of = [&](int64_t t, const C* xt, int s, int r, int n, int d) {
     C xacc = C(0);
-    if (!active(t, r)) return xacc;
+    if (!active(r)) return xacc;
     const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
     for (int64_t m = 0; m < M; ++m)
       xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
@@ -177,7 +193,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   };
 
   const int64_t T_ = p.T_;
-  ex.parallel_for(S * KH, [&](int i) {
+  ex.parallel_for(S * KH + S * K, [&](int i) {
+    if (i >= S * KH) return stage_masks(T_ - 1, i - S * KH);
     C v = p.g_hn != nullptr ? static_cast<const C*>(p.g_hn)[b0 * KH + i] : C(0);
     if (g_out != nullptr) v += g_out[((T_ - 1) * B + b0) * KH + i];
     sm.dh[i] = v;
@@ -191,7 +208,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // all the tile's samples); dh' kept for d comm_output.
     if constexpr (MMA) {
       mma_pack<C>(ex, K, S, S_l, bh, ms.aop, [&](int s, int k, int j) {
-        return j < H && active(t, s * K + k) ? sm.dh[(s * K + k) * H + j] : C(0);
+        return j < H && active(s * K + k) ? sm.dh[(s * K + k) * H + j] : C(0);
       });
       mma_rows(ex, ms, K, S, S_l, p.wb_out, bh, bo, cv, [&](int s, int k, int e, C v) {
         sm.dout[(s * K + k) * cv + e] = v;  // zero on inactive rows (their operand rows are)
@@ -207,7 +224,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
-        const bool on = active(t, s * K + k);
+        const bool on = active(s * K + k);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
@@ -216,64 +233,68 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
     });
     ex.parallel_for(S * KH, [&](int i) {
-      hist(p.h_dhp, t, i / H, H)[i % H] = active(t, i / H) ? sm.dh[i] : C(0);
+      hist(p.h_dhp, t, i / H, H)[i % H] = active(i / H) ? sm.dh[i] : C(0);
     });
-    // 4 backward, part 1: per (row, head) of an active mechanism: d b~ = d o . v_j, through the
-    // dropout and the softmax -> scaled d scores; dQ = sum_j d score_j k_j.
-    ex.parallel_for(S * K * n_c, [&](int i) {
-      const int r = i / n_c, n = i % n_c, s = r / K;
-      C* ds = sm.dsc + (r * n_c + n) * K;
-      C* dqc = sm.dqkv + r * C3 + n * dc;
-      if (!active(t, r)) {
-        for (int64_t j = 0; j < K; ++j) ds[j] = C(0);
-        for (int64_t e = 0; e < dc; ++e) dqc[e] = C(0);
+    // 4 backward. The step's saved Q|K|V and communication probabilities of the tile, staged:
+    // every item below reads them many times (one item per (row, head) reading them from global
+    // memory was a chain of ~K (dcv + dc) dependent L2 round trips).
+    ex.copy(sm.qkv, at(p.sv_qkv, t, 0, C3), int64_t(S) * K * C3);  // row (s, j) at (s*K + j)*C3
+    ex.copy(sm.bp, at(p.sv_bp, t, 0, n_c * K), int64_t(S) * K * n_c * K);
+    // Part 1, per (row, head, j) of an active mechanism: d b~_j = d o . v_j through the dropout.
+    const int nK = n_c * K;
+    ex.parallel_for(S * K * nK, [&](int i) {
+      const int r = i / nK, n = (i % nK) / K, j = i % K, s = r / K;
+      C* ds = sm.dsc + r * nK + n * K;
+      if (!active(r)) {
+        ds[j] = C(0);
         return;
       }
-      const C* qkv = at(p.sv_qkv, t, 0, C3);  // row (s, j) at qkv + (s*K + j)*C3
       const C* don = sm.dout + r * cv + n * dcv;
-      for (int64_t j = 0; j < K; ++j) {
-        const C* vj = qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
-        C dot = C(0);
-        for (int64_t e = 0; e < dcv; ++e) dot += don[e] * vj[e];
-        ds[j] = dot * keep_b(t, r, n, j);
-      }
-      softmax_bwd(at(p.sv_bp, t, r, n_c * K) + n * K, ds, K, ds);
-      for (int64_t j = 0; j < K; ++j) ds[j] *= scale_c;
-      for (int64_t e = 0; e < dc; ++e) {
-        C acc = C(0);
-        for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[(s * K + j) * C3 + ck + n * dc + e];
-        dqc[e] = acc;
-      }
+      const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
+      C dot = C(0);
+      for (int e = 0; e < dcv; ++e) dot += don[e] * vj[e];
+      ds[j] = dot * keep_b(t, r, n, j);
     });
-    // Part 2: dK_j, dV_j of every mechanism j, summed over the querying mechanisms k.
-    ex.parallel_for(S * K * (ck + cv), [&](int i) {
-      const int r = i / (ck + cv), col = i % (ck + cv), s = r / K, j = r % K;
-      const C* qkv = at(p.sv_qkv, t, 0, C3);
+    // Part 2, per (row, head): through the softmax -> scaled d scores (zero on inactive rows).
+    ex.parallel_for(S * K * n_c, [&](int i) {
+      const int r = i / n_c, n = i % n_c;
+      if (!active(r)) return;
+      C* ds = sm.dsc + (r * n_c + n) * K;
+      softmax_bwd(sm.bp + (r * n_c + n) * K, ds, K, ds);
+      for (int j = 0; j < K; ++j) ds[j] *= scale_c;
+    });
+    // Part 3, per (row, column of Q|K|V): dQ of the row's own queries (zero on inactive rows),
+    // dK_j and dV_j of mechanism j summed over the querying mechanisms k; kept and saved.
+    ex.parallel_for(S * K * C3, [&](int i) {
+      const int r = i / C3, col = i % C3, s = r / K, j = r % K;
       C acc = C(0);
-      if (col < ck) {  // d key_j[n, e] = sum_k d score[k, n, j] q_k[n, e]
+      if (col < ck) {  // d query[n, e] = sum_j d score[n, j] k_j[n, e]
         const int n = col / dc;
-        for (int64_t k = 0; k < K; ++k)
-          acc += sm.dsc[((s * K + k) * n_c + n) * K + j] * qkv[(s * K + k) * C3 + col];
+        if (active(r))
+          for (int jj = 0; jj < K; ++jj)
+            acc += sm.dsc[(r * n_c + n) * K + jj] * sm.qkv[(s * K + jj) * C3 + ck + col];
+      } else if (col < 2 * ck) {  // d key_j[n, e] = sum_k d score[k, n, j] q_k[n, e]
+        const int c1 = col - ck, n = c1 / dc;
+        for (int k = 0; k < K; ++k)
+          acc += sm.dsc[((s * K + k) * n_c + n) * K + j] * sm.qkv[(s * K + k) * C3 + c1];
       } else {         // d value_j[n, e] = sum_k b~[k, n, j] d o_k[n, e]
-        const int c2 = col - ck, n = c2 / dcv;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t rk = s * K + k;
-          if (!active(t, rk)) continue;
-          const C b = at(p.sv_bp, t, rk, n_c * K)[n * K + j] * keep_b(t, rk, n, j);
+        const int c2 = col - 2 * ck, n = c2 / dcv;
+        for (int k = 0; k < K; ++k) {
+          const int rk = s * K + k;
+          if (!active(rk)) continue;
+          const C b = sm.bp[(rk * n_c + n) * K + j] * keep_b(t, rk, n, j);
           acc += b * sm.dout[rk * cv + c2];
         }
       }
-      sm.dqkv[r * C3 + ck + col] = acc;
-    });
-    ex.parallel_for(S * K * C3, [&](int i) {
-      hist(p.h_dqkv, t, i / C3, C3)[i % C3] = sm.dqkv[i];
+      sm.dqkv[r * C3 + col] = acc;
+      hist(p.h_dqkv, t, r, C3)[col] = acc;
     });
     // dh~ = dh' (residual and copy alike) + d(Q|K|V) [comm_query|comm_key|comm_value]^T, the
     // K|V part cut for inactive mechanisms under block_inactive_grad.
     if constexpr (MMA) {
       mma_pack<C>(ex, K, S, S_l, bq, ms.aop, [&](int s, int k, int c) {
         const int r = s * K + k;
-        const bool kv = active(t, r) || !p.block_inactive_grad;
+        const bool kv = active(r) || !p.block_inactive_grad;
         return c < ck || (c < C3 && kv) ? sm.dqkv[r * C3 + c] : C(0);
       });
       mma_rows(ex, ms, K, S, S_l, p.wb_qkv, bq, bh2, H, [&](int s, int k, int j, C v) {
@@ -289,7 +310,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       columns_fill(acc, C(0));
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s)
-        kv[s] = s < S && (active(t, s * K + k) || !p.block_inactive_grad);
+        kv[s] = s < S && (active(s * K + k) || !p.block_inactive_grad);
       columns_dot(acc, S, C3, p.c_qkv_t + int64_t(k) * C3 * H + j0, H, nc,
                   [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + c]; },
                   [&](int s, int64_t c) { return s < S && (c < ck || kv[s]); });
@@ -308,7 +329,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     ex.parallel_for(S * KH, [&](int i) {
       const int r = i / H, j = i % H;
       C* dg = sm.dg + r * GW;
-      if (!active(t, r)) {
+      if (!active(r)) {
         sm.dhp[i] = sm.dht[i];  // direct part of dh_{t-1}
         for (int64_t q = 0; q < GW / H; ++q) dg[q * H + j] = C(0);
         return;
@@ -334,11 +355,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     if constexpr (MMA) {
       mma_pack<C>(ex, K, S, S_l, bg, ms.aop, [&](int s, int k, int g) {
         const int r = s * K + k;
-        return g < GH && active(t, r) ? sm.dg[r * GW + g] : C(0);
+        return g < GH && active(r) ? sm.dg[r * GW + g] : C(0);
       });
       mma_rows(ex, ms, K, S, S_l, p.wb_x, bg, bx, XW, [&](int s, int k, int col, C v) {
         const int r = s * K + k, n = col / Dx, d = col % Dx;
-        sm.dgf[r * XW + col] = active(t, r) ? v : C(0);
+        sm.dgf[r * XW + col] = active(r) ? v : C(0);
         hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
       });
     }
@@ -346,7 +367,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // F path's d xa . x_m), one warp per (row, head, element), into sm.dsi; a~ keep -> h_ak.
     if (xwp != nullptr) ex.warp_for(S * K * NM, [&](int i, int, int lane, int lanes) {
       const int r = i / NM, j = i % NM, s = r / K, k = r % K, n = j / M, m = j % M;
-      const bool on = active(t, r);
+      const bool on = active(r);
       C dot = C(0);
       if (on) {
         const C* dgi = sm.dg + r * GW;
@@ -379,7 +400,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
         const int r = s * K + k;
-        const bool on = active(t, r);
+        const bool on = active(r);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
@@ -389,14 +410,13 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         }
       }
     });
-    // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax; dq.
+    // 1 backward: d a~_m = d xa_n . x_{m,n}, through the dropout and the null softmax, per (row,
+    // head); then dq per (row, column) below.
     ex.parallel_for(S * K * n_in, [&](int i) {
       const int r = i / n_in, n = i % n_in, s = r / K;
       C* ds = sm.dsi + (r * n_in + n) * M;
-      C* dq = sm.dq + r * nk + n * dk;
-      if (!active(t, r)) {
+      if (!active(r)) {
         for (int64_t m = 0; m < M; ++m) ds[m] = C(0);
-        for (int64_t e = 0; e < dk; ++e) dq[e] = C(0);
         return;
       }
       for (int64_t m = 0; m < M; ++m) {
@@ -412,13 +432,18 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       softmax_bwd(at(p.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
       for (int64_t m = 0; m < M; ++m) ds[m] *= scale_in;
-      for (int64_t e = 0; e < dk; ++e) {
-        C acc = C(0);
-        for (int64_t m = 0; m < M; ++m) acc += ds[m] * kt[(s * M + m) * nk + n * dk + e];
-        dq[e] = acc;
-      }
     });
-    ex.parallel_for(S * K * nk, [&](int i) { hist(p.h_dq, t, i / nk, nk)[i % nk] = sm.dq[i]; });
+    // dq[n, e] = sum_m d score_m k_m[n, e] (zero on inactive rows), kept and saved.
+    ex.parallel_for(S * K * nk, [&](int i) {
+      const int r = i / nk, e = i % nk, n = e / dk, s = r / K;
+      C acc = C(0);
+      if (active(r)) {
+        const C* ds = sm.dsi + (r * n_in + n) * M;
+        for (int m = 0; m < M; ++m) acc += ds[m] * kt[(s * M + m) * nk + e];
+      }
+      sm.dq[i] = acc;
+      hist(p.h_dq, t, r, nk)[e] = acc;
+    });
     // This step's input gradients: d keys (sum over mechanisms of d score q) and d x (sum over
     // mechanisms of a~ d xa; folded: all heads add to the same x_m).
     ex.parallel_for(S * M * nk, [&](int i) {
@@ -437,7 +462,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       C acc = C(0);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = s * K + k;
-        if (!active(t, r)) continue;
+        if (!active(r)) continue;
         for (int64_t n = n_lo; n < n_hi; ++n)
           acc += at(p.sv_a, t, r, n_in * M)[n * M + m] * keep_a(t, r, n, m) *
                  sm.dgf[r * XW + n * Dx + d];
@@ -450,7 +475,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       const int off = p.lstm ? 0 : GH;
       mma_pack<C>(ex, K, S, S_l, bg + bk, ms.aop, [&](int s, int k, int c) {
         const int r = s * K + k;
-        if (!active(t, r)) return C(0);
+        if (!active(r)) return C(0);
         if (c < bg) return c < GH ? sm.dg[r * GW + off + c] : C(0);
         return c - bg < nk ? sm.dq[r * nk + (c - bg)] : C(0);
       });
@@ -468,7 +493,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       bool on[SMAX];
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        on[s] = s < S && active(t, s * K + k);
+        on[s] = s < S && active(s * K + k);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c)
           acc[c][s] = s < S && c < nc ? sm.dhp[(s * K + k) * H + j0 + c] : C(0);
@@ -492,7 +517,10 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         }
       }
     });
-    ex.parallel_for(S * KH, [&](int i) { sm.dh[i] = sm.dhp[i]; });
+    ex.parallel_for(S * KH + (t > 0 ? S * K : 0), [&](int i) {
+      if (i >= S * KH) return stage_masks(t - 1, i - S * KH);
+      sm.dh[i] = sm.dhp[i];
+    });
   }
   ex.parallel_for(S * KH, [&](int i) {
     static_cast<C*>(p.d_h0)[b0 * KH + i] = sm.dh[i];

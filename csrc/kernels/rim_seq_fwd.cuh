@@ -2,8 +2,9 @@
 //
 // One thread block owns a tile of S samples for the whole sequence: samples never interact, so a
 // tile needs no grid-wide synchronisation, and its carried state (h, c in the compute type) lives
-// in shared memory from step 0 to T-1. Each step is nine phases separated by block barriers; each
-// phase is a parallel loop over independent items, so the same code runs
+// in shared memory from step 0 to T-1. Each step is eleven phases (CUDA cores; ten with the
+// input term hoisted and no input dropout) separated by block barriers; each phase is a parallel
+// loop over independent items, so the same code runs
 //   - on the GPU (DeviceExec: items strided over the block's threads, __syncthreads after), and
 //   - on the host (HostExec: items in order), which is how CI checks this kernel's arithmetic
 //     against the reference without a GPU (rims_fast::rim_seq_fwd's CPU implementation).
@@ -114,14 +115,15 @@ RIMS_HD int64_t rim_seq_smem_elems(const RimSeqDims& d, int64_t S) {
                       + (d.xw_hoisted ? 0 : d.n_in * d.Dx)  // xa (none when hoisted)
                       + GW + d.ck + d.n_c * d.K + d.cv;  // g, Q, b, o
   const int64_t all = 1 + d.ck + d.cv;                           // p, K | V
-  return S * (rim_seq_own_stride(d) * own + d.K * all);
+  return S * (rim_seq_own_stride(d) * own + d.K * all + d.M * d.nk);  // + the step's keys
 }
 
 // The tile's shared-memory arrays, carved from one buffer: own rows (S, kst, .) except p and kv
-// (S, K, .); cq | kv is the communication Q | K | V of a row.
+// (S, K, .); cq | kv is the communication Q | K | V of a row; kx: the step's keys of the tile's
+// samples (S, M, nk), staged so that the scores read no global memory.
 template <typename C>
 struct RimSeqSmem {
-  C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *cq, *kv, *bp, *o;
+  C *h, *c, *ht, *q, *a, *p, *act, *xa, *g, *cq, *kv, *bp, *o, *kx;
   RIMS_HD RimSeqSmem(C* base, const RimSeqDims& d, int64_t S) {
     const int64_t R = S * rim_seq_own_stride(d), RA = S * d.K;
     const int64_t GW = d.lstm ? d.GH : 2 * d.GH;
@@ -140,6 +142,7 @@ struct RimSeqSmem {
     cq = take(R * d.ck);
     bp = take(R * d.n_c * d.K);
     o = take(R * d.cv);
+    kx = take(S * d.M * d.nk);
   }
 };
 
@@ -342,8 +345,15 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 1a. Input queries q[s, k] = h[s, k] input_query[k], weight-stationary: item (k, NC
-    // columns), all the tile's samples.
-    ex.parallel_for(kn * g_q, [&](int i) {
+    // columns), all the tile's samples; items past those stage the step's keys (S, M, nk) in
+    // shared memory, one element each: the scores' chains then read no global memory (each of
+    // their S*K threads waited on ~dk/4 dependent L2 round trips).
+    const int nq = kn * g_q;
+    ex.parallel_for(nq + S * M * nk, [&](int i) {
+      if (i >= nq) {
+        sm.kx[i - nq] = kt[i - nq];
+        return;
+      }
       const ColumnGroup cg = column_group<NC>(i, g_q, nk);
       const int k = k0 + cg.outer, e0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
@@ -370,7 +380,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         C* an = sm.a + (L(r) * n_in + n) * M;
         const C* qn = sm.q + L(r) * nk + n * dk;
         for (int64_t m = 0; m < M; ++m) {
-          const C* km = kt + (s * M + m) * nk + n * dk;
+          const C* km = sm.kx + (s * M + m) * nk + n * dk;
           C dot = C(0);
           for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
           an[m] = dot * scale_in;
@@ -594,40 +604,49 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     });
     publish();  // every mechanism's K | V
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
+    // Three phases, so that no thread runs a whole head: one item per (row, head) was a chain of
+    // ~400 dependent shared-memory operations at the paper layer (K dots of dc, then K * dcv
+    // read-modify-writes of o) on S*K*n_c threads of 256. Scores per (row, head, j):
+    const int nK = n_c * K;
+    ex.parallel_for(S * kn * nK, [&](int i) {
+      const int r = row(i / nK), n = (i % nK) / K, j = i % K, s = r / K, l = L(r);
+      if (sm.act[l] == C(0)) return;
+      const C* qn = sm.cq + l * ck + n * dc;
+      const C* kj = sm.kv + (s * K + j) * CKV + n * dc;
+      C dot = C(0);
+      for (int e = 0; e < dc; ++e) dot += qn[e] * kj[e];
+      sm.bp[l * nK + n * K + j] = dot * scale_c;
+    });
+    // the softmax per (row, head), saved undropped, then the dropout's scale in place (nothing
+    // reads the undropped weights after this phase):
     ex.parallel_for(S * kn * n_c, [&](int i) {
       const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K, l = L(r);
       C* y = sm.bp + (l * n_c + n) * K;
-      C* on = sm.o + l * cv + n * dcv;
-      for (int64_t d = 0; d < dcv; ++d) on[d] = C(0);
       if (sm.act[l] == C(0)) {
-        if (save) {
-          for (int64_t d = 0; d < dcv; ++d) sv(p.sv_o, t, r, cv)[n * dcv + d] = C(0);
-          for (int64_t j = 0; j < K; ++j) sv(p.sv_bp, t, r, n_c * K)[n * K + j] = C(0);
-        }
+        if (save)
+          for (int j = 0; j < K; ++j) sv(p.sv_bp, t, r, nK)[n * K + j] = C(0);
         return;
       }
-      const C* qn = sm.cq + l * ck + n * dc;
-      for (int64_t j = 0; j < K; ++j) {
-        const C* kj = sm.kv + (s * K + j) * CKV + n * dc;
-        C dot = C(0);
-        for (int64_t e = 0; e < dc; ++e) dot += qn[e] * kj[e];
-        y[j] = dot * scale_c;
-      }
       softmax(y, K, y);
-      for (int64_t j = 0; j < K; ++j) {
-        C w = y[j];
-        if (drop_c > 0.f) {
+      if (save)
+        for (int j = 0; j < K; ++j) sv(p.sv_bp, t, r, nK)[n * K + j] = y[j];
+      if (drop_c > 0.f)
+        for (int j = 0; j < K; ++j) {
           const uint64_t idx = static_cast<uint64_t>(
               (((t * B + b0 + s) * K + k) * n_c + n) * K + j);
-          w = dropout_keep(p.seed, 1, idx, drop_c) ? w / keep_c : C(0);
+          y[j] = dropout_keep(p.seed, 1, idx, drop_c) ? y[j] / keep_c : C(0);
         }
-        const C* vj = sm.kv + (s * K + j) * CKV + ck + n * dcv;
-        for (int64_t d = 0; d < dcv; ++d) on[d] += w * vj[d];
+    });
+    // the read per (row, column): o[e] = sum_j b~_j v_j[e] in a register, zero on inactive rows.
+    ex.parallel_for(S * kn * cv, [&](int i) {
+      const int r = row(i / cv), e = i % cv, n = e / dcv, s = r / K, l = L(r);
+      C acc = C(0);
+      if (sm.act[l] != C(0)) {
+        const C* y = sm.bp + (l * n_c + n) * K;
+        for (int j = 0; j < K; ++j) acc += y[j] * sm.kv[(s * K + j) * CKV + ck + e];
       }
-      if (save) {
-        for (int64_t j = 0; j < K; ++j) sv(p.sv_bp, t, r, n_c * K)[n * K + j] = y[j];
-        for (int64_t d = 0; d < dcv; ++d) sv(p.sv_o, t, r, cv)[n * dcv + d] = on[d];
-      }
+      sm.o[l * cv + e] = acc;
+      if (save) sv(p.sv_o, t, r, cv)[e] = acc;
     });
     // 5. h' = h~ + o comm_output[k] for active rows, h~ for the rest; out[t] in the storage type.
     if constexpr (MMA) {
