@@ -10,7 +10,7 @@ namespace {
 template <typename C, typename T, bool MMA>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  rim_seq_bwd_tile<kSeqTileMax, C, MMA>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
+  rim_seq_bwd_tile<kSeqTileMax, C, MMA>(DeviceExec{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
                                         reinterpret_cast<C*>(smem_raw));
 }
 

@@ -28,11 +28,61 @@ namespace seq_cuda {
 
 constexpr int kSeqThreads = 32 * kSeqWarps;
 
+// dst[0..n) = src[0..n) by the whole block (no barrier): 16-byte accesses with four loads in
+// flight per thread when both are 16-byte aligned, element by element otherwise and for the
+// tail. Not inlined (one copy of the loop however many call sites), and a free function so that
+// the caller's execution policy never needs an address.
+template <class W>
+__device__ __noinline__ void block_copy(W* dst, const W* src, int64_t n) {
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  int64_t done = 0;
+  if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0) {
+    const int64_t n16 = n * static_cast<int64_t>(sizeof(W)) / 16;
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (int64_t i = tid; i < n16; i += 4 * nt) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (i + u * nt < n16) v[u] = s[i + u * nt];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (i + u * nt < n16) d[i + u * nt] = v[u];
+    }
+    done = n16 * 16 / static_cast<int64_t>(sizeof(W));
+  }
+  for (int64_t i = done + tid; i < n; i += nt) dst[i] = src[i];
+}
+
 struct DeviceExec {
+  // Debug timing of the persistent kernels' phases (RimSeqDims::phase_clock, set by
+  // rims_fast._C._set_phase_clock; tools/phase_clocks.py). With clk set, thread 0 of each block
+  // adds each phase's clock64() cycles (barrier to barrier, within the step loop) into
+  // clk[phase] and counts its steps in clk[kPhaseSlots - 1]; unset, it costs a uniform branch per
+  // barrier.
+  unsigned long long* clk = nullptr;
+  mutable long long last = 0;
+  mutable int phase = -1;  // -1: outside the step loop
+  __device__ __forceinline__ void step() const {
+    if (clk == nullptr || threadIdx.x != 0) return;
+    phase = 0;
+    last = clock64();
+    atomicAdd(clk + kPhaseSlots - 1, 1ull);
+  }
+  __device__ __forceinline__ void steps_done() const { phase = -1; }
+  __device__ __forceinline__ void tick() const {
+    if (clk == nullptr || threadIdx.x != 0 || phase < 0) return;
+    const long long now = clock64();
+    if (phase < kPhaseSlots - 1)
+      atomicAdd(clk + phase, static_cast<unsigned long long>(now - last));
+    ++phase;
+    last = now;
+  }
   template <class F>
   __device__ __forceinline__ void parallel_for(int n, const F& f) const {
     for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
     __syncthreads();
+    tick();
   }
   // One warp per item: every lane of warp w calls f(i, w, lane, 32) for i = w, w + warps, ...
   // (f may be warp-collective: the item index is uniform across the warp).
@@ -42,32 +92,15 @@ struct DeviceExec {
     const int lane = static_cast<int>(threadIdx.x) & 31;
     for (int i = w; i < n; i += warps) f(i, w, lane, 32);
     __syncthreads();
+    tick();
   }
   __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
-  // dst[0..n) = src[0..n) by the whole block, then a barrier (the resident weights, once per
-  // call): 16-byte accesses with four loads in flight per thread when both are 16-byte aligned
-  // (dst always is), element by element otherwise and for the tail.
+  // dst[0..n) = src[0..n) by the whole block (block_copy), then a barrier.
   template <class W>
-  __device__ __noinline__ void copy(W* dst, const W* src, int64_t n) const {
-    const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
-    int64_t done = 0;
-    if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0) {
-      const int64_t n16 = n * static_cast<int64_t>(sizeof(W)) / 16;
-      const uint4* s = reinterpret_cast<const uint4*>(src);
-      uint4* d = reinterpret_cast<uint4*>(dst);
-      for (int64_t i = tid; i < n16; i += 4 * nt) {
-        uint4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (i + u * nt < n16) v[u] = s[i + u * nt];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (i + u * nt < n16) d[i + u * nt] = v[u];
-      }
-      done = n16 * 16 / static_cast<int64_t>(sizeof(W));
-    }
-    for (int64_t i = done + tid; i < n; i += nt) dst[i] = src[i];
+  __device__ __forceinline__ void copy(W* dst, const W* src, int64_t n) const {
+    block_copy(dst, src, n);
     __syncthreads();
+    tick();
   }
 };
 
@@ -79,6 +112,7 @@ struct DeviceExec {
 struct DeviceClusterExec : DeviceExec {
   __device__ __forceinline__ void cluster_sync() const {
     cooperative_groups::this_cluster().sync();
+    tick();
   }
   template <class P>
   __device__ __forceinline__ P* peer(P* ptr, int rank) const {

@@ -57,11 +57,20 @@ SeqFwdCall seq_fwd_prepare(
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
     bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw);
 
+// The phase-timing buffer of the CUDA forward (which = 0) / backward (1) launches, or nullptr:
+// kPhaseSlots device counters each (RimSeqDims::phase_clock), set by _set_phase_clock
+// (rims_api.cpp) for tools/phase_clocks.py. Process-wide, read at every launch.
+inline unsigned long long*& seq_phase_clock(int which) {
+  static unsigned long long* slot[2] = {nullptr, nullptr};
+  return slot[which];
+}
+
 // The kernel's parameters for a prepared call (T: the storage type as the kernel sees it).
 template <typename T>
 RimSeqFwdParams<T> seq_fwd_params(const SeqFwdCall& c) {
   RimSeqFwdParams<T> p{};
   static_cast<RimSeqDims&>(p) = c.d;
+  p.phase_clock = seq_phase_clock(0);
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto mp = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
   p.keys = c.keys.const_data_ptr();
@@ -131,6 +140,7 @@ template <typename T>
 RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
   RimSeqBwdParams<T> p{};
   static_cast<RimSeqDims&>(p) = c.d;
+  p.phase_clock = seq_phase_clock(1);
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
   p.keys = c.keys.const_data_ptr(), p.xsrc = c.xsrc.const_data_ptr();

@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_cluster_kernel(
   const auto cluster = cooperative_groups::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int64_t tile = static_cast<int64_t>(blockIdx.x / cluster.dim_blocks().x);
-  rim_seq_fwd_tile<kSeqTileMax, C, false, true>(DeviceClusterExec{}, p, tile,
+  rim_seq_fwd_tile<kSeqTileMax, C, false, true>(DeviceClusterExec{{p.phase_clock}}, p, tile,
                                                 reinterpret_cast<C*>(smem_raw), rank);
 #else
   __trap();

@@ -14,7 +14,7 @@ template <typename C, typename T, bool MMA>
 __global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
   // 128-byte aligned: the tensor-core tiles at the start need 256-bit alignment.
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  rim_seq_fwd_tile<kSeqTileMax, C, MMA>(DeviceExec{}, p, static_cast<int64_t>(blockIdx.x),
+  rim_seq_fwd_tile<kSeqTileMax, C, MMA>(DeviceExec{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
                                         reinterpret_cast<C*>(smem_raw));
 }
 

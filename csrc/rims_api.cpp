@@ -1,5 +1,6 @@
 // Op schemas, argument checks and CPU registration of rims_fast's C++ ops, plus the tiny Python
-// module rims_fast._C (build_info). CUDA implementations register themselves in masked_cell.cu.
+// module rims_fast._C (build_info, and _set_phase_clock for tools/phase_clocks.py). CUDA
+// implementations register themselves in masked_cell.cu.
 #include <array>
 #include <cstdint>
 #include <string>
@@ -9,6 +10,7 @@
 #include <torch/version.h>
 
 #include "masked_cell.h"
+#include "rim_seq_fwd.h"  // seq_phase_clock
 
 namespace rims {
 
@@ -116,6 +118,25 @@ pybind11::dict build_info() {
   return d;
 }
 
+// Debug: route the persistent CUDA kernels' phase timing into `buf` (a contiguous int64 CUDA
+// tensor of at least 2 * kPhaseSlots counters: the forward's, then the backward's), or stop
+// (None). The caller keeps buf alive while it is set and reads it after synchronising.
+void set_phase_clock(const std::optional<at::Tensor>& buf) {
+  if (!buf.has_value()) {
+    rims::seq_phase_clock(0) = rims::seq_phase_clock(1) = nullptr;
+    return;
+  }
+  const at::Tensor& b = *buf;
+  TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kLong && b.is_contiguous() &&
+                  b.numel() >= 2 * rims::kPhaseSlots,
+              "_set_phase_clock: needs a contiguous int64 CUDA tensor of at least ",
+              2 * rims::kPhaseSlots, " elements, got ", b.scalar_type(), " on ", b.device(),
+              " with ", b.numel());
+  auto* p = reinterpret_cast<unsigned long long*>(b.data_ptr<int64_t>());
+  rims::seq_phase_clock(0) = p;
+  rims::seq_phase_clock(1) = p + rims::kPhaseSlots;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -123,4 +144,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "Versions this extension was built with: torch, cuda (None for a CPU-only build), "
         "cuda_arch_list, nvcc, compiler.");
+  m.def("_set_phase_clock", &set_phase_clock, pybind11::arg("buf"),
+        "Debug (tools/phase_clocks.py): per-phase clock64() cycles of the persistent CUDA "
+        "kernels' launches are added into buf (int64 CUDA, 2 x 64 counters: forward, backward; "
+        "slot 63 of each counts block-steps); None stops.");
 }

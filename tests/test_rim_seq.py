@@ -620,3 +620,45 @@ class TestCUDA:
         rim.backend = "torch"
         ref, _ = rim(x)
         assert_close("out", out, ref, torch.float32)
+
+    @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
+    def test_phase_clock_counts_and_changes_nothing(self, xw):
+        """The phase timing (tools/phase_clocks.py) counts every block-step of both kernels, times
+        each phase, and leaves every output and gradient bit-identical."""
+        rim, x, h0, c0, P, leaves = _setup(*GRID[0], B=19)
+        cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
+        Pc = {n: cu[n] for n in PARAMS}
+
+        def run():
+            got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw, tile=3,
+                             cluster=0)
+            return got, _grads(got[:3], cu)
+
+        from rims_fast import _C
+
+        base, g_base = run()
+        buf = torch.zeros(128, dtype=torch.int64, device="cuda")
+        _C._set_phase_clock(buf)
+        try:
+            got, g_got = run()
+            torch.cuda.synchronize()
+        finally:
+            _C._set_phase_clock(None)
+        for a, b in zip(got, base):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        for name in leaves:
+            assert torch.equal(g_got[name], g_base[name]), "d" + name
+        T, tiles = x.shape[0], -(-19 // 3)
+        for k, n_phases in ((0, 11 - xw), (64, 17 - xw)):  # forward, backward (tools/phase_clocks.py)
+            c = buf[k:k + 64].cpu()
+            assert int(c[63]) == T * tiles
+            assert bool((c[:n_phases] > 0).all()) and not bool(c[n_phases:63].any()), c
+
+
+def test_phase_clock_buffer_checks():
+    """_set_phase_clock takes an int64 CUDA buffer of 2 x 64 counters, or None."""
+    from rims_fast import _C
+
+    with pytest.raises(RuntimeError, match="int64 CUDA tensor"):
+        _C._set_phase_clock(torch.zeros(128, dtype=torch.int64))
+    _C._set_phase_clock(None)

@@ -12,6 +12,9 @@
 #             stepped ops, the Triton forward) -> $OUT/large.json, csv
 #   profile   tools/profile_steps.py: torch.profiler kernel and input-shape tables of the stepped
 #             ops at paper and large -> $OUT/profile-steps.log
+#   phases    tools/phase_clocks.py: each phase's share of a persistent-kernel step (clock64()
+#             per phase, forward and backward, hoisted / F / cluster) at paper bf16, ~20 s
+#             -> $OUT/phase-clocks.md
 #   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log
 #   ncu       Nsight Compute on one persistent forward (CUDA cores, tensor cores, clusters) and
@@ -20,12 +23,12 @@
 # Every stage's time limit (the build's too) is the smaller of its cap (*_TIMEOUT) and what is left
 # before DEADLINE seconds (default 560: run the call with timeout_s 590) from the start, so the call ends inside the device tool's
 # limit whatever hangs (the few seconds of nvidia-smi and version prints excepted). Everything is appended to $OUT/${LOG:-session}.log.
-#   bash tools/gpu_session.sh                         (build gputests sanitize bench large ncu
-#             profile; ~450 s on an H100 on 2026-11-27 without ncu: build 100, tests 140,
+#   bash tools/gpu_session.sh                         (build gputests sanitize bench phases large
+#             ncu profile; ~450 s on an H100 on 2026-11-27 without ncu: build 100, tests 140,
 #             sanitizers 55, paper 35, large 80, profile 40; ncu, never run yet, is capped at 60 s a
 #             case and the deadline skips what does not fit, profile last). All of it takes more
 #             than one call now; two calls, the second while the machine is warm (30 s):
-#   STAGES="build gputests sanitize bench" bash tools/gpu_session.sh
+#   STAGES="build gputests sanitize bench phases" bash tools/gpu_session.sh
 #   STAGES="large ncu profile" LOG=session2 bash tools/gpu_session.sh
 #   STAGES="build gputests" GPU_TEST_FILES="tests/test_rim_seq.py" bash tools/gpu_session.sh
 #   STAGES="build bench" BENCH_CONFIGS=large bash tools/gpu_session.sh
@@ -38,7 +41,7 @@
 # Building took ~85 s on the device (9.0a only) before the column-group kernels made them larger;
 # the kernels now compile as three units in parallel (here, two archs on 2 cores: 205 s for the
 # one unit before, 89-129 s each after), so expect ~1-2 min; a fresh machine takes ~30 s to start.
-STAGES=${STAGES:-"build gputests sanitize bench large ncu profile"}
+STAGES=${STAGES:-"build gputests sanitize bench phases large ncu profile"}
 want() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -89,6 +92,11 @@ if want bench; then
   run_for "${BENCH_TIMEOUT:-180}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
     --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_f,cuda_seq_mma,cuda_seq_mma_graph,cuda_seq_cluster,cuda_steps,cuda_steps_graph,triton,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
     --modes fwd,fwd+bwd --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
+fi
+if want phases; then
+  stamp "phase clocks of the persistent kernels (paper bf16)"
+  run_for "${PHASES_TIMEOUT:-60}" python3 tools/phase_clocks.py > "$OUT/phase-clocks.md" 2>&1
+  echo "exit $?"; cat "$OUT/phase-clocks.md" | head -120
 fi
 if want large; then
   stamp "benchmarks at large"

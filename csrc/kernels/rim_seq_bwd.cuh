@@ -202,6 +202,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   });
 
   for (int64_t t = T_ - 1; t >= 0; --t) {
+    ex.step();
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 5 backward. d o = dh' comm_output[k]^T on active rows (weight-stationary: item (k, e),
@@ -522,6 +523,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       sm.dh[i] = sm.dhp[i];
     });
   }
+  ex.steps_done();
   ex.parallel_for(S * KH, [&](int i) {
     static_cast<C*>(p.d_h0)[b0 * KH + i] = sm.dh[i];
     if (p.lstm) static_cast<C*>(p.d_c0)[b0 * KH + i] = sm.dc[i];

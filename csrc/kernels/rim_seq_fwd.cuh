@@ -61,7 +61,13 @@ struct RimSeqDims {
   bool xw_hoisted;
   double p_in, p_c;       // dropout probabilities (double: the keep scale 1/(1-p) as the driver's)
   uint64_t seed;
+  // Debug timing of the device kernels' phases (kPhaseSlots counters; the CUDA launchers'
+  // DeviceExec), nullptr: off. Host runs ignore it.
+  unsigned long long* phase_clock;
 };
+
+// Counters of the phase timing per kernel: phases 0 .. kPhaseSlots - 2, then the steps timed.
+constexpr int kPhaseSlots = 64;
 
 template <typename T>
 struct RimSeqFwdParams : RimSeqDims {
@@ -342,6 +348,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   publish();  // no block touches another's shared memory before every block has started
 
   for (int64_t t = 0; t < p.T_; ++t) {
+    ex.step();
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * xrow;
     // 1a. Input queries q[s, k] = h[s, k] input_query[k], weight-stationary: item (k, NC
@@ -682,6 +689,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
     });
   }
+  ex.steps_done();
   // Final state of the own rows in the storage type.
   ex.parallel_for(S * kn * H, [&](int i) {
     const int r = row(i / H), j = i % H, x = L(r) * H + j;
@@ -710,6 +718,9 @@ struct HostExec {
     for (int i = 0; i < n; ++i) f(i, 0, 0, 1);
   }
   void syncwarp() const {}
+  // The device policy's phase timing (DeviceExec): nothing to time on the host.
+  void step() const {}
+  void steps_done() const {}
 };
 
 }  // namespace rims
