@@ -22,6 +22,9 @@
 - ``cuda_seq_f``: ``cuda_seq`` with ``RIMS_FAST_CUDA_XW=0``: the forward reads the input term's
   matrix ``F`` every step instead of the hoisted ``x F`` (``cuda_seq``'s automatic choice where a
   tile reads fewer rows of ``x F`` than of ``F``, as at ``paper``; the ratio is what hoisting buys).
+- ``cuda_seq_narrow``: ``cuda_seq`` with ``RIMS_FAST_CUDA_WIDE=0``: at tile 1 the 256-thread
+  kernels compiled for tiles up to 8 instead of the 512-thread tile-1 kernels (the ratio is what
+  the wider blocks buy; same results bit for bit).
 - ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: both kernels' weight products on
   tensor cores (float16/bfloat16; in float32 it runs as ``cuda_seq``).
 - ``cuda_seq_cluster``: ``cuda_seq`` with ``RIMS_FAST_CUDA_CLUSTER=1``: the forward on
@@ -70,13 +73,14 @@ __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build",
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
              "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_cell",
-             "cuda_seq", "cuda_seq_f",
+             "cuda_seq", "cuda_seq_f", "cuda_seq_narrow",
              "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cuda_steps",
              "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "lstm", "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
                  "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda",
-                 "cuda_cell", "cuda_seq", "cuda_seq_f", "cuda_seq_mma", "cuda_seq_cluster",
+                 "cuda_cell", "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_mma",
+                 "cuda_seq_cluster",
                  "cuda_seq_cluster_l2",
                  "cuda_steps", "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "naive")
 
@@ -234,6 +238,8 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "cuda_seq": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent"}, "cuda_seq"),
     "cuda_seq_f": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent", "RIMS_FAST_CUDA_XW": "0"},
                            "cuda_seq_f"),
+    "cuda_seq_narrow": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
+                                         "RIMS_FAST_CUDA_WIDE": "0"}, "cuda_seq_narrow"),
     "cuda_seq_mma": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent", "RIMS_FAST_CUDA_MMA": "1"},
                              "cuda_seq_mma"),
     "cuda_seq_cluster": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",

@@ -7,10 +7,12 @@ namespace rims {
 using namespace seq_cuda;
 namespace {
 
-template <typename C, typename T, bool MMA>
-__global__ void __launch_bounds__(kSeqThreads) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
+// SMAX, THREADS: the largest tile and the block size (the wide tile-1 kernel: 1,
+// kSeqWideThreads; rim_seq_cuda.cuh).
+template <typename C, typename T, bool MMA, int SMAX = kSeqTileMax, int THREADS = kSeqThreads>
+__global__ void __launch_bounds__(THREADS) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  rim_seq_bwd_tile<kSeqTileMax, C, MMA>(DeviceExec{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
+  rim_seq_bwd_tile<SMAX, C, MMA>(DeviceExecT<!MMA>{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
                                         reinterpret_cast<C*>(smem_raw));
 }
 
@@ -21,6 +23,11 @@ void launch_bwd(const SeqBwdCall& c, int64_t smem, int dev) {
       launch(rim_seq_bwd_kernel<C, T, true>, seq_bwd_params<T>(c), smem, dev);
       return;
     }
+  }
+  if (use_wide(c.d)) {
+    launch(rim_seq_bwd_kernel<C, T, false, 1, kSeqWideThreads>, seq_bwd_params<T>(c), smem, dev,
+           kSeqWideThreads);
+    return;
   }
   launch(rim_seq_bwd_kernel<C, T, false>, seq_bwd_params<T>(c), smem, dev);
 }

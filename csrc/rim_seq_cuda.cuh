@@ -15,9 +15,11 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -27,6 +29,12 @@ namespace rims {
 namespace seq_cuda {
 
 constexpr int kSeqThreads = 32 * kSeqWarps;
+// Threads per block of the "wide" tile-1 kernels (use_wide): a tile of one sample keeps one
+// sample's accumulators (SMAX = 1), so 512 threads fit the register file (at most 128 registers
+// each) where the tile-8 kernels' 225-243 allow 256. At tile 1 these kernels wait on latency
+// (benchmarks/README.md: 73 us per paper step against ~20 modelled): twice the warps per SM hide
+// twice the L2 round trips, and phases of 257..512 items run in one round instead of two.
+constexpr int kSeqWideThreads = 512;
 
 // dst[0..n) = src[0..n) by the whole block (no barrier): 16-byte accesses with four loads in
 // flight per thread when both are 16-byte aligned, element by element otherwise and for the
@@ -54,29 +62,37 @@ __device__ __noinline__ void block_copy(W* dst, const W* src, int64_t n) {
   for (int64_t i = done + tid; i < n; i += nt) dst[i] = src[i];
 }
 
-struct DeviceExec {
-  // Debug timing of the persistent kernels' phases (RimSeqDims::phase_clock, set by
-  // rims_fast._C._set_phase_clock; tools/phase_clocks.py). With clk set, thread 0 of each block
-  // adds each phase's clock64() cycles (barrier to barrier, within the step loop) into
-  // clk[phase] and counts its steps in clk[kPhaseSlots - 1]; unset, it costs a uniform branch per
-  // barrier.
+// CLOCK: debug timing of the persistent kernels' phases (RimSeqDims::phase_clock, set by
+// rims_fast._C._set_phase_clock; tools/phase_clocks.py). With clk set, thread 0 of each block
+// adds each phase's clock64() cycles (barrier to barrier, within the step loop) into clk[phase]
+// and counts its steps in clk[kPhaseSlots - 1]; unset, it costs a uniform branch per barrier and
+// the state's ~5 registers. The tensor-core kernels, at the register limit, take CLOCK = false
+// (the state then is never read and costs nothing: with it their forward spilled 200 bytes).
+template <bool CLOCK>
+struct DeviceExecT {
   unsigned long long* clk = nullptr;
   mutable long long last = 0;
   mutable int phase = -1;  // -1: outside the step loop
   __device__ __forceinline__ void step() const {
-    if (clk == nullptr || threadIdx.x != 0) return;
-    phase = 0;
-    last = clock64();
-    atomicAdd(clk + kPhaseSlots - 1, 1ull);
+    if constexpr (CLOCK) {
+      if (clk == nullptr || threadIdx.x != 0) return;
+      phase = 0;
+      last = clock64();
+      atomicAdd(clk + kPhaseSlots - 1, 1ull);
+    }
   }
-  __device__ __forceinline__ void steps_done() const { phase = -1; }
+  __device__ __forceinline__ void steps_done() const {
+    if constexpr (CLOCK) phase = -1;
+  }
   __device__ __forceinline__ void tick() const {
-    if (clk == nullptr || threadIdx.x != 0 || phase < 0) return;
-    const long long now = clock64();
-    if (phase < kPhaseSlots - 1)
-      atomicAdd(clk + phase, static_cast<unsigned long long>(now - last));
-    ++phase;
-    last = now;
+    if constexpr (CLOCK) {
+      if (clk == nullptr || threadIdx.x != 0 || phase < 0) return;
+      const long long now = clock64();
+      if (phase < kPhaseSlots - 1)
+        atomicAdd(clk + phase, static_cast<unsigned long long>(now - last));
+      ++phase;
+      last = now;
+    }
   }
   template <class F>
   __device__ __forceinline__ void parallel_for(int n, const F& f) const {
@@ -102,7 +118,17 @@ struct DeviceExec {
     __syncthreads();
     tick();
   }
+  // Two copies, one barrier.
+  template <class W>
+  __device__ __forceinline__ void copy(W* dst, const W* src, int64_t n, W* dst2, const W* src2,
+                                       int64_t n2) const {
+    block_copy(dst, src, n);
+    block_copy(dst2, src2, n2);
+    __syncthreads();
+    tick();
+  }
 };
+using DeviceExec = DeviceExecT<true>;
 
 // A block of a thread-block cluster (sm_90+): the cluster barrier and DSMEM addresses
 // (rim_seq_fwd_tile's CLUSTER variant). The kernels are also built for sm_80, where clusters do
@@ -189,12 +215,23 @@ inline void check_mma_device(bool mma, int dev) {
 }
 
 template <typename Kernel, typename Params>
-void launch(Kernel kernel, const Params& p, int64_t smem, int dev) {
+void launch(Kernel kernel, const Params& p, int64_t smem, int dev, int threads = kSeqThreads) {
   const int64_t tiles = (p.B + p.S - 1) / p.S;
   allow_max_smem(kernel, dev);
-  kernel<<<static_cast<unsigned>(tiles), kSeqThreads, static_cast<size_t>(smem),
+  kernel<<<static_cast<unsigned>(tiles), threads, static_cast<size_t>(smem),
            c10::cuda::getCurrentCUDAStream(dev)>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether a one-block-per-tile call runs the wide kernel (kSeqWideThreads threads, SMAX = 1): at
+// tile 1 on CUDA cores, unless RIMS_FAST_CUDA_WIDE=0 (the 256-thread kernel, kept for the
+// side-by-side timing, benchmark provider cuda_seq_narrow). Same arithmetic, same order: only
+// which thread runs which item differs, so the results are bit-identical.
+inline bool use_wide(const RimSeqDims& d) {
+  const char* v = std::getenv("RIMS_FAST_CUDA_WIDE");
+  const std::string s = v == nullptr ? "1" : v;
+  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_WIDE must be 0 or 1, got '", s, "'");
+  return s == "1" && d.S == 1 && !d.mma;
 }
 
 inline void check_mma_dtype(bool mma, const at::Tensor& h0) {

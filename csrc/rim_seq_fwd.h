@@ -64,13 +64,22 @@ inline unsigned long long*& seq_phase_clock(int which) {
   static unsigned long long* slot[2] = {nullptr, nullptr};
   return slot[which];
 }
+// The CUDA device of that buffer: launches on other devices are not timed.
+inline int& seq_phase_clock_device() {
+  static int device = -1;
+  return device;
+}
+inline unsigned long long* seq_phase_clock_for(int which, const at::Tensor& t) {
+  return t.is_cuda() && t.get_device() == seq_phase_clock_device() ? seq_phase_clock(which)
+                                                                    : nullptr;
+}
 
 // The kernel's parameters for a prepared call (T: the storage type as the kernel sees it).
 template <typename T>
 RimSeqFwdParams<T> seq_fwd_params(const SeqFwdCall& c) {
   RimSeqFwdParams<T> p{};
   static_cast<RimSeqDims&>(p) = c.d;
-  p.phase_clock = seq_phase_clock(0);
+  p.phase_clock = seq_phase_clock_for(0, c.keys);
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto mp = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
   p.keys = c.keys.const_data_ptr();
@@ -140,7 +149,7 @@ template <typename T>
 RimSeqBwdParams<T> seq_bwd_params(const SeqBwdCall& c) {
   RimSeqBwdParams<T> p{};
   static_cast<RimSeqDims&>(p) = c.d;
-  p.phase_clock = seq_phase_clock(1);
+  p.phase_clock = seq_phase_clock_for(1, c.keys);
   auto cp = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); };
   auto opt = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
   p.keys = c.keys.const_data_ptr(), p.xsrc = c.xsrc.const_data_ptr();

@@ -9,12 +9,13 @@ namespace rims {
 using namespace seq_cuda;
 namespace {
 
-// MMA: the gate products on tensor cores (half/bfloat16 storage only; rim_seq_fwd_tile).
-template <typename C, typename T, bool MMA>
-__global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
+// MMA: the gate products on tensor cores (half/bfloat16 storage only; rim_seq_fwd_tile). SMAX,
+// THREADS: the largest tile and the block size (the wide tile-1 kernel: 1, kSeqWideThreads).
+template <typename C, typename T, bool MMA, int SMAX = kSeqTileMax, int THREADS = kSeqThreads>
+__global__ void __launch_bounds__(THREADS) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
   // 128-byte aligned: the tensor-core tiles at the start need 256-bit alignment.
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  rim_seq_fwd_tile<kSeqTileMax, C, MMA>(DeviceExec{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
+  rim_seq_fwd_tile<SMAX, C, MMA>(DeviceExecT<!MMA>{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
                                         reinterpret_cast<C*>(smem_raw));
 }
 
@@ -27,6 +28,11 @@ void launch_fwd(const SeqFwdCall& c, int64_t smem, int dev) {
       launch(rim_seq_fwd_kernel<C, T, true>, seq_fwd_params<T>(c), smem, dev);
       return;
     }
+  }
+  if (use_wide(c.d)) {
+    launch(rim_seq_fwd_kernel<C, T, false, 1, kSeqWideThreads>, seq_fwd_params<T>(c), smem, dev,
+           kSeqWideThreads);
+    return;
   }
   launch(rim_seq_fwd_kernel<C, T, false>, seq_fwd_params<T>(c), smem, dev);
 }

@@ -120,7 +120,8 @@ pybind11::dict build_info() {
 
 // Debug: route the persistent CUDA kernels' phase timing into `buf` (a contiguous int64 CUDA
 // tensor of at least 2 * kPhaseSlots counters: the forward's, then the backward's), or stop
-// (None). The caller keeps buf alive while it is set and reads it after synchronising.
+// (None). The caller keeps buf alive while it is set and reads it after synchronising. Launches
+// on other devices are not timed; a CUDA graph captured while it is set keeps the address.
 void set_phase_clock(const std::optional<at::Tensor>& buf) {
   if (!buf.has_value()) {
     rims::seq_phase_clock(0) = rims::seq_phase_clock(1) = nullptr;
@@ -133,6 +134,7 @@ void set_phase_clock(const std::optional<at::Tensor>& buf) {
               2 * rims::kPhaseSlots, " elements, got ", b.scalar_type(), " on ", b.device(),
               " with ", b.numel());
   auto* p = reinterpret_cast<unsigned long long*>(b.data_ptr<int64_t>());
+  rims::seq_phase_clock_device() = b.get_device();
   rims::seq_phase_clock(0) = p;
   rims::seq_phase_clock(1) = p + rims::kPhaseSlots;
 }
@@ -147,5 +149,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_phase_clock", &set_phase_clock, pybind11::arg("buf"),
         "Debug (tools/phase_clocks.py): per-phase clock64() cycles of the persistent CUDA "
         "kernels' launches are added into buf (int64 CUDA, 2 x 64 counters: forward, backward; "
-        "slot 63 of each counts block-steps); None stops.");
+        "slot 63 of each counts block-steps; launches on buf's device only, CUDA-core kernels "
+        "only; a graph captured meanwhile keeps the address); None stops.");
 }

@@ -45,6 +45,8 @@ def _modes() -> dict:
            + " (with clusters: 1 = weights in shared memory as fit, 0 = none)",
            "RIMS_FAST_CUDA_XW": os.environ.get("RIMS_FAST_CUDA_XW", "auto")
            + " (the persistent kernels' input term hoisted out of the recurrence: auto, 1, 0)",
+           "RIMS_FAST_CUDA_WIDE": os.environ.get("RIMS_FAST_CUDA_WIDE", "1")
+           + " (1 = tile-1 persistent kernels on CUDA cores run 512-thread blocks, 0 = 256)",
            "RIMS_FAST_CUDA_GRAPH": os.environ.get("RIMS_FAST_CUDA_GRAPH", "0")
            + " (1 = backend='cuda' persistent/stepped no-grad forward replays a CUDA graph)"}
     try:

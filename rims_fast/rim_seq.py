@@ -75,7 +75,7 @@ from .row_products import mechanism_rows_product
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
            "stepped_instead", "STEPPED_MIN_WEIGHTS", "SMEM_ERROR", "tile_size", "mma_mode",
-           "cluster_mechs", "RESIDENT", "resident_mode",
+           "cluster_mechs", "RESIDENT", "resident_mode", "xw_mode", "wide_mode",
            "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -171,6 +171,21 @@ def xw_mode(mma: bool = False) -> int:
         raise ValueError("RIMS_FAST_CUDA_XW=1 hoists the input term on CUDA cores; it cannot be "
                          "combined with RIMS_FAST_CUDA_MMA=1")
     return -1 if v == "auto" else int(v)
+
+
+def wide_mode() -> bool:
+    """``RIMS_FAST_CUDA_WIDE`` (``1`` by default, or ``0``): whether a persistent kernel launched
+    with a tile of one sample on CUDA cores (the automatic tile whenever the batch is at most the
+    GPU's SM count, as at the paper layer) runs as a 512-thread block compiled for that tile
+    alone (at most 128 registers a thread), instead of the 256-thread kernel compiled for tiles of
+    up to 8. Twice the warps per SM to hide the step's L2 latency; the same arithmetic in the
+    same order, so the results are bit-identical. ``0`` keeps the 256-thread kernel (benchmark
+    provider ``cuda_seq_narrow``, for the side-by-side ratio). The CUDA launcher reads the
+    variable itself (``use_wide`` in ``csrc/rim_seq_cuda.cuh``); this checks it first."""
+    v = os.environ.get("RIMS_FAST_CUDA_WIDE", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_WIDE must be 0 or 1, got {v!r}")
+    return v == "1"
 
 
 def cuda_fwd_mode() -> str:
@@ -500,6 +515,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         raise RuntimeError(why)
     if tile is None:
         tile = tile_size()
+    wide_mode()  # validates RIMS_FAST_CUDA_WIDE, which the CUDA launcher reads
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
     auto = stepped is None and cuda_fwd_mode() == "auto"

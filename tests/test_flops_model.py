@@ -29,6 +29,12 @@ def test_hoisted_input_term_count():
     assert t == {"queries": 7, "gates": 24, "Q|K|V": 21, "output": 8}
 
 
+def test_wide_block_count():
+    # 512 threads: the gates' 600 items and Q|K|V's 576 take 2 rounds instead of 3.
+    t = seq_fwd_trips(PAPER, S=1, **SEQ_VERSIONS[4][1])
+    assert t == {"queries": 7, "gates": 16, "Q|K|V": 14, "output": 8}
+
+
 def test_report_is_calibrated_on_the_measured_row():
     table = report_seq_trips(measured_us=405.0)
     assert "| 1476 | 405 |" in table and "| 69 | 19 |" in table

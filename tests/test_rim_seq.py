@@ -621,17 +621,39 @@ class TestCUDA:
         ref, _ = rim(x)
         assert_close("out", out, ref, torch.float32)
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+    def test_wide_equals_narrow(self, monkeypatch, dtype):
+        """At tile 1 the 512-thread tile-1 kernels (RIMS_FAST_CUDA_WIDE=1, the default) give the
+        256-thread kernels' outputs and gradients bit for bit, both input-term paths."""
+        for xw in (0, 1):
+            rim, x, h0, c0, P, leaves = _setup(*GRID[0], B=19, dtype=dtype)
+            cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
+            Pc = {n: cu[n] for n in PARAMS}
+            res = {}
+            for wide in ("0", "1"):
+                monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", wide)
+                got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw, tile=1,
+                                 cluster=0, mma=False)
+                res[wide] = (got, _grads(got[:3], cu))
+            (a, ga), (b, gb) = res["0"], res["1"]
+            for u, v in zip(a, b):
+                assert (u is None) == (v is None) and (u is None or torch.equal(u, v)), xw
+            for name in leaves:
+                assert torch.equal(ga[name], gb[name]), ("d" + name, xw)
+
+    @pytest.mark.parametrize("tile", [1, 3], ids=["wide", "tile3"])
     @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
-    def test_phase_clock_counts_and_changes_nothing(self, xw):
+    def test_phase_clock_counts_and_changes_nothing(self, xw, tile):
         """The phase timing (tools/phase_clocks.py) counts every block-step of both kernels, times
-        each phase, and leaves every output and gradient bit-identical."""
+        each phase, and leaves every output and gradient bit-identical (tile 1: the wide
+        kernels)."""
         rim, x, h0, c0, P, leaves = _setup(*GRID[0], B=19)
         cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
         Pc = {n: cu[n] for n in PARAMS}
 
         def run():
-            got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw, tile=3,
-                             cluster=0)
+            got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw, tile=tile,
+                             cluster=0, mma=False)
             return got, _grads(got[:3], cu)
 
         from rims_fast import _C
@@ -648,11 +670,22 @@ class TestCUDA:
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
         for name in leaves:
             assert torch.equal(g_got[name], g_base[name]), "d" + name
-        T, tiles = x.shape[0], -(-19 // 3)
-        for k, n_phases in ((0, 11 - xw), (64, 17 - xw)):  # forward, backward (tools/phase_clocks.py)
+        T, tiles = x.shape[0], -(-19 // tile)
+        for k, n_phases in ((0, 11 - xw), (64, 16 - xw)):  # forward, backward (tools/phase_clocks.py)
             c = buf[k:k + 64].cpu()
             assert int(c[63]) == T * tiles
             assert bool((c[:n_phases] > 0).all()) and not bool(c[n_phases:63].any()), c
+
+
+def test_wide_env_checked(monkeypatch):
+    """RIMS_FAST_CUDA_WIDE is 0 or 1 (the CUDA launcher reads it; rim_seq checks it first)."""
+    rim, x, h0, c0, P, _ = _setup("lstm", 1, 1, 1, 4, 2, 2, 8, B=2)
+    monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", "2")
+    with pytest.raises(ValueError, match="RIMS_FAST_CUDA_WIDE must be 0 or 1"):
+        rs.rim_seq(x, h0, c0, P, rim.config)
+    monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", "0")
+    assert not rs.wide_mode()
+    rs.rim_seq(x, h0, c0, P, rim.config)  # on the host run it changes nothing
 
 
 def test_phase_clock_buffer_checks():

@@ -30,7 +30,7 @@ SLOTS = 64  # per kernel (csrc/kernels/rim_seq_fwd.cuh, kPhaseSlots): phases, th
 FWD = ["1a queries (+ keys staged)", "1b scores, null softmax, p", "2 rank rule",
        "3a xa = a~ x", "3b gates", "3c cell", "4a comm Q|K|V", "4b comm scores",
        "4b comm softmax", "4b comm read", "5 output + residual"]
-BWD = ["5' d o", "dh' history", "stage Q|K|V", "stage comm probs", "4' d b~ (row, head, j)",
+BWD = ["5' d o", "dh' history", "stage Q|K|V, comm probs", "4' d b~ (row, head, j)",
        "4' softmax bwd", "4' dQ|dK|dV", "dh~ through Q|K|V", "3' cell bwd", "d gates history",
        "d xa through F^T", "1' d scores", "1' dq", "d keys", "d x", "dh_{t-1}", "dh, masks"]
 

@@ -239,8 +239,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // 4 backward. The step's saved Q|K|V and communication probabilities of the tile, staged:
     // every item below reads them many times (one item per (row, head) reading them from global
     // memory was a chain of ~K (dcv + dc) dependent L2 round trips).
-    ex.copy(sm.qkv, at(p.sv_qkv, t, 0, C3), int64_t(S) * K * C3);  // row (s, j) at (s*K + j)*C3
-    ex.copy(sm.bp, at(p.sv_bp, t, 0, n_c * K), int64_t(S) * K * n_c * K);
+    ex.copy(sm.qkv, at(p.sv_qkv, t, 0, C3), int64_t(S) * K * C3,  // row (s, j) at (s*K + j)*C3
+            sm.bp, at(p.sv_bp, t, 0, n_c * K), int64_t(S) * K * n_c * K);
     // Part 1, per (row, head, j) of an active mechanism: d b~_j = d o . v_j through the dropout.
     const int nK = n_c * K;
     ex.parallel_for(S * K * nK, [&](int i) {

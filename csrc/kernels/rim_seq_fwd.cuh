@@ -713,6 +713,12 @@ struct HostExec {
   void copy(W* dst, const W* src, int64_t n) const {
     std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(W));
   }
+  // Two copies, one barrier on the device.
+  template <class W>
+  void copy(W* dst, const W* src, int64_t n, W* dst2, const W* src2, int64_t n2) const {
+    copy(dst, src, n);
+    copy(dst2, src2, n2);
+  }
   template <class F>
   void warp_for(int n, const F& f) const {
     for (int i = 0; i < n; ++i) f(i, 0, 0, 1);
