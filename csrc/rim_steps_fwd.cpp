@@ -15,7 +15,7 @@ namespace {
 struct StepHostDev {
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
-    std::vector<C> smem(2 * p.s.K);
+    std::vector<C> smem(rim_step_select_smem_elems(p.s, sizeof(C)));
     for (int64_t b = 0; b < p.s.B; ++b) rim_step_select<C>(HostExec{}, p, t, b, smem.data());
   }
   template <typename C, typename T>

@@ -42,7 +42,8 @@ struct StepCudaDev {
 
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
-    for_samples(SelectPhase<C, T>{p, t}, p.s.B, static_cast<size_t>(2 * p.s.K) * sizeof(C),
+    for_samples(SelectPhase<C, T>{p, t}, p.s.B,
+                static_cast<size_t>(rim_step_select_smem_elems(p.s, sizeof(C))) * sizeof(C),
                 stream);
   }
   template <typename C, typename T>

@@ -342,3 +342,16 @@ def test_tf32_setting_read_with_either_api():
         assert not _backend.tf32_matmul()
     finally:
         m.fp32_precision = old
+
+
+# Wide enough that the stepped select reads the q rows and the keys from global memory instead
+# of staging them (neither fits its 15 KB in float64: K*nk = M*nk = 8*256 elements).
+UNSTAGED = ("lstm", 8, 4, 1, 8, 3, 2, 3, dict(input_key_size=64))
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+def test_select_unstaged_inputs(dropout):
+    rim = _setup_case(UNSTAGED)[0]
+    assert rim.config.input_heads * rim.config.input_key_size * 8 * 8 > 15 * 1024
+    test_stepped_matches_reference_float64(UNSTAGED)
+    test_saved_activations_are_the_persistent_forwards(UNSTAGED, dropout)
