@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include <vector>
+
 namespace rims {
 namespace {
 
@@ -15,7 +17,8 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for (int64_t b = 0; b < p.s.B; ++b) rim_step_comm_bwd<C>(HostExec{}, p, t, b);
+    std::vector<C> smem(rim_step_comm_bwd_smem_elems(p.s, sizeof(C)));
+    for (int64_t b = 0; b < p.s.B; ++b) rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem.data());
   }
   template <typename C, typename T>
   void cell_bwd(const RimStepBwdParams<T>& p, int64_t t) const {

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "rim_seq_bwd.cuh"
+#include "rim_step_fwd.cuh"  // step_detail::select_staged
 
 namespace rims {
 
@@ -112,27 +113,62 @@ RIMS_HD void rim_step_bwd_init(const RimStepBwdParams<T>& p, int64_t i) {
   step_bwd_detail::put_dhp<C>(p, T_ - 1, i, v);
 }
 
-// SPEC step 4 backward for sample b (one block; smem unused): d scores per (k, head, j), their
-// softmax backward per (k, head), dQ per (k, column) (three loops, so that more threads have work),
-// then dK, dV of every mechanism j (sums over the querying k, no atomics), then the dh~ GEMM's
-// operand.
+// Compute-type elements of rim_step_comm_bwd's shared memory (cb: the compute type's size): the
+// masks (K), then the sample's d o rows (K, cv), its saved Q|K|V rows (K, C3), probabilities and
+// score gradients (K, n_c, K each), each where it fits 15 KB (step_detail::select_staged, as
+// rim_step_select's); the Q|K|V rows first, 16-byte aligned for the block copy.
+RIMS_HD int64_t rim_step_comm_bwd_smem_elems(const RimSeqDims& d, int64_t cb) {
+  const int64_t nkk = step_detail::select_staged(d.K * d.n_c * d.K, cb);
+  return (step_detail::select_staged(d.K * (2 * d.ck + d.cv), cb) + 3) / 4 * 4 +
+         (nkk + 3) / 4 * 4 + nkk + d.K + step_detail::select_staged(d.K * d.cv, cb);
+}
+
+// SPEC step 4 backward for sample b (one block): d scores per (k, head, j), their softmax
+// backward per (k, head), then per (k, column of Q|K|V) dQ of k or dK, dV of k summed over the
+// querying mechanisms (no atomics), saved and written as the dh~ GEMM's operand. The sample's
+// d o rows, saved Q|K|V rows, probabilities, score gradients and masks are staged in shared
+// memory (where each fits): at `large` on an H100 this kernel took 45 us per step when every
+// item's chain read them from global memory (results/nvidia-h100-profile-steps-2026-11-27a.log).
+// Same sums in the same order.
 template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_comm_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int64_t t,
-                               int64_t b) {
+                               int64_t b, C* smem) {
   using namespace step_bwd_detail;
   const RimSeqBwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, n_c = d.n_c, dc = d.dc, dcv = d.dcv, ck = d.ck, cv = d.cv;
-  const int64_t C3 = 2 * ck + cv;
+  const int64_t C3 = 2 * ck + cv, nK = n_c * K, cb = sizeof(C);
   const C scale_c = C(1) / sqrt(C(dc));
-  const C* qkv = saved_row<C>(p, d.sv_qkv, t, b * K, C3);  // row (b, j) at qkv + j * C3
-  const C* dout = static_cast<const C*>(p.dout);         // (K, B, cv)
+  const int64_t n3 = step_detail::select_staged(K * C3, cb);
+  const int64_t nkk = step_detail::select_staged(K * nK, cb);
+  const int64_t ndo = step_detail::select_staged(K * cv, cb);
+  C* qs = smem;                     // Q|K|V rows (n3)
+  C* bps = qs + (n3 + 3) / 4 * 4;   // probabilities (nkk)
+  C* dss = bps + (nkk + 3) / 4 * 4;  // score gradients (nkk)
+  C* acts = dss + nkk;              // masks (K)
+  C* dos = acts + K;                // d o rows (ndo)
+  const C* qkv_g = saved_row<C>(p, d.sv_qkv, t, b * K, C3);  // row (b, j) at + j * C3
+  const C* bp_g = saved_row<C>(p, d.sv_bp, t, b * K, nK);
+  const C* qkv = n3 > 0 ? qs : qkv_g;
+  const C* bp = nkk > 0 ? bps : bp_g;
+  C* dsc = nkk > 0 ? dss : static_cast<C*>(p.dsc) + b * K * nK;
+  const C* dout = static_cast<const C*>(p.dout);  // (K, B, cv)
+  auto do_row = [&](int64_t k) { return ndo > 0 ? dos + k * cv : dout + (k * B + b) * cv; };
+  auto on = [&](int64_t k) { return acts[k] != C(0); };
   C* dqkv = hist_row<C>(p, d.h_dqkv, t, b * K, C3);
-  C* dsc = static_cast<C*>(p.dsc) + b * K * n_c * K;
-  ex.parallel_for(int(K * n_c * K), [&](int i) {
-    const int64_t k = i / (n_c * K), n = (i / K) % n_c, j = i % K, r = b * K + k;
+  ex.parallel_for(int(K + ndo), [&](int i) {
+    if (i < K) {
+      acts[i] = active(p, t, b * K + i) ? C(1) : C(0);
+      return;
+    }
+    const int64_t k = (i - K) / cv, e = (i - K) % cv;
+    dos[i - K] = dout[(k * B + b) * cv + e];
+  });
+  ex.copy(qs, qkv_g, n3, bps, bp_g, nkk);
+  ex.parallel_for(int(K * nK), [&](int i) {
+    const int64_t k = i / nK, n = (i / K) % n_c, j = i % K, r = b * K + k;
     C dot = C(0);
-    if (active(p, t, r)) {
-      const C* don = dout + (k * B + b) * cv + n * dcv;
+    if (on(k)) {
+      const C* don = do_row(k) + n * dcv;
       const C* vj = qkv + j * C3 + 2 * ck + n * dcv;
       for (int64_t e = 0; e < dcv; ++e) dot += don[e] * vj[e];
       dot *= keep_b<C>(p, t, r, n, j);
@@ -140,41 +176,33 @@ RIMS_HD void rim_step_comm_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int
     dsc[i] = dot;
   });
   ex.parallel_for(int(K * n_c), [&](int i) {
-    const int64_t k = i / n_c, n = i % n_c, r = b * K + k;
-    if (!active(p, t, r)) return;
+    const int64_t k = i / n_c;
+    if (!on(k)) return;
     C* ds = dsc + i * K;
-    softmax_bwd(saved_row<C>(p, d.sv_bp, t, r, n_c * K) + n * K, ds, K, ds);
+    softmax_bwd(bp + i * K, ds, K, ds);
     for (int64_t j = 0; j < K; ++j) ds[j] *= scale_c;
   });
-  ex.parallel_for(int(K * ck), [&](int i) {
-    const int64_t k = i / ck, col = i % ck, n = col / dc;
-    const C* ds = dsc + (k * n_c + n) * K;
+  ex.parallel_for(int(K * C3), [&](int i) {
+    const int64_t k = i / C3, col = i % C3;
     C acc = C(0);
-    if (active(p, t, b * K + k))
-      for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[j * C3 + ck + col];
-    dqkv[k * C3 + col] = acc;
-  });
-  ex.parallel_for(int(K * (ck + cv)), [&](int i) {
-    const int64_t j = i / (ck + cv), col = i % (ck + cv);
-    C acc = C(0);
-    if (col < ck) {  // d key_j[n, e] = sum_k d score[k, n, j] q_k[n, e]
-      const int64_t n = col / dc;
-      for (int64_t k = 0; k < K; ++k) acc += dsc[(k * n_c + n) * K + j] * qkv[k * C3 + col];
-    } else {         // d value_j[n, e] = sum_k b~[k, n, j] d o_k[n, e]
-      const int64_t c2 = col - ck, n = c2 / dcv;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t rk = b * K + k;
-        if (!active(p, t, rk)) continue;
-        const C bw = saved_row<C>(p, d.sv_bp, t, rk, n_c * K)[n * K + j] * keep_b<C>(p, t, rk, n, j);
-        acc += bw * dout[(k * B + b) * cv + c2];
+    if (col < ck) {  // d query_k[n, e] = sum_j d score[k, n, j] k_j[n, e]
+      const C* ds = dsc + (k * n_c + col / dc) * K;
+      if (on(k))
+        for (int64_t j = 0; j < K; ++j) acc += ds[j] * qkv[j * C3 + ck + col];
+    } else if (col < 2 * ck) {  // d key_k[n, e] = sum_q d score[q, n, k] q_q[n, e]
+      const int64_t c1 = col - ck, n = c1 / dc;
+      for (int64_t q = 0; q < K; ++q) acc += dsc[(q * n_c + n) * K + k] * qkv[q * C3 + c1];
+    } else {  // d value_k[n, e] = sum_q b~[q, n, k] d o_q[n, e]
+      const int64_t c2 = col - 2 * ck, n = c2 / dcv;
+      for (int64_t q = 0; q < K; ++q) {
+        if (!on(q)) continue;
+        const C bw = bp[(q * n_c + n) * K + k] * keep_b<C>(p, t, b * K + q, n, k);
+        acc += bw * do_row(q)[c2];
       }
     }
-    dqkv[j * C3 + ck + col] = acc;
-  });
-  ex.parallel_for(int(K * C3), [&](int i) {
-    const int64_t k = i / C3, c = i % C3;
-    const bool kv = active(p, t, b * K + k) || !d.block_inactive_grad;
-    from_c(c < ck || kv ? dqkv[k * C3 + c] : C(0), p.dqkv_op + (k * B + b) * C3 + c);
+    dqkv[k * C3 + col] = acc;
+    const bool kv = on(k) || !d.block_inactive_grad;
+    from_c(col < ck || kv ? acc : C(0), p.dqkv_op + (k * B + b) * C3 + col);
   });
 }
 
