@@ -26,7 +26,8 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for (int64_t b = 0; b < p.s.B; ++b) rim_step_select_bwd<C>(HostExec{}, p, t, b);
+    std::vector<C> smem(rim_step_select_bwd_smem_elems(p.s, sizeof(C)));
+    for (int64_t b = 0; b < p.s.B; ++b) rim_step_select_bwd<C>(HostExec{}, p, t, b, smem.data());
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {

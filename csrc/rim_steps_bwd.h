@@ -36,7 +36,7 @@ void rim_steps_bwd_run(SeqBwdCall& c, const at::Tensor& w_x, const Dev& dev) {
   at::Tensor dxa = at::empty({K, B, XW}, co), dhprev = at::empty({K, B, H}, co);
   at::Tensor dh = at::empty({B, K, H}, co), dc = d.lstm ? at::empty({B, K, H}, co) : at::Tensor();
   at::Tensor direct = at::empty({B, K, H}, co), dsc = at::empty({B, K, d.n_c * K}, co);
-  at::Tensor dsi = at::empty({B, K, d.n_in * d.M}, co), dgf = at::empty({B, K, XW}, co);
+  at::Tensor dsi = at::empty({B, K, d.n_in * d.M}, co);
   at::Tensor dsi_part = at::empty({B, K, d.n_in * d.M * kDotChunks}, co);
 
   RimStepBwdParams<T> p{};
@@ -47,7 +47,7 @@ void rim_steps_bwd_run(SeqBwdCall& c, const at::Tensor& w_x, const Dev& dev) {
   p.dxa = dxa.const_data_ptr(), p.dhprev = dhprev.const_data_ptr();
   p.dh = dh.mutable_data_ptr(), p.dc = d.lstm ? dc.mutable_data_ptr() : nullptr;
   p.direct = direct.mutable_data_ptr(), p.dsc = dsc.mutable_data_ptr();
-  p.dsi = dsi.mutable_data_ptr(), p.dgf = dgf.mutable_data_ptr();
+  p.dsi = dsi.mutable_data_ptr();
   p.dsi_part = dsi_part.mutable_data_ptr();
   const at::Tensor dgi_op = dg_op.narrow(2, 0, GH), dgh_dq_op = dg_op.narrow(2, GW - GH, GH + nk);
   dev.template init<C>(p);

@@ -31,8 +31,8 @@ template <typename C, typename T>
 struct SelectBwdPhase {
   RimStepBwdParams<T> p;
   int64_t t;
-  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t b, unsigned char*) const {
-    rim_step_select_bwd<C>(ex, p, t, b);
+  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t b, unsigned char* smem) const {
+    rim_step_select_bwd<C>(ex, p, t, b, reinterpret_cast<C*>(smem));
   }
 };
 template <typename C, typename T>
@@ -61,7 +61,9 @@ struct StepBwdCudaDev {
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for_samples(SelectBwdPhase<C, T>{p, t}, p.s.B, 0, stream);
+    for_samples(SelectBwdPhase<C, T>{p, t}, p.s.B,
+                static_cast<size_t>(rim_step_select_bwd_smem_elems(p.s, sizeof(C))) * sizeof(C),
+                stream);
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {

@@ -347,20 +347,24 @@ def test_tf32_setting_read_with_either_api():
 # Wide enough that the stepped select reads the q rows and the keys from global memory instead
 # of staging them (neither fits its 15 KB in float64: K*nk = M*nk = 8*256 elements), and that
 # comm_bwd reads the Q|K|V rows, d o rows, probabilities and score gradients from global memory
-# (K*C3 = 16*768, K*cv = 16*256, K*n_c*K = 16*8*16 elements, each over 15 KB in float64).
+# (K*C3 = 16*768, K*cv = 16*256, K*n_c*K = 16*8*16 elements, each over 15 KB in float64), and
+# that select_bwd reads a~, the score gradients, their partial sums and the input row from
+# global memory (K*n_in*M = 8*4*64, M*xrow = 64*1024).
 UNSTAGED = [("lstm", 8, 4, 1, 8, 3, 2, 3, dict(input_key_size=64)),
-            ("lstm", 1, 1, 8, 16, 4, 2, 3, dict(comm_key_size=32, comm_value_size=32))]
+            ("lstm", 1, 1, 8, 16, 4, 2, 3, dict(comm_key_size=32, comm_value_size=32)),
+            ("lstm", 64, 4, 1, 8, 3, 2, 256, dict(input_key_size=8))]
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
-@pytest.mark.parametrize("case", UNSTAGED, ids=["select", "comm_bwd"])
+@pytest.mark.parametrize("case", UNSTAGED, ids=["select", "comm_bwd", "select_bwd"])
 def test_stepped_unstaged_inputs(case, dropout):
     rim = _setup_case(case)[0]
-    c = rim.config
+    c, M = rim.config, case[1]
     ck, cv = c.comm_heads * c.comm_key_size, c.comm_heads * c.comm_value_size
-    sizes = (c.input_heads * c.input_key_size * max(c.num_units, 8),
-             c.num_units * (2 * ck + cv), c.num_units * c.comm_heads * c.num_units)
-    assert max(sizes) * 8 > 15 * 1024, sizes
+    nk, K = c.input_heads * c.input_key_size, c.num_units
+    sizes = {"q": K * nk, "keys": M * nk, "comm Q|K|V": K * (2 * ck + cv),
+             "comm probs": K * c.comm_heads * K, "a~": K * c.input_heads * M}
+    assert max(sizes.values()) * 8 > 15 * 1024, sizes
     test_stepped_matches_reference_float64(case)
     test_saved_activations_are_the_persistent_forwards(case, dropout)
     test_backward_equals_the_persistent_backward(case, dropout, not dropout, ("out", "h_n", "c_n"))

@@ -41,9 +41,8 @@ struct RimStepBwdParams {
   void* dc;      // H (LSTM)
   void* direct;  // H: the part of dh_{t-1} that does not go through a GEMM
   void* dsc;     // n_c K: communication score gradients
-  void* dsi;     // n_in M: input score gradients
-  void* dsi_part;  // n_in M kDotChunks: their dot products' partial sums (select_bwd)
-  void* dgf;     // XW: d xa of active rows
+  void* dsi;     // n_in M: input score gradients (where select_bwd does not stage them)
+  void* dsi_part;  // n_in M kDotChunks: their dot products' partial sums (likewise)
 };
 
 // select_bwd splits each input score's D-long dot product d xa . x_m into this many partial sums,
@@ -245,53 +244,94 @@ RIMS_HD void rim_step_cell_bwd(const RimStepBwdParams<T>& p, int64_t t, int64_t 
   for (int64_t col = j; col < GW; col += H) from_c(dg[col], op + col);
 }
 
-// SPEC step 1 backward for sample b (one block; smem unused): the forward's read xa (for d F),
-// d xa of active rows, the input scores' gradients (their dot products in kDotChunks partial
-// sums, added in order) through dropout and the null softmax, dq (history and the last GEMM's
-// operand), then this step's d keys and d x.
+// Compute-type elements of rim_step_select_bwd's shared memory (cb: the compute type's size):
+// the step's input row (M, xrow) first (16-byte aligned for the block copy), then the masks (K),
+// and the saved a~, a~ times its dropout keep factor, the score gradients (K, n_in, M each) and
+// their dot products' partial sums (K, n_in, M, kDotChunks), each where it fits 15 KB
+// (step_detail::select_staged).
+RIMS_HD int64_t rim_step_select_bwd_smem_elems(const RimSeqDims& d, int64_t cb) {
+  const int64_t na = step_detail::select_staged(d.K * d.n_in * d.M, cb);
+  return (step_detail::select_staged(d.M * d.xrow, cb) + 3) / 4 * 4 + d.K + 3 * na +
+         step_detail::select_staged(d.K * d.n_in * d.M * kDotChunks, cb);
+}
+
+// SPEC step 1 backward for sample b (one block): the forward's read xa (for d F), the input
+// scores' gradients (d xa . x_m, their dot products in kDotChunks partial sums, added in order)
+// through dropout and the null softmax, dq (history and the last GEMM's operand), then this
+// step's d keys and d x. d xa is the GEMM's result, read on active rows only. The step's input
+// row, the masks, a~ (and times its keep factor), the score gradients and the partial sums are
+// staged in shared memory where each fits: at `large` on an H100 this kernel took 45 us per step
+// when every item read them from global memory (results/nvidia-h100-profile-steps-2026-11-27a.log;
+// K XW = 4096 items of the read xa in 16 rounds, each waiting on global loads). Same sums in the
+// same order.
 template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int64_t t,
-                                 int64_t b) {
+                                 int64_t b, C* smem) {
   using namespace step_bwd_detail;
   const RimSeqBwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, M = d.M, n_in = d.n_in, dk = d.dk, nk = d.nk, Dx = d.Dx;
-  const int64_t XW = n_in * Dx, xrow = d.xrow, xhead = d.xhead;
+  const int64_t XW = n_in * Dx, xrow = d.xrow, xhead = d.xhead, NA = n_in * M, cb = sizeof(C);
   const int64_t GW = d.lstm ? d.GH : 2 * d.GH;
   const C scale_in = C(1) / sqrt(C(dk));
   const C* kt = static_cast<const C*>(d.keys) + (t * B + b) * M * nk;
-  const C* xt = static_cast<const C*>(d.xsrc) + (t * B + b) * M * xrow;
-  C* dgf = static_cast<C*>(p.dgf) + b * K * XW;
-  C* dsi = static_cast<C*>(p.dsi) + b * K * n_in * M;
-  ex.parallel_for(int(K * XW), [&](int i) {
-    const int64_t k = i / XW, col = i % XW, n = col / Dx, dd = col % Dx, r = b * K + k;
-    const bool on = active(p, t, r);
-    dgf[i] = on ? static_cast<const C*>(p.dxa)[(k * B + b) * XW + col] : C(0);
-    C xacc = C(0);
-    if (on) {
-      const C* a = saved_row<C>(p, d.sv_a, t, r, n_in * M) + n * M;
-      for (int64_t m = 0; m < M; ++m)
-        xacc += a[m] * keep_a<C>(p, t, r, n, m) * xt[m * xrow + n * xhead + dd];
+  const C* xt_g = static_cast<const C*>(d.xsrc) + (t * B + b) * M * xrow;
+  const C* dxa = static_cast<const C*>(p.dxa);  // (K, B, XW)
+  const int64_t nx = step_detail::select_staged(M * xrow, cb);
+  const int64_t na = step_detail::select_staged(K * NA, cb);
+  const int64_t np = step_detail::select_staged(K * NA * kDotChunks, cb);
+  C* xs = smem;                       // the input row (nx)
+  C* acts = xs + (nx + 3) / 4 * 4;   // masks (K)
+  C* as = acts + K;                  // saved a~ (na)
+  C* aks = as + na;                  // a~ keep (na)
+  C* dss = aks + na;                 // score gradients (na)
+  C* parts = dss + na;               // partial sums (np)
+  const C* xt = nx > 0 ? xs : xt_g;
+  const C* a_g = saved_row<C>(p, d.sv_a, t, b * K, NA);  // row k at + k * NA
+  const C* a_all = na > 0 ? as : a_g;
+  C* dsi = na > 0 ? dss : static_cast<C*>(p.dsi) + b * K * NA;
+  C* part = np > 0 ? parts : static_cast<C*>(p.dsi_part) + b * K * NA * kDotChunks;
+  auto on = [&](int64_t k) { return acts[k] != C(0); };
+  // a~_{k,n,m} times its dropout keep factor (the product the forward's read used).
+  auto ak = [&](int64_t k, int64_t n, int64_t m) {
+    return na > 0 ? aks[(k * n_in + n) * M + m]
+                  : a_g[k * NA + n * M + m] * keep_a<C>(p, t, b * K + k, n, m);
+  };
+  auto dxa_row = [&](int64_t k) { return dxa + (k * B + b) * XW; };
+  ex.parallel_for(int(K + na), [&](int i) {
+    if (i < K) {
+      acts[i] = active(p, t, b * K + i) ? C(1) : C(0);
+      return;
     }
-    hist_row<C>(p, d.h_xa, t, r, XW)[col] = xacc;
+    const int64_t j = i - K, k = j / NA, n = (j / M) % n_in, m = j % M;
+    as[j] = a_g[j];
+    aks[j] = a_g[j] * keep_a<C>(p, t, b * K + k, n, m);
   });
-  C* part = static_cast<C*>(p.dsi_part) + b * K * n_in * M * kDotChunks;
+  ex.copy(xs, xt_g, nx);
+  // The forward's read xa of active rows (zero elsewhere), for d F: stores only.
+  ex.parallel_for(int(K * XW), [&](int i) {
+    const int64_t k = i / XW, col = i % XW, n = col / Dx, dd = col % Dx;
+    C xacc = C(0);
+    if (on(k))
+      for (int64_t m = 0; m < M; ++m) xacc += ak(k, n, m) * xt[m * xrow + n * xhead + dd];
+    hist_row<C>(p, d.h_xa, t, b * K + k, XW)[col] = xacc;
+  });
   const int64_t chunk = (Dx + kDotChunks - 1) / kDotChunks;
-  ex.parallel_for(int(K * n_in * M * kDotChunks), [&](int i) {
+  ex.parallel_for(int(K * NA * kDotChunks), [&](int i) {
     const int64_t km = i / kDotChunks, c = i % kDotChunks;  // km = (k * n_in + n) * M + m
-    const int64_t k = km / (n_in * M), n = (km / M) % n_in, m = km % M;
+    const int64_t k = km / NA, n = (km / M) % n_in, m = km % M;
     C dot = C(0);
-    if (active(p, t, b * K + k)) {
-      const C* dxa = dgf + k * XW + n * Dx;
+    if (on(k)) {
+      const C* dx = dxa_row(k) + n * Dx;
       const C* xm = xt + m * xrow + n * xhead;
       const int64_t hi = c * chunk + chunk < Dx ? c * chunk + chunk : Dx;
-      for (int64_t dd = c * chunk; dd < hi; ++dd) dot += dxa[dd] * xm[dd];
+      for (int64_t dd = c * chunk; dd < hi; ++dd) dot += dx[dd] * xm[dd];
     }
     part[i] = dot;
   });
   ex.parallel_for(int(K * n_in), [&](int i) {
     const int64_t k = i / n_in, n = i % n_in, r = b * K + k;
     C* ds = dsi + i * M;
-    if (!active(p, t, r)) {
+    if (!on(k)) {
       for (int64_t m = 0; m < M; ++m) ds[m] = C(0);
       return;
     }
@@ -300,14 +340,14 @@ RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, i
       for (int64_t c = 0; c < kDotChunks; ++c) dot += part[(i * M + m) * kDotChunks + c];
       ds[m] = dot * keep_a<C>(p, t, r, n, m);
     }
-    softmax_bwd(saved_row<C>(p, d.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
+    softmax_bwd(a_all + k * NA + n * M, ds, M, ds);
     for (int64_t m = 0; m < M; ++m) ds[m] *= scale_in;
   });
   ex.parallel_for(int(K * nk), [&](int i) {
     const int64_t k = i / nk, col = i % nk, n = col / dk, r = b * K + k;
     const C* ds = dsi + (k * n_in + n) * M;
     C acc = C(0);
-    if (active(p, t, r))
+    if (on(k))
       for (int64_t m = 0; m < M; ++m) acc += ds[m] * kt[m * nk + col];
     hist_row<C>(p, d.h_dq, t, r, nk)[col] = acc;
     from_c(acc, p.dg_op + (k * B + b) * (GW + nk) + GW + col);
@@ -325,11 +365,8 @@ RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, i
     const int64_t dd = xhead > 0 ? col % Dx : col;
     C acc = C(0);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = b * K + k;
-      if (!active(p, t, r)) continue;
-      for (int64_t n = n_lo; n < n_hi; ++n)
-        acc += saved_row<C>(p, d.sv_a, t, r, n_in * M)[n * M + m] * keep_a<C>(p, t, r, n, m) *
-               dgf[k * XW + n * Dx + dd];
+      if (!on(k)) continue;
+      for (int64_t n = n_lo; n < n_hi; ++n) acc += ak(k, n, m) * dxa_row(k)[n * Dx + dd];
     }
     static_cast<C*>(d.d_xsrc)[(t * B + b) * M * xrow + i] = acc;
   });
