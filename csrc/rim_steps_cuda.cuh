@@ -39,10 +39,14 @@ void for_items(const F& f, int64_t n, cudaStream_t stream) {
 // f(exec, b, smem) for b in [0, samples), a block each with `smem` bytes of shared memory.
 template <class F>
 void for_samples(const F& f, int64_t samples, size_t smem, cudaStream_t stream) {
-  if (smem > 48 * 1024)  // beyond the default: opt in (rim_step_select's staging stays below)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(samples_kernel<F>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+  if (smem > 48 * 1024) {  // beyond the default: opt in once per kernel and device, never lowered
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    TORCH_CHECK(static_cast<int64_t>(smem) <= seq_cuda::max_smem_per_block(dev),
+                "rims_fast stepped ops: a phase kernel needs ", smem, " bytes of shared memory, "
+                "more than this GPU's ", seq_cuda::max_smem_per_block(dev), " per block");
+    seq_cuda::allow_max_smem(samples_kernel<F>, dev);
+  }
   samples_kernel<F><<<static_cast<unsigned>(samples), kSampleThreads, smem, stream>>>(f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -47,7 +47,10 @@ struct RimStepBwdParams {
 
 // select_bwd splits each input score's D-long dot product d xa . x_m into this many partial sums,
 // so that a block has work for more than K n_in M threads (8 at `large`, where the whole phase
-// took 45 us per step on an H100: results/nvidia-h100-profile-steps-2026-11-27a.log).
+// took 45 us per step on an H100: results/nvidia-h100-profile-steps-2026-11-27a.log). Partial
+// sum c takes the elements c, c + kDotChunks, ... in ascending order, so that a warp's lanes (its
+// 32 chunks) read consecutive elements: coalesced d xa, no shared-memory bank conflicts on the
+// staged input row (contiguous chunks of Dx / 32 made them 16-way at `large`).
 constexpr int64_t kDotChunks = 32;
 
 namespace step_bwd_detail {
@@ -113,9 +116,10 @@ RIMS_HD void rim_step_bwd_init(const RimStepBwdParams<T>& p, int64_t i) {
 }
 
 // Compute-type elements of rim_step_comm_bwd's shared memory (cb: the compute type's size): the
-// masks (K), then the sample's d o rows (K, cv), its saved Q|K|V rows (K, C3), probabilities and
-// score gradients (K, n_c, K each), each where it fits 15 KB (step_detail::select_staged, as
-// rim_step_select's); the Q|K|V rows first, 16-byte aligned for the block copy.
+// sample's saved Q|K|V rows (K, C3) and probabilities (K, n_c, K), each padded to 4 elements so
+// that both start 16-byte aligned for the block copy, its score gradients (K, n_c, K), the masks
+// (K) and its d o rows (K, cv); each array only where it fits 15 KB (step_detail::select_staged,
+// as rim_step_select's).
 RIMS_HD int64_t rim_step_comm_bwd_smem_elems(const RimSeqDims& d, int64_t cb) {
   const int64_t nkk = step_detail::select_staged(d.K * d.n_c * d.K, cb);
   return (step_detail::select_staged(d.K * (2 * d.ck + d.cv), cb) + 3) / 4 * 4 +
@@ -256,7 +260,8 @@ RIMS_HD int64_t rim_step_select_bwd_smem_elems(const RimSeqDims& d, int64_t cb) 
 }
 
 // SPEC step 1 backward for sample b (one block): the forward's read xa (for d F), the input
-// scores' gradients (d xa . x_m, their dot products in kDotChunks partial sums, added in order)
+// scores' gradients (d xa . x_m, their dot products in kDotChunks strided partial sums, added in
+// order)
 // through dropout and the null softmax, dq (history and the last GEMM's operand), then this
 // step's d keys and d x. d xa is the GEMM's result, read on active rows only. The step's input
 // row, the masks, a~ (and times its keep factor), the score gradients and the partial sums are
@@ -315,7 +320,6 @@ RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, i
       for (int64_t m = 0; m < M; ++m) xacc += ak(k, n, m) * xt[m * xrow + n * xhead + dd];
     hist_row<C>(p, d.h_xa, t, b * K + k, XW)[col] = xacc;
   });
-  const int64_t chunk = (Dx + kDotChunks - 1) / kDotChunks;
   ex.parallel_for(int(K * NA * kDotChunks), [&](int i) {
     const int64_t km = i / kDotChunks, c = i % kDotChunks;  // km = (k * n_in + n) * M + m
     const int64_t k = km / NA, n = (km / M) % n_in, m = km % M;
@@ -323,8 +327,7 @@ RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, i
     if (on(k)) {
       const C* dx = dxa_row(k) + n * Dx;
       const C* xm = xt + m * xrow + n * xhead;
-      const int64_t hi = c * chunk + chunk < Dx ? c * chunk + chunk : Dx;
-      for (int64_t dd = c * chunk; dd < hi; ++dd) dot += dx[dd] * xm[dd];
+      for (int64_t dd = c; dd < Dx; dd += kDotChunks) dot += dx[dd] * xm[dd];
     }
     part[i] = dot;
   });

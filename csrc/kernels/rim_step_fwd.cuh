@@ -136,10 +136,15 @@ RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t 
     C* a = a_work(k);
     for (int64_t n = 0; n < n_in; ++n) psum += null_softmax(a + n * M, M, a + n * M);
     pk[k] = psum / C(n_in);
-    if (na > 0)
-      for (int64_t j = 0; j < NA; ++j) a_row(k)[j] = a[j];
   });
-  ex.parallel_for(int(K), [&](int k) {
+  // The rank rule per k; items past K copy the staged a~ to its rows (saved or scratch).
+  ex.parallel_for(int(K + na), [&](int i) {
+    if (i >= K) {
+      const int64_t j = i - K;
+      a_row(j / NA)[j % NA] = as[j];
+      return;
+    }
+    const int64_t k = i;
     const bool act = competition_active(pk, K, k, d.top_k);
     on[k] = act ? C(1) : C(0);
     d.masks[(t * B + b) * K + k] = act;
