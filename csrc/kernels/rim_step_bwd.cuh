@@ -20,7 +20,7 @@
 #pragma once
 
 #include "rim_seq_bwd.cuh"
-#include "rim_step_fwd.cuh"  // step_detail::select_staged
+#include "rim_step_fwd.cuh"  // step_detail::staged_elems
 
 namespace rims {
 
@@ -118,12 +118,11 @@ RIMS_HD void rim_step_bwd_init(const RimStepBwdParams<T>& p, int64_t i) {
 // Compute-type elements of rim_step_comm_bwd's shared memory (cb: the compute type's size): the
 // sample's saved Q|K|V rows (K, C3) and probabilities (K, n_c, K), each padded to 4 elements so
 // that both start 16-byte aligned for the block copy, its score gradients (K, n_c, K), the masks
-// (K) and its d o rows (K, cv); each array only where it fits 15 KB (step_detail::select_staged,
-// as rim_step_select's).
+// (K) and its d o rows (K, cv); each array only where it fits 15 KB (step_detail::staged_elems).
 RIMS_HD int64_t rim_step_comm_bwd_smem_elems(const RimSeqDims& d, int64_t cb) {
-  const int64_t nkk = step_detail::select_staged(d.K * d.n_c * d.K, cb);
-  return (step_detail::select_staged(d.K * (2 * d.ck + d.cv), cb) + 3) / 4 * 4 +
-         (nkk + 3) / 4 * 4 + nkk + d.K + step_detail::select_staged(d.K * d.cv, cb);
+  const int64_t nkk = step_detail::staged_elems(d.K * d.n_c * d.K, cb);
+  return (step_detail::staged_elems(d.K * (2 * d.ck + d.cv), cb) + 3) / 4 * 4 +
+         (nkk + 3) / 4 * 4 + nkk + d.K + step_detail::staged_elems(d.K * d.cv, cb);
 }
 
 // SPEC step 4 backward for sample b (one block): d scores per (k, head, j), their softmax
@@ -141,9 +140,9 @@ RIMS_HD void rim_step_comm_bwd(const Exec& ex, const RimStepBwdParams<T>& p, int
   const int64_t B = d.B, K = d.K, n_c = d.n_c, dc = d.dc, dcv = d.dcv, ck = d.ck, cv = d.cv;
   const int64_t C3 = 2 * ck + cv, nK = n_c * K, cb = sizeof(C);
   const C scale_c = C(1) / sqrt(C(dc));
-  const int64_t n3 = step_detail::select_staged(K * C3, cb);
-  const int64_t nkk = step_detail::select_staged(K * nK, cb);
-  const int64_t ndo = step_detail::select_staged(K * cv, cb);
+  const int64_t n3 = step_detail::staged_elems(K * C3, cb);
+  const int64_t nkk = step_detail::staged_elems(K * nK, cb);
+  const int64_t ndo = step_detail::staged_elems(K * cv, cb);
   C* qs = smem;                     // Q|K|V rows (n3)
   C* bps = qs + (n3 + 3) / 4 * 4;   // probabilities (nkk)
   C* dss = bps + (nkk + 3) / 4 * 4;  // score gradients (nkk)
@@ -252,11 +251,11 @@ RIMS_HD void rim_step_cell_bwd(const RimStepBwdParams<T>& p, int64_t t, int64_t 
 // the step's input row (M, xrow) first (16-byte aligned for the block copy), then the masks (K),
 // and the saved a~, a~ times its dropout keep factor, the score gradients (K, n_in, M each) and
 // their dot products' partial sums (K, n_in, M, kDotChunks), each where it fits 15 KB
-// (step_detail::select_staged).
+// (step_detail::staged_elems).
 RIMS_HD int64_t rim_step_select_bwd_smem_elems(const RimSeqDims& d, int64_t cb) {
-  const int64_t na = step_detail::select_staged(d.K * d.n_in * d.M, cb);
-  return (step_detail::select_staged(d.M * d.xrow, cb) + 3) / 4 * 4 + d.K + 3 * na +
-         step_detail::select_staged(d.K * d.n_in * d.M * kDotChunks, cb);
+  const int64_t na = step_detail::staged_elems(d.K * d.n_in * d.M, cb);
+  return (step_detail::staged_elems(d.M * d.xrow, cb) + 3) / 4 * 4 + d.K + 3 * na +
+         step_detail::staged_elems(d.K * d.n_in * d.M * kDotChunks, cb);
 }
 
 // SPEC step 1 backward for sample b (one block): the forward's read xa (for d F), the input
@@ -281,9 +280,9 @@ RIMS_HD void rim_step_select_bwd(const Exec& ex, const RimStepBwdParams<T>& p, i
   const C* kt = static_cast<const C*>(d.keys) + (t * B + b) * M * nk;
   const C* xt_g = static_cast<const C*>(d.xsrc) + (t * B + b) * M * xrow;
   const C* dxa = static_cast<const C*>(p.dxa);  // (K, B, XW)
-  const int64_t nx = step_detail::select_staged(M * xrow, cb);
-  const int64_t na = step_detail::select_staged(K * NA, cb);
-  const int64_t np = step_detail::select_staged(K * NA * kDotChunks, cb);
+  const int64_t nx = step_detail::staged_elems(M * xrow, cb);
+  const int64_t na = step_detail::staged_elems(K * NA, cb);
+  const int64_t np = step_detail::staged_elems(K * NA * kDotChunks, cb);
   C* xs = smem;                       // the input row (nx)
   C* acts = xs + (nx + 3) / 4 * 4;   // masks (K)
   C* as = acts + K;                  // saved a~ (na)

@@ -63,19 +63,21 @@ RIMS_HD C* row_at(const RimStepParams<T>& p, void* saved, void* scratch, int64_t
                           : static_cast<C*>(scratch) + r * width;
 }
 
-// Elements of an array rim_step_select stages in shared memory: n, or 0 (not staged, read from
-// global memory) beyond 15 KB, so that its three staged arrays and p fit a block's default 48 KB.
-RIMS_HD int64_t select_staged(int64_t n, int64_t cb) { return n * cb <= 15 * 1024 ? n : 0; }
+// Elements of an array a block-per-sample phase (rim_step_select, rim_step_comm_bwd,
+// rim_step_select_bwd) stages in shared memory: n, or 0 (not staged, read from global memory)
+// beyond 15 KB, so that a kernel's staged arrays stay near a block's default 48 KB (for_samples
+// opts in beyond it).
+RIMS_HD int64_t staged_elems(int64_t n, int64_t cb) { return n * cb <= 15 * 1024 ? n : 0; }
 
 }  // namespace step_detail
 
 // Compute-type elements of rim_step_select's shared memory (cb: the compute type's size): p and
 // the active flags, then the staged q rows (K, nk), the step's keys (M, nk) and the attention
-// weights a~ (K, n_in, M), each where it fits (step_detail::select_staged).
+// weights a~ (K, n_in, M), each where it fits (step_detail::staged_elems).
 RIMS_HD int64_t rim_step_select_smem_elems(const RimSeqDims& d, int64_t cb) {
-  return 2 * d.K + step_detail::select_staged(d.K * d.nk, cb) +
-         step_detail::select_staged(d.M * d.nk, cb) +
-         step_detail::select_staged(d.K * d.n_in * d.M, cb);
+  return 2 * d.K + step_detail::staged_elems(d.K * d.nk, cb) +
+         step_detail::staged_elems(d.M * d.nk, cb) +
+         step_detail::staged_elems(d.K * d.n_in * d.M, cb);
 }
 
 // SPEC steps 1-2 and the attention-weighted input for sample b: one block (Exec: items over its
@@ -98,9 +100,9 @@ RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t 
   const C keep_in = C(1.0 - d.p_in);
   const float drop_in = static_cast<float>(d.p_in);
   const int64_t cb = sizeof(C), NA = n_in * M;
-  const int64_t nq = step_detail::select_staged(K * nk, cb);
-  const int64_t nks = step_detail::select_staged(M * nk, cb);
-  const int64_t na = step_detail::select_staged(K * NA, cb);
+  const int64_t nq = step_detail::staged_elems(K * nk, cb);
+  const int64_t nks = step_detail::staged_elems(M * nk, cb);
+  const int64_t na = step_detail::staged_elems(K * NA, cb);
   C* pk = smem;
   C* on = smem + K;
   C* qs = smem + 2 * K;  // staged q rows (nq), keys (nks), a~ (na)
