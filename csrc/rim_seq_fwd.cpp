@@ -13,6 +13,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -430,17 +431,20 @@ SeqFwdResult rim_seq_fwd_cpu(
       std::vector<char*> bases;
       for (int64_t r = 0; r < ranks; ++r)
         bases.push_back(reinterpret_cast<char*>(smem[r].mutable_data_ptr<scalar_t>()));
-      for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i)
+      for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+        smem.fill_(std::numeric_limits<double>::quiet_NaN());  // poison_shared (host_exec.h)
         run_cluster_on_host(bases, [&](const ClusterHostExec& ex, int rank) {
           rim_seq_fwd_tile<kSeqTileMax, scalar_t, false, true>(
               ex, p, tile_i, reinterpret_cast<scalar_t*>(bases[rank]), rank);
         });
+      }
       return;
     }
     // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
     at::Tensor smem = at::empty({elems}, h0.options());
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
     for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+      poison_shared(base, elems);
       if (d.mma)
         rim_seq_fwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
       else
@@ -478,6 +482,7 @@ SeqBwdResult rim_seq_bwd_cpu(
     at::Tensor smem = at::empty({elems}, h0.options());  // 64-byte aligned, as in the forward
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
     for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+      poison_shared(base, elems);
       if (d.mma)
         rim_seq_bwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
       else

@@ -10,28 +10,35 @@
 namespace rims {
 namespace {
 
+// As StepHostDev (rim_steps_fwd.cpp): host_item_order(), shared memory NaN per sample.
 struct StepBwdHostDev {
   template <typename C, typename T>
   void init(const RimStepBwdParams<T>& p) const {
-    for (int64_t i = 0; i < p.s.B * p.s.K * p.s.H; ++i) rim_step_bwd_init<C>(p, i);
+    host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_bwd_init<C>(p, i); });
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
     std::vector<C> smem(rim_step_comm_bwd_smem_elems(p.s, sizeof(C)));
-    for (int64_t b = 0; b < p.s.B; ++b) rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem.data());
+    host_grid_for(p.s.B, [&](int64_t b) {
+      poison_shared(smem.data(), static_cast<int64_t>(smem.size()));
+      rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem.data());
+    });
   }
   template <typename C, typename T>
   void cell_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for (int64_t i = 0; i < p.s.B * p.s.K * p.s.H; ++i) rim_step_cell_bwd<C>(p, t, i);
+    host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_cell_bwd<C>(p, t, i); });
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
     std::vector<C> smem(rim_step_select_bwd_smem_elems(p.s, sizeof(C)));
-    for (int64_t b = 0; b < p.s.B; ++b) rim_step_select_bwd<C>(HostExec{}, p, t, b, smem.data());
+    host_grid_for(p.s.B, [&](int64_t b) {
+      poison_shared(smem.data(), static_cast<int64_t>(smem.size()));
+      rim_step_select_bwd<C>(HostExec{}, p, t, b, smem.data());
+    });
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {
-    for (int64_t i = 0; i < p.s.B * p.s.K * p.s.H; ++i) rim_step_dh_final<C>(p, t, i);
+    host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_dh_final<C>(p, t, i); });
   }
 };
 

@@ -11,24 +11,28 @@
 namespace rims {
 namespace {
 
-// The phases of one step on the host: items in order (every barrier holds trivially).
+// The phases of one step on the host: items one by one (every barrier holds trivially), in
+// host_item_order(); each sample's shared memory starts as NaN (host_exec.h).
 struct StepHostDev {
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
     std::vector<C> smem(rim_step_select_smem_elems(p.s, sizeof(C)));
-    for (int64_t b = 0; b < p.s.B; ++b) rim_step_select<C>(HostExec{}, p, t, b, smem.data());
+    host_grid_for(p.s.B, [&](int64_t b) {
+      poison_shared(smem.data(), static_cast<int64_t>(smem.size()));
+      rim_step_select<C>(HostExec{}, p, t, b, smem.data());
+    });
   }
   template <typename C, typename T>
   void cell(const RimStepParams<T>& p, int64_t t) const {
-    for (int64_t i = 0; i < p.s.B * p.s.K * p.s.H; ++i) rim_step_cell<C>(p, t, i);
+    host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_cell<C>(p, t, i); });
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    for (int64_t b = 0; b < p.s.B; ++b) rim_step_comm<C>(HostExec{}, p, t, b);
+    host_grid_for(p.s.B, [&](int64_t b) { rim_step_comm<C>(HostExec{}, p, t, b); });
   }
   template <typename C, typename T>
   void residual(const RimStepParams<T>& p, int64_t t) const {
-    for (int64_t i = 0; i < p.s.B * p.s.K * p.s.H; ++i) rim_step_residual<C>(p, t, i);
+    host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_residual<C>(p, t, i); });
   }
 };
 

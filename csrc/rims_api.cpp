@@ -139,6 +139,17 @@ void set_phase_clock(const std::optional<at::Tensor>& buf) {
   rims::seq_phase_clock(1) = p + rims::kPhaseSlots;
 }
 
+// Test hook (tests/test_host_item_order.py): the order of a phase's items in the host runs of the
+// CUDA ops' tile functions (kernels/host_exec.h). Returns the previous order.
+int set_host_item_order(int mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2,
+              "_set_host_item_order: mode must be 0 (in order), 1 (reversed) or 2 (permuted), got ",
+              mode);
+  const int old = rims::host_item_order();
+  rims::host_item_order() = mode;
+  return old;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -151,4 +162,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kernels' launches are added into buf (int64 CUDA, 2 x 64 counters: forward, backward; "
         "slot 63 of each counts block-steps; launches on buf's device only, CUDA-core kernels "
         "only; a graph captured meanwhile keeps the address); None stops.");
+  m.def("_set_host_item_order", &set_host_item_order, pybind11::arg("mode"),
+        "Test hook: order of each phase's items when the CUDA ops' kernels run on the host "
+        "(CPU tensors): 0 in order, 1 reversed, 2 a permutation that changes every phase. "
+        "A race-free kernel gives the same bits in all three. Returns the previous mode.");
 }

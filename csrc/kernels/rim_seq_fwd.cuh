@@ -6,8 +6,9 @@
 // input term hoisted and no input dropout) separated by block barriers; each phase is a parallel
 // loop over independent items, so the same code runs
 //   - on the GPU (DeviceExec: items strided over the block's threads, __syncthreads after), and
-//   - on the host (HostExec: items in order), which is how CI checks this kernel's arithmetic
-//     against the reference without a GPU (rims_fast::rim_seq_fwd's CPU implementation).
+//   - on the host (HostExec, host_exec.h: items one by one, in a selectable order), which is how
+//     CI checks this kernel's arithmetic against the reference without a GPU (and its phases for
+//     races: tests/test_host_item_order.py; rims_fast::rim_seq_fwd's CPU implementation).
 // Weight-stationary phases (gates, communication projections, output) give each item one
 // (mechanism, column) pair and loop over the tile's samples inside, so every weight element is
 // read once per tile and step (from L2 once the first tile touched it).
@@ -29,6 +30,7 @@
 #include <type_traits>
 
 #include "column_dot.cuh"
+#include "host_exec.h"
 #include "masked_cell.cuh"
 #include "mma_rows.cuh"
 #include "rim_numerics.h"
@@ -700,33 +702,5 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   // alive until every block is past it, whatever the compiler moves (cheap: once per call).
   if constexpr (CLUSTER) ex.cluster_sync();
 }
-
-// Host execution of a tile: items in order, the barrier is the end of the loop; a warp item is
-// one call as warp 0 with a single lane (MmaTile8x32's host side computes the whole warp tile).
-struct HostExec {
-  template <class F>
-  void parallel_for(int n, const F& f) const {
-    for (int i = 0; i < n; ++i) f(i);
-  }
-  // dst[0..n) = src[0..n) (a block-wide copy and barrier on the device).
-  template <class W>
-  void copy(W* dst, const W* src, int64_t n) const {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(W));
-  }
-  // Two copies, one barrier on the device.
-  template <class W>
-  void copy(W* dst, const W* src, int64_t n, W* dst2, const W* src2, int64_t n2) const {
-    copy(dst, src, n);
-    copy(dst2, src2, n2);
-  }
-  template <class F>
-  void warp_for(int n, const F& f) const {
-    for (int i = 0; i < n; ++i) f(i, 0, 0, 1);
-  }
-  void syncwarp() const {}
-  // The device policy's phase timing (DeviceExec): nothing to time on the host.
-  void step() const {}
-  void steps_done() const {}
-};
 
 }  // namespace rims

@@ -4,7 +4,8 @@
 // it sees the wrong value; shared memory is NaN until its block starts (so a push before the
 // first barrier is lost), every output starts as NaN, and a block's shared memory is poisoned
 // with NaN when it exits (a late remote access shows). Every output (out, h_n, c_n, masks and
-// the 9 saved histories, with dropout) must be bit-identical to the single block, for 1..5
+// the 9 saved histories, with dropout) must be bit-identical to the single block run in order,
+// with each block's items in order, reversed or permuted (host_exec.h) as well, for 1..5
 // mechanisms per block (K = 5), tiles of 1 and 3, LSTM and GRU, weights read from global memory
 // or all resident, with float storage computed in float and in double (the storage and compute
 // types' sizes differ, as bf16 storage with float compute on the GPU: the shared-memory layout
@@ -105,7 +106,9 @@ void run_cases(int& runs, int& fails) {
     std::vector<std::vector<char>> base, got; std::vector<char> mb, mg;
     run(0, 0, 0, base, mb);
     for (int kpr = 1; kpr <= 5; ++kpr) for (int mode = 0; mode < 3; ++mode) for (int64_t res : {int64_t(0), kResAll}) {
+      host_item_order() = mode;  // each block's items in order, reversed, permuted (host_exec.h)
       run(kpr, mode, res, got, mg); ++runs;
+      host_item_order() = 0;
       bool ok = mb == mg;
       for (int i = 0; i < 12; ++i) ok = ok && base[i] == got[i];
       if (!ok) { ++fails; std::printf("MISMATCH C=%zu lstm=%d S=%d kpr=%d mode=%d res=%d\n", sizeof(C), lstm, S, kpr, mode, int(res)); }

@@ -1,0 +1,129 @@
+// Host execution of the kernels' tile functions (rim_seq_{fwd,bwd}.cuh, rim_step_{fwd,bwd}.cuh):
+// each phase's items run one after another and the end of the loop is the phase's barrier. This
+// is how CI checks the kernels' arithmetic without a GPU.
+//
+// On the device a phase's items run concurrently, so a tile function that reads in one item what
+// another item of the same phase writes is a race the in-order host run cannot show. The item
+// order is therefore selectable (host_item_order(), set by rims_fast._C._set_host_item_order):
+//   0  in order (the default);
+//   1  reversed;
+//   2  a strided permutation i -> (a*i + c) mod n, 1 < a < n coprime with n, that changes every
+//      phase.
+// A race-free tile function gives the same bits in all three (tests/test_host_item_order.py).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace rims {
+
+inline int& host_item_order() {
+  static int mode = 0;
+  return mode;
+}
+
+namespace host_exec_detail {
+
+inline int64_t gcd(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  return a;
+}
+
+// Runs f(map(i)) for i in [0, n) under the current order (I: int for a block's items, int64_t
+// for a grid's).
+template <class I, class F>
+void for_each_item(I n, const F& f) {
+  const int mode = host_item_order();
+  if (mode == 1) {
+    for (I i = n - 1; i >= 0; --i) f(i);
+    return;
+  }
+  if (mode != 2 || n < 3) {
+    for (I i = 0; i < n; ++i) f(i);
+    return;
+  }
+  // A fresh permutation per phase (the counter is per host thread: a cluster's blocks are threads).
+  thread_local uint64_t phase = 0;
+  const uint64_t h = (++phase) * 0x9E3779B97F4A7C15ull;
+  const int64_t m = static_cast<int64_t>(n);
+  // a in 2 .. n - 1 (never 1 mod n: not a rotation or the identity); n - 1 is coprime with n.
+  int64_t a = 2 + static_cast<int64_t>((h >> 8) % static_cast<uint64_t>(m - 2));
+  while (gcd(a, m) != 1) ++a;
+  const int64_t c = static_cast<int64_t>((h >> 32) % static_cast<uint64_t>(m));
+  // (a * i + c) mod n without overflow for any n a host run sees (a, i < n < 2^31 for blocks;
+  // grids here are test-sized).
+  for (int64_t i = 0; i < m; ++i) f(static_cast<I>((a * i + c) % m));
+}
+
+// A kernel bug, not an input error: stop where it shows (a throw could leave a cluster's other
+// blocks waiting at a barrier).
+template <class W>
+void expect_disjoint(const W* a, int64_t na, const W* b, int64_t nb, const char* what) {
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(a), b0 = reinterpret_cast<uintptr_t>(b);
+  const uintptr_t a1 = a0 + na * sizeof(W), b1 = b0 + nb * sizeof(W);
+  if (na > 0 && nb > 0 && a0 < b1 && b0 < a1) {
+    std::fprintf(stderr, "rims_fast host run: %s overlap\n", what);
+    std::abort();
+  }
+}
+
+}  // namespace host_exec_detail
+
+// The independent items of a grid-wide kernel (one thread each on the device) under the same
+// orders, for the host loops that stand for such kernels.
+template <class F>
+void host_grid_for(int64_t n, const F& f) {
+  host_exec_detail::for_each_item(n, f);
+}
+
+// A block's shared memory on the host is NaN at the start of each block (tile or sample), as a
+// GPU block's starts undefined: a read before the first write shows in the results, and a tile
+// cannot reuse what the previous tile left (as it could when the host runs tiles in turn).
+template <class C>
+void poison_shared(C* smem, int64_t n) {
+  std::fill(smem, smem + n, std::numeric_limits<C>::quiet_NaN());
+}
+
+// A warp item is one call as warp 0 with a single lane (MmaTile8x32's host side computes the whole
+// warp tile).
+struct HostExec {
+  template <class F>
+  void parallel_for(int n, const F& f) const {
+    host_exec_detail::for_each_item(n, f);
+  }
+  // dst[0..n) = src[0..n) (a block-wide copy and barrier on the device).
+  template <class W>
+  void copy(W* dst, const W* src, int64_t n) const {
+    host_exec_detail::expect_disjoint(dst, n, src, n, "a copy's source and destination");
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(W));
+  }
+  // Two copies, one barrier on the device: all four ranges run at once there, so a destination
+  // may overlap neither source nor the other destination (the host would run them in turn).
+  template <class W>
+  void copy(W* dst, const W* src, int64_t n, W* dst2, const W* src2, int64_t n2) const {
+    using host_exec_detail::expect_disjoint;
+    expect_disjoint(dst, n, src2, n2, "a copy's destination and the other's source");
+    expect_disjoint(dst2, n2, src, n, "a copy's destination and the other's source");
+    expect_disjoint(dst, n, dst2, n2, "two copies' destinations");
+    copy(dst, src, n);
+    copy(dst2, src2, n2);
+  }
+  template <class F>
+  void warp_for(int n, const F& f) const {
+    host_exec_detail::for_each_item(n, [&](int i) { f(i, 0, 0, 1); });
+  }
+  void syncwarp() const {}
+  // The device policy's phase timing (DeviceExec): nothing to time on the host.
+  void step() const {}
+  void steps_done() const {}
+};
+
+}  // namespace rims

@@ -1,0 +1,64 @@
+"""Races in the CUDA kernels' phases, found on the host.
+
+On the GPU a phase's items (rim_seq_{fwd,bwd}.cuh, rim_step_{fwd,bwd}.cuh: one thread or warp
+each, then a barrier) run concurrently; the host runs (HostExec) run them one after another, so
+an item that reads what another item of the same phase writes passes every host test in order
+and races on the device. Running each phase's items reversed and in a permutation that changes
+every phase, and requiring the same bits as in order, shows such a dependency wherever it moves
+a value (the rank rule's ties, the softmax sums, the staged copies and every saved history are
+among the 284 cases' outputs: tests/host_cases.py). Exact equality is the right test: a race-free
+phase computes each item's result from the same inputs in the same order whatever the items'
+order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rims_fast import rim_seq as rs
+
+_WHY = rs.unavailable_reason(torch.device("cpu"), torch.float64)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"rim_seq_fwd not built: {_WHY}")
+
+ORDERS = {1: "reversed", 2: "permuted"}
+
+
+def _set_order(mode: int) -> int:
+    from rims_fast import _C
+    return _C._set_host_item_order(mode)
+
+
+def _differences(cases, mode):
+    import host_cases
+    cases = list(cases)
+    want = host_cases.collect(cases)
+    old = _set_order(mode)
+    try:
+        got = host_cases.collect(cases)
+    finally:
+        _set_order(old)
+    return [f"{k} output {i}" for k in want
+            for i, (a, b) in enumerate(zip(want[k], got[k]))
+            if a.shape != b.shape or not torch.equal(a, b)]
+
+
+@pytest.mark.parametrize("mode", ORDERS, ids=ORDERS.get)
+@pytest.mark.parametrize("group", ["persistent_forward", "gradient"])
+def test_host_item_order_changes_no_bit(mode, group):
+    import host_cases
+    cases = getattr(host_cases, f"{group}_cases")()
+    diffs = _differences(cases, mode)
+    assert not diffs, f"{len(diffs)} outputs depend on the item order: " + ", ".join(diffs[:8])
+
+
+def test_order_hook_returns_previous_and_checks():
+    # That the orders are permutations, differ from the identity and expose a racy phase is
+    # csrc/tests/test_host_exec.cpp's (ctest host_exec).
+    assert _set_order(0) == 0
+    assert _set_order(1) == 0
+    assert _set_order(2) == 1
+    assert _set_order(0) == 2
+    with pytest.raises(RuntimeError, match="mode must be"):
+        _set_order(3)
+    assert _set_order(0) == 0
