@@ -116,23 +116,23 @@ std::vector<int64_t> seq_saved_widths(const RimSeqDims& d) {
 SeqFwdResult seq_fwd_alloc(const RimSeqDims& d, const at::Tensor& h0, bool save) {
   const auto opt = h0.options();
   const auto copt = opt.dtype(h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  SeqFwdResult res = {at::empty({d.T_, d.B, d.K * d.H}, opt), at::empty({d.B, d.K, d.H}, opt),
-                      d.lstm ? at::empty({d.B, d.K, d.H}, opt) : at::empty({0}, opt),
+  SeqFwdResult res = {empty_unset({d.T_, d.B, d.K * d.H}, opt), empty_unset({d.B, d.K, d.H}, opt),
+                      d.lstm ? empty_unset({d.B, d.K, d.H}, opt) : at::empty({0}, opt),
                       at::empty({d.T_, d.B, d.K}, opt.dtype(at::kBool))};
   for (int64_t w : seq_saved_widths(d))
-    res.push_back(save && w > 0 ? at::empty({d.T_, d.B, d.K, w}, copt) : at::empty({0}, copt));
+    res.push_back(save && w > 0 ? empty_unset({d.T_, d.B, d.K, w}, copt) : at::empty({0}, copt));
   return res;
 }
 
 SeqBwdResult seq_bwd_alloc(const RimSeqDims& d, const at::Tensor& keys, const at::Tensor& xsrc) {
   const auto opt = keys.options();  // the compute type
   const int64_t T = d.T_, B = d.B, K = d.K, GW = d.lstm ? d.GH : 2 * d.GH;
-  return {at::empty(keys.sizes(), opt), at::empty(xsrc.sizes(), opt),
-          at::empty({B, K, d.H}, opt),
-          d.lstm ? at::empty({B, K, d.H}, opt) : at::empty({0}, opt),
-          at::empty({T, B, K, d.nk}, opt), at::empty({T, B, K, GW}, opt),
-          at::empty({T, B, K, 2 * d.ck + d.cv}, opt), at::empty({T, B, K, d.H}, opt),
-          at::empty({T, B, K, d.n_in * d.Dx}, opt)};
+  return {empty_unset(keys.sizes(), opt), empty_unset(xsrc.sizes(), opt),
+          empty_unset({B, K, d.H}, opt),
+          d.lstm ? empty_unset({B, K, d.H}, opt) : at::empty({0}, opt),
+          empty_unset({T, B, K, d.nk}, opt), empty_unset({T, B, K, GW}, opt),
+          empty_unset({T, B, K, 2 * d.ck + d.cv}, opt), empty_unset({T, B, K, d.H}, opt),
+          empty_unset({T, B, K, d.n_in * d.Dx}, opt)};
 }
 
 RimSeqDims seq_bwd_check(
@@ -390,12 +390,19 @@ SeqBwdCall seq_bwd_prepare(
     c.wt[4] = c.res[1] = c.res[8] = at::empty({0}, keys.options());
     c.w_x = w_x.contiguous();
     c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
-    c.ak = at::empty({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());
+    c.ak = empty_unset({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());
   }
   return c;
 }
 
 namespace {
+
+// After a host block: its shared memory's guard (host_exec.h) is untouched.
+template <class C>
+void check_guard(const C* smem, int64_t elems, const char* which) {
+  TORCH_CHECK(shared_guard_intact(smem, elems), "rims_fast: the persistent ", which,
+              " kernel wrote past its shared memory (", elems, " elements) in a host run");
+}
 
 void check_host_dtype(const char* op, const at::Tensor& h0) {
   const auto st = h0.scalar_type();
@@ -425,31 +432,34 @@ SeqFwdResult rim_seq_fwd_cpu(
     const RimSeqFwdParams<scalar_t> p = seq_fwd_params<scalar_t>(c);
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems = (rim_seq_fwd_smem_bytes(d, d.S, bytes, bytes) + bytes - 1) / bytes;
+    const int64_t tiles = (d.B + d.S - 1) / d.S;  // in host_item_order(), as the blocks' order
     if (d.kpr > 0) {  // one host thread per block of the cluster, each with its shared memory
       const int64_t ranks = (d.K + d.kpr - 1) / d.kpr;
-      at::Tensor smem = at::empty({ranks, elems}, h0.options());
+      at::Tensor smem = at::empty({ranks, elems + kHostSharedGuard}, h0.options());
       std::vector<char*> bases;
       for (int64_t r = 0; r < ranks; ++r)
         bases.push_back(reinterpret_cast<char*>(smem[r].mutable_data_ptr<scalar_t>()));
-      for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+      host_grid_for(tiles, [&](int64_t tile_i) {
         smem.fill_(std::numeric_limits<double>::quiet_NaN());  // poison_shared (host_exec.h)
         run_cluster_on_host(bases, [&](const ClusterHostExec& ex, int rank) {
           rim_seq_fwd_tile<kSeqTileMax, scalar_t, false, true>(
               ex, p, tile_i, reinterpret_cast<scalar_t*>(bases[rank]), rank);
         });
-      }
+        for (char* b : bases) check_guard(reinterpret_cast<const scalar_t*>(b), elems, "forward");
+      });
       return;
     }
     // An ATen buffer: 64-byte aligned, as the tensor-core tiles require of shared memory's base.
-    at::Tensor smem = at::empty({elems}, h0.options());
+    at::Tensor smem = at::empty({elems + kHostSharedGuard}, h0.options());
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
-    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+    host_grid_for(tiles, [&](int64_t tile_i) {
       poison_shared(base, elems);
       if (d.mma)
         rim_seq_fwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
       else
         rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
-    }
+      check_guard(base, elems, "forward");
+    });
   });
   return c.res;
 }
@@ -479,15 +489,18 @@ SeqBwdResult rim_seq_bwd_cpu(
                                d.n_c, d.ck, d.cv,
                                d.lstm) +
         (d.mma ? mma_smem_elems(d.K, d.S, c.ba, bytes, bytes) : 0);
-    at::Tensor smem = at::empty({elems}, h0.options());  // 64-byte aligned, as in the forward
+    // 64-byte aligned, as in the forward
+    at::Tensor smem = at::empty({elems + kHostSharedGuard}, h0.options());
+    const int64_t tiles = (d.B + d.S - 1) / d.S;
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
-    for (int64_t tile_i = 0; tile_i * d.S < d.B; ++tile_i) {
+    host_grid_for(tiles, [&](int64_t tile_i) {
       poison_shared(base, elems);
       if (d.mma)
         rim_seq_bwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
       else
         rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
-    }
+      check_guard(base, elems, "backward");
+    });
   });
   if (d.xw_hoisted) seq_bwd_input_term(c);
   return c.res;

@@ -10,7 +10,8 @@
 namespace rims {
 namespace {
 
-// As StepHostDev (rim_steps_fwd.cpp): host_item_order(), shared memory NaN per sample.
+// As StepHostDev (rim_steps_fwd.cpp): host_item_order(), shared memory NaN and guarded per
+// sample.
 struct StepBwdHostDev {
   template <typename C, typename T>
   void init(const RimStepBwdParams<T>& p) const {
@@ -18,11 +19,10 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    std::vector<C> smem(rim_step_comm_bwd_smem_elems(p.s, sizeof(C)));
-    host_grid_for(p.s.B, [&](int64_t b) {
-      poison_shared(smem.data(), static_cast<int64_t>(smem.size()));
-      rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem.data());
-    });
+    const bool intact = run_host_blocks<C>(
+        p.s.B, rim_step_comm_bwd_smem_elems(p.s, sizeof(C)),
+        [&](int64_t b, C* smem) { rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem); });
+    TORCH_CHECK(intact, "rims_fast: rim_step_comm_bwd wrote past its shared memory in a host run");
   }
   template <typename C, typename T>
   void cell_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
@@ -30,11 +30,10 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    std::vector<C> smem(rim_step_select_bwd_smem_elems(p.s, sizeof(C)));
-    host_grid_for(p.s.B, [&](int64_t b) {
-      poison_shared(smem.data(), static_cast<int64_t>(smem.size()));
-      rim_step_select_bwd<C>(HostExec{}, p, t, b, smem.data());
-    });
+    const bool intact = run_host_blocks<C>(
+        p.s.B, rim_step_select_bwd_smem_elems(p.s, sizeof(C)),
+        [&](int64_t b, C* smem) { rim_step_select_bwd<C>(HostExec{}, p, t, b, smem); });
+    TORCH_CHECK(intact, "rims_fast: rim_step_select_bwd wrote past its shared memory in a host run");
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {

@@ -12,15 +12,14 @@ namespace rims {
 namespace {
 
 // The phases of one step on the host: items one by one (every barrier holds trivially), in
-// host_item_order(); each sample's shared memory starts as NaN (host_exec.h).
+// host_item_order(); each sample's shared memory starts as NaN and is guarded (host_exec.h).
 struct StepHostDev {
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
-    std::vector<C> smem(rim_step_select_smem_elems(p.s, sizeof(C)));
-    host_grid_for(p.s.B, [&](int64_t b) {
-      poison_shared(smem.data(), static_cast<int64_t>(smem.size()));
-      rim_step_select<C>(HostExec{}, p, t, b, smem.data());
-    });
+    const bool intact = run_host_blocks<C>(
+        p.s.B, rim_step_select_smem_elems(p.s, sizeof(C)),
+        [&](int64_t b, C* smem) { rim_step_select<C>(HostExec{}, p, t, b, smem); });
+    TORCH_CHECK(intact, "rims_fast: rim_step_select wrote past its shared memory in a host run");
   }
   template <typename C, typename T>
   void cell(const RimStepParams<T>& p, int64_t t) const {

@@ -62,3 +62,15 @@ def test_order_hook_returns_previous_and_checks():
     with pytest.raises(RuntimeError, match="mode must be"):
         _set_order(3)
     assert _set_order(0) == 0
+
+
+def test_host_runs_write_every_output_element():
+    # The host runs' outputs and scratch start as NaN (empty_unset, csrc/rim_seq_fwd.h) and their
+    # shared memory too (host_exec.h), and every input here is finite: a NaN anywhere in the
+    # results (the 13 forward outputs with the 9 saved histories, every gradient) is an element
+    # no kernel wrote, or a read of one, which on the GPU would be whatever memory held.
+    import host_cases
+    res = host_cases.collect()
+    bad = [f"{k} output {i}" for k, outs in res.items() for i, t in enumerate(outs)
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert not bad, f"{len(bad)} outputs hold unwritten elements: " + ", ".join(bad[:8])

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace rims {
 
@@ -84,12 +85,41 @@ void host_grid_for(int64_t n, const F& f) {
   host_exec_detail::for_each_item(n, f);
 }
 
-// A block's shared memory on the host is NaN at the start of each block (tile or sample), as a
-// GPU block's starts undefined: a read before the first write shows in the results, and a tile
-// cannot reuse what the previous tile left (as it could when the host runs tiles in turn).
+// A block's shared memory on the host: the n elements its size function gives, then a guard of
+// kHostSharedGuard more (allocate n + kHostSharedGuard). All of it is NaN at the start of each
+// block (tile or sample), as a GPU block's shared memory starts undefined: a read before the first
+// write, or past the end, shows in the results, and a tile cannot reuse what the previous tile
+// left (as it could when the host runs tiles in turn). After the block the guard must still be
+// NaN (shared_guard_intact): a write past the end shows there, where on the GPU it would land in
+// another block's shared memory or fault.
+constexpr int64_t kHostSharedGuard = 64;
+
 template <class C>
 void poison_shared(C* smem, int64_t n) {
-  std::fill(smem, smem + n, std::numeric_limits<C>::quiet_NaN());
+  std::fill(smem, smem + n + kHostSharedGuard, std::numeric_limits<C>::quiet_NaN());
+}
+
+template <class C>
+bool shared_guard_intact(const C* smem, int64_t n) {
+  const C nan = std::numeric_limits<C>::quiet_NaN();
+  for (int64_t i = n; i < n + kHostSharedGuard; ++i)
+    if (std::memcmp(&smem[i], &nan, sizeof(C)) != 0) return false;
+  return true;
+}
+
+// Blocks 0 .. blocks - 1 of a grid in host_item_order(), one after another, each calling
+// f(block, smem) with n elements of shared memory prepared as above; false if a block wrote past
+// them (the caller reports it: this header is torch-free).
+template <class C, class F>
+bool run_host_blocks(int64_t blocks, int64_t n, const F& f) {
+  std::vector<C> smem(static_cast<size_t>(n + kHostSharedGuard));
+  bool intact = true;
+  host_grid_for(blocks, [&](int64_t b) {
+    poison_shared(smem.data(), n);
+    f(b, smem.data());
+    intact = intact && shared_guard_intact(smem.data(), n);
+  });
+  return intact;
 }
 
 // A warp item is one call as warp 0 with a single lane (MmaTile8x32's host side computes the whole

@@ -2,7 +2,8 @@
 // phase exactly once (parallel_for and warp_for, sizes 0..40), order 1 is the reverse, order 2
 // changes from phase to phase and is not the identity; and the point of the orders: a phase with a
 // race (item i reads what item i - 1 writes in the same phase) gives different results reversed
-// or permuted, while the race-free version (the read moved to the next phase) does not.
+// or permuted, while the race-free version (the read moved to the next phase) does not; and
+// run_host_blocks' shared memory: NaN at each block's start, a write past its end reported.
 #include <cstdio>
 #include <vector>
 
@@ -106,11 +107,29 @@ void test_orders_show_a_race() {
   rims::host_item_order() = 0;
 }
 
+// run_host_blocks: every block sees NaN shared memory (nothing left by the block before), a write
+// past n is reported, one within n is not.
+void test_host_blocks() {
+  rims::host_item_order() = 2;
+  bool all_nan = true;
+  const bool ok = rims::run_host_blocks<float>(5, 8, [&](int64_t b, float* sm) {
+    for (int i = 0; i < 8; ++i) all_nan = all_nan && sm[i] != sm[i];
+    for (int i = 0; i < 8; ++i) sm[i] = static_cast<float>(b);
+  });
+  expect(ok && all_nan, "blocks start as NaN and a write within n passes", 2, 8);
+  const bool past = rims::run_host_blocks<double>(3, 8, [&](int64_t b, double* sm) {
+    if (b == 1) sm[8] = 0.0;
+  });
+  expect(!past, "a write past n is reported", 2, 8);
+  rims::host_item_order() = 0;
+}
+
 }  // namespace
 
 int main() {
   test_orders_are_permutations();
   test_orders_show_a_race();
+  test_host_blocks();
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
