@@ -38,9 +38,9 @@ def persistent_forward_cases():
                 torch.ops.rims_fast.rim_seq_fwd(*a, m, c, r, x)
 
 
-def _grad_case(case, stepped, dtype=torch.float64, big=False, drop=0.0, **kw):
+def _grad_case(case, stepped, dtype=torch.float64, big=False, drop=0.0, setup=None, **kw):
     rim, x, h0, c0, P, leaves = T._setup(*case, dtype=dtype, block_inactive_grad=big,
-                                         input_dropout=drop, comm_dropout=drop)
+                                         input_dropout=drop, comm_dropout=drop, **(setup or {}))
     got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=stepped, training=True, seed=5, **kw)
     g = T._grads(got[:3], leaves)
     return [t for t in got if t is not None] + list(g.values())
@@ -57,7 +57,19 @@ def gradient_cases():
                lambda c=case, d=drop, dt=dtype: _grad_case(c, True, dtype=dt, drop=d))
 
 
+def wide_cases():
+    """test_rim_seq's WIDE layers: phases of hundreds of items, tile 8 over a full and a partial
+    tile."""
+    for case, drop in itertools.product(T.WIDE, (0.0, 0.3)):
+        for tile, mma, xw in [(8, False, 0), (8, False, 1), (8, True, 0), (1, False, 1)]:
+            yield (f"wide-{case}-{tile}-{mma}-{xw}-{drop}",
+                   lambda c=case, d=drop, t=tile, m=mma, x=xw: _grad_case(
+                       c, False, drop=d, setup=T.WIDE_SETUP, tile=t, mma=m, xw=x, cluster=0))
+        yield (f"wide-steps-{case}-{drop}",
+               lambda c=case, d=drop: _grad_case(c, True, drop=d, setup=T.WIDE_SETUP))
+
+
 def collect(cases=None) -> dict[str, list[torch.Tensor]]:
     if cases is None:
-        cases = itertools.chain(persistent_forward_cases(), gradient_cases())
+        cases = itertools.chain(persistent_forward_cases(), gradient_cases(), wide_cases())
     return {key: [t.detach().clone() for t in run()] for key, run in cases}

@@ -35,6 +35,11 @@ GRID = [
     ("gru", 1, 2, 1, 3, 3, 3, 4),     # top_k = K, per-head values
 ]
 
+# Larger phases than the grid's (H = 3, B = 5): H = 24, K = 6, 3-4 heads of wider keys, B = 11
+# (tile 8: a full and a partial tile), so that phases have hundreds of items.
+WIDE = [("lstm", 2, 3, 4, 6, 3, 3, 4), ("gru", 1, 2, 3, 6, 4, 3, 16)]
+WIDE_SETUP = dict(B=11, hidden_size=24, input_key_size=8, comm_key_size=6, comm_value_size=5)
+
 
 def _setup(cell, M, n_in, n_c, K, top_k, T, dv, dtype=torch.float64, B=5, seed=0, **kw):
     rim = make_rim(seed=seed, cell=cell, num_units=K, top_k=top_k, input_heads=n_in,
@@ -91,6 +96,16 @@ def test_host_run_xw_matches_reference_float64(case, tile, xw):
     out of the recurrence), every output and gradient against the reference."""
     rim, x, h0, c0, P, leaves = _setup(*case)
     got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, xw=xw)
+    _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+
+
+@pytest.mark.parametrize("case", WIDE, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("tile,mma,xw", [(8, False, 0), (8, False, 1), (8, True, 0)])
+def test_host_run_wide_matches_reference_float64(case, tile, mma, xw):
+    """Tile 8 over B = 11 (a full tile and a partial one) with H = 24: phases of hundreds of
+    items (tests/test_host_item_order.py reruns these in other item orders)."""
+    rim, x, h0, c0, P, leaves = _setup(*case, **WIDE_SETUP)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile, mma=mma, xw=xw)
     _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
 
 
