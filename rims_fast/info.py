@@ -41,6 +41,8 @@ def _modes() -> dict:
            + " (1 = the persistent kernels' weight products on tensor cores, float16/bfloat16)",
            "RIMS_FAST_CUDA_CLUSTER": os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
            + " (1 = the persistent forward on thread-block clusters, sm_90+)",
+           "RIMS_FAST_CUDA_CLUSTER_BLOCKS": os.environ.get("RIMS_FAST_CUDA_CLUSTER_BLOCKS", "8")
+           + " (with clusters: the most blocks per cluster, ceil(K / min(N, K)) mechanisms each)",
            "RIMS_FAST_CUDA_RESIDENT": os.environ.get("RIMS_FAST_CUDA_RESIDENT", "1")
            + " (with clusters: 1 = weights in shared memory as fit, 0 = none)",
            "RIMS_FAST_CUDA_XW": os.environ.get("RIMS_FAST_CUDA_XW", "auto")

@@ -75,7 +75,7 @@ from .row_products import mechanism_rows_product
 
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
            "stepped_instead", "STEPPED_MIN_WEIGHTS", "SMEM_ERROR", "tile_size", "mma_mode",
-           "cluster_mechs", "RESIDENT", "resident_mode", "xw_mode", "wide_mode",
+           "cluster_mechs", "cluster_blocks", "RESIDENT", "resident_mode", "xw_mode", "wide_mode",
            "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
@@ -125,19 +125,32 @@ def cluster_mechs(device: torch.device, num_units: int, mma: bool) -> int:
     (for the competition) and communication keys/values into the other blocks' shared memory too
     (DSMEM), a cluster barrier after each of the two. Each block copies as many of its
     mechanisms' weights into its shared memory as fit beside the tile's arrays, largest first
-    (:data:`RESIDENT`), and reads them from there every step. Returns ``kpr``
+    (:data:`RESIDENT`), and reads them from there every step. ``RIMS_FAST_CUDA_CLUSTER_BLOCKS=N``
+    (1..8, default 8) caps the blocks per cluster at N: ``kpr = ceil(K / min(N, K))``, fewer
+    blocks per tile with more mechanisms each (smaller clusters to synchronise, more weights per
+    block to hold; not yet timed: benchmark provider ``cuda_seq_cluster2``). Returns ``kpr``
     (the op's ``cluster`` argument), 0 when off (the default: it passed the GPU tests on an H100
     but gained nothing at `paper`, README's environment table). CUDA cores only: it cannot be
     combined with ``RIMS_FAST_CUDA_MMA=1``. The backward is the single-block kernel's."""
     v = os.environ.get("RIMS_FAST_CUDA_CLUSTER", "0")
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_CLUSTER must be 0 or 1, got {v!r}")
+    blocks = cluster_blocks()
     if v == "0" or torch.device(device).type != "cuda":
         return 0
     if mma:
         raise ValueError("RIMS_FAST_CUDA_CLUSTER=1 runs on CUDA cores; it cannot be combined with "
                          "RIMS_FAST_CUDA_MMA=1")
-    return -(-num_units // 8)
+    return -(-num_units // min(blocks, num_units))
+
+
+def cluster_blocks() -> int:
+    """``RIMS_FAST_CUDA_CLUSTER_BLOCKS``: the most blocks per cluster (1..8; default 8, the
+    portable cluster size) with ``RIMS_FAST_CUDA_CLUSTER=1`` (:func:`cluster_mechs`)."""
+    v = os.environ.get("RIMS_FAST_CUDA_CLUSTER_BLOCKS", "8")
+    if v not in tuple("12345678"):
+        raise ValueError(f"RIMS_FAST_CUDA_CLUSTER_BLOCKS must be an integer from 1 to 8, got {v!r}")
+    return int(v)
 
 
 def resident_mode() -> int:

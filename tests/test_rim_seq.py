@@ -451,6 +451,19 @@ def test_backend_cuda_env_switch(monkeypatch):
     monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER", "1")
     assert rs.cluster_mechs(torch.device("cuda"), 6, False) == 1  # one mechanism per block
     assert rs.cluster_mechs(torch.device("cuda"), 12, False) == 2  # <= 8 blocks
+    monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER_BLOCKS", "2")
+    assert rs.cluster_mechs(torch.device("cuda"), 6, False) == 3  # 2 blocks of 3
+    assert rs.cluster_mechs(torch.device("cuda"), 5, False) == 3  # 2 blocks: 3 + 2
+    monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER_BLOCKS", "4")
+    assert rs.cluster_mechs(torch.device("cuda"), 6, False) == 2  # ceil(6 / 2) = 3 blocks
+    assert rs.cluster_mechs(torch.device("cuda"), 3, False) == 1  # never more blocks than K
+    monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER_BLOCKS", "1")
+    assert rs.cluster_mechs(torch.device("cuda"), 6, False) == 6  # a cluster of one block
+    for bad in ("0", "9", "two", ""):
+        monkeypatch.setenv("RIMS_FAST_CUDA_CLUSTER_BLOCKS", bad)
+        with pytest.raises(ValueError, match="RIMS_FAST_CUDA_CLUSTER_BLOCKS must be"):
+            rs.cluster_mechs(torch.device("cuda"), 6, False)
+    monkeypatch.delenv("RIMS_FAST_CUDA_CLUSTER_BLOCKS")
     assert rs.cluster_mechs(torch.device("cpu"), 6, False) == 0
     with pytest.raises(ValueError, match="cannot be combined with RIMS_FAST_CUDA_MMA"):
         rs.cluster_mechs(torch.device("cuda"), 6, True)
@@ -575,7 +588,8 @@ class TestCUDA:
         got[0].float().square().sum().backward()
         assert torch.isfinite(x.grad).all()
 
-    @pytest.mark.parametrize("kpr", [1, 4])  # 6 blocks of 1; blocks of 4 and 2 mechanisms
+    # 6 blocks of 1; 2 of 3 (RIMS_FAST_CUDA_CLUSTER_BLOCKS=2); blocks of 4 and 2 mechanisms
+    @pytest.mark.parametrize("kpr", [1, 3, 4])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("cell", ["lstm", "gru"])
     def test_cluster_paper_shape(self, cell, dtype, kpr):
