@@ -1,8 +1,9 @@
 // rims_fast::rim_seq_fwd / rim_seq_bwd — the persistent whole-sequence forward and backward of
 // csrc/kernels/rim_seq_fwd.cuh and rim_seq_bwd.cuh.
 // Here: the schema, the argument checks (shared with the CUDA launcher) and the CPU
-// implementation, which runs the kernel's tile function on the host with HostExec (items in
-// order, so every barrier holds trivially). It exists so that CI checks the kernel's arithmetic
+// implementation, which runs the kernel's tile function on the host with HostExec (items one by
+// one, so every barrier holds trivially; kernels/host_exec.h: their order, the tiles' order and
+// the NaN-started, guarded shared memory). It exists so that CI checks the kernel's arithmetic
 // against the reference without a GPU; it is not a fast path (backend="cpu" is).
 #include "rim_seq_fwd.h"
 
@@ -116,23 +117,23 @@ std::vector<int64_t> seq_saved_widths(const RimSeqDims& d) {
 SeqFwdResult seq_fwd_alloc(const RimSeqDims& d, const at::Tensor& h0, bool save) {
   const auto opt = h0.options();
   const auto copt = opt.dtype(h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  SeqFwdResult res = {empty_unset({d.T_, d.B, d.K * d.H}, opt), empty_unset({d.B, d.K, d.H}, opt),
-                      d.lstm ? empty_unset({d.B, d.K, d.H}, opt) : at::empty({0}, opt),
+  SeqFwdResult res = {at::empty({d.T_, d.B, d.K * d.H}, opt), at::empty({d.B, d.K, d.H}, opt),
+                      d.lstm ? at::empty({d.B, d.K, d.H}, opt) : at::empty({0}, opt),
                       at::empty({d.T_, d.B, d.K}, opt.dtype(at::kBool))};
   for (int64_t w : seq_saved_widths(d))
-    res.push_back(save && w > 0 ? empty_unset({d.T_, d.B, d.K, w}, copt) : at::empty({0}, copt));
+    res.push_back(save && w > 0 ? at::empty({d.T_, d.B, d.K, w}, copt) : at::empty({0}, copt));
   return res;
 }
 
 SeqBwdResult seq_bwd_alloc(const RimSeqDims& d, const at::Tensor& keys, const at::Tensor& xsrc) {
   const auto opt = keys.options();  // the compute type
   const int64_t T = d.T_, B = d.B, K = d.K, GW = d.lstm ? d.GH : 2 * d.GH;
-  return {empty_unset(keys.sizes(), opt), empty_unset(xsrc.sizes(), opt),
-          empty_unset({B, K, d.H}, opt),
-          d.lstm ? empty_unset({B, K, d.H}, opt) : at::empty({0}, opt),
-          empty_unset({T, B, K, d.nk}, opt), empty_unset({T, B, K, GW}, opt),
-          empty_unset({T, B, K, 2 * d.ck + d.cv}, opt), empty_unset({T, B, K, d.H}, opt),
-          empty_unset({T, B, K, d.n_in * d.Dx}, opt)};
+  return {at::empty(keys.sizes(), opt), at::empty(xsrc.sizes(), opt),
+          at::empty({B, K, d.H}, opt),
+          d.lstm ? at::empty({B, K, d.H}, opt) : at::empty({0}, opt),
+          at::empty({T, B, K, d.nk}, opt), at::empty({T, B, K, GW}, opt),
+          at::empty({T, B, K, 2 * d.ck + d.cv}, opt), at::empty({T, B, K, d.H}, opt),
+          at::empty({T, B, K, d.n_in * d.Dx}, opt)};
 }
 
 RimSeqDims seq_bwd_check(
@@ -390,7 +391,7 @@ SeqBwdCall seq_bwd_prepare(
     c.wt[4] = c.res[1] = c.res[8] = at::empty({0}, keys.options());
     c.w_x = w_x.contiguous();
     c.xw = seq_hoisted_xw(c.d, c.xsrc, c.w_x);
-    c.ak = empty_unset({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());
+    c.ak = at::empty({c.d.T_, c.d.B, c.d.K, c.d.n_in * c.d.M}, keys.options());
   }
   return c;
 }

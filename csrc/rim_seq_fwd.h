@@ -7,7 +7,6 @@
 
 #include <ATen/ATen.h>
 
-#include <limits>
 #include <optional>
 #include <vector>
 
@@ -24,18 +23,6 @@ namespace rims {
 #endif
 constexpr int kSeqTileMax = RIMS_SEQ_TILE_MAX;
 static_assert(kSeqTileMax >= 1 && kSeqTileMax <= 8, "RIMS_SEQ_TILE_MAX must be in 1..8");
-
-// An output or scratch tensor the ops' kernels write in full before anything reads it: left
-// uninitialised on the GPU, NaN on the host (floating types), so that in the host runs an element
-// nobody wrote, read by a later kernel or GEMM (where on the GPU it would be whatever the
-// allocator left: NaN times a zero weight is NaN), shows in the results instead of reading as
-// the zero a fresh host allocation tends to hold.
-inline at::Tensor empty_unset(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(sizes, opt);
-  if (t.is_cpu() && t.is_floating_point() && t.numel() > 0)
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
 
 // out, h_n, c_n, masks, then the 9 saved activations (empty unless save).
 using SeqFwdResult = std::vector<at::Tensor>;

@@ -19,10 +19,11 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    const bool intact = run_host_blocks<C>(
+    const int64_t bad = run_host_blocks<C>(
         p.s.B, rim_step_comm_bwd_smem_elems(p.s, sizeof(C)),
         [&](int64_t b, C* smem) { rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem); });
-    TORCH_CHECK(intact, "rims_fast: rim_step_comm_bwd wrote past its shared memory in a host run");
+    TORCH_CHECK(bad < 0, "rims_fast: rim_step_comm_bwd wrote past its shared memory in a host run "
+                "(step ", t, ", sample ", bad, ")");
   }
   template <typename C, typename T>
   void cell_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
@@ -30,10 +31,11 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    const bool intact = run_host_blocks<C>(
+    const int64_t bad = run_host_blocks<C>(
         p.s.B, rim_step_select_bwd_smem_elems(p.s, sizeof(C)),
         [&](int64_t b, C* smem) { rim_step_select_bwd<C>(HostExec{}, p, t, b, smem); });
-    TORCH_CHECK(intact, "rims_fast: rim_step_select_bwd wrote past its shared memory in a host run");
+    TORCH_CHECK(bad < 0, "rims_fast: rim_step_select_bwd wrote past its shared memory in a host run "
+                "(step ", t, ", sample ", bad, ")");
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {

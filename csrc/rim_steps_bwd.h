@@ -30,15 +30,14 @@ void rim_steps_bwd_run(SeqBwdCall& c, const at::Tensor& w_x, const Dev& dev) {
   const at::Tensor& w_qkv = c.wt[2];
   const at::Tensor w_f = w_x.reshape({K, XW, GH}).transpose(1, 2).to(so.dtype()).contiguous();
   const at::Tensor w_h = at::cat({c.wt[1], c.wt[0]}, 1);
-  at::Tensor dhp_op = empty_unset({K, B, H}, so), dqkv_op = empty_unset({K, B, C3}, so);
-  at::Tensor dg_op = empty_unset({K, B, GW + nk}, so);
-  at::Tensor dout = empty_unset({K, B, d.cv}, co), dht = empty_unset({K, B, H}, co);
-  at::Tensor dxa = empty_unset({K, B, XW}, co), dhprev = empty_unset({K, B, H}, co);
-  at::Tensor dh = empty_unset({B, K, H}, co);
-  at::Tensor dc = d.lstm ? empty_unset({B, K, H}, co) : at::Tensor();
-  at::Tensor direct = empty_unset({B, K, H}, co), dsc = empty_unset({B, K, d.n_c * K}, co);
-  at::Tensor dsi = empty_unset({B, K, d.n_in * d.M}, co);
-  at::Tensor dsi_part = empty_unset({B, K, d.n_in * d.M * kDotChunks}, co);
+  at::Tensor dhp_op = at::empty({K, B, H}, so), dqkv_op = at::empty({K, B, C3}, so);
+  at::Tensor dg_op = at::empty({K, B, GW + nk}, so);
+  at::Tensor dout = at::empty({K, B, d.cv}, co), dht = at::empty({K, B, H}, co);
+  at::Tensor dxa = at::empty({K, B, XW}, co), dhprev = at::empty({K, B, H}, co);
+  at::Tensor dh = at::empty({B, K, H}, co), dc = d.lstm ? at::empty({B, K, H}, co) : at::Tensor();
+  at::Tensor direct = at::empty({B, K, H}, co), dsc = at::empty({B, K, d.n_c * K}, co);
+  at::Tensor dsi = at::empty({B, K, d.n_in * d.M}, co);
+  at::Tensor dsi_part = at::empty({B, K, d.n_in * d.M * kDotChunks}, co);
 
   RimStepBwdParams<T> p{};
   p.s = seq_bwd_params<T>(c);

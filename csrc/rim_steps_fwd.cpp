@@ -16,10 +16,11 @@ namespace {
 struct StepHostDev {
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
-    const bool intact = run_host_blocks<C>(
+    const int64_t bad = run_host_blocks<C>(
         p.s.B, rim_step_select_smem_elems(p.s, sizeof(C)),
         [&](int64_t b, C* smem) { rim_step_select<C>(HostExec{}, p, t, b, smem); });
-    TORCH_CHECK(intact, "rims_fast: rim_step_select wrote past its shared memory in a host run");
+    TORCH_CHECK(bad < 0, "rims_fast: rim_step_select wrote past its shared memory in a host run "
+                "(step ", t, ", sample ", bad, ")");
   }
   template <typename C, typename T>
   void cell(const RimStepParams<T>& p, int64_t t) const {

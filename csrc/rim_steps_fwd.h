@@ -33,13 +33,12 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   const at::Tensor wx = c.w_x.reshape({K, XW, GH}).to(c.h0.scalar_type());
   const at::Tensor wg = d.lstm ? at::cat({c.whh, wx}, 1) : at::Tensor();
   const at::Tensor wqkv = at::cat({c.cq, c.ck, c.cv}, -1);
-  at::Tensor hx = empty_unset({K, B, H + XW}, so), ht_op = empty_unset({K, B, H}, so);
-  at::Tensor o_op = empty_unset({K, B, d.cv}, so);
-  at::Tensor q = empty_unset({K, B, d.nk}, co), g = empty_unset({K, B, GH}, co);
-  at::Tensor gh = d.lstm ? at::Tensor() : empty_unset({K, B, GH}, co);
-  at::Tensor qkv = empty_unset({K, B, C3}, co), y = empty_unset({K, B, H}, co);
-  at::Tensor h = empty_unset({B, K, H}, co);
-  at::Tensor cst = d.lstm ? empty_unset({B, K, H}, co) : at::Tensor();
+  at::Tensor hx = at::empty({K, B, H + XW}, so), ht_op = at::empty({K, B, H}, so);
+  at::Tensor o_op = at::empty({K, B, d.cv}, so);
+  at::Tensor q = at::empty({K, B, d.nk}, co), g = at::empty({K, B, GH}, co);
+  at::Tensor gh = d.lstm ? at::Tensor() : at::empty({K, B, GH}, co);
+  at::Tensor qkv = at::empty({K, B, C3}, co), y = at::empty({K, B, H}, co);
+  at::Tensor h = at::empty({B, K, H}, co), cst = d.lstm ? at::empty({B, K, H}, co) : at::Tensor();
   h.copy_(c.h0);
   if (d.lstm) cst.copy_(c.c0);
   hx.narrow(2, 0, H).copy_(c.h0.transpose(0, 1));
@@ -47,8 +46,7 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   // One step's rows of what is otherwise saved (h~, a, b, o): read back within the step.
   std::vector<at::Tensor> scratch;
   if (!save)
-    for (int64_t w : {H, d.n_in * d.M, d.n_c * K, d.cv})
-      scratch.push_back(empty_unset({B, K, w}, co));
+    for (int64_t w : {H, d.n_in * d.M, d.n_c * K, d.cv}) scratch.push_back(at::empty({B, K, w}, co));
 
   RimStepParams<T> p{};
   p.s = seq_fwd_params<T>(c);

@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -145,9 +146,18 @@ int set_host_item_order(int mode) {
   TORCH_CHECK(mode >= 0 && mode <= 2,
               "_set_host_item_order: mode must be 0 (in order), 1 (reversed) or 2 (permuted), got ",
               mode);
-  const int old = rims::host_item_order();
-  rims::host_item_order() = mode;
+  const int old = rims::host_item_order().load();
+  rims::set_host_item_order(mode);
   return old;
+}
+
+// Test hook: the item order one phase of n items runs in under the current order (the indices as
+// HostExec visits them), so that a test can see that the order is applied.
+std::vector<int> host_item_order_probe(int n) {
+  TORCH_CHECK(n >= 0, "_host_item_order_probe: n must be >= 0, got ", n);
+  std::vector<int> seen;
+  rims::HostExec{}.parallel_for(n, [&](int i) { seen.push_back(i); });
+  return seen;
 }
 
 }  // namespace
@@ -166,4 +176,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test hook: order of each phase's items when the CUDA ops' kernels run on the host "
         "(CPU tensors): 0 in order, 1 reversed, 2 a permutation that changes every phase. "
         "A race-free kernel gives the same bits in all three. Returns the previous mode.");
+  m.def("_host_item_order_probe", &host_item_order_probe, pybind11::arg("n"),
+        "Test hook: the indices one host phase of n items visits, in order, under the current "
+        "_set_host_item_order mode.");
 }

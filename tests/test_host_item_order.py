@@ -32,15 +32,18 @@ def _set_order(mode: int) -> int:
 def _differences(cases, mode):
     import host_cases
     cases = list(cases)
-    want = host_cases.collect(cases)
-    old = _set_order(mode)
+    old = _set_order(0)
     try:
+        want = host_cases.collect(cases)
+        _set_order(mode)
         got = host_cases.collect(cases)
     finally:
         _set_order(old)
-    return [f"{k} output {i}" for k in want
-            for i, (a, b) in enumerate(zip(want[k], got[k]))
-            if a.shape != b.shape or not torch.equal(a, b)]
+    diffs = [f"{k}: {len(got[k])} outputs, {len(want[k])} in order" for k in want
+             if len(got[k]) != len(want[k])]
+    return diffs + [f"{k} output {i}" for k in want
+                    for i, (a, b) in enumerate(zip(want[k], got[k]))
+                    if a.shape != b.shape or not torch.equal(a, b)]
 
 
 @pytest.mark.parametrize("mode", ORDERS, ids=ORDERS.get)
@@ -52,9 +55,28 @@ def test_host_item_order_changes_no_bit(mode, group):
     assert not diffs, f"{len(diffs)} outputs depend on the item order: " + ", ".join(diffs[:8])
 
 
+def test_order_hook_is_applied():
+    # The bit-identity above would pass vacuously if the order never reached the kernels' phases:
+    # the probe runs one HostExec phase in the extension and returns the indices as visited.
+    # (That the orders expose a racy phase is csrc/tests/test_host_exec.cpp's, ctest host_exec.)
+    from rims_fast import _C
+    old = _set_order(0)
+    try:
+        assert _C._host_item_order_probe(10) == list(range(10))
+        _set_order(1)
+        assert _C._host_item_order_probe(10) == list(range(9, -1, -1))
+        _set_order(2)
+        first = _C._host_item_order_probe(10)
+        assert sorted(first) == list(range(10)) and first != list(range(10))
+        seen = {tuple(first)} | {tuple(_C._host_item_order_probe(10)) for _ in range(9)}
+        assert len(seen) > 3  # a new permutation per phase
+        _set_order(2)  # setting the order restarts the sequence: the same first permutation
+        assert _C._host_item_order_probe(10) == first
+    finally:
+        _set_order(old)
+
+
 def test_order_hook_returns_previous_and_checks():
-    # That the orders are permutations, differ from the identity and expose a racy phase is
-    # csrc/tests/test_host_exec.cpp's (ctest host_exec).
     assert _set_order(0) == 0
     assert _set_order(1) == 0
     assert _set_order(2) == 1
@@ -65,10 +87,11 @@ def test_order_hook_returns_previous_and_checks():
 
 
 def test_host_runs_write_every_output_element():
-    # The host runs' outputs and scratch start as NaN (empty_unset, csrc/rim_seq_fwd.h) and their
-    # shared memory too (host_exec.h), and every input here is finite: a NaN anywhere in the
-    # results (the 13 forward outputs with the 9 saved histories, every gradient) is an element
-    # no kernel wrote, or a read of one, which on the GPU would be whatever memory held.
+    # Under pytest every torch.empty / at::empty is NaN-filled (conftest.py), so the host runs'
+    # outputs and scratch start as NaN, their shared memory too (host_exec.h), and every input
+    # here is finite: a NaN anywhere in the results (the 13 forward outputs with the 9 saved
+    # histories, every gradient) is an element no kernel wrote, or a read of one, which on the
+    # GPU would be whatever memory held.
     import host_cases
     res = host_cases.collect()
     bad = [f"{k} output {i}" for k, outs in res.items() for i, t in enumerate(outs)

@@ -21,13 +21,19 @@ else  # a scratch copy, removed at the end
   dir=$(mktemp -d /tmp/rims_asan.XXXX)
   trap 'rm -rf "$dir"' EXIT
 fi
-# The tree as it is (tracked and untracked, not ignored files), without build outputs.
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$dir"
+mkdir -p "$dir"
+# The tree as it is (tracked and untracked, not ignored files; a tracked file deleted in the
+# working tree is skipped), without build outputs.
+git ls-files -z --cached --others --exclude-standard |
+  tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$dir"
 cd "$dir"
 flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize=vptr"
-CUDA_HOME=/nonexistent CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
+CUDA_HOME=/nonexistent CFLAGS="$flags" CXXFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
   MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace > build_asan.log 2>&1 ||
   { tail -30 build_asan.log; exit 1; }
+# Preloading the runtimes succeeds whether or not the flags reached the compiler: check they did.
+nm -D rims_fast/_C*.so | grep -q __asan_report ||
+  { echo "asan_host_tests: the extension was built without -fsanitize=address"; exit 1; }
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0,halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1,print_stacktrace=1 \
   "$PY" -m pytest -q -p no:cacheprovider \

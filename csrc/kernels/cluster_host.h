@@ -3,9 +3,9 @@
 //
 // Each block of the cluster is a host thread with its own shared-memory buffer; cluster_sync() is
 // a barrier of those threads and peer(ptr, r) maps a pointer into this block's buffer to the same
-// offset in block r's, as DSMEM's map_shared_rank does on the device. Within a block, items run in
-// order (HostExec). Threads, not a sequential schedule, because a block runs its phases between
-// cluster barriers in one call.
+// offset in block r's, as DSMEM's map_shared_rank does on the device. Within a block, items run
+// one by one in host_item_order() (HostExec, host_exec.h). Threads, not a sequential schedule,
+// because a block runs its phases between cluster barriers in one call.
 #pragma once
 
 #include <condition_variable>

@@ -7,12 +7,15 @@
 // order is therefore selectable (host_item_order(), set by rims_fast._C._set_host_item_order):
 //   0  in order (the default);
 //   1  reversed;
-//   2  a strided permutation i -> (a*i + c) mod n, 1 < a < n coprime with n, that changes every
-//      phase.
+//   2  a strided permutation i -> (a*i + c) mod n, 1 < a < n coprime with n, drawn afresh for
+//      every phase from a per-thread phase counter that restarts when the order is set (so a
+//      failure reproduces from the same call sequence; a cluster's blocks, fresh threads for each
+//      tile, draw the same sequence).
 // A race-free tile function gives the same bits in all three (tests/test_host_item_order.py).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -22,12 +25,37 @@
 
 namespace rims {
 
-inline int& host_item_order() {
-  static int mode = 0;
+// Set between host runs (rims_fast._C._set_host_item_order, the C++ tests), read by every phase:
+// atomic, as a CPU op may run on another Python thread.
+inline std::atomic<int>& host_item_order() {
+  static std::atomic<int> mode{0};
   return mode;
 }
 
+// Bumped by every set of the order (set_host_item_order) so that each thread's phase counter
+// restarts.
+inline std::atomic<uint64_t>& host_order_epoch() {
+  static std::atomic<uint64_t> epoch{0};
+  return epoch;
+}
+
+inline void set_host_item_order(int mode) {
+  host_item_order().store(mode, std::memory_order_relaxed);
+  host_order_epoch().fetch_add(1, std::memory_order_relaxed);
+}
+
 namespace host_exec_detail {
+
+// This thread's next phase number since the order was last set.
+inline uint64_t next_phase() {
+  thread_local uint64_t phase = 0, seen = 0;
+  const uint64_t epoch = host_order_epoch().load(std::memory_order_relaxed);
+  if (epoch != seen) {
+    seen = epoch;
+    phase = 0;
+  }
+  return ++phase;
+}
 
 inline int64_t gcd(int64_t a, int64_t b) {
   while (b != 0) {
@@ -42,7 +70,7 @@ inline int64_t gcd(int64_t a, int64_t b) {
 // for a grid's).
 template <class I, class F>
 void for_each_item(I n, const F& f) {
-  const int mode = host_item_order();
+  const int mode = host_item_order().load(std::memory_order_relaxed);
   if (mode == 1) {
     for (I i = n - 1; i >= 0; --i) f(i);
     return;
@@ -51,9 +79,7 @@ void for_each_item(I n, const F& f) {
     for (I i = 0; i < n; ++i) f(i);
     return;
   }
-  // A fresh permutation per phase (the counter is per host thread: a cluster's blocks are threads).
-  thread_local uint64_t phase = 0;
-  const uint64_t h = (++phase) * 0x9E3779B97F4A7C15ull;
+  const uint64_t h = next_phase() * 0x9E3779B97F4A7C15ull;
   const int64_t m = static_cast<int64_t>(n);
   // a in 2 .. n - 1 (never 1 mod n: not a rotation or the identity); n - 1 is coprime with n.
   int64_t a = 2 + static_cast<int64_t>((h >> 8) % static_cast<uint64_t>(m - 2));
@@ -108,18 +134,19 @@ bool shared_guard_intact(const C* smem, int64_t n) {
 }
 
 // Blocks 0 .. blocks - 1 of a grid in host_item_order(), one after another, each calling
-// f(block, smem) with n elements of shared memory prepared as above; false if a block wrote past
-// them (the caller reports it: this header is torch-free).
+// f(block, smem) with n elements of shared memory prepared as above. Returns the first block (in
+// the order run) that wrote past them, -1 if none did (the caller reports it: this header is
+// torch-free).
 template <class C, class F>
-bool run_host_blocks(int64_t blocks, int64_t n, const F& f) {
+int64_t run_host_blocks(int64_t blocks, int64_t n, const F& f) {
   std::vector<C> smem(static_cast<size_t>(n + kHostSharedGuard));
-  bool intact = true;
+  int64_t bad = -1;
   host_grid_for(blocks, [&](int64_t b) {
     poison_shared(smem.data(), n);
     f(b, smem.data());
-    intact = intact && shared_guard_intact(smem.data(), n);
+    if (bad < 0 && !shared_guard_intact(smem.data(), n)) bad = b;
   });
-  return intact;
+  return bad;
 }
 
 // A warp item is one call as warp 0 with a single lane (MmaTile8x32's host side computes the whole

@@ -106,9 +106,11 @@ void run_cases(int& runs, int& fails) {
     std::vector<std::vector<char>> base, got; std::vector<char> mb, mg;
     run(0, 0, 0, base, mb);
     for (int kpr = 1; kpr <= 5; ++kpr) for (int mode = 0; mode < 3; ++mode) for (int64_t res : {int64_t(0), kResAll}) {
-      host_item_order() = mode;  // each block's items in order, reversed, permuted (host_exec.h)
+      // Each block's items in order, reversed, permuted (host_exec.h), paired with the block
+      // schedule of the same number (forward, reverse, rotating) to keep the run count.
+      set_host_item_order(mode);
       run(kpr, mode, res, got, mg); ++runs;
-      host_item_order() = 0;
+      set_host_item_order(0);
       bool ok = mb == mg;
       for (int i = 0; i < 12; ++i) ok = ok && base[i] == got[i];
       if (!ok) { ++fails; std::printf("MISMATCH C=%zu lstm=%d S=%d kpr=%d mode=%d res=%d\n", sizeof(C), lstm, S, kpr, mode, int(res)); }
