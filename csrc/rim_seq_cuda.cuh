@@ -223,17 +223,6 @@ void launch(Kernel kernel, const Params& p, int64_t smem, int dev, int threads =
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether a one-block-per-tile call runs the wide kernel (kSeqWideThreads threads, SMAX = 1): at
-// tile 1 on CUDA cores, unless RIMS_FAST_CUDA_WIDE=0 (the 256-thread kernel, kept for the
-// side-by-side timing, benchmark provider cuda_seq_narrow). Same arithmetic, same order: only
-// which thread runs which item differs, so the results are bit-identical.
-inline bool use_wide(const RimSeqDims& d) {
-  const char* v = std::getenv("RIMS_FAST_CUDA_WIDE");
-  const std::string s = v == nullptr ? "1" : v;
-  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_WIDE must be 0 or 1, got '", s, "'");
-  return s == "1" && d.S == 1 && !d.mma;
-}
-
 inline void check_mma_dtype(bool mma, const at::Tensor& h0) {
   const auto st = h0.scalar_type();
   TORCH_CHECK(!mma || st == at::kHalf || st == at::kBFloat16,

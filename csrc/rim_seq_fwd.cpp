@@ -434,6 +434,7 @@ SeqFwdResult rim_seq_fwd_cpu(
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems = (rim_seq_fwd_smem_bytes(d, d.S, bytes, bytes) + bytes - 1) / bytes;
     const int64_t tiles = (d.B + d.S - 1) / d.S;  // in host_item_order(), as the blocks' order
+    const bool wide = use_wide(d);
     if (d.kpr > 0) {  // one host thread per block of the cluster, each with its shared memory
       const int64_t ranks = (d.K + d.kpr - 1) / d.kpr;
       at::Tensor smem = at::empty({ranks, elems + kHostSharedGuard}, h0.options());
@@ -457,6 +458,8 @@ SeqFwdResult rim_seq_fwd_cpu(
       poison_shared(base, elems);
       if (d.mma)
         rim_seq_fwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
+      else if (wide)  // the device's 512-thread kernel's instantiation
+        rim_seq_fwd_tile<1, scalar_t>(HostExec{}, p, tile_i, base);
       else
         rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
       check_guard(base, elems, "forward");
@@ -493,11 +496,14 @@ SeqBwdResult rim_seq_bwd_cpu(
     // 64-byte aligned, as in the forward
     at::Tensor smem = at::empty({elems + kHostSharedGuard}, h0.options());
     const int64_t tiles = (d.B + d.S - 1) / d.S;
+    const bool wide = use_wide(d);
     scalar_t* base = smem.mutable_data_ptr<scalar_t>();
     host_grid_for(tiles, [&](int64_t tile_i) {
       poison_shared(base, elems);
       if (d.mma)
         rim_seq_bwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
+      else if (wide)
+        rim_seq_bwd_tile<1, scalar_t>(HostExec{}, p, tile_i, base);
       else
         rim_seq_bwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);
       check_guard(base, elems, "backward");

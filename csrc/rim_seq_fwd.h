@@ -7,7 +7,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels/rim_seq_bwd.cuh"
@@ -56,6 +58,18 @@ SeqFwdCall seq_fwd_prepare(
     const at::Tensor& comm_output, int64_t top_k, int64_t input_heads, int64_t comm_heads,
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
     bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw);
+
+// Whether a one-block-per-tile call runs the wide kernel (seq_cuda::kSeqWideThreads threads,
+// SMAX = 1): at tile 1 on CUDA cores, unless RIMS_FAST_CUDA_WIDE=0 (the 256-thread kernel, kept
+// for the side-by-side timing, benchmark provider cuda_seq_narrow). Same arithmetic, same order:
+// only which thread runs which item differs, so the results are bit-identical. The host runs
+// follow it too (the SMAX = 1 instantiation at tile 1), so that CI runs the wide kernels' code.
+inline bool use_wide(const RimSeqDims& d) {
+  const char* v = std::getenv("RIMS_FAST_CUDA_WIDE");
+  const std::string s = v == nullptr ? "1" : v;
+  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_WIDE must be 0 or 1, got '", s, "'");
+  return s == "1" && d.S == 1 && !d.mma;
+}
 
 // The phase-timing buffer of the CUDA forward (which = 0) / backward (1) launches, or nullptr:
 // kPhaseSlots device counters each (RimSeqDims::phase_clock), set by _set_phase_clock

@@ -714,7 +714,27 @@ def test_wide_env_checked(monkeypatch):
         rs.rim_seq(x, h0, c0, P, rim.config)
     monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", "0")
     assert not rs.wide_mode()
-    rs.rim_seq(x, h0, c0, P, rim.config)  # on the host run it changes nothing
+
+
+@pytest.mark.parametrize("case", [GRID[0], GRID[5]], ids=["lstm", "gru"])
+@pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
+def test_host_wide_equals_narrow(monkeypatch, case, xw):
+    """At tile 1 the host runs follow RIMS_FAST_CUDA_WIDE as the device does: =1 runs the tile
+    functions' SMAX = 1 instantiation (the 512-thread kernels' code), =0 the tile-8 one. The same
+    arithmetic in the same order, so outputs and gradients are equal bit for bit (the GPU twin is
+    TestCUDA.test_wide_equals_narrow); the SMAX = 1 code is also checked against the reference
+    by every tile-1 host test, which run with the default."""
+    res = {}
+    for wide in ("0", "1"):
+        monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", wide)
+        rim, x, h0, c0, P, leaves = _setup(*case, B=7)
+        got = rs.rim_seq(x, h0, c0, P, rim.config, xw=xw, tile=1)
+        res[wide] = (got, _grads(got[:3], leaves))
+    (a, ga), (b, gb) = res["0"], res["1"]
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None) and (u is None or torch.equal(u, v))
+    for name in ga:
+        assert torch.equal(ga[name], gb[name]), "d" + name
 
 
 def test_phase_clock_buffer_checks():

@@ -32,7 +32,9 @@ CUDA_HOME=/nonexistent CFLAGS="$flags" CXXFLAGS="$flags" LDFLAGS="-fsanitize=add
   MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace > build_asan.log 2>&1 ||
   { tail -30 build_asan.log; exit 1; }
 # Preloading the runtimes succeeds whether or not the flags reached the compiler: check they did.
-nm -D rims_fast/_C*.so | grep -q __asan_report ||
+# (Not `nm | grep -q`: under pipefail, grep's early exit makes nm's SIGPIPE fail the pipeline.)
+syms=$(nm -D rims_fast/_C*.so)
+grep -q __asan_report <<< "$syms" ||
   { echo "asan_host_tests: the extension was built without -fsanitize=address"; exit 1; }
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0,halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1,print_stacktrace=1 \
