@@ -42,6 +42,11 @@
   cuBLAS (five in the GRU forward) and four small kernels each way, launched from C++).
 - ``cuda_steps_graph``: ``cuda_steps`` with ``RIMS_FAST_CUDA_GRAPH=1``: the no-grad forward
   replays a captured CUDA graph (fwd+bwd runs as ``cuda_steps``).
+- ``cuda_steps_pdl``, ``cuda_steps_graph_pdl``: ``cuda_steps`` and ``cuda_steps_graph`` with
+  ``RIMS_FAST_CUDA_PDL=1``: the phase kernels launched with programmatic dependent launch
+  (sm_90+), each scheduled while the GEMM before it drains.
+- ``cuda_steps_fused``, ``cuda_steps_graph_fused``: ``cuda_steps`` and ``cuda_steps_graph`` with
+  ``RIMS_FAST_CUDA_FUSED_CELL=1``: the LSTM gate product and cell in one tensor-core kernel.
 - ``cuda_seq_mma_graph``: ``cuda_seq_mma`` with ``RIMS_FAST_CUDA_GRAPH=1`` (one launch per call
   already: the graph takes the hoisted products' launches off the host).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
@@ -81,14 +86,16 @@ PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
              "cuda_seq", "cuda_seq_f", "cuda_seq_narrow",
              "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cuda_seq_cluster2",
              "cuda_steps",
-             "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "lstm", "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
+             "cuda_steps_graph", "cuda_steps_pdl", "cuda_steps_graph_pdl",
+             "cuda_steps_fused", "cuda_steps_graph_fused", "cuda_seq_mma_graph", "cpu", "lstm", "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
                  "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda",
                  "cuda_cell", "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_mma",
                  "cuda_seq_cluster",
                  "cuda_seq_cluster_l2", "cuda_seq_cluster2",
-                 "cuda_steps", "cuda_steps_graph", "cuda_seq_mma_graph", "cpu", "naive")
+                 "cuda_steps", "cuda_steps_graph", "cuda_steps_pdl", "cuda_steps_graph_pdl",
+                 "cuda_steps_fused", "cuda_steps_graph_fused", "cuda_seq_mma_graph", "cpu", "naive")
 
 
 class Skip(Exception):
@@ -260,6 +267,17 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
     "cuda_steps": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped"}, "cuda_steps"),
     "cuda_steps_graph": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
                                           "RIMS_FAST_CUDA_GRAPH": "1"}, "cuda_steps_graph"),
+    "cuda_steps_pdl": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
+                                        "RIMS_FAST_CUDA_PDL": "1"}, "cuda_steps_pdl"),
+    "cuda_steps_graph_pdl": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
+                                              "RIMS_FAST_CUDA_GRAPH": "1",
+                                              "RIMS_FAST_CUDA_PDL": "1"}, "cuda_steps_graph_pdl"),
+    "cuda_steps_fused": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
+                                          "RIMS_FAST_CUDA_FUSED_CELL": "1"}, "cuda_steps_fused"),
+    "cuda_steps_graph_fused": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
+                                                "RIMS_FAST_CUDA_GRAPH": "1",
+                                                "RIMS_FAST_CUDA_FUSED_CELL": "1"},
+                                       "cuda_steps_graph_fused"),
     "cuda_seq_mma_graph": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
                                             "RIMS_FAST_CUDA_MMA": "1",
                                             "RIMS_FAST_CUDA_GRAPH": "1"}, "cuda_seq_mma_graph"),

@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "steps_host.h"
+
 namespace rims {
 namespace {
 
@@ -19,11 +21,10 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    const int64_t bad = run_host_blocks<C>(
-        p.s.B, rim_step_comm_bwd_smem_elems(p.s, sizeof(C)),
-        [&](int64_t b, C* smem) { rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem); });
-    TORCH_CHECK(bad < 0, "rims_fast: rim_step_comm_bwd wrote past its shared memory in a host run "
-                "(step ", t, ", sample ", bad, ")");
+    const int64_t n = rim_step_comm_bwd_smem_elems(p.s, sizeof(C));
+    run_host_samples<C>("rim_step_comm_bwd", t, p.s.B, n, [&](int64_t b, C* smem) {
+      rim_step_comm_bwd<C>(HostExec{}, p, t, b, smem);
+    });
   }
   template <typename C, typename T>
   void cell_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
@@ -31,11 +32,10 @@ struct StepBwdHostDev {
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    const int64_t bad = run_host_blocks<C>(
-        p.s.B, rim_step_select_bwd_smem_elems(p.s, sizeof(C)),
-        [&](int64_t b, C* smem) { rim_step_select_bwd<C>(HostExec{}, p, t, b, smem); });
-    TORCH_CHECK(bad < 0, "rims_fast: rim_step_select_bwd wrote past its shared memory in a host run "
-                "(step ", t, ", sample ", bad, ")");
+    const int64_t n = rim_step_select_bwd_smem_elems(p.s, sizeof(C));
+    run_host_samples<C>("rim_step_select_bwd", t, p.s.B, n, [&](int64_t b, C* smem) {
+      rim_step_select_bwd<C>(HostExec{}, p, t, b, smem);
+    });
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {

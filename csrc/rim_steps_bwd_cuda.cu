@@ -44,30 +44,31 @@ struct DhFinalPhase {
 
 struct StepBwdCudaDev {
   cudaStream_t stream;
+  bool pdl;  // use_pdl
 
   template <typename C, typename T>
   void init(const RimStepBwdParams<T>& p) const {
-    for_items(InitPhase<C, T>{p}, p.s.B * p.s.K * p.s.H, stream);
+    for_items(InitPhase<C, T>{p}, p.s.B * p.s.K * p.s.H, stream, pdl);
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
     for_samples(CommBwdPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_comm_bwd_smem_elems(p.s, sizeof(C))) * sizeof(C),
-                stream);
+                stream, pdl);
   }
   template <typename C, typename T>
   void cell_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for_items(CellBwdPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream);
+    for_items(CellBwdPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream, pdl);
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
     for_samples(SelectBwdPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_select_bwd_smem_elems(p.s, sizeof(C))) * sizeof(C),
-                stream);
+                stream, pdl);
   }
   template <typename C, typename T>
   void dh_final(const RimStepBwdParams<T>& p, int64_t t) const {
-    for_items(DhFinalPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream);
+    for_items(DhFinalPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream, pdl);
   }
 };
 
@@ -88,7 +89,8 @@ SeqBwdResult rim_steps_bwd_cuda(
                                  comm_output, masks, saved, top_k, input_heads, comm_heads,
                                  per_head, input_dropout, comm_dropout, seed, block_inactive_grad,
                                  /*tile=*/1, /*mma=*/false, /*xw=*/0);
-  const StepBwdCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream()};
+  const StepBwdCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream(),
+                           use_pdl(h0.get_device())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_steps_bwd_cuda",
                                   [&] {
     using T = typename seq_cuda::CudaType<scalar_t>::type;

@@ -4,10 +4,91 @@
 // after each loop). All on the current stream, no synchronisation: a CUDA graph can capture them.
 #pragma once
 
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+
 #include "rim_seq_cuda.cuh"
 
 namespace rims {
 namespace steps_cuda {
+
+// Programmatic dependent launch (RIMS_FAST_CUDA_PDL=1, sm_90+): every phase kernel follows one of
+// the step's cuBLAS GEMMs, whose output it reads. Launched with programmatic stream
+// serialization, a phase kernel's blocks may be scheduled while the GEMM's last blocks drain, and
+// wait for the GEMM's completion and memory in wait_prerequisites() (griddepcontrol.wait) before
+// their first read, instead of the whole launch waiting for the GEMM to retire: the gap between
+// the two kernels, paid eight times a step, shrinks. Without the attribute (the default, and
+// below sm_90) the wait returns at once: the kernels are the same either way, so are the results.
+inline bool pdl_requested() {
+  const char* v = std::getenv("RIMS_FAST_CUDA_PDL");
+  const std::string s = v == nullptr ? "0" : v;
+  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_PDL must be 0 or 1, got '", s, "'");
+  return s == "1";
+}
+
+// Whether this call's phase kernels launch with programmatic stream serialization.
+inline bool use_pdl(int dev) {
+  if (!pdl_requested()) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TORCH_CHECK(major >= 9, "rims_fast stepped ops: RIMS_FAST_CUDA_PDL=1 (programmatic dependent "
+              "launch) needs compute capability 9.0 or newer, this GPU has ", major,
+              ".x; unset it");
+  return true;
+}
+
+// The first statement of every phase kernel: nothing of the previous kernel is read before it.
+__device__ __forceinline__ void wait_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Refuses PDL for a kernel whose code on this device was compiled for an architecture below
+// sm_90 (a JIT of compute_80 PTX, say, under TORCH_CUDA_ARCH_LIST="8.0+PTX"): it has no
+// griddepcontrol.wait, so with the attribute it would read its GEMM's result too early. Checked
+// once per kernel and device.
+template <typename Kernel>
+void check_pdl_code(Kernel kernel, int dev) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  TORCH_CHECK(fa.ptxVersion >= 90, "rims_fast stepped ops: RIMS_FAST_CUDA_PDL=1, but this "
+              "build's phase kernels run on this GPU from code for compute_", fa.ptxVersion,
+              ", which lacks the device-side wait; rebuild with 9.0a (or newer) in "
+              "TORCH_CUDA_ARCH_LIST, or unset RIMS_FAST_CUDA_PDL");
+  done.insert(key);
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...), with programmatic stream serialization when
+// pdl (cudaLaunchKernelEx: the attribute cannot be given to a triple-chevron launch).
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, size_t smem,
+            cudaStream_t stream, bool pdl, Args&&... args) {
+  if (pdl) {
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    check_pdl_code(kernel, dev);
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
 
 constexpr int kItemThreads = 256;
 // A block per sample: at `paper` (B = 64) that is half the SMs of an H100 with one block each, so
@@ -16,6 +97,7 @@ constexpr int kSampleThreads = 256;
 
 template <class F>
 __global__ void __launch_bounds__(kItemThreads) items_kernel(const F f, int64_t n) {
+  wait_prerequisites();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     f(i);
@@ -23,22 +105,22 @@ __global__ void __launch_bounds__(kItemThreads) items_kernel(const F f, int64_t 
 
 template <class F>
 __global__ void __launch_bounds__(kSampleThreads) samples_kernel(const F f) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  wait_prerequisites();
   f(seq_cuda::DeviceExec{}, static_cast<int64_t>(blockIdx.x), smem_raw);
 }
 
 // f(i) for i in [0, n).
 template <class F>
-void for_items(const F& f, int64_t n, cudaStream_t stream) {
+void for_items(const F& f, int64_t n, cudaStream_t stream, bool pdl) {
   if (n <= 0) return;
   const int64_t blocks = std::min<int64_t>((n + kItemThreads - 1) / kItemThreads, 65535);
-  items_kernel<F><<<static_cast<unsigned>(blocks), kItemThreads, 0, stream>>>(f, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(items_kernel<F>, static_cast<unsigned>(blocks), kItemThreads, 0, stream, pdl, f, n);
 }
 
 // f(exec, b, smem) for b in [0, samples), a block each with `smem` bytes of shared memory.
 template <class F>
-void for_samples(const F& f, int64_t samples, size_t smem, cudaStream_t stream) {
+void for_samples(const F& f, int64_t samples, size_t smem, cudaStream_t stream, bool pdl) {
   if (smem > 48 * 1024) {  // beyond the default: opt in once per kernel and device, never lowered
     int dev = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -47,8 +129,7 @@ void for_samples(const F& f, int64_t samples, size_t smem, cudaStream_t stream) 
                 "more than this GPU's ", seq_cuda::max_smem_per_block(dev), " per block");
     seq_cuda::allow_max_smem(samples_kernel<F>, dev);
   }
-  samples_kernel<F><<<static_cast<unsigned>(samples), kSampleThreads, smem, stream>>>(f);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(samples_kernel<F>, static_cast<unsigned>(samples), kSampleThreads, smem, stream, pdl, f);
 }
 
 }  // namespace steps_cuda

@@ -8,6 +8,8 @@
 
 #include <vector>
 
+#include "steps_host.h"
+
 namespace rims {
 namespace {
 
@@ -16,15 +18,22 @@ namespace {
 struct StepHostDev {
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
-    const int64_t bad = run_host_blocks<C>(
-        p.s.B, rim_step_select_smem_elems(p.s, sizeof(C)),
-        [&](int64_t b, C* smem) { rim_step_select<C>(HostExec{}, p, t, b, smem); });
-    TORCH_CHECK(bad < 0, "rims_fast: rim_step_select wrote past its shared memory in a host run "
-                "(step ", t, ", sample ", bad, ")");
+    const int64_t n = rim_step_select_smem_elems(p.s, sizeof(C));
+    run_host_samples<C>("rim_step_select", t, p.s.B, n, [&](int64_t b, C* smem) {
+      rim_step_select<C>(HostExec{}, p, t, b, smem);
+    });
   }
   template <typename C, typename T>
   void cell(const RimStepParams<T>& p, int64_t t) const {
     host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_cell<C>(p, t, i); });
+  }
+  template <typename C, typename T>
+  void gates_cell(const RimStepParams<T>& p, int64_t t) const {
+    const int64_t n = rim_step_gates_smem_elems(p.s, sizeof(C), sizeof(T));
+    run_host_samples<C>("rim_step_gates_cell", t, rim_step_gates_blocks(p.s), n,
+                        [&](int64_t blk, C* smem) {
+      rim_step_gates_cell<C>(HostExec{}, p, t, blk, smem);
+    });
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {

@@ -10,17 +10,43 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "kernels/rim_step_fwd.cuh"
+#include "kernels/rim_step_gates.cuh"
 #include "rim_seq_fwd.h"
 #include "step_gemm.h"
 
 namespace rims {
 
+// RIMS_FAST_CUDA_FUSED_CELL=1: the LSTM gate product and cell as one kernel
+// (kernels/rim_step_gates.cuh) instead of a GEMM and the cell kernel. Host runs follow it too, so
+// that CI runs the fused kernel's code (in any dtype; on the GPU it needs float16/bfloat16, which
+// the CUDA implementation checks).
+inline bool use_fused_cell(const RimSeqDims& d) {
+  const char* v = std::getenv("RIMS_FAST_CUDA_FUSED_CELL");
+  const std::string s = v == nullptr ? "0" : v;
+  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_FUSED_CELL must be 0 or 1, got '", s, "'");
+  TORCH_CHECK(s == "0" || d.lstm, "rims_fast stepped ops: RIMS_FAST_CUDA_FUSED_CELL=1 fuses the "
+              "LSTM cell into its gate product; a GRU layer takes RIMS_FAST_CUDA_FUSED_CELL=0");
+  return s == "1";
+}
+
+// [W_hh ; F] (K, R, 4H), R = H + XW, as the fused gates kernel's operand: (K, 4 Hp, kd), row
+// 4u + q = column q H + u (gate q of unit u), zero-padded to Hp = H rounded up to kGateUnits units
+// and to kd columns.
+inline at::Tensor interleaved_gate_weight(const at::Tensor& wg, int64_t H, int64_t kd) {
+  const int64_t K = wg.size(0), R = wg.size(1), Hp = mma_round_up(H, kGateUnits);
+  at::Tensor w = at::constant_pad_nd(wg.reshape({K, R, 4, H}), {0, Hp - H});  // [k, r, q, u]
+  w = at::constant_pad_nd(w.permute({0, 3, 2, 1}), {0, kd - R});            // [k, u, q, r]
+  return w.reshape({K, 4 * Hp, kd}).contiguous();
+}
+
 // The whole sequence for a prepared call (seq_fwd_prepare; c.res holds the outputs). T: the
 // storage type as the phases see it; C: the compute type; Dev runs the phases for one step:
-// select(p, t), cell(p, t), comm(p, t), residual(p, t).
+// select(p, t), cell(p, t), gates_cell(p, t) (the fused kernel), comm(p, t), residual(p, t).
 template <typename C, typename T, class Dev>
 void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   const RimSeqDims& d = c.d;
@@ -32,10 +58,12 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   // call, where the persistent kernels keep it in float32).
   const at::Tensor wx = c.w_x.reshape({K, XW, GH}).to(c.h0.scalar_type());
   const at::Tensor wg = d.lstm ? at::cat({c.whh, wx}, 1) : at::Tensor();
+  const bool fused = use_fused_cell(d);
+  const at::Tensor wgi = fused ? interleaved_gate_weight(wg, H, gate_kd(d)) : at::Tensor();
   const at::Tensor wqkv = at::cat({c.cq, c.ck, c.cv}, -1);
   at::Tensor hx = at::empty({K, B, H + XW}, so), ht_op = at::empty({K, B, H}, so);
   at::Tensor o_op = at::empty({K, B, d.cv}, so);
-  at::Tensor q = at::empty({K, B, d.nk}, co), g = at::empty({K, B, GH}, co);
+  at::Tensor q = at::empty({K, B, d.nk}, co), g = fused ? at::Tensor() : at::empty({K, B, GH}, co);
   at::Tensor gh = d.lstm ? at::Tensor() : at::empty({K, B, GH}, co);
   at::Tensor qkv = at::empty({K, B, C3}, co), y = at::empty({K, B, H}, co);
   at::Tensor h = at::empty({B, K, H}, co), cst = d.lstm ? at::empty({B, K, H}, co) : at::Tensor();
@@ -52,7 +80,8 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   p.s = seq_fwd_params<T>(c);
   auto mp = [](at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
   p.hx = mp(hx), p.ht_op = mp(ht_op), p.o_op = mp(o_op);
-  p.q = q.const_data_ptr(), p.g = g.const_data_ptr();
+  p.wgi = fused ? static_cast<const T*>(wgi.const_data_ptr()) : nullptr;
+  p.q = q.const_data_ptr(), p.g = fused ? nullptr : g.const_data_ptr();
   p.gh = d.lstm ? nullptr : gh.const_data_ptr();
   p.qkv = qkv.const_data_ptr(), p.y = y.const_data_ptr();
   p.h = h.mutable_data_ptr(), p.c = d.lstm ? cst.mutable_data_ptr() : nullptr;
@@ -64,13 +93,17 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   for (int64_t t = 0; t < d.T_; ++t) {
     step_gemm(q, h_op, c.wq);
     dev.template select<C>(p, t);
-    if (d.lstm) {
-      step_gemm(g, hx, wg);
+    if (fused) {
+      dev.template gates_cell<C>(p, t);
     } else {
-      step_gemm(g, xa_op, wx);
-      step_gemm(gh, h_op, c.whh);
+      if (d.lstm) {
+        step_gemm(g, hx, wg);
+      } else {
+        step_gemm(g, xa_op, wx);
+        step_gemm(gh, h_op, c.whh);
+      }
+      dev.template cell<C>(p, t);
     }
-    dev.template cell<C>(p, t);
     step_gemm(qkv, ht_op, wqkv);
     dev.template comm<C>(p, t);
     step_gemm(y, o_op, c.co);

@@ -1,6 +1,8 @@
 // CUDA implementation of rims_fast::rim_steps_fwd (rim_steps_fwd.h): the driver's four phases per
 // step as kernels on the current stream (rim_steps_cuda.cuh), between its ATen (cuBLAS) GEMMs.
 // Registered for the CUDA key in rim_steps_fwd.cpp.
+#include <type_traits>
+
 #include "rim_steps_cuda.cuh"
 #include "rim_steps_fwd.h"
 
@@ -23,6 +25,15 @@ struct CellPhase {
   __device__ void operator()(int64_t i) const { rim_step_cell<C>(p, t, i); }
 };
 template <typename C, typename T>
+struct GatesCellPhase {
+  RimStepParams<T> p;
+  int64_t t;
+  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t blk,
+                             unsigned char* smem) const {
+    rim_step_gates_cell<C>(ex, p, t, blk, reinterpret_cast<C*>(smem));
+  }
+};
+template <typename C, typename T>
 struct CommPhase {
   RimStepParams<T> p;
   int64_t t;
@@ -39,24 +50,38 @@ struct ResidualPhase {
 
 struct StepCudaDev {
   cudaStream_t stream;
+  bool pdl;  // use_pdl
 
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
     for_samples(SelectPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_select_smem_elems(p.s, sizeof(C))) * sizeof(C),
-                stream);
+                stream, pdl);
   }
   template <typename C, typename T>
   void cell(const RimStepParams<T>& p, int64_t t) const {
-    for_items(CellPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream);
+    for_items(CellPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream, pdl);
+  }
+  // The fused gates kernel: tensor-core products (WMMA, sm_80+) of float16/bfloat16 operands.
+  template <typename C, typename T>
+  void gates_cell(const RimStepParams<T>& p, int64_t t) const {
+    if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+      const int64_t n = rim_step_gates_smem_elems(p.s, sizeof(C), sizeof(T));
+      for_samples(GatesCellPhase<C, T>{p, t}, rim_step_gates_blocks(p.s),
+                  static_cast<size_t>(n) * sizeof(C), stream, pdl);
+    } else {
+      TORCH_CHECK(false, "rims_fast stepped ops: RIMS_FAST_CUDA_FUSED_CELL=1 runs the gate "
+                  "product on tensor cores, which takes float16 or bfloat16 on the GPU; unset it "
+                  "for float32/float64");
+    }
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    for_samples(CommPhase<C, T>{p, t}, p.s.B, 0, stream);
+    for_samples(CommPhase<C, T>{p, t}, p.s.B, 0, stream, pdl);
   }
   template <typename C, typename T>
   void residual(const RimStepParams<T>& p, int64_t t) const {
-    for_items(ResidualPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream);
+    for_items(ResidualPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream, pdl);
   }
 };
 
@@ -75,7 +100,15 @@ SeqFwdResult rim_steps_fwd_cuda(
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
                                  seed, /*tile=*/1, save, /*mma=*/false, /*cluster=*/0,
                                  /*resident=*/0, /*xw=*/0);
-  const StepCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream()};
+  if (use_fused_cell(c.d)) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                          h0.get_device()));
+    TORCH_CHECK(major >= 8, "rims_fast stepped ops: RIMS_FAST_CUDA_FUSED_CELL=1 needs compute "
+                "capability 8.0 or newer (WMMA bfloat16), this GPU has ", major, ".x; unset it");
+  }
+  const StepCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream(),
+                        use_pdl(h0.get_device())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_steps_fwd_cuda",
                                   [&] {
     using T = typename seq_cuda::CudaType<scalar_t>::type;

@@ -49,6 +49,10 @@ def _modes() -> dict:
            + " (the persistent kernels' input term hoisted out of the recurrence: auto, 1, 0)",
            "RIMS_FAST_CUDA_WIDE": os.environ.get("RIMS_FAST_CUDA_WIDE", "1")
            + " (1 = tile-1 persistent kernels on CUDA cores run 512-thread blocks, 0 = 256)",
+           "RIMS_FAST_CUDA_PDL": os.environ.get("RIMS_FAST_CUDA_PDL", "0")
+           + " (1 = the stepped ops' phase kernels use programmatic dependent launch, sm_90+)",
+           "RIMS_FAST_CUDA_FUSED_CELL": os.environ.get("RIMS_FAST_CUDA_FUSED_CELL", "0")
+           + " (1 = the stepped LSTM forward's gate product and cell in one tensor-core kernel)",
            "RIMS_FAST_CUDA_GRAPH": os.environ.get("RIMS_FAST_CUDA_GRAPH", "0")
            + " (1 = backend='cuda' persistent/stepped no-grad forward replays a CUDA graph)"}
     try:

@@ -76,7 +76,7 @@ from .row_products import mechanism_rows_product
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
            "stepped_instead", "STEPPED_MIN_WEIGHTS", "SMEM_ERROR", "tile_size", "mma_mode",
            "cluster_mechs", "cluster_blocks", "RESIDENT", "resident_mode", "xw_mode", "wide_mode",
-           "PARAM_NAMES"]
+           "pdl_mode", "fused_cell_mode", "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
                "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
@@ -198,6 +198,37 @@ def wide_mode() -> bool:
     v = os.environ.get("RIMS_FAST_CUDA_WIDE", "1")
     if v not in ("0", "1"):
         raise ValueError(f"RIMS_FAST_CUDA_WIDE must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def pdl_mode() -> bool:
+    """``RIMS_FAST_CUDA_PDL`` (``0`` by default, or ``1``): whether the stepped ops' phase kernels
+    launch with programmatic dependent launch (programmatic stream serialization, sm_90+), so
+    that each may be scheduled while the cuBLAS GEMM it follows drains and waits for that GEMM's
+    results on the device (``griddepcontrol.wait``) instead of the launch waiting for it to retire.
+    The kernels and results are the same either way; on a GPU below compute capability 9.0 ``1``
+    raises. Opt-in until timed on a GPU (benchmark providers ``cuda_steps_pdl``,
+    ``cuda_steps_graph_pdl``). The CUDA launcher reads the variable itself (``use_pdl`` in
+    ``csrc/rim_steps_cuda.cuh``); this checks it first."""
+    v = os.environ.get("RIMS_FAST_CUDA_PDL", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_PDL must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def fused_cell_mode() -> bool:
+    """``RIMS_FAST_CUDA_FUSED_CELL`` (``0`` by default, or ``1``): whether the stepped forward of
+    an LSTM layer computes its gate product and cell in one kernel
+    (``csrc/kernels/rim_step_gates.cuh``: the product on tensor cores, the cell in its epilogue)
+    instead of a cuBLAS GEMM and the cell kernel: one launch per step fewer, and the float32 gates
+    never written out. On the GPU it needs float16 or bfloat16 and compute capability 8.0; a GRU
+    layer with it set raises. The results equal the GEMM path's to float32 rounding (the products
+    sum in another order), not bit for bit. Opt-in until timed on a GPU (benchmark providers
+    ``cuda_steps_fused``, ``cuda_steps_graph_fused``). The ops read the variable themselves
+    (``use_fused_cell`` in ``csrc/rim_steps_fwd.h``); this checks it first."""
+    v = os.environ.get("RIMS_FAST_CUDA_FUSED_CELL", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"RIMS_FAST_CUDA_FUSED_CELL must be 0 or 1, got {v!r}")
     return v == "1"
 
 
@@ -528,7 +559,9 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         raise RuntimeError(why)
     if tile is None:
         tile = tile_size()
-    wide_mode()  # validates RIMS_FAST_CUDA_WIDE, which the CUDA launcher reads
+    # Switches the C++ ops read themselves: checked here first, and part of a graph's key (a
+    # captured graph keeps the kernels of capture time).
+    cpp_modes = (wide_mode(), pdl_mode(), fused_cell_mode())
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
     auto = stepped is None and cuda_fwd_mode() == "auto"
@@ -565,7 +598,8 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         t is not None and t.requires_grad for t in (x, h0, c0, *params.values()))
     if (x.is_cuda and not needs_grad and p_in == 0 and p_c == 0 and rim_seq_graph.graph_mode()
             and not torch.cuda.is_current_stream_capturing()):  # no capture inside a capture
-        return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped, xw), run,
+        return rim_seq_graph.replay(("rim_seq", cfg, tile, mma, cluster, resident, stepped, xw,
+                                     cpp_modes), run,
                                     x, h0, c0, dict(params))
     try:
         return run(x, h0, c0)

@@ -5,13 +5,16 @@ Covers rims_fast::rim_seq_fwd (all 13 outputs, saved histories included) over ti
 the tensor-core tiling, clusters with and without resident weights, both input-term paths,
 both dropouts, LSTM and GRU, per-head and folded input terms, float32 and float64; every
 gradient of the persistent path (rim_seq_bwd and the weight-gradient GEMMs) over test_rim_seq's
-GRID x block_inactive_grad x dropout; and the stepped ops (rims_fast::rim_steps_fwd / _bwd).
+GRID x block_inactive_grad x dropout; and the stepped ops (rims_fast::rim_steps_fwd / _bwd), also
+with the fused gates kernel.
 Each case is (key, run): run() returns the case's output tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 
 import torch
 
@@ -69,7 +72,44 @@ def wide_cases():
                lambda c=case, d=drop: _grad_case(c, True, drop=d, setup=T.WIDE_SETUP))
 
 
+# LSTM layers for the fused gates kernel (RIMS_FAST_CUDA_FUSED_CELL=1): the grid's; H = 70 (nine
+# 8-unit warp tiles: two blocks per mechanism, the second with one busy warp) over B = 19 (three
+# 8-sample tiles, the last partial), H + XW = 75 padded to 80; and B = 70 (a block of 64 samples
+# and one of 6).
+FUSED = [c for c in T.GRID if c[0] == "lstm"] + [("lstm", 1, 1, 2, 3, 2, 3, 8),
+                                                   ("lstm", 1, 1, 1, 4, 2, 3, 8)]
+FUSED_SETUP = [{}] * (len(FUSED) - 2) + [dict(hidden_size=70, B=19), dict(B=70)]
+
+
+@contextlib.contextmanager
+def fused_cell(on: bool = True):
+    """RIMS_FAST_CUDA_FUSED_CELL set around a block (the stepped ops read it at each call)."""
+    old = os.environ.get("RIMS_FAST_CUDA_FUSED_CELL")
+    os.environ["RIMS_FAST_CUDA_FUSED_CELL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RIMS_FAST_CUDA_FUSED_CELL"]
+        else:
+            os.environ["RIMS_FAST_CUDA_FUSED_CELL"] = old
+
+
+def _fused_case(case, setup, drop, dtype):
+    with fused_cell():
+        return _grad_case(case, True, dtype=dtype, drop=drop, setup=setup)
+
+
+def fused_cases():
+    """The stepped forward with the fused gates kernel, and the stepped backward after it."""
+    for (case, setup), drop, dtype in itertools.product(
+            zip(FUSED, FUSED_SETUP), (0.0, 0.3), (torch.float64, torch.float32)):
+        yield (f"fused-{case}-{setup}-{drop}-{dtype}",
+               lambda c=case, s=setup, d=drop, dt=dtype: _fused_case(c, s, d, dt))
+
+
 def collect(cases=None) -> dict[str, list[torch.Tensor]]:
     if cases is None:
-        cases = itertools.chain(persistent_forward_cases(), gradient_cases(), wide_cases())
+        cases = itertools.chain(persistent_forward_cases(), gradient_cases(), wide_cases(),
+                                fused_cases())
     return {key: [t.detach().clone() for t in run()] for key, run in cases}

@@ -6,7 +6,7 @@ an item that reads what another item of the same phase writes passes every host 
 and races on the device. Running each phase's items reversed and in a permutation that changes
 every phase, and requiring the same bits as in order, shows such a dependency wherever it moves
 a value (the rank rule's ties, the softmax sums, the staged copies and every saved history are
-among the 304 cases' outputs: tests/host_cases.py). Exact equality is the right test: a race-free
+among the 328 cases' outputs: tests/host_cases.py). Exact equality is the right test: a race-free
 phase computes each item's result from the same inputs in the same order whatever the items'
 order.
 """
@@ -47,7 +47,7 @@ def _differences(cases, mode):
 
 
 @pytest.mark.parametrize("mode", ORDERS, ids=ORDERS.get)
-@pytest.mark.parametrize("group", ["persistent_forward", "gradient", "wide"])
+@pytest.mark.parametrize("group", ["persistent_forward", "gradient", "wide", "fused"])
 def test_host_item_order_changes_no_bit(mode, group):
     import host_cases
     cases = getattr(host_cases, f"{group}_cases")()

@@ -12,13 +12,14 @@ stream). The ``gpu`` tests run the CUDA phases and cuBLAS.
 
 from __future__ import annotations
 
+import host_cases
 import pytest
 import torch
 
 import rims_fast
 from helpers import assert_close
 from rims_fast import rim_seq as rs
-from test_rim_seq import (GRID, MMA_WIDE, PARAMS, _compare, _paper_cuda, _setup,
+from test_rim_seq import (GRID, MMA_WIDE, PARAMS, _compare, _grads, _paper_cuda, _setup,
                           check_graph_capture, check_paper_run)
 
 _WHY = rs.unavailable_reason(torch.device("cpu"), torch.float64)
@@ -150,6 +151,67 @@ def test_stepped_float32_against_float64(case):
     _compare(got, want, leaves, torch.float32, l64)
 
 
+# ---- the fused gates kernel (RIMS_FAST_CUDA_FUSED_CELL=1, csrc/kernels/rim_step_gates.cuh) -----
+# Host runs: the WMMA product written out, with its alignment and leading-dimension requirements
+# checked, so the tiling, padding, gate interleaving and the epilogue's cell run here in float64.
+
+_FUSED_IDS = ["-".join(map(str, c)) + "".join(f"-{k}{v}" for k, v in s.items())
+              for c, s in zip(host_cases.FUSED, host_cases.FUSED_SETUP)]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("case,setup", list(zip(host_cases.FUSED, host_cases.FUSED_SETUP)),
+                         ids=_FUSED_IDS)
+def test_fused_cell_equals_gemm_path(case, setup, dropout):
+    """Every output and saved activation of the fused forward equals the GEMM + cell path's to
+    float64 rounding (the products sum in another order), masks exactly; saving or not changes
+    no output."""
+    rim, x, h0, c0, P, _ = _setup(*case, **setup)
+    args = _op_args(x, h0, c0, P, rim.config, *((0.3, 0.4, 11) if dropout else ()))
+    with host_cases.fused_cell(False):
+        want = torch.ops.rims_fast.rim_steps_fwd(*args, True)
+    with host_cases.fused_cell():
+        got = torch.ops.rims_fast.rim_steps_fwd(*args, True)
+        unsaved = torch.ops.rims_fast.rim_steps_fwd(*args, False)
+    assert torch.equal(got[3], want[3]), "masks differ"
+    assert sum(w.numel() for w in want[4:]) > 0
+    for i, (a, b) in enumerate(zip(got, want)):
+        if i != 3:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"output {i}")
+    for i in range(4):
+        assert torch.equal(unsaved[i], got[i]), f"output {i} without saving"
+
+
+@pytest.mark.parametrize("case,setup", list(zip(host_cases.FUSED, host_cases.FUSED_SETUP)),
+                         ids=_FUSED_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_cell_matches_reference(case, setup, dtype):
+    """The fused forward and the stepped backward after it against the float64 reference (under
+    the run's masks in float32): outputs and every gradient by the tolerance table."""
+    rim, x, h0, c0, P, leaves = _setup(*case, dtype=dtype, **setup)
+    with host_cases.fused_cell():
+        got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+    l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
+    want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"), {n: l64[n] for n in PARAMS},
+                             rim.config, masks=got[3] if dtype != torch.float64 else None)
+    _compare(got, want, leaves, dtype, l64)
+
+
+def test_fused_cell_checks(monkeypatch):
+    """RIMS_FAST_CUDA_FUSED_CELL is 0 (default) or 1, and fuses the LSTM cell only: a GRU layer
+    with it set is an error, not a silent fallback."""
+    assert not rs.fused_cell_mode()
+    monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
+    assert rs.fused_cell_mode()
+    rim, x, h0, c0, P, _ = _setup(*GRID[4])  # GRU
+    with pytest.raises(RuntimeError, match="a GRU layer takes RIMS_FAST_CUDA_FUSED_CELL=0"):
+        rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+    for bad in ("2", "on"):
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", bad)
+        with pytest.raises(ValueError, match="RIMS_FAST_CUDA_FUSED_CELL must be 0 or 1"):
+            rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+
+
 def test_opcheck_and_errors():
     rim, x, h0, c0, P, _ = _setup("lstm", 2, 2, 2, 3, 2, 2, 3, B=2)
     args = _op_args(x, h0, c0, P, rim.config)
@@ -193,6 +255,23 @@ def test_backend_cuda_env_switch(monkeypatch):
     assert_close("stepped vs persistent", env[0], persistent[0], torch.float64)
     from rims_fast import _backend
     assert _backend.runner("cuda") is rs.rim_seq
+
+
+def test_pdl_env_checked(monkeypatch):
+    """RIMS_FAST_CUDA_PDL is 0 (default) or 1; rim_seq checks it before any launch (the stepped
+    ops' CUDA launcher reads it), and on CPU tensors it changes nothing."""
+    assert not rs.pdl_mode()
+    rim, x, h0, c0, P, _ = _setup(*GRID[1])
+    with torch.no_grad():
+        base = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        monkeypatch.setenv("RIMS_FAST_CUDA_PDL", "1")
+        assert rs.pdl_mode()
+        got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, base) if a is not None)
+        for bad in ("2", "yes", ""):
+            monkeypatch.setenv("RIMS_FAST_CUDA_PDL", bad)
+            with pytest.raises(ValueError, match="RIMS_FAST_CUDA_PDL must be 0 or 1"):
+                rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
 
 
 def test_graph_mode_env(monkeypatch):
@@ -316,6 +395,60 @@ class TestCUDA:
             P["weight_hh"] = P["weight_hh"].clone()
             run()
             assert len(rim_seq_graph._GRAPHS) == 2
+
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_pdl_changes_nothing(self, monkeypatch, cell):
+        """RIMS_FAST_CUDA_PDL=1 (programmatic dependent launch, sm_90+; refused below): the same
+        kernels, so outputs, masks and every gradient bit-identical to ordinary launches, and a
+        captured graph of the PDL launches replays to the eager result. The wait at each phase
+        kernel's start is what makes this hold: without it a phase could read its GEMM's output
+        before the GEMM finished, and the outputs would differ from run to run."""
+        if torch.cuda.get_device_capability()[0] < 9:
+            monkeypatch.setenv("RIMS_FAST_CUDA_PDL", "1")
+            rim, x, h0, c0, P, _ = _paper_cuda(cell, torch.bfloat16)
+            with pytest.raises(RuntimeError, match="needs compute capability 9.0"):
+                rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+            return
+        res = {}
+        for pdl in ("0", "1"):
+            monkeypatch.setenv("RIMS_FAST_CUDA_PDL", pdl)
+            rim, x, h0, c0, P, leaves = _paper_cuda(cell, torch.bfloat16)
+            got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+            res[pdl] = ([g.detach() if g is not None else None for g in got],
+                        _grads(got[:3], leaves))
+        (a, ga), (b, gb) = res["0"], res["1"]
+        for u, v in zip(a, b):
+            assert (u is None) == (v is None) and (u is None or torch.equal(u, v))
+        for name in ga:
+            assert torch.equal(ga[name], gb[name]), "d" + name
+        P = {n: p.detach() for n, p in rim.named_parameters()}
+        x, h0 = x.detach(), h0.detach()
+        c0 = c0.detach() if c0 is not None else None
+        check_graph_capture(lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), x)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_fused_cell_paper_shape(self, monkeypatch, dtype):
+        """RIMS_FAST_CUDA_FUSED_CELL=1 on the GPU (the WMMA gates kernel): the paper layer
+        against the float64 reference under the op's masks, gradients through the stepped
+        backward, as test_paper_shape; then graph capture and replay."""
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
+        rim, x, h0, c0, P, leaves = _paper_cuda("lstm", dtype)
+        check_paper_run(rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), rim, leaves, dtype)
+        P = {n: p.detach() for n, p in rim.named_parameters()}
+        x, h0, c0 = x.detach(), h0.detach(), c0.detach()
+        check_graph_capture(lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), x)
+
+    def test_fused_cell_large_layer(self, monkeypatch):
+        """The `large` layer (H = 256: 32 warp tiles, four blocks per mechanism; kd = 768) with
+        the fused gates kernel, bfloat16, against the float64 reference under its masks."""
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
+        self.test_large_layer("lstm")
+
+    def test_fused_cell_refuses_float32(self, monkeypatch):
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
+        rim, x, h0, c0, P, _ = _paper_cuda("lstm", torch.float32)
+        with pytest.raises(RuntimeError, match="takes float16 or bfloat16 on the GPU"):
+            rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
 
     def test_module_backend_cuda_stepped(self, monkeypatch):
         monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "stepped")

@@ -137,14 +137,19 @@ bool shared_guard_intact(const C* smem, int64_t n) {
 // f(block, smem) with n elements of shared memory prepared as above. Returns the first block (in
 // the order run) that wrote past them, -1 if none did (the caller reports it: this header is
 // torch-free).
+// The memory starts 64-byte aligned, as a kernel's dynamic shared memory (tensor-core operands
+// there need 256-bit alignment, which the host product checks).
 template <class C, class F>
 int64_t run_host_blocks(int64_t blocks, int64_t n, const F& f) {
-  std::vector<C> smem(static_cast<size_t>(n + kHostSharedGuard));
+  constexpr size_t kAlign = 64;
+  std::vector<C> buf(static_cast<size_t>(n + kHostSharedGuard) + kAlign / sizeof(C));
+  const uintptr_t at = reinterpret_cast<uintptr_t>(buf.data());
+  C* smem = reinterpret_cast<C*>((at + kAlign - 1) / kAlign * kAlign);
   int64_t bad = -1;
   host_grid_for(blocks, [&](int64_t b) {
-    poison_shared(smem.data(), n);
-    f(b, smem.data());
-    if (bad < 0 && !shared_guard_intact(smem.data(), n)) bad = b;
+    poison_shared(smem, n);
+    f(b, smem);
+    if (bad < 0 && !shared_guard_intact(smem, n)) bad = b;
   });
   return bad;
 }

@@ -145,7 +145,9 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx_t = static_cast<const C*>(p.w_x_t);
-  const C* xwp = static_cast<const C*>(p.xw);  // hoisted input term, or nullptr
+  // The hoisted input term, or nullptr; never with MMA (seq_use_xw), so that the tensor-core
+  // instantiations drop its phases at compile time (they sit at the register limit).
+  const C* xwp = MMA ? nullptr : static_cast<const C*>(p.xw);
   const int NM = n_in * M;
   const C* g_out = static_cast<const C*>(p.g_out);
   const C scale_in = C(1) / sqrt(C(dk));

@@ -268,7 +268,9 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   const C* keys = static_cast<const C*>(p.keys);
   const C* xsrc = static_cast<const C*>(p.xsrc);
   const C* wx = static_cast<const C*>(p.w_x);
-  const C* xwp = static_cast<const C*>(p.xw);  // hoisted input term, or nullptr
+  // The hoisted input term, or nullptr; never with MMA (seq_use_xw), so that the tensor-core
+  // instantiations drop its phases at compile time (they sit at the register limit).
+  const C* xwp = MMA ? nullptr : static_cast<const C*>(p.xw);
   const bool save = p.sv_h != nullptr;
   // Row r = s*K + k of the tile, step t, in a saved (T, B, K, width) history.
   auto sv = [&](void* base, int64_t t, int64_t r, int64_t width) {

@@ -40,6 +40,8 @@ struct RimStepParams {
   T* hx;     // [h_{t-1} | xa], width H + XW
   T* ht_op;  // h~, width H
   T* o_op;   // the dropped read o, width cv (zero on inactive rows)
+  // [W_hh ; F] gate-interleaved for the fused gates kernel (rim_step_gates.cuh), else nullptr.
+  const T* wgi;
   // GEMM results (compute type, (K, B, width)).
   const void* q;    // nk
   const void* g;    // GH: LSTM both terms; GRU gi = xa F
@@ -176,12 +178,16 @@ RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t 
   });
 }
 
-// SPEC step 3 for element i = (b, k, j) of (B, K, H): biases, the masked cell, saving.
-template <typename C, typename T>
-RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
+// SPEC step 3 for unit j of row r = b * K + k: biases, the masked cell, saving. gi(col) and
+// gh(col) are the row's gate products before the biases, col = gate * H + j (LSTM: gi holds both
+// terms and gh is not called; GRU: gi = xa F, gh = h W_hh). The cell kernel reads them from the
+// gate GEMM's result, the fused gates kernel (rim_step_gates.cuh) from its accumulator tile.
+template <typename C, typename T, class Gi, class Gh>
+RIMS_HD void rim_step_cell_unit(const RimStepParams<T>& p, int64_t t, int64_t r, int64_t j,
+                                const Gi& gi, const Gh& gh) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, H = d.H, GH = d.GH, GW = d.lstm ? GH : 2 * GH;
-  const int64_t r = i / H, j = i % H, b = r / K, k = r % K, kb = k * B + b;
+  const int64_t i = r * H + j, b = r / K, k = r % K, kb = k * B + b;
   C* h = static_cast<C*>(p.h);
   C* c = static_cast<C*>(p.c);
   C* ht = step_detail::row_at<C>(p, d.sv_ht, p.ht, t, r, H);
@@ -198,13 +204,12 @@ RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
       for (int64_t col = j; col < GW; col += H) sg[col] = C(0);
     return;
   }
-  const C* g = static_cast<const C*>(p.g) + kb * GH;
   auto bias = [&](const T* w, int64_t col) { return to_c(w[k * GH + col]); };
   if (d.lstm) {
     C v[4];
     for (int q = 0; q < 4; ++q) {
       const int64_t col = q * H + j;
-      v[q] = g[col] + (bias(d.b_ih, col) + bias(d.b_hh, col));
+      v[q] = gi(col) + (bias(d.b_ih, col) + bias(d.b_hh, col));
       if (sg != nullptr) sg[col] = v[q];
     }
     C hn, cn;
@@ -212,12 +217,11 @@ RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
     ht[j] = hn;
     c[i] = cn;
   } else {
-    const C* gh = static_cast<const C*>(p.gh) + kb * GH;
     C v[6];
     for (int q = 0; q < 3; ++q) {
       const int64_t col = q * H + j;
-      v[q] = g[col] + bias(d.b_ih, col);
-      v[3 + q] = gh[col] + bias(d.b_hh, col);
+      v[q] = gi(col) + bias(d.b_ih, col);
+      v[3 + q] = gh(col) + bias(d.b_hh, col);
       if (sg != nullptr) {
         sg[col] = v[q];
         sg[GH + col] = v[3 + q];
@@ -226,6 +230,17 @@ RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
     ht[j] = gru_pointwise_fwd(v[0], v[1], v[2], v[3], v[4], v[5], h[i]);
   }
   from_c(ht[j], op);
+}
+
+// The cell kernel's element i = (b, k, j) of (B, K, H), its gate products from the GEMMs' results.
+template <typename C, typename T>
+RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
+  const RimSeqFwdParams<T>& d = p.s;
+  const int64_t r = i / d.H, j = i % d.H, kb = (r % d.K) * d.B + r / d.K;
+  const C* g = static_cast<const C*>(p.g) + kb * d.GH;
+  const C* gh = d.lstm ? nullptr : static_cast<const C*>(p.gh) + kb * d.GH;
+  rim_step_cell_unit<C>(p, t, r, j, [&](int64_t col) { return g[col]; },
+                        [&](int64_t col) { return gh[col]; });
 }
 
 // SPEC step 4 for sample b (one block; smem unused): each active mechanism's heads attend over
