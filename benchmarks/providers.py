@@ -46,7 +46,8 @@
   ``RIMS_FAST_CUDA_PDL=1``: the phase kernels launched with programmatic dependent launch
   (sm_90+), each scheduled while the GEMM before it drains.
 - ``cuda_steps_fused``, ``cuda_steps_graph_fused``: ``cuda_steps`` and ``cuda_steps_graph`` with
-  ``RIMS_FAST_CUDA_FUSED_CELL=1``: the LSTM gate product and cell in one tensor-core kernel.
+  ``RIMS_FAST_CUDA_FUSED=1``: the gate product with the LSTM cell and the output product with the
+  residual as tensor-core kernels (two launches per step fewer).
 - ``cuda_seq_mma_graph``: ``cuda_seq_mma`` with ``RIMS_FAST_CUDA_GRAPH=1`` (one launch per call
   already: the graph takes the hoisted products' launches off the host).
 - ``lstm``: ``nn.LSTM(M*D, K*H)`` (cuDNN on GPU), the yardstick: same output width, no gate.
@@ -273,10 +274,10 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
                                               "RIMS_FAST_CUDA_GRAPH": "1",
                                               "RIMS_FAST_CUDA_PDL": "1"}, "cuda_steps_graph_pdl"),
     "cuda_steps_fused": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
-                                          "RIMS_FAST_CUDA_FUSED_CELL": "1"}, "cuda_steps_fused"),
+                                          "RIMS_FAST_CUDA_FUSED": "1"}, "cuda_steps_fused"),
     "cuda_steps_graph_fused": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
                                                 "RIMS_FAST_CUDA_GRAPH": "1",
-                                                "RIMS_FAST_CUDA_FUSED_CELL": "1"},
+                                                "RIMS_FAST_CUDA_FUSED": "1"},
                                        "cuda_steps_graph_fused"),
     "cuda_seq_mma_graph": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
                                             "RIMS_FAST_CUDA_MMA": "1",

@@ -16,6 +16,10 @@ namespace {
 // The phases of one step on the host: items one by one (every barrier holds trivially), in
 // host_item_order(); each sample's shared memory starts as NaN and is guarded (host_exec.h).
 struct StepHostDev {
+  template <typename T>
+  StepFusion fusion(const RimSeqDims& d) const {
+    return use_fused(d);
+  }
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
     const int64_t n = rim_step_select_smem_elems(p.s, sizeof(C));
@@ -30,9 +34,17 @@ struct StepHostDev {
   template <typename C, typename T>
   void gates_cell(const RimStepParams<T>& p, int64_t t) const {
     const int64_t n = rim_step_gates_smem_elems(p.s, sizeof(C), sizeof(T));
-    run_host_samples<C>("rim_step_gates_cell", t, rim_step_gates_blocks(p.s), n,
+    run_host_samples<C>("rim_step_gates_cell", t, rim_step_gates_blocks(p.s, sizeof(T)), n,
                         [&](int64_t blk, C* smem) {
       rim_step_gates_cell<C>(HostExec{}, p, t, blk, smem);
+    });
+  }
+  template <typename C, typename T>
+  void output_residual(const RimStepParams<T>& p, int64_t t) const {
+    const int64_t n = rim_step_output_smem_elems(p.s, sizeof(C), sizeof(T));
+    run_host_samples<C>("rim_step_output_residual", t, rim_step_output_blocks(p.s, sizeof(T)), n,
+                        [&](int64_t blk, C* smem) {
+      rim_step_output_residual<C>(HostExec{}, p, t, blk, smem);
     });
   }
   template <typename C, typename T>

@@ -16,22 +16,33 @@
 
 #include "kernels/rim_step_fwd.cuh"
 #include "kernels/rim_step_gates.cuh"
+#include "kernels/rim_step_output.cuh"
 #include "rim_seq_fwd.h"
 #include "step_gemm.h"
 
 namespace rims {
 
-// RIMS_FAST_CUDA_FUSED_CELL=1: the LSTM gate product and cell as one kernel
-// (kernels/rim_step_gates.cuh) instead of a GEMM and the cell kernel. Host runs follow it too, so
-// that CI runs the fused kernel's code (in any dtype; on the GPU it needs float16/bfloat16, which
-// the CUDA implementation checks).
-inline bool use_fused_cell(const RimSeqDims& d) {
-  const char* v = std::getenv("RIMS_FAST_CUDA_FUSED_CELL");
+// RIMS_FAST_CUDA_FUSED=1: the stepped forward's products with their pointwise work in the
+// epilogue, on tensor cores — the LSTM gate product with the cell (kernels/rim_step_gates.cuh;
+// GRU layers keep the GEMMs and the cell kernel) and the output product with the residual
+// (kernels/rim_step_output.cuh). Host runs follow it in any dtype, so that CI runs the fused
+// kernels' code; the CUDA implementation only for float16/bfloat16 on sm_80+ (Dev::fusion).
+struct StepFusion {
+  bool cell = false;    // gates + LSTM cell
+  bool output = false;  // output product + residual
+};
+inline StepFusion use_fused(const RimSeqDims& d) {
+  const char* v = std::getenv("RIMS_FAST_CUDA_FUSED");
   const std::string s = v == nullptr ? "0" : v;
-  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_FUSED_CELL must be 0 or 1, got '", s, "'");
-  TORCH_CHECK(s == "0" || d.lstm, "rims_fast stepped ops: RIMS_FAST_CUDA_FUSED_CELL=1 fuses the "
-              "LSTM cell into its gate product; a GRU layer takes RIMS_FAST_CUDA_FUSED_CELL=0");
-  return s == "1";
+  TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_FUSED must be 0 or 1, got '", s, "'");
+  return s == "1" ? StepFusion{d.lstm, true} : StepFusion{};
+}
+
+// W_o (K, cv, H) as the fused output kernel's operand: (K, 32 ceil(H / 32), kd), row j = column
+// j of W_o, zero-padded.
+inline at::Tensor transposed_output_weight(const at::Tensor& wo, int64_t H, int64_t kd) {
+  const int64_t cv = wo.size(1), Hp = mma_round_up(H, kMmaN);
+  return at::constant_pad_nd(wo.transpose(1, 2), {0, kd - cv, 0, Hp - H}).contiguous();
 }
 
 // [W_hh ; F] (K, R, 4H), R = H + XW, as the fused gates kernel's operand: (K, 4 Hp, kd), row
@@ -46,7 +57,8 @@ inline at::Tensor interleaved_gate_weight(const at::Tensor& wg, int64_t H, int64
 
 // The whole sequence for a prepared call (seq_fwd_prepare; c.res holds the outputs). T: the
 // storage type as the phases see it; C: the compute type; Dev runs the phases for one step:
-// select(p, t), cell(p, t), gates_cell(p, t) (the fused kernel), comm(p, t), residual(p, t).
+// select(p, t), cell(p, t), comm(p, t), residual(p, t), and the fused kernels gates_cell(p, t),
+// output_residual(p, t) where fusion<T>(d) says so.
 template <typename C, typename T, class Dev>
 void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   const RimSeqDims& d = c.d;
@@ -58,14 +70,18 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   // call, where the persistent kernels keep it in float32).
   const at::Tensor wx = c.w_x.reshape({K, XW, GH}).to(c.h0.scalar_type());
   const at::Tensor wg = d.lstm ? at::cat({c.whh, wx}, 1) : at::Tensor();
-  const bool fused = use_fused_cell(d);
-  const at::Tensor wgi = fused ? interleaved_gate_weight(wg, H, gate_kd(d)) : at::Tensor();
+  const StepFusion fz = dev.template fusion<T>(d);
+  const at::Tensor wgi = fz.cell ? interleaved_gate_weight(wg, H, gate_kd(d)) : at::Tensor();
+  const at::Tensor wot =
+      fz.output ? transposed_output_weight(c.co, H, output_kd(d)) : at::Tensor();
   const at::Tensor wqkv = at::cat({c.cq, c.ck, c.cv}, -1);
   at::Tensor hx = at::empty({K, B, H + XW}, so), ht_op = at::empty({K, B, H}, so);
   at::Tensor o_op = at::empty({K, B, d.cv}, so);
-  at::Tensor q = at::empty({K, B, d.nk}, co), g = fused ? at::Tensor() : at::empty({K, B, GH}, co);
+  at::Tensor q = at::empty({K, B, d.nk}, co);
+  at::Tensor g = fz.cell ? at::Tensor() : at::empty({K, B, GH}, co);
   at::Tensor gh = d.lstm ? at::Tensor() : at::empty({K, B, GH}, co);
-  at::Tensor qkv = at::empty({K, B, C3}, co), y = at::empty({K, B, H}, co);
+  at::Tensor qkv = at::empty({K, B, C3}, co);
+  at::Tensor y = fz.output ? at::Tensor() : at::empty({K, B, H}, co);
   at::Tensor h = at::empty({B, K, H}, co), cst = d.lstm ? at::empty({B, K, H}, co) : at::Tensor();
   h.copy_(c.h0);
   if (d.lstm) cst.copy_(c.c0);
@@ -80,10 +96,11 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   p.s = seq_fwd_params<T>(c);
   auto mp = [](at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); };
   p.hx = mp(hx), p.ht_op = mp(ht_op), p.o_op = mp(o_op);
-  p.wgi = fused ? static_cast<const T*>(wgi.const_data_ptr()) : nullptr;
-  p.q = q.const_data_ptr(), p.g = fused ? nullptr : g.const_data_ptr();
+  p.wgi = fz.cell ? static_cast<const T*>(wgi.const_data_ptr()) : nullptr;
+  p.wot = fz.output ? static_cast<const T*>(wot.const_data_ptr()) : nullptr;
+  p.q = q.const_data_ptr(), p.g = fz.cell ? nullptr : g.const_data_ptr();
   p.gh = d.lstm ? nullptr : gh.const_data_ptr();
-  p.qkv = qkv.const_data_ptr(), p.y = y.const_data_ptr();
+  p.qkv = qkv.const_data_ptr(), p.y = fz.output ? nullptr : y.const_data_ptr();
   p.h = h.mutable_data_ptr(), p.c = d.lstm ? cst.mutable_data_ptr() : nullptr;
   if (!save) {
     p.ht = scratch[0].mutable_data_ptr(), p.a = scratch[1].mutable_data_ptr();
@@ -93,7 +110,7 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   for (int64_t t = 0; t < d.T_; ++t) {
     step_gemm(q, h_op, c.wq);
     dev.template select<C>(p, t);
-    if (fused) {
+    if (fz.cell) {
       dev.template gates_cell<C>(p, t);
     } else {
       if (d.lstm) {
@@ -106,8 +123,12 @@ void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
     }
     step_gemm(qkv, ht_op, wqkv);
     dev.template comm<C>(p, t);
-    step_gemm(y, o_op, c.co);
-    dev.template residual<C>(p, t);
+    if (fz.output) {
+      dev.template output_residual<C>(p, t);
+    } else {
+      step_gemm(y, o_op, c.co);
+      dev.template residual<C>(p, t);
+    }
   }
   c.res[1].copy_(h);
   if (d.lstm) c.res[2].copy_(cst);

@@ -10,6 +10,9 @@ namespace rims {
 using namespace steps_cuda;
 namespace {
 
+template <typename T>
+constexpr bool kHalfStorage = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
 template <typename C, typename T>
 struct SelectPhase {
   RimStepParams<T> p;
@@ -34,6 +37,15 @@ struct GatesCellPhase {
   }
 };
 template <typename C, typename T>
+struct OutputResidualPhase {
+  RimStepParams<T> p;
+  int64_t t;
+  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t blk,
+                             unsigned char* smem) const {
+    rim_step_output_residual<C>(ex, p, t, blk, reinterpret_cast<C*>(smem));
+  }
+};
+template <typename C, typename T>
 struct CommPhase {
   RimStepParams<T> p;
   int64_t t;
@@ -51,6 +63,24 @@ struct ResidualPhase {
 struct StepCudaDev {
   cudaStream_t stream;
   bool pdl;  // use_pdl
+  int device;
+
+  // RIMS_FAST_CUDA_FUSED=1 where the tensor-core kernels run: float16/bfloat16 storage on sm_80+.
+  // Elsewhere (float32/float64; an older GPU) the GEMM path runs, and says so once: the switch is
+  // process-wide, and a layer it cannot speed up should still run (backend="auto" never raises).
+  template <typename T>
+  StepFusion fusion(const RimSeqDims& d) const {
+    const StepFusion fz = use_fused(d);
+    if (!fz.output) return fz;
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (kHalfStorage<T> && major >= 8) return fz;
+    TORCH_WARN_ONCE("rims_fast stepped ops: RIMS_FAST_CUDA_FUSED=1 applies to float16/bfloat16 "
+                    "layers on compute capability 8.0 or newer; this one (",
+                    kHalfStorage<T> ? "16-bit" : "float32/float64", ", sm_", major,
+                    "x) runs the GEMMs and the small kernels");
+    return StepFusion{};
+  }
 
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
@@ -62,18 +92,30 @@ struct StepCudaDev {
   void cell(const RimStepParams<T>& p, int64_t t) const {
     for_items(CellPhase<C, T>{p, t}, p.s.B * p.s.K * p.s.H, stream, pdl);
   }
-  // The fused gates kernel: tensor-core products (WMMA, sm_80+) of float16/bfloat16 operands.
+  // The fused kernels (RIMS_FAST_CUDA_FUSED=1): tensor-core products (WMMA, sm_80+) of
+  // float16/bfloat16 operands.
   template <typename C, typename T>
   void gates_cell(const RimStepParams<T>& p, int64_t t) const {
-    if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (kHalfStorage<T>) {
       const int64_t n = rim_step_gates_smem_elems(p.s, sizeof(C), sizeof(T));
-      for_samples(GatesCellPhase<C, T>{p, t}, rim_step_gates_blocks(p.s),
+      for_samples(GatesCellPhase<C, T>{p, t}, rim_step_gates_blocks(p.s, sizeof(T)),
                   static_cast<size_t>(n) * sizeof(C), stream, pdl);
     } else {
-      TORCH_CHECK(false, "rims_fast stepped ops: RIMS_FAST_CUDA_FUSED_CELL=1 runs the gate "
-                  "product on tensor cores, which takes float16 or bfloat16 on the GPU; unset it "
-                  "for float32/float64");
+      refuse_fused();
     }
+  }
+  template <typename C, typename T>
+  void output_residual(const RimStepParams<T>& p, int64_t t) const {
+    if constexpr (kHalfStorage<T>) {
+      const int64_t n = rim_step_output_smem_elems(p.s, sizeof(C), sizeof(T));
+      for_samples(OutputResidualPhase<C, T>{p, t}, rim_step_output_blocks(p.s, sizeof(T)),
+                  static_cast<size_t>(n) * sizeof(C), stream, pdl);
+    } else {
+      refuse_fused();
+    }
+  }
+  static void refuse_fused() {  // unreachable: fusion<T> turns fusion off for these types
+    TORCH_CHECK(false, "rims_fast stepped ops: the fused kernels need float16/bfloat16");
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
@@ -100,15 +142,8 @@ SeqFwdResult rim_steps_fwd_cuda(
                                  input_heads, comm_heads, per_head, input_dropout, comm_dropout,
                                  seed, /*tile=*/1, save, /*mma=*/false, /*cluster=*/0,
                                  /*resident=*/0, /*xw=*/0);
-  if (use_fused_cell(c.d)) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                          h0.get_device()));
-    TORCH_CHECK(major >= 8, "rims_fast stepped ops: RIMS_FAST_CUDA_FUSED_CELL=1 needs compute "
-                "capability 8.0 or newer (WMMA bfloat16), this GPU has ", major, ".x; unset it");
-  }
   const StepCudaDev dev{c10::cuda::getCurrentCUDAStream(h0.get_device()).stream(),
-                        use_pdl(h0.get_device())};
+                        use_pdl(h0.get_device()), h0.get_device()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h0.scalar_type(), "rim_steps_fwd_cuda",
                                   [&] {
     using T = typename seq_cuda::CudaType<scalar_t>::type;

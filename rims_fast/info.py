@@ -51,8 +51,9 @@ def _modes() -> dict:
            + " (1 = tile-1 persistent kernels on CUDA cores run 512-thread blocks, 0 = 256)",
            "RIMS_FAST_CUDA_PDL": os.environ.get("RIMS_FAST_CUDA_PDL", "0")
            + " (1 = the stepped ops' phase kernels use programmatic dependent launch, sm_90+)",
-           "RIMS_FAST_CUDA_FUSED_CELL": os.environ.get("RIMS_FAST_CUDA_FUSED_CELL", "0")
-           + " (1 = the stepped LSTM forward's gate product and cell in one tensor-core kernel)",
+           "RIMS_FAST_CUDA_FUSED": os.environ.get("RIMS_FAST_CUDA_FUSED", "0")
+           + " (1 = the stepped forward's gate product + LSTM cell and output product + residual"
+           " as tensor-core kernels)",
            "RIMS_FAST_CUDA_GRAPH": os.environ.get("RIMS_FAST_CUDA_GRAPH", "0")
            + " (1 = backend='cuda' persistent/stepped no-grad forward replays a CUDA graph)"}
     try:

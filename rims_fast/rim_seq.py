@@ -76,7 +76,7 @@ from .row_products import mechanism_rows_product
 __all__ = ["rim_seq", "unavailable_reason", "cuda_fwd_mode", "use_stepped", "step_weights",
            "stepped_instead", "STEPPED_MIN_WEIGHTS", "SMEM_ERROR", "tile_size", "mma_mode",
            "cluster_mechs", "cluster_blocks", "RESIDENT", "resident_mode", "xw_mode", "wide_mode",
-           "pdl_mode", "fused_cell_mode", "PARAM_NAMES"]
+           "pdl_mode", "fused_mode", "PARAM_NAMES"]
 
 PARAM_NAMES = ("input_key", "input_value", "input_query", "weight_ih", "weight_hh", "bias_ih",
                "bias_hh", "comm_query", "comm_key", "comm_value", "comm_output")
@@ -216,19 +216,21 @@ def pdl_mode() -> bool:
     return v == "1"
 
 
-def fused_cell_mode() -> bool:
-    """``RIMS_FAST_CUDA_FUSED_CELL`` (``0`` by default, or ``1``): whether the stepped forward of
-    an LSTM layer computes its gate product and cell in one kernel
-    (``csrc/kernels/rim_step_gates.cuh``: the product on tensor cores, the cell in its epilogue)
-    instead of a cuBLAS GEMM and the cell kernel: one launch per step fewer, and the float32 gates
-    never written out. On the GPU it needs float16 or bfloat16 and compute capability 8.0; a GRU
-    layer with it set raises. The results equal the GEMM path's to float32 rounding (the products
-    sum in another order), not bit for bit. Opt-in until timed on a GPU (benchmark providers
+def fused_mode() -> bool:
+    """``RIMS_FAST_CUDA_FUSED`` (``0`` by default, or ``1``): whether the stepped forward runs two
+    of its products as tensor-core kernels with the pointwise work that follows them in their
+    epilogue, instead of a cuBLAS GEMM and a small kernel each: the LSTM gate product with the
+    cell (``csrc/kernels/rim_step_gates.cuh``; a GRU layer keeps the GEMMs and the cell kernel)
+    and the communication output product with the residual (``csrc/kernels/rim_step_output.cuh``).
+    Two launches per step fewer for an LSTM (one for a GRU), and the float32 gates and output
+    never written out. On the GPU it applies to float16/bfloat16 layers on compute capability 8.0
+    or newer; other layers run the GEMM path, with a one-time warning. The results equal the GEMM path's to float32 rounding (the products sum in
+    another order), not bit for bit. Opt-in until timed on a GPU (benchmark providers
     ``cuda_steps_fused``, ``cuda_steps_graph_fused``). The ops read the variable themselves
-    (``use_fused_cell`` in ``csrc/rim_steps_fwd.h``); this checks it first."""
-    v = os.environ.get("RIMS_FAST_CUDA_FUSED_CELL", "0")
+    (``use_fused`` in ``csrc/rim_steps_fwd.h``); this checks it first."""
+    v = os.environ.get("RIMS_FAST_CUDA_FUSED", "0")
     if v not in ("0", "1"):
-        raise ValueError(f"RIMS_FAST_CUDA_FUSED_CELL must be 0 or 1, got {v!r}")
+        raise ValueError(f"RIMS_FAST_CUDA_FUSED must be 0 or 1, got {v!r}")
     return v == "1"
 
 
@@ -561,7 +563,7 @@ def rim_seq(x: Tensor, h0: Tensor, c0: Optional[Tensor], params: Mapping[str, Te
         tile = tile_size()
     # Switches the C++ ops read themselves: checked here first, and part of a graph's key (a
     # captured graph keeps the kernels of capture time).
-    cpp_modes = (wide_mode(), pdl_mode(), fused_cell_mode())
+    cpp_modes = (wide_mode(), pdl_mode(), fused_mode())
     if mma is None:
         mma = mma_mode(x.device, x.dtype)
     auto = stepped is None and cuda_fwd_mode() == "auto"

@@ -6,7 +6,7 @@ the tensor-core tiling, clusters with and without resident weights, both input-t
 both dropouts, LSTM and GRU, per-head and folded input terms, float32 and float64; every
 gradient of the persistent path (rim_seq_bwd and the weight-gradient GEMMs) over test_rim_seq's
 GRID x block_inactive_grad x dropout; and the stepped ops (rims_fast::rim_steps_fwd / _bwd), also
-with the fused gates kernel.
+with the fused kernels.
 Each case is (key, run): run() returns the case's output tensors.
 """
 
@@ -72,36 +72,38 @@ def wide_cases():
                lambda c=case, d=drop: _grad_case(c, True, drop=d, setup=T.WIDE_SETUP))
 
 
-# LSTM layers for the fused gates kernel (RIMS_FAST_CUDA_FUSED_CELL=1): the grid's; H = 70 (nine
-# 8-unit warp tiles: two blocks per mechanism, the second with one busy warp) over B = 19 (three
-# 8-sample tiles, the last partial), H + XW = 75 padded to 80; and B = 70 (a block of 64 samples
-# and one of 6).
-FUSED = [c for c in T.GRID if c[0] == "lstm"] + [("lstm", 1, 1, 2, 3, 2, 3, 8),
-                                                   ("lstm", 1, 1, 1, 4, 2, 3, 8)]
-FUSED_SETUP = [{}] * (len(FUSED) - 2) + [dict(hidden_size=70, B=19), dict(B=70)]
+# Layers for the fused kernels (RIMS_FAST_CUDA_FUSED=1: gates + LSTM cell, output + residual):
+# the grid's (GRU: the output kernel only); H = 70 (nine 8-unit gate tiles: two blocks per
+# mechanism, the second with one busy warp; three 32-unit output tiles, the last partial) over
+# B = 19 (three 8-sample tiles, the last partial), H + XW = 75 padded to 80; and B = 70 (a block of
+# 64 samples and one of 6), LSTM and GRU.
+FUSED = T.GRID + [("lstm", 1, 1, 2, 3, 2, 3, 8), ("lstm", 1, 1, 1, 4, 2, 3, 8),
+                  ("gru", 1, 1, 1, 4, 2, 3, 8)]
+FUSED_SETUP = [{}] * len(T.GRID) + [dict(hidden_size=70, B=19), dict(B=70),
+                                    dict(B=70, hidden_size=40, comm_value_size=24)]
 
 
 @contextlib.contextmanager
-def fused_cell(on: bool = True):
-    """RIMS_FAST_CUDA_FUSED_CELL set around a block (the stepped ops read it at each call)."""
-    old = os.environ.get("RIMS_FAST_CUDA_FUSED_CELL")
-    os.environ["RIMS_FAST_CUDA_FUSED_CELL"] = "1" if on else "0"
+def fused(on: bool = True):
+    """RIMS_FAST_CUDA_FUSED set around a block (the stepped ops read it at each call)."""
+    old = os.environ.get("RIMS_FAST_CUDA_FUSED")
+    os.environ["RIMS_FAST_CUDA_FUSED"] = "1" if on else "0"
     try:
         yield
     finally:
         if old is None:
-            del os.environ["RIMS_FAST_CUDA_FUSED_CELL"]
+            del os.environ["RIMS_FAST_CUDA_FUSED"]
         else:
-            os.environ["RIMS_FAST_CUDA_FUSED_CELL"] = old
+            os.environ["RIMS_FAST_CUDA_FUSED"] = old
 
 
 def _fused_case(case, setup, drop, dtype):
-    with fused_cell():
+    with fused():
         return _grad_case(case, True, dtype=dtype, drop=drop, setup=setup)
 
 
 def fused_cases():
-    """The stepped forward with the fused gates kernel, and the stepped backward after it."""
+    """The stepped forward with the fused kernels, and the stepped backward after it."""
     for (case, setup), drop, dtype in itertools.product(
             zip(FUSED, FUSED_SETUP), (0.0, 0.3), (torch.float64, torch.float32)):
         yield (f"fused-{case}-{setup}-{drop}-{dtype}",

@@ -6,7 +6,7 @@ an item that reads what another item of the same phase writes passes every host 
 and races on the device. Running each phase's items reversed and in a permutation that changes
 every phase, and requiring the same bits as in order, shows such a dependency wherever it moves
 a value (the rank rule's ties, the softmax sums, the staged copies and every saved history are
-among the 328 cases' outputs: tests/host_cases.py). Exact equality is the right test: a race-free
+among the 344 cases' outputs: tests/host_cases.py). Exact equality is the right test: a race-free
 phase computes each item's result from the same inputs in the same order whatever the items'
 order.
 """

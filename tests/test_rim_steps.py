@@ -151,26 +151,29 @@ def test_stepped_float32_against_float64(case):
     _compare(got, want, leaves, torch.float32, l64)
 
 
-# ---- the fused gates kernel (RIMS_FAST_CUDA_FUSED_CELL=1, csrc/kernels/rim_step_gates.cuh) -----
+# ---- the fused kernels (RIMS_FAST_CUDA_FUSED=1: csrc/kernels/rim_step_gates.cuh, gates + LSTM
+# cell; rim_step_output.cuh, output + residual) ---------------------------------------------------
 # Host runs: the WMMA product written out, with its alignment and leading-dimension requirements
-# checked, so the tiling, padding, gate interleaving and the epilogue's cell run here in float64.
+# checked, so the tiling, padding, gate interleaving and the epilogues run here in float64.
 
 _FUSED_IDS = ["-".join(map(str, c)) + "".join(f"-{k}{v}" for k, v in s.items())
               for c, s in zip(host_cases.FUSED, host_cases.FUSED_SETUP)]
+_FUSED_CASES = list(zip(host_cases.FUSED, host_cases.FUSED_SETUP))
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
-@pytest.mark.parametrize("case,setup", list(zip(host_cases.FUSED, host_cases.FUSED_SETUP)),
-                         ids=_FUSED_IDS)
-def test_fused_cell_equals_gemm_path(case, setup, dropout):
-    """Every output and saved activation of the fused forward equals the GEMM + cell path's to
-    float64 rounding (the products sum in another order), masks exactly; saving or not changes
-    no output."""
+@pytest.mark.parametrize("case,setup", _FUSED_CASES, ids=_FUSED_IDS)
+def test_fused_equals_gemm_path(case, setup, dropout):
+    """Every output and saved activation of the fused forward equals the GEMM path's to float64
+    rounding (the products sum in another order), masks exactly; saving or not changes no
+    output; and the fused kernels did run: the sums' order shows in the last bits wherever a
+    fused product sums 16 or more terms (every LSTM gate product, kd >= 16; the GRU's output
+    product only in the last case, cv = 24 — the grid's cv of 2-4 sum in the GEMM's order)."""
     rim, x, h0, c0, P, _ = _setup(*case, **setup)
     args = _op_args(x, h0, c0, P, rim.config, *((0.3, 0.4, 11) if dropout else ()))
-    with host_cases.fused_cell(False):
+    with host_cases.fused(False):
         want = torch.ops.rims_fast.rim_steps_fwd(*args, True)
-    with host_cases.fused_cell():
+    with host_cases.fused():
         got = torch.ops.rims_fast.rim_steps_fwd(*args, True)
         unsaved = torch.ops.rims_fast.rim_steps_fwd(*args, False)
     assert torch.equal(got[3], want[3]), "masks differ"
@@ -180,16 +183,18 @@ def test_fused_cell_equals_gemm_path(case, setup, dropout):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"output {i}")
     for i in range(4):
         assert torch.equal(unsaved[i], got[i]), f"output {i} without saving"
+    c = rim.config
+    if case[0] == "lstm" or c.comm_heads * c.comm_value_size >= 16:
+        assert not torch.equal(got[0], want[0]), "the fused kernels did not run"
 
 
-@pytest.mark.parametrize("case,setup", list(zip(host_cases.FUSED, host_cases.FUSED_SETUP)),
-                         ids=_FUSED_IDS)
+@pytest.mark.parametrize("case,setup", _FUSED_CASES, ids=_FUSED_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_cell_matches_reference(case, setup, dtype):
+def test_fused_matches_reference(case, setup, dtype):
     """The fused forward and the stepped backward after it against the float64 reference (under
     the run's masks in float32): outputs and every gradient by the tolerance table."""
     rim, x, h0, c0, P, leaves = _setup(*case, dtype=dtype, **setup)
-    with host_cases.fused_cell():
+    with host_cases.fused():
         got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
     l64 = {n: v.detach().double().requires_grad_(True) for n, v in leaves.items()}
     want = rims_fast.rim_ref(l64["x"], l64["h0"], l64.get("c0"), {n: l64[n] for n in PARAMS},
@@ -197,18 +202,15 @@ def test_fused_cell_matches_reference(case, setup, dtype):
     _compare(got, want, leaves, dtype, l64)
 
 
-def test_fused_cell_checks(monkeypatch):
-    """RIMS_FAST_CUDA_FUSED_CELL is 0 (default) or 1, and fuses the LSTM cell only: a GRU layer
-    with it set is an error, not a silent fallback."""
-    assert not rs.fused_cell_mode()
-    monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
-    assert rs.fused_cell_mode()
-    rim, x, h0, c0, P, _ = _setup(*GRID[4])  # GRU
-    with pytest.raises(RuntimeError, match="a GRU layer takes RIMS_FAST_CUDA_FUSED_CELL=0"):
-        rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+def test_fused_env_checked(monkeypatch):
+    """RIMS_FAST_CUDA_FUSED is 0 (default) or 1; rim_seq checks it before any launch."""
+    assert not rs.fused_mode()
+    monkeypatch.setenv("RIMS_FAST_CUDA_FUSED", "1")
+    assert rs.fused_mode()
+    rim, x, h0, c0, P, _ = _setup(*GRID[4])
     for bad in ("2", "on"):
-        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", bad)
-        with pytest.raises(ValueError, match="RIMS_FAST_CUDA_FUSED_CELL must be 0 or 1"):
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED", bad)
+        with pytest.raises(ValueError, match="RIMS_FAST_CUDA_FUSED must be 0 or 1"):
             rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
 
 
@@ -427,28 +429,38 @@ class TestCUDA:
         check_graph_capture(lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), x)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    def test_fused_cell_paper_shape(self, monkeypatch, dtype):
-        """RIMS_FAST_CUDA_FUSED_CELL=1 on the GPU (the WMMA gates kernel): the paper layer
-        against the float64 reference under the op's masks, gradients through the stepped
-        backward, as test_paper_shape; then graph capture and replay."""
-        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
-        rim, x, h0, c0, P, leaves = _paper_cuda("lstm", dtype)
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_fused_paper_shape(self, monkeypatch, cell, dtype):
+        """RIMS_FAST_CUDA_FUSED=1 on the GPU (the WMMA gates + cell and output + residual
+        kernels; GRU: the output kernel): the paper layer against the float64 reference under
+        the op's masks, gradients through the stepped backward, as test_paper_shape; then graph
+        capture and replay."""
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED", "1")
+        rim, x, h0, c0, P, leaves = _paper_cuda(cell, dtype)
         check_paper_run(rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), rim, leaves, dtype)
         P = {n: p.detach() for n, p in rim.named_parameters()}
-        x, h0, c0 = x.detach(), h0.detach(), c0.detach()
+        x, h0 = x.detach(), h0.detach()
+        c0 = c0.detach() if c0 is not None else None
         check_graph_capture(lambda: rs.rim_seq(x, h0, c0, P, rim.config, stepped=True), x)
 
-    def test_fused_cell_large_layer(self, monkeypatch):
-        """The `large` layer (H = 256: 32 warp tiles, four blocks per mechanism; kd = 768) with
-        the fused gates kernel, bfloat16, against the float64 reference under its masks."""
-        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
-        self.test_large_layer("lstm")
+    @pytest.mark.parametrize("cell", ["lstm", "gru"])
+    def test_fused_large_layer(self, monkeypatch, cell):
+        """The `large` layer (H = 256: 32 gate tiles, four blocks per mechanism, kd = 768; eight
+        32-unit output tiles) with the fused kernels, bfloat16, against the float64 reference
+        under its masks."""
+        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED", "1")
+        self.test_large_layer(cell)
 
-    def test_fused_cell_refuses_float32(self, monkeypatch):
-        monkeypatch.setenv("RIMS_FAST_CUDA_FUSED_CELL", "1")
+    def test_fused_skips_float32(self, monkeypatch):
+        """A float32 layer with RIMS_FAST_CUDA_FUSED=1 runs the GEMM path (warned once; the
+        tensor-core kernels take 16-bit operands): bit-identical to the switch unset."""
         rim, x, h0, c0, P, _ = _paper_cuda("lstm", torch.float32)
-        with pytest.raises(RuntimeError, match="takes float16 or bfloat16 on the GPU"):
-            rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        with torch.no_grad():
+            want = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+            monkeypatch.setenv("RIMS_FAST_CUDA_FUSED", "1")
+            got = rs.rim_seq(x, h0, c0, P, rim.config, stepped=True)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
     def test_module_backend_cuda_stepped(self, monkeypatch):
         monkeypatch.setenv("RIMS_FAST_CUDA_FWD", "stepped")

@@ -7,8 +7,8 @@ must keep every result bit for bit: save the outputs before the change, rebuild,
     python tools/host_bitcheck.py save /tmp/before.pt     # with the old build
     python tools/host_bitcheck.py check /tmp/before.pt    # with the new one
 
-The cases are tests/host_cases.py's (328: persistent forward with all 13 outputs, persistent and
-stepped gradients, 20 of larger phases, and 24 of the stepped forward's fused gates kernel; a file
+The cases are tests/host_cases.py's (344: persistent forward with all 13 outputs, persistent and
+stepped gradients, 20 of larger phases, and 40 of the stepped forward's fused kernels; a file
 saved with an older case set no longer matches: save it again with the old build).
 """
 

@@ -2,8 +2,8 @@
 one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
 (rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout;
 the tensor-core variant; the hoisted input term; on sm_90+ the cluster forward), and the stepped ops
-(rims_fast::rim_steps_fwd / rim_steps_bwd; also with RIMS_FAST_CUDA_PDL=1 and, for the LSTM,
-RIMS_FAST_CUDA_FUSED_CELL=1). With
+(rims_fast::rim_steps_fwd / rim_steps_bwd; also with RIMS_FAST_CUDA_PDL=1 and
+RIMS_FAST_CUDA_FUSED=1). With
 ``--seq-only`` only the persistent kernel runs (for racecheck/synccheck, which are slow)."""
 
 import os
@@ -65,10 +65,10 @@ def persistent_kernel():
         (out.square().sum() + h_n.sum()).backward()
         rim_seq(x.detach().bfloat16(), h0.bfloat16(), c0.bfloat16() if c0 is not None else None,
                 {n: p.detach() for n, p in P16.items()}, rim.config, stepped=True)
-        # The same with programmatic dependent launch (sm_90+) and, for the LSTM, the fused gates
-        # kernel (H = 5: one warp tile of 8 units, 5 samples in one row tile, kd 11 -> 16).
+        # The same with programmatic dependent launch (sm_90+) and the fused kernels (H = 5: one
+        # warp tile, 5 samples in one row tile, the gates' kd 11 -> 16, the output's cv 20 -> 32).
         env = {"RIMS_FAST_CUDA_PDL": "1" if torch.cuda.get_device_capability()[0] >= 9 else "0",
-               "RIMS_FAST_CUDA_FUSED_CELL": "1" if cell == "lstm" else "0"}
+               "RIMS_FAST_CUDA_FUSED": "1"}
         os.environ.update(env)
         try:
             out, h_n, _, _ = rim_seq(x.detach().bfloat16(), h0.bfloat16(),

@@ -40,8 +40,10 @@ struct RimStepParams {
   T* hx;     // [h_{t-1} | xa], width H + XW
   T* ht_op;  // h~, width H
   T* o_op;   // the dropped read o, width cv (zero on inactive rows)
-  // [W_hh ; F] gate-interleaved for the fused gates kernel (rim_step_gates.cuh), else nullptr.
+  // The fused kernels' weights (RIMS_FAST_CUDA_FUSED=1), else nullptr: [W_hh ; F]
+  // gate-interleaved (rim_step_gates.cuh, LSTM), W_o transposed (rim_step_output.cuh).
   const T* wgi;
+  const T* wot;
   // GEMM results (compute type, (K, B, width)).
   const void* q;    // nk
   const void* g;    // GH: LSTM both terms; GRU gi = xa F
@@ -307,18 +309,29 @@ RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t,
   });
 }
 
-// SPEC step 5 for element i = (b, k, j): the residual of active rows, out[t], the next step's
-// operand row.
-template <typename C, typename T>
-RIMS_HD void rim_step_residual(const RimStepParams<T>& p, int64_t t, int64_t i) {
+// SPEC step 5 for unit j of row r = b * K + k: the residual of active rows, out[t], the next
+// step's operand row. y() is the row's output product at j (read on active rows only): from the
+// GEMM's result in the residual kernel, from the accumulator tile in rim_step_output.cuh.
+template <typename C, typename T, class Y>
+RIMS_HD void rim_step_residual_unit(const RimStepParams<T>& p, int64_t t, int64_t r, int64_t j,
+                                    const Y& y) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, H = d.H, HX = H + d.n_in * d.Dx;
-  const int64_t r = i / H, j = i % H, b = r / K, k = r % K, kb = k * B + b;
+  const int64_t i = r * H + j, kb = (r % K) * B + r / K;
   const C ht = step_detail::row_at<C>(p, d.sv_ht, p.ht, t, r, H)[j];
-  const C v = d.masks[t * B * K + r] ? ht + static_cast<const C*>(p.y)[kb * H + j] : ht;
+  const C v = d.masks[t * B * K + r] ? ht + y() : ht;
   static_cast<C*>(p.h)[i] = v;
   from_c(v, d.out + t * B * K * H + i);
   from_c(v, p.hx + kb * HX + j);
+}
+
+// The residual kernel's element i = (b, k, j) of (B, K, H).
+template <typename C, typename T>
+RIMS_HD void rim_step_residual(const RimStepParams<T>& p, int64_t t, int64_t i) {
+  const RimSeqFwdParams<T>& d = p.s;
+  const int64_t r = i / d.H, j = i % d.H, kb = (r % d.K) * d.B + r / d.K;
+  rim_step_residual_unit<C>(p, t, r, j,
+                            [&] { return static_cast<const C*>(p.y)[kb * d.H + j]; });
 }
 
 }  // namespace rims
