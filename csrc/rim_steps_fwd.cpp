@@ -31,19 +31,22 @@ struct StepHostDev {
   void cell(const RimStepParams<T>& p, int64_t t) const {
     host_grid_for(p.s.B * p.s.K * p.s.H, [&](int64_t i) { rim_step_cell<C>(p, t, i); });
   }
+  // The fused kernels' blocks (step_mma.cuh's grid).
+  template <typename C, typename T, class F>
+  static void fused_blocks(const char* name, const StepMmaGrid& g, int64_t t, const F& f) {
+    run_host_samples<C>(name, t, g.blocks(sizeof(T)), g.smem_elems(sizeof(C), sizeof(T)), f);
+  }
   template <typename C, typename T>
   void gates_cell(const RimStepParams<T>& p, int64_t t) const {
-    const int64_t n = rim_step_gates_smem_elems(p.s, sizeof(C), sizeof(T));
-    run_host_samples<C>("rim_step_gates_cell", t, rim_step_gates_blocks(p.s, sizeof(T)), n,
-                        [&](int64_t blk, C* smem) {
+    fused_blocks<C, T>("rim_step_gates_cell", rim_step_gates_grid(p.s), t,
+                       [&](int64_t blk, C* smem) {
       rim_step_gates_cell<C>(HostExec{}, p, t, blk, smem);
     });
   }
   template <typename C, typename T>
   void output_residual(const RimStepParams<T>& p, int64_t t) const {
-    const int64_t n = rim_step_output_smem_elems(p.s, sizeof(C), sizeof(T));
-    run_host_samples<C>("rim_step_output_residual", t, rim_step_output_blocks(p.s, sizeof(T)), n,
-                        [&](int64_t blk, C* smem) {
+    fused_blocks<C, T>("rim_step_output_residual", rim_step_output_grid(p.s), t,
+                       [&](int64_t blk, C* smem) {
       rim_step_output_residual<C>(HostExec{}, p, t, blk, smem);
     });
   }

@@ -97,9 +97,7 @@ struct StepCudaDev {
   template <typename C, typename T>
   void gates_cell(const RimStepParams<T>& p, int64_t t) const {
     if constexpr (kHalfStorage<T>) {
-      const int64_t n = rim_step_gates_smem_elems(p.s, sizeof(C), sizeof(T));
-      for_samples(GatesCellPhase<C, T>{p, t}, rim_step_gates_blocks(p.s, sizeof(T)),
-                  static_cast<size_t>(n) * sizeof(C), stream, pdl);
+      fused_blocks<C, T>(GatesCellPhase<C, T>{p, t}, rim_step_gates_grid(p.s));
     } else {
       refuse_fused();
     }
@@ -107,12 +105,15 @@ struct StepCudaDev {
   template <typename C, typename T>
   void output_residual(const RimStepParams<T>& p, int64_t t) const {
     if constexpr (kHalfStorage<T>) {
-      const int64_t n = rim_step_output_smem_elems(p.s, sizeof(C), sizeof(T));
-      for_samples(OutputResidualPhase<C, T>{p, t}, rim_step_output_blocks(p.s, sizeof(T)),
-                  static_cast<size_t>(n) * sizeof(C), stream, pdl);
+      fused_blocks<C, T>(OutputResidualPhase<C, T>{p, t}, rim_step_output_grid(p.s));
     } else {
       refuse_fused();
     }
+  }
+  template <typename C, typename T, class F>
+  void fused_blocks(const F& f, const StepMmaGrid& g) const {
+    for_samples(f, g.blocks(sizeof(T)),
+                static_cast<size_t>(g.smem_elems(sizeof(C), sizeof(T))) * sizeof(C), stream, pdl);
   }
   static void refuse_fused() {  // unreachable: fusion<T> turns fusion off for these types
     TORCH_CHECK(false, "rims_fast stepped ops: the fused kernels need float16/bfloat16");

@@ -11,7 +11,8 @@
 #   large     the benchmark at `large`: bf16, LARGE_PROVIDERS (cuDNN, the default cuda choice, the
 #             stepped ops, the Triton forward) -> $OUT/large.json, csv
 #   profile   tools/profile_steps.py: torch.profiler kernel and input-shape tables of the stepped
-#             ops at paper and large -> $OUT/profile-steps.log
+#             ops at paper and large -> $OUT/profile-steps.log, and with RIMS_FAST_CUDA_FUSED=1
+#             -> $OUT/profile-steps-fused.log
 #   phases    tools/phase_clocks.py: each phase's share of a persistent-kernel step (clock64()
 #             per phase, forward and backward, hoisted / F / cluster) at paper bf16, ~20 s
 #             -> $OUT/phase-clocks.md
@@ -108,6 +109,10 @@ if want profile; then
   stamp "profile of the stepped ops"
   run_for "${PROFILE_TIMEOUT:-90}" python3 tools/profile_steps.py --rows 16 > "$OUT/profile-steps.log" 2>&1
   echo "exit $?"; grep -E "^#####|CommPhase|SelectPhase|CommBwd|SelectBwd" "$OUT/profile-steps.log" | cut -c1-160 | head -40
+  stamp "profile of the stepped ops, fused kernels (RIMS_FAST_CUDA_FUSED=1)"
+  RIMS_FAST_CUDA_FUSED=1 run_for "${PROFILE_TIMEOUT:-90}" python3 tools/profile_steps.py --rows 16 \
+    > "$OUT/profile-steps-fused.log" 2>&1
+  echo "exit $?"; grep -E "^#####|GatesCell|OutputResidual|CommPhase|SelectPhase" "$OUT/profile-steps-fused.log" | cut -c1-160 | head -40
 fi
 if want tiles; then
   for tile in ${TILES:-4}; do

@@ -29,30 +29,23 @@ constexpr int kGateUnits = kMmaN / 4;  // hidden units per warp tile (four gates
 
 // The product's reduction length: [h | xa] padded to whole k-steps.
 RIMS_HD int64_t gate_kd(const RimSeqDims& d) { return mma_round_up(d.H + d.n_in * d.Dx, kMmaK); }
-// Warp tiles per mechanism (Hp / 8) and blocks per (sample block, mechanism).
-RIMS_HD int64_t gate_unit_tiles(const RimSeqDims& d) { return (d.H + kGateUnits - 1) / kGateUnits; }
-RIMS_HD int64_t gate_blocks_per_mech(const RimSeqDims& d) {
-  return (gate_unit_tiles(d) + kStepMmaWarps - 1) / kStepMmaWarps;
-}
-// The grid: sample blocks x mechanisms x unit blocks (tb: bytes of the storage type).
-RIMS_HD int64_t rim_step_gates_blocks(const RimSeqDims& d, int64_t tb) {
-  return step_mma_sample_blocks(d.B, gate_kd(d), tb) * d.K * gate_blocks_per_mech(d);
-}
-RIMS_HD int64_t rim_step_gates_smem_elems(const RimSeqDims& d, int64_t cb, int64_t tb) {
-  return step_mma_smem_elems(d.B, gate_kd(d), cb, tb);
+// The grid: a warp tile per 8 units (Hp / 8 per mechanism).
+RIMS_HD StepMmaGrid rim_step_gates_grid(const RimSeqDims& d) {
+  return StepMmaGrid{d.B, d.K, gate_kd(d), (d.H + kGateUnits - 1) / kGateUnits};
 }
 
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-// Block blk of step t (kStepMmaWarps warps; smem: rim_step_gates_smem_elems, 256-bit aligned).
+// Block blk of step t (kStepMmaWarps warps; smem: rim_step_gates_grid's, 256-bit aligned).
 template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_gates_cell(const Exec& ex, const RimStepParams<T>& p, int64_t t,
                                  int64_t blk, C* smem) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, H = d.H, HX = H + d.n_in * d.Dx;
-  const int kd = static_cast<int>(gate_kd(d));
-  const int64_t per_k = gate_blocks_per_mech(d), tiles = gate_unit_tiles(d);
+  const StepMmaGrid g = rim_step_gates_grid(d);
+  const int kd = static_cast<int>(g.kd);
+  const int64_t per_k = g.per_mech(), tiles = g.tiles;
   const int64_t sb = blk / (K * per_k), k = blk / per_k % K, ub = blk % per_k;
   const int64_t rows = 4 * tiles * kGateUnits;  // the interleaved weight's rows per mechanism
   step_mma_block<T>(

@@ -20,30 +20,23 @@ namespace rims {
 
 // The product's reduction length: cv padded to whole k-steps.
 RIMS_HD int64_t output_kd(const RimSeqDims& d) { return mma_round_up(d.cv, kMmaK); }
-// Column tiles of 32 hidden units per mechanism and blocks per (sample block, mechanism).
-RIMS_HD int64_t output_col_tiles(const RimSeqDims& d) { return (d.H + kMmaN - 1) / kMmaN; }
-RIMS_HD int64_t output_blocks_per_mech(const RimSeqDims& d) {
-  return (output_col_tiles(d) + kStepMmaWarps - 1) / kStepMmaWarps;
-}
-// The grid: sample blocks x mechanisms x column blocks (tb: bytes of the storage type).
-RIMS_HD int64_t rim_step_output_blocks(const RimSeqDims& d, int64_t tb) {
-  return step_mma_sample_blocks(d.B, output_kd(d), tb) * d.K * output_blocks_per_mech(d);
-}
-RIMS_HD int64_t rim_step_output_smem_elems(const RimSeqDims& d, int64_t cb, int64_t tb) {
-  return step_mma_smem_elems(d.B, output_kd(d), cb, tb);
+// The grid: a warp tile per 32 hidden units.
+RIMS_HD StepMmaGrid rim_step_output_grid(const RimSeqDims& d) {
+  return StepMmaGrid{d.B, d.K, output_kd(d), (d.H + kMmaN - 1) / kMmaN};
 }
 
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-// Block blk of step t (kStepMmaWarps warps; smem: rim_step_output_smem_elems, 256-bit aligned).
+// Block blk of step t (kStepMmaWarps warps; smem: rim_step_output_grid's, 256-bit aligned).
 template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_output_residual(const Exec& ex, const RimStepParams<T>& p, int64_t t,
                                       int64_t blk, C* smem) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, H = d.H, cv = d.cv;
-  const int kd = static_cast<int>(output_kd(d));
-  const int64_t per_k = output_blocks_per_mech(d), tiles = output_col_tiles(d);
+  const StepMmaGrid g = rim_step_output_grid(d);
+  const int kd = static_cast<int>(g.kd);
+  const int64_t per_k = g.per_mech(), tiles = g.tiles;
   const int64_t sb = blk / (K * per_k), k = blk / per_k % K, cb = blk % per_k;
   step_mma_block<T>(
       ex, smem, B, sb, p.o_op + k * B * cv, cv, cv, p.wot + k * tiles * kMmaN * kd, kd,

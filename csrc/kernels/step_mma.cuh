@@ -51,6 +51,22 @@ RIMS_HD int64_t step_mma_smem_elems(int64_t B, int64_t kd, int64_t cb, int64_t t
   return kStepMmaWarps * kMmaM * kMmaN + (rows * kd * tb + cb - 1) / cb;
 }
 
+// A fused kernel's grid: sample blocks x K mechanisms x column blocks of kStepMmaWarps warp
+// tiles, for a product of reduction length kd and `tiles` 32-column warp tiles per mechanism.
+// Block blk is (sample block blk / (K per_mech), mechanism blk / per_mech % K, column block
+// blk % per_mech).
+struct StepMmaGrid {
+  int64_t B, K, kd, tiles;
+  RIMS_HD int64_t per_mech() const { return (tiles + kStepMmaWarps - 1) / kStepMmaWarps; }
+  // tb: bytes of the storage type; cb: of the compute type.
+  RIMS_HD int64_t blocks(int64_t tb) const {
+    return step_mma_sample_blocks(B, kd, tb) * K * per_mech();
+  }
+  RIMS_HD int64_t smem_elems(int64_t cb, int64_t tb) const {
+    return step_mma_smem_elems(B, kd, cb, tb);
+  }
+};
+
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
