@@ -5,8 +5,6 @@
 #pragma once
 
 #include <cstdlib>
-#include <mutex>
-#include <set>
 #include <string>
 #include <utility>
 
@@ -29,16 +27,9 @@ inline bool pdl_requested() {
   return s == "1";
 }
 
-// Whether this call's phase kernels launch with programmatic stream serialization.
-inline bool use_pdl(int dev) {
-  if (!pdl_requested()) return false;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  TORCH_CHECK(major >= 9, "rims_fast stepped ops: RIMS_FAST_CUDA_PDL=1 (programmatic dependent "
-              "launch) needs compute capability 9.0 or newer, this GPU has ", major,
-              ".x; unset it");
-  return true;
-}
+// Compiled with the phase kernels' flags, so that its code on a device is theirs (use_pdl).
+template <int>
+__global__ void pdl_probe_kernel() {}
 
 // The first statement of every phase kernel: nothing of the previous kernel is read before it.
 __device__ __forceinline__ void wait_prerequisites() {
@@ -47,24 +38,25 @@ __device__ __forceinline__ void wait_prerequisites() {
 #endif
 }
 
-// Refuses PDL for a kernel whose code on this device was compiled for an architecture below
-// sm_90 (a JIT of compute_80 PTX, say, under TORCH_CUDA_ARCH_LIST="8.0+PTX"): it has no
-// griddepcontrol.wait, so with the attribute it would read its GEMM's result too early. Checked
-// once per kernel and device.
-template <typename Kernel>
-void check_pdl_code(Kernel kernel, int dev) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
-  std::lock_guard<std::mutex> lock(mu);
-  if (done.count(key)) return;
+// Whether this call's phase kernels launch with programmatic stream serialization. Refused below
+// compute capability 9.0, and where the kernels' code on this device was compiled below sm_90 (a
+// JIT of compute_80 PTX, say, under TORCH_CUDA_ARCH_LIST="8.0+PTX"): that code has no
+// griddepcontrol.wait, so with the attribute it would read its GEMM's result too early. Once per
+// call, not per launch.
+inline bool use_pdl(int dev) {
+  if (!pdl_requested()) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TORCH_CHECK(major >= 9, "rims_fast stepped ops: RIMS_FAST_CUDA_PDL=1 (programmatic dependent "
+              "launch) needs compute capability 9.0 or newer, this GPU has ", major,
+              ".x; unset it");
   cudaFuncAttributes fa{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, pdl_probe_kernel<0>));
   TORCH_CHECK(fa.ptxVersion >= 90, "rims_fast stepped ops: RIMS_FAST_CUDA_PDL=1, but this "
               "build's phase kernels run on this GPU from code for compute_", fa.ptxVersion,
               ", which lacks the device-side wait; rebuild with 9.0a (or newer) in "
               "TORCH_CUDA_ARCH_LIST, or unset RIMS_FAST_CUDA_PDL");
-  done.insert(key);
+  return true;
 }
 
 // kernel<<<grid, threads, smem, stream>>>(args...), with programmatic stream serialization when
@@ -72,11 +64,6 @@ void check_pdl_code(Kernel kernel, int dev) {
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, size_t smem,
             cudaStream_t stream, bool pdl, Args&&... args) {
-  if (pdl) {
-    int dev = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    check_pdl_code(kernel, dev);
-  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(threads);
