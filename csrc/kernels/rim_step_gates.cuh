@@ -49,8 +49,8 @@ RIMS_HD void rim_step_gates_cell(const Exec& ex, const RimStepParams<T>& p, int6
   const int64_t sb = blk / (K * per_k), k = blk / per_k % K, ub = blk % per_k;
   const int64_t rows = 4 * tiles * kGateUnits;  // the interleaved weight's rows per mechanism
   step_mma_block<T>(
-      ex, smem, B, sb, p.hx + k * B * HX, HX, HX, p.wgi + k * rows * kd, kd, ub * kStepMmaWarps,
-      tiles, [&](int64_t tile, int64_t bt, const C* st, int lane, int lanes) {
+      ex, smem, g, sb, p.hx + k * B * HX, HX, HX, p.wgi + k * rows * kd, ub * kStepMmaWarps,
+      [&](int64_t tile, int64_t bt, const C* st, int lane, int lanes) {
         for (int e = lane; e < kMmaM * kGateUnits; e += lanes) {
           const int64_t s = e / kGateUnits, u = e % kGateUnits, b = bt + s;
           const int64_t j = tile * kGateUnits + u;

@@ -39,8 +39,8 @@ RIMS_HD void rim_step_output_residual(const Exec& ex, const RimStepParams<T>& p,
   const int64_t per_k = g.per_mech(), tiles = g.tiles;
   const int64_t sb = blk / (K * per_k), k = blk / per_k % K, cb = blk % per_k;
   step_mma_block<T>(
-      ex, smem, B, sb, p.o_op + k * B * cv, cv, cv, p.wot + k * tiles * kMmaN * kd, kd,
-      cb * kStepMmaWarps, tiles, [&](int64_t ct, int64_t bt, const C* st, int lane, int lanes) {
+      ex, smem, g, sb, p.o_op + k * B * cv, cv, cv, p.wot + k * tiles * kMmaN * kd,
+      cb * kStepMmaWarps, [&](int64_t ct, int64_t bt, const C* st, int lane, int lanes) {
         for (int e = lane; e < kMmaM * kMmaN; e += lanes) {
           const int64_t b = bt + e / kMmaN, j = ct * kMmaN + e % kMmaN;
           if (b >= B || j >= H) continue;
