@@ -18,8 +18,9 @@
 #             -> $OUT/phase-clocks.md
 #   tiles     a tile sweep of the persistent kernels (RIMS_FAST_CUDA_TILE; tables in the log only)
 #   alltests  the whole test suite -> $OUT/pytest.log
-#   ncu       Nsight Compute on one persistent forward (CUDA cores, tensor cores, clusters) and
-#             one backward at `paper` bf16 (tools/profile_case.py), with every warp stall reason
+#   ncu       Nsight Compute on one persistent forward (CUDA cores, clusters) and one backward at
+#             `paper` bf16, and one launch of the fused stepped gates kernel at `large`
+#             (tools/profile_case.py; NCU_CASES picks), with every warp stall reason
 #             (which of L2 latency, barriers, instruction fetch... the step waits on) -> $OUT/ncu.txt
 # Every stage's time limit (the build's too) is the smaller of its cap (*_TIMEOUT) and what is left
 # before DEADLINE seconds (default 560: run the call with timeout_s 590) from the start, so the call ends inside the device tool's
@@ -131,10 +132,11 @@ elif want ncu; then
            math_pipe_throttle branch_resolving membar not_selected selected dispatch_stall misc; do
     stalls="$stalls,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
   done
-  IFS=, read -ra cases <<< "${NCU_CASES:-plain,--backward,--cluster}"  # e.g. NCU_CASES="--mma,--mma --backward"
+  # e.g. NCU_CASES="--mma,--mma --backward"; "--fused --large": the fused gates kernel at `large`
+  IFS=, read -ra cases <<< "${NCU_CASES:-plain,--backward,--cluster,--fused --large}"
   for a in "${cases[@]}"; do
     [[ $a == plain ]] && a=""
-    k=rim_seq_fwd; case "$a" in *backward*) k=rim_seq_bwd;; esac
+    k=rim_seq_fwd; case "$a" in *backward*) k=rim_seq_bwd;; *fused*) k=GatesCellPhase;; esac
     echo "##### profile_case $a ($k)" >> "$OUT/ncu.txt"
     run_for "${NCU_TIMEOUT:-60}" "$NCU" --kernel-name "regex:$k" --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
