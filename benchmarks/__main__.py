@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="timed repetitions per provider (CPU default 5, --smoke 3; GPU: do_bench "
                          "chooses, this is used only for the CUDA-event fallback)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls per provider first (CPU)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="GPU: time every provider this many times, the order rotated each round, "
+                         "and report the median of the round medians, min ms the fastest round "
+                         "(default 1; the CPU timing interleaves its repetitions anyway)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--baseline", default="lstm", help="provider the ratio column divides by")
     ap.add_argument("--compile-max-T", type=int, default=100,
@@ -229,10 +233,10 @@ def main(argv=None) -> int:
     # torch_compile on CPU only when asked for by name (see CPU_COMPILE_REASON).
     args.allow_compile = device.type == "cuda" or (args.providers is not None and "torch_compile" in args.providers)
     reps = args.reps or (3 if args.smoke else 5 if device.type == "cpu" else 20)
-    timer = harness.Timer(device, reps=reps, warmup=args.warmup)
+    timer = harness.Timer(device, reps=reps, warmup=args.warmup, rounds=args.rounds)
     env = report.environment(device, dtype, args.threads)
     env.update(timing=timer.method, memory=harness.mem_method(device), reps=reps,
-               warmup=args.warmup, argv=sys.argv[1:] if argv is None else list(argv),
+               warmup=args.warmup, rounds=args.rounds, argv=sys.argv[1:] if argv is None else list(argv),
                fwd_mode="forward under torch.no_grad()",
                bwd_mode="backward alone of a recorded forward, random grad_output on out; grads into x and all parameters")
 

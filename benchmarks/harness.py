@@ -1,9 +1,13 @@
 """Correctness gate, timing and peak memory of providers.
 
 Timing: on GPU ``triton.testing.do_bench`` (median) when Triton imports, else CUDA events (median
-of repetitions after warm-up). On CPU the median of *interleaved* repetitions: each round calls
-every provider once, in a rotating order, so that noise (frequency changes, other processes) hits
-all providers alike.
+of repetitions after warm-up); with ``rounds > 1`` every provider is timed that many times, the
+providers' order rotated each round, and a row's median is the median of its round medians (its
+``min_ms`` the fastest round), so that a drift during the run (clocks, other work on the machine)
+does not land on whichever providers came last: two H100 runs of 2026-11-27 disagreed by up to
+2.2x on single timings. On CPU the median of *interleaved* repetitions: each round calls every
+provider once, in a rotating order, so that noise (frequency changes, other processes) hits all
+providers alike.
 
 Modes: ``fwd`` is a forward without autograd recording (``torch.no_grad``); ``bwd`` is the
 backward alone of a recorded forward (random ``grad_output`` on ``out``; gradients into ``x`` and
@@ -209,8 +213,10 @@ def _sync(device: torch.device):
 class Timer:
     """Times a set of calls; ``run(calls) -> {name: [seconds, ...]}``."""
 
-    def __init__(self, device: torch.device, reps: int, warmup: int = 1):
-        self.device, self.reps, self.warmup = device, reps, warmup
+    def __init__(self, device: torch.device, reps: int, warmup: int = 1, rounds: int = 1):
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        self.device, self.reps, self.warmup, self.rounds = device, reps, warmup, rounds
         self.method = "cpu: median of interleaved repetitions (time.perf_counter)"
         self._do_bench = None
         if device.type == "cuda":
@@ -220,6 +226,9 @@ class Timer:
                 self.method = "gpu: triton.testing.do_bench, median"
             except Exception:  # noqa: BLE001 - fall back to CUDA events
                 self.method = "gpu: CUDA events, median of repetitions"
+            if rounds > 1:
+                self.method += (f"; median of {rounds} rounds, each timing every provider in a "
+                                "rotated order (min ms: the fastest round)")
 
     def run(self, calls: dict[str, Call], on_first: Optional[Callable[[str, float], None]] = None
             ) -> tuple[dict[str, list[float]], dict[str, str]]:
@@ -227,16 +236,32 @@ class Timer:
         that raised (it is dropped from the remaining rounds)."""
         errors: dict[str, str] = {}
         if self.device.type == "cuda":
-            times = {}
-            for name, call in calls.items():
+            return self._gpu_rounds(calls, on_first, errors), errors
+        return self._cpu_interleaved(calls, on_first, errors), errors
+
+    def _gpu_rounds(self, calls, on_first, errors) -> dict[str, list[float]]:
+        """One list per provider: with one round, its repetitions' times (do_bench: one median);
+        with several, one median per round. on_first sees round 0's first calls only."""
+        names = list(calls)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(self.rounds):
+            live = [n for n in names if n not in errors]
+            k = r % len(live) if live else 0
+            for name in live[k:] + live[:k]:
+                first = on_first if r == 0 else None
                 try:
-                    times[name] = self._gpu(call, on_first and (lambda s, n=name: on_first(n, s)))
+                    ts = self._gpu(calls[name], first and (lambda s, n=name: first(n, s)))
                 except Exception as e:  # noqa: BLE001 - reported as FAILED
                     errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    call.out = None
-                    torch.cuda.empty_cache()
-            return times, errors
-        return self._cpu_interleaved(calls, on_first, errors), errors
+                    calls[name].out = None
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                if self.rounds == 1:
+                    times[name].extend(ts)
+                else:
+                    times[name].append(median(ts))
+        return {n: t for n, t in times.items() if n not in errors}
 
     def _cpu_interleaved(self, calls, on_first, errors) -> dict[str, list[float]]:
         names = list(calls)

@@ -7,9 +7,11 @@
 #   memcheck  compute-sanitizer memcheck on tools/sanitize_case.py (small workload)
 #   sanitize  memcheck, then racecheck and synccheck on the persistent kernels and the stepped
 #             ops (--seq-only)
-#   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider -> $OUT/*.json, csv
+#   bench     the benchmark: bf16, BENCH_CONFIGS (default paper), every GPU provider, BENCH_ROUNDS
+#             (default 3) rotated rounds (~35 s a round at paper) -> $OUT/*.json, csv
 #   large     the benchmark at `large`: bf16, LARGE_PROVIDERS (cuDNN, the default cuda choice, the
-#             stepped ops, the Triton forward) -> $OUT/large.json, csv
+#             stepped ops, the Triton forward), LARGE_ROUNDS (default 2; ~40 s a round)
+#             -> $OUT/large.json, csv
 #   profile   tools/profile_steps.py: torch.profiler kernel and input-shape tables of the stepped
 #             ops at paper and large -> $OUT/profile-steps.log, and with RIMS_FAST_CUDA_FUSED=1
 #             -> $OUT/profile-steps-fused.log
@@ -26,8 +28,9 @@
 # before DEADLINE seconds (default 560: run the call with timeout_s 590) from the start, so the call ends inside the device tool's
 # limit whatever hangs (the few seconds of nvidia-smi and version prints excepted). Everything is appended to $OUT/${LOG:-session}.log.
 #   bash tools/gpu_session.sh                         (build gputests sanitize bench phases large
-#             ncu profile; ~450 s on an H100 on 2026-11-27 without ncu: build 100, tests 140,
-#             sanitizers 55, paper 35, large 80, profile 40; ncu, never run yet, is capped at 60 s a
+#             ncu profile; ~450 s on an H100 on 2026-11-27 without ncu, at one round: build 130,
+#             tests 140, sanitizers 55, paper 35, large 40, profile 55 (rounds now 3 and 2: paper
+#             ~100, large ~80); ncu, never run yet, is capped at 60 s a
 #             case and the deadline skips what does not fit, profile last). All of it takes more
 #             than one call now; two calls, the second while the machine is warm (30 s):
 #   STAGES="build gputests sanitize bench phases" bash tools/gpu_session.sh
@@ -93,7 +96,7 @@ if want bench; then
   stamp "benchmarks"
   run_for "${BENCH_TIMEOUT:-180}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
     --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_f,cuda_seq_narrow,cuda_seq_mma,cuda_seq_mma_graph,cuda_seq_cluster,cuda_seq_cluster2,cuda_steps,cuda_steps_graph,cuda_steps_pdl,cuda_steps_graph_pdl,cuda_steps_fused,cuda_steps_graph_fused,triton,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
-    --modes fwd,fwd+bwd --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
+    --modes fwd,fwd+bwd --rounds "${BENCH_ROUNDS:-3}" --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
 fi
 if want phases; then
   stamp "phase clocks of the persistent kernels (paper bf16)"
@@ -104,7 +107,7 @@ if want large; then
   stamp "benchmarks at large"
   run_for "${LARGE_TIMEOUT:-150}" python3 -m benchmarks --device cuda --dtype bf16 --configs large \
     --providers "${LARGE_PROVIDERS:-lstm,cuda,cuda_steps_graph,cuda_steps_graph_pdl,cuda_steps_graph_fused,triton_tiled_graph}" \
-    --modes fwd,fwd+bwd --out "$OUT" --name large --no-progress
+    --modes fwd,fwd+bwd --rounds "${LARGE_ROUNDS:-2}" --out "$OUT" --name large --no-progress
 fi
 if want profile; then
   stamp "profile of the stepped ops"
