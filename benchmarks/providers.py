@@ -25,6 +25,10 @@
 - ``cuda_seq_narrow``: ``cuda_seq`` with ``RIMS_FAST_CUDA_WIDE=0``: at tile 1 the 256-thread
   kernels compiled for tiles up to 8 instead of the 512-thread tile-1 kernels (the ratio is what
   the wider blocks buy; same results bit for bit).
+- ``cuda_seq_t2``, ``cuda_seq_t2_narrow``: ``cuda_seq`` and ``cuda_seq_narrow`` with
+  ``RIMS_FAST_CUDA_TILE=2``: two samples per block, so each weight is read from L2 once per two
+  samples (at ``paper`` the tile-1 forward is bound by those reads) at twice the work per block;
+  the forward runs the 512-thread tile-2 kernel, the backward the 256-thread one in both.
 - ``cuda_seq_mma``: ``cuda_seq`` with ``RIMS_FAST_CUDA_MMA=1``: both kernels' weight products on
   tensor cores (float16/bfloat16; in float32 it runs as ``cuda_seq``).
 - ``cuda_seq_cluster``: ``cuda_seq`` with ``RIMS_FAST_CUDA_CLUSTER=1``: the forward on
@@ -84,7 +88,7 @@ __all__ = ["PROVIDERS", "RIM_PROVIDERS", "Skip", "Provider", "Context", "build",
 
 PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
              "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_cell",
-             "cuda_seq", "cuda_seq_f", "cuda_seq_narrow",
+             "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_t2", "cuda_seq_t2_narrow",
              "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cuda_seq_cluster2",
              "cuda_steps",
              "cuda_steps_graph", "cuda_steps_pdl", "cuda_steps_graph_pdl",
@@ -92,7 +96,8 @@ PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
 #: Providers that compute the RIM and so must pass the correctness gate.
 RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
                  "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda",
-                 "cuda_cell", "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_mma",
+                 "cuda_cell", "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_t2",
+                 "cuda_seq_t2_narrow", "cuda_seq_mma",
                  "cuda_seq_cluster",
                  "cuda_seq_cluster_l2", "cuda_seq_cluster2",
                  "cuda_steps", "cuda_steps_graph", "cuda_steps_pdl", "cuda_steps_graph_pdl",
@@ -258,6 +263,11 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
                            "cuda_seq_f"),
     "cuda_seq_narrow": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
                                          "RIMS_FAST_CUDA_WIDE": "0"}, "cuda_seq_narrow"),
+    "cuda_seq_t2": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
+                                     "RIMS_FAST_CUDA_TILE": "2"}, "cuda_seq_t2"),
+    "cuda_seq_t2_narrow": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
+                                            "RIMS_FAST_CUDA_TILE": "2", "RIMS_FAST_CUDA_WIDE": "0"},
+                                   "cuda_seq_t2_narrow"),
     "cuda_seq_mma": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent", "RIMS_FAST_CUDA_MMA": "1"},
                              "cuda_seq_mma"),
     "cuda_seq_cluster": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",

@@ -29,11 +29,13 @@ namespace rims {
 namespace seq_cuda {
 
 constexpr int kSeqThreads = 32 * kSeqWarps;
-// Threads per block of the "wide" tile-1 kernels (use_wide): a tile of one sample keeps one
-// sample's accumulators (SMAX = 1), so 512 threads fit the register file (at most 128 registers
-// each) where the tile-8 kernels' 225-243 allow 256. At tile 1 these kernels wait on latency
-// (benchmarks/README.md: 73 us per paper step against ~20 modelled): twice the warps per SM hide
-// twice the L2 round trips, and phases of 257..512 items run in one round instead of two.
+// Threads per block of the "wide" kernels (use_wide): a tile of one sample (or two, forward)
+// keeps that many samples' accumulators (SMAX = 1, 2), so 512 threads fit the register file (at
+// most 128 registers each) where the tile-8 kernels' 225-243 allow 256. At tile 1 these kernels
+// wait on latency (benchmarks/README.md: 73 us per paper step against ~20 modelled): twice the
+// warps per SM hide twice the L2 round trips, and phases of 257..512 items run in one round
+// instead of two (H100, paper bf16: 3.93 ms forward against 5.34). Tile 2 halves the weights'
+// L2 traffic per sample (the bound at tile 1: 39 us a step) at twice the work per block.
 constexpr int kSeqWideThreads = 512;
 
 // dst[0..n) = src[0..n) by the whole block (no barrier): 16-byte accesses with four loads in

@@ -434,7 +434,7 @@ SeqFwdResult rim_seq_fwd_cpu(
     const int64_t bytes = sizeof(scalar_t);
     const int64_t elems = (rim_seq_fwd_smem_bytes(d, d.S, bytes, bytes) + bytes - 1) / bytes;
     const int64_t tiles = (d.B + d.S - 1) / d.S;  // in host_item_order(), as the blocks' order
-    const bool wide = use_wide(d);
+    const bool wide = use_wide(d, kSeqWideFwdTileMax);
     if (d.kpr > 0) {  // one host thread per block of the cluster, each with its shared memory
       const int64_t ranks = (d.K + d.kpr - 1) / d.kpr;
       at::Tensor smem = at::empty({ranks, elems + kHostSharedGuard}, h0.options());
@@ -458,7 +458,9 @@ SeqFwdResult rim_seq_fwd_cpu(
       poison_shared(base, elems);
       if (d.mma)
         rim_seq_fwd_tile<kSeqTileMax, scalar_t, true>(HostExec{}, p, tile_i, base);
-      else if (wide)  // the device's 512-thread kernel's instantiation
+      else if (wide && d.S == 2)  // the device's 512-thread kernels' instantiations
+        rim_seq_fwd_tile<2, scalar_t>(HostExec{}, p, tile_i, base);
+      else if (wide)
         rim_seq_fwd_tile<1, scalar_t>(HostExec{}, p, tile_i, base);
       else
         rim_seq_fwd_tile<kSeqTileMax, scalar_t>(HostExec{}, p, tile_i, base);

@@ -59,16 +59,23 @@ SeqFwdCall seq_fwd_prepare(
     bool per_head, double input_dropout, double comm_dropout, int64_t seed, int64_t tile,
     bool save, bool mma, int64_t cluster, int64_t resident, int64_t xw);
 
-// Whether a one-block-per-tile call runs the wide kernel (seq_cuda::kSeqWideThreads threads,
-// SMAX = 1): at tile 1 on CUDA cores, unless RIMS_FAST_CUDA_WIDE=0 (the 256-thread kernel, kept
-// for the side-by-side timing, benchmark provider cuda_seq_narrow). Same arithmetic, same order:
-// only which thread runs which item differs, so the results are bit-identical. The host runs
-// follow it too (the SMAX = 1 instantiation at tile 1), so that CI runs the wide kernels' code.
-inline bool use_wide(const RimSeqDims& d) {
+// The largest tile the wide kernels are compiled for: the forward's SMAX = 2 instantiation at
+// 512 threads fits 128 registers without spilling in 16-bit storage (8 bytes in float32, sm_90a
+// ptxas), the backward's spilled ~250 bytes, so the backward keeps tile 1.
+constexpr int64_t kSeqWideFwdTileMax = 2;
+
+// Whether a one-block-per-tile call runs a wide kernel (seq_cuda::kSeqWideThreads threads, SMAX
+// = its tile): on CUDA cores at a tile of at most max_tile (1 for the backward,
+// kSeqWideFwdTileMax for the forward), unless RIMS_FAST_CUDA_WIDE=0 (the 256-thread kernel
+// compiled for tiles up to 8, kept for the side-by-side timing, benchmark providers
+// cuda_seq_narrow, cuda_seq_t2_narrow). Same arithmetic, same order: only which thread runs which
+// item differs, so the results are bit-identical. The host runs follow it too (the SMAX = S
+// instantiation), so that CI runs the wide kernels' code.
+inline bool use_wide(const RimSeqDims& d, int64_t max_tile = 1) {
   const char* v = std::getenv("RIMS_FAST_CUDA_WIDE");
   const std::string s = v == nullptr ? "1" : v;
   TORCH_CHECK(s == "0" || s == "1", "RIMS_FAST_CUDA_WIDE must be 0 or 1, got '", s, "'");
-  return s == "1" && d.S == 1 && !d.mma;
+  return s == "1" && d.S <= max_tile && !d.mma;
 }
 
 // The phase-timing buffer of the CUDA forward (which = 0) / backward (1) launches, or nullptr:

@@ -10,7 +10,7 @@ using namespace seq_cuda;
 namespace {
 
 // MMA: the gate products on tensor cores (half/bfloat16 storage only; rim_seq_fwd_tile). SMAX,
-// THREADS: the largest tile and the block size (the wide tile-1 kernel: 1, kSeqWideThreads).
+// THREADS: the largest tile and the block size (the wide kernels: 1 or 2, kSeqWideThreads).
 template <typename C, typename T, bool MMA, int SMAX = kSeqTileMax, int THREADS = kSeqThreads>
 __global__ void __launch_bounds__(THREADS) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
   // 128-byte aligned: the tensor-core tiles at the start need 256-bit alignment.
@@ -29,9 +29,11 @@ void launch_fwd(const SeqFwdCall& c, int64_t smem, int dev) {
       return;
     }
   }
-  if (use_wide(c.d)) {
-    launch(rim_seq_fwd_kernel<C, T, false, 1, kSeqWideThreads>, seq_fwd_params<T>(c), smem, dev,
-           kSeqWideThreads);
+  if (use_wide(c.d, kSeqWideFwdTileMax)) {
+    static_assert(kSeqWideFwdTileMax == 2, "one wide kernel per tile up to the maximum");
+    launch(c.d.S == 2 ? rim_seq_fwd_kernel<C, T, false, 2, kSeqWideThreads>
+                      : rim_seq_fwd_kernel<C, T, false, 1, kSeqWideThreads>,
+           seq_fwd_params<T>(c), smem, dev, kSeqWideThreads);
     return;
   }
   launch(rim_seq_fwd_kernel<C, T, false>, seq_fwd_params<T>(c), smem, dev);

@@ -189,11 +189,12 @@ def xw_mode(mma: bool = False) -> int:
 def wide_mode() -> bool:
     """``RIMS_FAST_CUDA_WIDE`` (``1`` by default, or ``0``): whether a persistent kernel launched
     with a tile of one sample on CUDA cores (the automatic tile whenever the batch is at most the
-    GPU's SM count, as at the paper layer) runs as a 512-thread block compiled for that tile
-    alone (at most 128 registers a thread), instead of the 256-thread kernel compiled for tiles of
-    up to 8. Twice the warps per SM to hide the step's L2 latency; the same arithmetic in the
-    same order, so the results are bit-identical. ``0`` keeps the 256-thread kernel (benchmark
-    provider ``cuda_seq_narrow``, for the side-by-side ratio). The CUDA launcher reads the
+    GPU's SM count, as at the paper layer), or a forward with a tile of two
+    (``RIMS_FAST_CUDA_TILE=2``), runs as a 512-thread block compiled for that tile alone (at most
+    128 registers a thread), instead of the 256-thread kernel compiled for tiles of up to 8.
+    Twice the warps per SM to hide the step's L2 latency; the same arithmetic in the same order,
+    so the results are bit-identical. ``0`` keeps the 256-thread kernel (benchmark providers
+    ``cuda_seq_narrow``, ``cuda_seq_t2_narrow``, for the side-by-side ratio). The CUDA launcher reads the
     variable itself (``use_wide`` in ``csrc/rim_seq_cuda.cuh``); this checks it first."""
     v = os.environ.get("RIMS_FAST_CUDA_WIDE", "1")
     if v not in ("0", "1"):

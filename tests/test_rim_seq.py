@@ -81,7 +81,7 @@ def _compare(got, want, leaves, dtype, leaves_want=None):
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("tile", [1, 3, 0])
+@pytest.mark.parametrize("tile", [1, 2, 3, 0])  # 1, 2: the wide kernels' forward code
 def test_host_run_matches_reference_float64(case, tile):
     rim, x, h0, c0, P, leaves = _setup(*case)
     got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile)
@@ -652,23 +652,24 @@ class TestCUDA:
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
     def test_wide_equals_narrow(self, monkeypatch, dtype):
-        """At tile 1 the 512-thread tile-1 kernels (RIMS_FAST_CUDA_WIDE=1, the default) give the
-        256-thread kernels' outputs and gradients bit for bit, both input-term paths."""
-        for xw in (0, 1):
+        """At tiles 1 and 2 the 512-thread kernels (RIMS_FAST_CUDA_WIDE=1, the default; the
+        forward's at tile 2, the backward's at tile 1) give the 256-thread kernels' outputs and
+        gradients bit for bit, both input-term paths."""
+        for xw, tile in ((0, 1), (1, 1), (0, 2), (1, 2)):
             rim, x, h0, c0, P, leaves = _setup(*GRID[0], B=19, dtype=dtype)
             cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
             Pc = {n: cu[n] for n in PARAMS}
             res = {}
             for wide in ("0", "1"):
                 monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", wide)
-                got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw, tile=1,
-                                 cluster=0, mma=False)
+                got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw,
+                                 tile=tile, cluster=0, mma=False)
                 res[wide] = (got, _grads(got[:3], cu))
             (a, ga), (b, gb) = res["0"], res["1"]
             for u, v in zip(a, b):
-                assert (u is None) == (v is None) and (u is None or torch.equal(u, v)), xw
+                assert (u is None) == (v is None) and (u is None or torch.equal(u, v)), (xw, tile)
             for name in leaves:
-                assert torch.equal(ga[name], gb[name]), ("d" + name, xw)
+                assert torch.equal(ga[name], gb[name]), ("d" + name, xw, tile)
 
     @pytest.mark.parametrize("tile", [1, 3], ids=["wide", "tile3"])
     @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
@@ -718,17 +719,19 @@ def test_wide_env_checked(monkeypatch):
 
 @pytest.mark.parametrize("case", [GRID[0], GRID[5]], ids=["lstm", "gru"])
 @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
-def test_host_wide_equals_narrow(monkeypatch, case, xw):
-    """At tile 1 the host runs follow RIMS_FAST_CUDA_WIDE as the device does: =1 runs the tile
-    functions' SMAX = 1 instantiation (the 512-thread kernels' code), =0 the tile-8 one. The same
-    arithmetic in the same order, so outputs and gradients are equal bit for bit (the GPU twin is
-    TestCUDA.test_wide_equals_narrow); the SMAX = 1 code is also checked against the reference
-    by every tile-1 host test, which run with the default."""
+@pytest.mark.parametrize("tile", [1, 2])
+def test_host_wide_equals_narrow(monkeypatch, case, xw, tile):
+    """At tiles 1 and 2 the host runs follow RIMS_FAST_CUDA_WIDE as the device does: =1 runs the
+    tile functions' SMAX = tile instantiation (the 512-thread kernels' code; the backward's at
+    tile 1 only), =0 the tile-8 one. The same arithmetic in the same order, so outputs and
+    gradients are equal bit for bit (the GPU twin is TestCUDA.test_wide_equals_narrow); the
+    SMAX = 1, 2 code is also checked against the reference by the host tests at those tiles,
+    which run with the default. B = 7: a partial last tile at tile 2."""
     res = {}
     for wide in ("0", "1"):
         monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", wide)
         rim, x, h0, c0, P, leaves = _setup(*case, B=7)
-        got = rs.rim_seq(x, h0, c0, P, rim.config, xw=xw, tile=1)
+        got = rs.rim_seq(x, h0, c0, P, rim.config, xw=xw, tile=tile)
         res[wide] = (got, _grads(got[:3], leaves))
     (a, ga), (b, gb) = res["0"], res["1"]
     for u, v in zip(a, b):

@@ -1,6 +1,7 @@
 """A small CUDA workload for compute-sanitizer: the fused masked-cell ops (forward and backward),
 one short RIM forward+backward on each CUDA backend, and the persistent whole-sequence kernel
-(rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1 and 3 samples, LSTM and GRU, with dropout;
+(rims_fast::rim_seq_fwd and rim_seq_bwd, tiles of 1, 2 and 3 samples — the 512-thread kernels at
+1 and, forward, 2 —, LSTM and GRU, with dropout;
 the tensor-core variant; the hoisted input term; on sm_90+ the cluster forward), and the stepped ops
 (rims_fast::rim_steps_fwd / rim_steps_bwd; also with RIMS_FAST_CUDA_PDL=1 and
 RIMS_FAST_CUDA_FUSED=1). With
@@ -27,7 +28,7 @@ def persistent_kernel():
         h0 = torch.randn(5, 3, 5, device=dev)
         c0 = torch.randn(5, 3, 5, device=dev) if cell == "lstm" else None
         # Forward and the backward kernel; the forward with F read per step and hoisted (xw).
-        for tile, xw in ((1, 0), (3, 0), (1, 1), (3, 1)):
+        for tile, xw in ((1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (3, 1)):
             out, h_n, c_n, _ = rim_seq(x.requires_grad_(True), h0, c0,
                                        dict(rim.named_parameters()), rim.config, training=True,
                                        seed=1, tile=tile, xw=xw)
