@@ -45,11 +45,11 @@ RIMS_HD void rim_step_gates_cell(const Exec& ex, const RimStepParams<T>& p, int6
   const int64_t B = d.B, K = d.K, H = d.H, HX = H + d.n_in * d.Dx;
   const StepMmaGrid g = rim_step_gates_grid(d);
   const int kd = static_cast<int>(g.kd);
-  const int64_t per_k = g.per_mech(), tiles = g.tiles;
-  const int64_t sb = blk / (K * per_k), k = blk / per_k % K, ub = blk % per_k;
-  const int64_t rows = 4 * tiles * kGateUnits;  // the interleaved weight's rows per mechanism
+  const StepMmaGrid::Block at = g.block(blk);
+  const int64_t k = at.k;
+  const int64_t rows = 4 * g.tiles * kGateUnits;  // the interleaved weight's rows per mechanism
   step_mma_block<T>(
-      ex, smem, g, sb, p.hx + k * B * HX, HX, HX, p.wgi + k * rows * kd, ub * kStepMmaWarps,
+      ex, smem, g, at.sb, p.hx + k * B * HX, HX, HX, p.wgi + k * rows * kd, at.ct0,
       [&](int64_t tile, int64_t bt, const C* st, int lane, int lanes) {
         for (int e = lane; e < kMmaM * kGateUnits; e += lanes) {
           const int64_t s = e / kGateUnits, u = e % kGateUnits, b = bt + s;

@@ -36,11 +36,11 @@ RIMS_HD void rim_step_output_residual(const Exec& ex, const RimStepParams<T>& p,
   const int64_t B = d.B, K = d.K, H = d.H, cv = d.cv;
   const StepMmaGrid g = rim_step_output_grid(d);
   const int kd = static_cast<int>(g.kd);
-  const int64_t per_k = g.per_mech(), tiles = g.tiles;
-  const int64_t sb = blk / (K * per_k), k = blk / per_k % K, cb = blk % per_k;
+  const StepMmaGrid::Block at = g.block(blk);
+  const int64_t k = at.k;
   step_mma_block<T>(
-      ex, smem, g, sb, p.o_op + k * B * cv, cv, cv, p.wot + k * tiles * kMmaN * kd,
-      cb * kStepMmaWarps, [&](int64_t ct, int64_t bt, const C* st, int lane, int lanes) {
+      ex, smem, g, at.sb, p.o_op + k * B * cv, cv, cv, p.wot + k * g.tiles * kMmaN * kd, at.ct0,
+      [&](int64_t ct, int64_t bt, const C* st, int lane, int lanes) {
         for (int e = lane; e < kMmaM * kMmaN; e += lanes) {
           const int64_t b = bt + e / kMmaN, j = ct * kMmaN + e % kMmaN;
           if (b >= B || j >= H) continue;

@@ -64,6 +64,14 @@ struct StepMmaGrid {
     return (B + rows - 1) / rows;
   }
   RIMS_HD int64_t blocks(int64_t tb) const { return sample_blocks(tb) * K * per_mech(); }
+  // Where block blk works: its sample block, mechanism and first warp tile (step_mma_block's ct0).
+  struct Block {
+    int64_t sb, k, ct0;
+  };
+  RIMS_HD Block block(int64_t blk) const {
+    const int64_t per = per_mech();
+    return Block{blk / (K * per), blk / per % K, blk % per * kStepMmaWarps};
+  }
   // Shared memory in compute-type elements (cb bytes each): the warps' 8 x 32 staging tiles,
   // then the operand tile in the storage type. The staging area's size keeps the operand tile
   // 256-bit aligned when the base is.

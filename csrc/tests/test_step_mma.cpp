@@ -41,13 +41,13 @@ void check_case(std::mt19937_64& rng, int64_t B, int64_t width, int64_t extra, i
   const rims::StepMmaGrid g{B, K, kd, tiles, target};
   std::vector<C> out(size_t(K * B * n), C(0));
   std::vector<int> seen(out.size(), 0);
-  const int64_t per = g.per_mech();
   const int64_t bad = rims::run_host_blocks<C>(
       g.blocks(sizeof(C)), g.smem_elems(sizeof(C), sizeof(C)), [&](int64_t blk, C* smem) {
-        const int64_t sb = blk / (K * per), k = blk / per % K, cb = blk % per;
+        const rims::StepMmaGrid::Block at = g.block(blk);
+        const int64_t k = at.k;
         rims::step_mma_block<C>(
-            rims::HostExec{}, smem, g, sb, a.data() + k * B * lda, lda, width, w + k * n * kd,
-            cb * rims::kStepMmaWarps, [&](int64_t ct, int64_t bt, const C* st, int lane, int lanes) {
+            rims::HostExec{}, smem, g, at.sb, a.data() + k * B * lda, lda, width, w + k * n * kd,
+            at.ct0, [&](int64_t ct, int64_t bt, const C* st, int lane, int lanes) {
               for (int e = lane; e < rims::kMmaM * kMmaN; e += lanes) {
                 const int64_t b = bt + e / kMmaN, c = ct * kMmaN + e % kMmaN;
                 if (b >= B) continue;
