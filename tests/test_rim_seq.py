@@ -245,6 +245,25 @@ def _op_args(cell, p_in, p_c, dv=3):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tile,cluster,xw", [(1, 0, 0), (3, 0, 1), (1, 0, 1), (3, 2, 1)])
+def test_host_run_unsaved_equals_saved(cell, tile, cluster, xw):
+    """Inference (save=False) skips work that only a saved history needs (communication queries
+    of mechanisms no sample of the tile runs; rim_seq_fwd.cuh's RunMechs): out, h_n, c_n and the
+    masks stay bit for bit those of the training forward (save=True), with both dropouts, one
+    sample per tile (mechanisms skipped) and three (fewer skipped), one block and clusters."""
+    args = list(_op_args(cell, 0.3, 0.4, dv=16))
+    args[-2] = tile
+    saved = torch.ops.rims_fast.rim_seq_fwd(*args, False, cluster, -1, xw)
+    args[-1] = False
+    got = torch.ops.rims_fast.rim_seq_fwd(*args, False, cluster, -1, xw)
+    assert got[4].numel() == 0, "nothing saved"
+    assert not torch.all(got[3]), "some mechanisms inactive"
+    for i, (a, b) in enumerate(zip(got[:4], saved[:4])):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_host_run_cluster_saved_and_dropout(cell):
     """The op itself, training with both dropouts and save=True: all 13 outputs (including the
     9 saved histories each block writes for its own rows) equal the single-block kernel's, for

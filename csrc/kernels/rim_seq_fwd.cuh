@@ -225,6 +225,51 @@ inline int64_t rim_seq_resident_fit(RimSeqDims d, int64_t tb, int64_t cb, int64_
 }
 
 
+// The own mechanisms that at least one of the tile's samples runs this step. The phases whose
+// results only active rows use (gates, output; communication Q when nothing is saved) enumerate
+// their items over these mechanisms alone: a mechanism no sample runs has its weights read by no
+// one (at tile 1 that is K - top_k of K), and the items left fill fewer rounds of the block's
+// threads (paper layer, 512 threads: gates 400 items in one round instead of 600 in two; the
+// persistent forward's weight phases wait on L2 round trips, benchmarks/README.md). Results are
+// unchanged: the skipped items' values were computed and discarded. all: every own mechanism
+// counts (more than 64 of them, or more than 64 rows to scan per thread), the mask unused.
+struct RunMechs {
+  uint64_t mask;
+  int count;
+  bool all;
+  // The q-th own mechanism (ascending) that runs (on) or that no sample runs (!on); q < count,
+  // respectively q < kn - count.
+  RIMS_HD int nth(int q, bool on = true) const {
+    if (all) return q;
+    uint64_t m = on ? mask : ~mask;
+    for (; q > 0; --q) m &= m - 1;  // drop the lowest q set bits
+#if defined(__CUDA_ARCH__)
+    return __ffsll(static_cast<long long>(m)) - 1;
+#else
+    return __builtin_ctzll(m);
+#endif
+  }
+};
+
+// RunMechs of the act rows (own row s * kst + k for own mechanism k < kn, sample s < S), read by
+// every thread after the barrier that ends the rank rule (S * kn <= 64 shared-memory reads).
+template <typename C>
+RIMS_HD RunMechs run_mechs(const C* act, int S, int kn, int kst) {
+  RunMechs r{0, kn, true};
+  if (kn > 64 || S * kn > 64) return r;
+  r.all = false;
+  r.count = 0;
+  for (int k = 0; k < kn; ++k) {
+    bool on = false;
+    for (int s = 0; s < S; ++s) on = on || act[s * kst + k] != C(0);
+    if (on) {
+      r.mask |= uint64_t(1) << k;
+      ++r.count;
+    }
+  }
+  return r;
+}
+
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
@@ -411,6 +456,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       sm.act[L(r)] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
+    const RunMechs run = run_mechs(sm.act, S, kn, int(rim_seq_own_stride(p)));
     // 3a, hoisted input term: only the input dropout, on a~ in place (the saved a is the
     // undropped one, saved above; nothing reads sm.a again this step).
     if (xwp != nullptr && drop_in > 0.f) ex.parallel_for(S * kn * NM, [&](int i) {
@@ -439,10 +485,12 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       sm.xa[l * XW + col] = acc;
     });
     // 3b. Gate pre-activations of the active rows, weight-stationary: item (k, column), all the
-    // tile's samples. LSTM: g = xa F + h W_hh + b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh.
-    if constexpr (!MMA) ex.parallel_for(kn * g_g, [&](int i) {
+    // tile's samples, for the mechanisms some sample runs (RunMechs). LSTM: g = xa F + h W_hh +
+    // b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh. Inactive rows' saved gates (zeros)
+    // are written by the cell phase.
+    if constexpr (!MMA) ex.parallel_for(run.count * g_g, [&](int i) {
       const ColumnGroup cg = column_group<NC>(i, g_g, GH);
-      const int k = k0 + cg.outer, c0 = cg.c0, nc = cg.nc;
+      const int k = k0 + run.nth(cg.outer), c0 = cg.c0, nc = cg.nc;
       // Accumulators indexed by compile-time c, s (unrolled, guarded by nc, S): registers.
       C gi[NC][SMAX], gh[NC][SMAX];
       columns_fill(gi, C(0));
@@ -468,13 +516,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         for (int s = 0; s < SMAX; ++s) {
           const int r = s * K + k, l = L(r);
           if (s >= S) break;
-          if (sm.act[l] == C(0)) {  // no gates; saved as zeros (outputs are fully defined)
-            if (save) {
-              sv(p.sv_g, t, r, GW)[col] = C(0);
-              if (!p.lstm) sv(p.sv_g, t, r, GW)[GH + col] = C(0);
-            }
-            continue;
-          }
+          if (sm.act[l] == C(0)) continue;  // no gates
           if (p.lstm) {
             sm.g[l * GW + col] = gi[c][s] + gh[c][s] + (bi + bh);
           } else {
@@ -551,7 +593,12 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
       if (sm.act[L(r)] == C(0)) {
         sm.ht[i] = sm.h[i];
-        if (save) sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
+        if (save) {
+          sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
+          // No gates; saved as zeros (outputs are fully defined): unit j of each of the GW / H
+          // gate blocks (LSTM i f g o; GRU gi's r z n, then gh's).
+          for (int q = 0; q < GW / H; ++q) sv(p.sv_g, t, r, GW)[q * H + j] = C(0);
+        }
         return;
       }
       const C* g = sm.g + L(r) * GW;
@@ -583,9 +630,16 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       });
     }
     // Weight-stationary on CUDA cores: item (k, column), all the tile's samples.
-    // Groups: g_ck of comm_query's columns, g_ck of comm_key's, then g_cv of comm_value's.
-    if constexpr (!MMA) ex.parallel_for(kn * g_qkv, [&](int i) {
-      const int k = k0 + i / g_qkv, g = i % g_qkv;
+    // Groups: g_ck of comm_query's columns, g_ck of comm_key's, then g_cv of comm_value's. When
+    // nothing is saved, the Q items come first and only for the mechanisms some sample runs (the
+    // attention reads active rows' queries alone; a saved history keeps every row's Q, as the
+    // stepped forward's).
+    const int q_items = save ? 0 : run.count * g_ck, kv_groups = save ? g_qkv : g_qkv - g_ck;
+    if constexpr (!MMA) ex.parallel_for(q_items + kn * kv_groups, [&](int i) {
+      const bool qi = i < q_items;
+      const int ikv = i - q_items;
+      const int k = k0 + (qi ? run.nth(i / g_ck) : ikv / kv_groups);
+      const int g = qi ? i % g_ck : ikv % kv_groups + (g_qkv - kv_groups);
       const int which = g < g_ck ? 0 : g < 2 * g_ck ? 1 : 2;  // Q, K, V
       const int c0 = (g - which * g_ck) * NC;                   // in that weight
       const int width = which < 2 ? ck : cv, nc = min_int(NC, width - c0);
@@ -671,9 +725,19 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         from_c(hv, p.out + ((t * B + b0 + s) * K + k) * H + j);
       });
     }
-    if constexpr (!MMA) ex.parallel_for(kn * g_h, [&](int i) {
+    // Items: (k, NC columns) of the mechanisms some sample runs, then one per (row, unit) of the
+    // others' rows, which copy h~.
+    const int o_items = run.count * g_h;
+    if constexpr (!MMA) ex.parallel_for(o_items + (kn - run.count) * S * H, [&](int i) {
+      if (i >= o_items) {
+        const int x = i - o_items, j = x % H, s = (x / H) % S;
+        const int k = k0 + run.nth(x / (H * S), false), l = L(s * K + k);
+        sm.h[l * H + j] = sm.ht[l * H + j];
+        from_c(sm.h[l * H + j], p.out + ((t * B + b0 + s) * K + k) * H + j);
+        return;
+      }
       const ColumnGroup cg = column_group<NC>(i, g_h, H);
-      const int k = k0 + cg.outer, j0 = cg.c0, nc = cg.nc;
+      const int k = k0 + run.nth(cg.outer), j0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, cv, c_output + (k - k0) * cv * H + j0, H, nc,
