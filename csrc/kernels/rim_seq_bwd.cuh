@@ -77,12 +77,17 @@ RIMS_HD int64_t rim_seq_bwd_dgf_width(const RimSeqDims& d) { return d.xw_hoisted
 // block copies move 16 bytes per access where source and destination allow).
 RIMS_HD int64_t rim_seq_bwd_pad4(int64_t n) { return (n + 3) / 4 * 4; }
 
+// Parts of the two long CUDA-core products of the backward's step (dh~ through Q|K|V, dh_{t-1}
+// through weight_hh and input_query), each summed by its own items and added by the next phase.
+// Fixed, not chosen by the block's size, so that every block size gives the same bits.
+constexpr int kSplitParts = 3;
+
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
                                        int64_t ck, int64_t cv, bool lstm) {
   const int64_t GW = lstm ? GH : 2 * GH;
   return rim_seq_bwd_pad4(S * K * (2 * ck + cv)) + rim_seq_bwd_pad4(S * K * n_c * K) +
-         S * K * (H * 4  // dh, dc, dh~, dh_{t-1} (direct part, then the sum)
+         S * K * (H * 6  // dh, dc, dh~, dh_{t-1} (direct part, then the sum), 2 partial sums
                   + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1);
 }
 
@@ -93,6 +98,9 @@ RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t 
 template <typename C>
 struct RimSeqBwdSmem {
   C *qkv, *bp, *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi, *act;
+  // The second and third partial sums of the split products (dh~ through K and V; dh_{t-1}
+  // through weight_hh's second half and input_query), read by the phase after each.
+  C *part1, *part2;
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
                         bool lstm) {
@@ -113,6 +121,8 @@ struct RimSeqBwdSmem {
     dq = take(R * nk);
     dsi = take(R * n_in * M);
     act = take(R);
+    part1 = take(R * H);
+    part2 = take(R * H);
   }
 };
 
@@ -305,26 +315,32 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dht[i] = sm.dh[i] + v;
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * g_h, [&](int i) {
-      const ColumnGroup cg = column_group<NC>(i, g_h, H);
+    // Split in three (kSplitParts): item (part, k, NC columns) sums the rows of d Q, of d K or of
+    // d V alone, into sm.dht, part1 or part2; the cell phase adds dh' and the three. One item
+    // summing all 2ck + cv rows was a chain of (2ck + cv) / 16 dependent L2 round trips on K * H / 4
+    // threads (paper layer: 24 on 150 of 512; 29% of the backward's step, benchmarks/README.md).
+    if constexpr (!MMA) ex.parallel_for(kSplitParts * K * g_h, [&](int i) {
+      const int part = i / (K * g_h);
+      const ColumnGroup cg = column_group<NC>(i % (K * g_h), g_h, H);
       const int k = cg.outer, j0 = cg.c0, nc = cg.nc;
+      const int lo = part == 0 ? 0 : part == 1 ? ck : 2 * ck, n = part == 2 ? cv : ck;
       C acc[NC][SMAX];
-      bool kv[SMAX];
+      bool use[SMAX];
       columns_fill(acc, C(0));
       RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s)
-        kv[s] = s < S && (active(s * K + k) || !p.block_inactive_grad);
-      columns_dot(acc, S, C3, p.c_qkv_t + int64_t(k) * C3 * H + j0, H, nc,
-                  [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + c]; },
-                  [&](int s, int64_t c) { return s < S && (c < ck || kv[s]); });
+      for (int s = 0; s < SMAX; ++s)  // d Q rows: zero on inactive rows, read as they are
+        use[s] = s < S && (part == 0 || active(s * K + k) || !p.block_inactive_grad);
+      columns_dot(acc, S, n, p.c_qkv_t + (int64_t(k) * C3 + lo) * H + j0, H, nc,
+                  [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + lo + c]; },
+                  [&](int s, int64_t) { return use[s]; });
+      C* dst = part == 0 ? sm.dht : part == 1 ? sm.part1 : sm.part2;
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
-          const int x = (s * K + k) * H + j0 + c;
-          sm.dht[x] = sm.dh[x] + acc[c][s];
+          dst[(s * K + k) * H + j0 + c] = acc[c][s];
         }
       }
     });
@@ -332,22 +348,24 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     ex.parallel_for(S * KH, [&](int i) {
       const int r = i / H, j = i % H;
       C* dg = sm.dg + r * GW;
+      // dh~ = dh' + the split product's parts (the tensor-core epilogue summed it already).
+      const C dht = MMA ? sm.dht[i] : sm.dh[i] + ((sm.dht[i] + sm.part1[i]) + sm.part2[i]);
       if (!active(r)) {
-        sm.dhp[i] = sm.dht[i];  // direct part of dh_{t-1}
+        sm.dhp[i] = dht;  // direct part of dh_{t-1}
         for (int64_t q = 0; q < GW / H; ++q) dg[q * H + j] = C(0);
         return;
       }
       const C* g = at(p.sv_g, t, r, GW);
       if (p.lstm) {
         const C cprev = at(p.sv_c, t, r, H)[j];
-        lstm_pointwise_bwd(sm.dht[i], sm.dc[i], g[j], g[H + j], g[2 * H + j], g[3 * H + j],
+        lstm_pointwise_bwd(dht, sm.dc[i], g[j], g[H + j], g[2 * H + j], g[3 * H + j],
                            cprev, dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j], sm.dc[i]);
         sm.dhp[i] = C(0);
       } else {
         const C hprev = at(p.sv_h, t, r, H)[j];
         const C* gh = g + GH;
         C* dgh = dg + GH;
-        gru_pointwise_bwd(sm.dht[i], g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
+        gru_pointwise_bwd(dht, g[j], g[H + j], g[2 * H + j], gh[j], gh[H + j],
                           gh[2 * H + j], hprev, dg[j], dg[H + j], dg[2 * H + j], dgh[j],
                           dgh[H + j], dgh[2 * H + j], sm.dhp[i]);
       }
@@ -489,40 +507,58 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dhp[i] = d;
       });
     }
-    if constexpr (!MMA) ex.parallel_for(K * g_h, [&](int i) {
-      const ColumnGroup cg = column_group<NC>(i, g_h, H);
+    // Split in three as dh~ above: part 0 adds weight_hh's first GH / 2 rows to the direct
+    // part in sm.dhp, part 1 sums its other rows into part1, part 2 input_query's into part2; the
+    // next phase adds them (and d out[t-1]). A mechanism no sample runs reads no weights (its d gh
+    // rows are not read and its dq is zero).
+    if constexpr (!MMA) ex.parallel_for(kSplitParts * K * g_h, [&](int i) {
+      const int part = i / (K * g_h);
+      const ColumnGroup cg = column_group<NC>(i % (K * g_h), g_h, H);
       const int k = cg.outer, j0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       bool on[SMAX];
+      bool any = false;
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         on[s] = s < S && active(s * K + k);
+        any = any || on[s];
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c)
-          acc[c][s] = s < S && c < nc ? sm.dhp[(s * K + k) * H + j0 + c] : C(0);
+          acc[c][s] = part == 0 && s < S && c < nc ? sm.dhp[(s * K + k) * H + j0 + c] : C(0);
       }
       const int64_t off = p.lstm ? 0 : GH;
+      const int half = GH / 2;
       const auto on_row = [&](int s, int64_t) { return on[s]; };
-      columns_dot(acc, S, GH, p.w_hh_t + int64_t(k) * GH * H + j0, H, nc,
-                  [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + off + g]; }, on_row);
-      columns_dot(acc, S, nk, p.w_query_t + int64_t(k) * nk * H + j0, H, nc,
-                  [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
+      if (any && part < 2) {
+        const int lo = part == 0 ? 0 : half;
+        columns_dot(acc, S, part == 0 ? half : GH - half,
+                    p.w_hh_t + (int64_t(k) * GH + lo) * H + j0, H, nc,
+                    [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + off + lo + g]; },
+                    on_row);
+      } else if (any) {
+        columns_dot(acc, S, nk, p.w_query_t + int64_t(k) * nk * H + j0, H, nc,
+                    [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
+      }
+      C* dst = part == 0 ? sm.dhp : part == 1 ? sm.part1 : sm.part2;
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
-          const int j = j0 + c;
-          if (t > 0 && g_out != nullptr)
-            acc[c][s] += g_out[((t - 1) * B + b0 + s) * KH + k * H + j];
-          sm.dhp[(s * K + k) * H + j] = acc[c][s];
+          dst[(s * K + k) * H + j0 + c] = acc[c][s];
         }
       }
     });
     ex.parallel_for(S * KH + (t > 0 ? S * K : 0), [&](int i) {
       if (i >= S * KH) return stage_masks(t - 1, i - S * KH);
-      sm.dh[i] = sm.dhp[i];
+      if constexpr (MMA) {
+        sm.dh[i] = sm.dhp[i];
+      } else {
+        C d = (sm.dhp[i] + sm.part1[i]) + sm.part2[i];
+        if (t > 0 && g_out != nullptr) d += g_out[((t - 1) * B + b0) * KH + i];
+        sm.dh[i] = d;
+      }
     });
   }
   ex.steps_done();
