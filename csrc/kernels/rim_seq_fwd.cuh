@@ -103,7 +103,8 @@ struct RimSeqFwdParams : RimSeqDims {
   // Saved for the backward (compute type; all null when nothing is saved): h_{t-1} and c_{t-1}
   // of every step, h~, the input queries, the undropped input probabilities, the gate
   // pre-activations, communication Q|K|V, the undropped communication probabilities and the
-  // dropped read o (the last three and the gates zero on inactive rows).
+  // dropped read o (the gates, the communication queries, probabilities and read zero on
+  // inactive rows: no one reads them there).
   void *sv_h, *sv_c, *sv_ht, *sv_q, *sv_a, *sv_g, *sv_qkv, *sv_bp, *sv_o;
 };
 
@@ -630,16 +631,15 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       });
     }
     // Weight-stationary on CUDA cores: item (k, column), all the tile's samples.
-    // Groups: g_ck of comm_query's columns, g_ck of comm_key's, then g_cv of comm_value's. When
-    // nothing is saved, the Q items come first and only for the mechanisms some sample runs (the
-    // attention reads active rows' queries alone; a saved history keeps every row's Q, as the
-    // stepped forward's).
-    const int q_items = save ? 0 : run.count * g_ck, kv_groups = save ? g_qkv : g_qkv - g_ck;
+    // Groups: g_ck of comm_query's columns, g_ck of comm_key's, then g_cv of comm_value's. The Q
+    // items come first and only for the mechanisms some sample runs: the attention reads active
+    // rows' queries alone, and inactive rows' saved Q are zeros (written by the softmax below).
+    const int q_items = run.count * g_ck, kv_groups = g_qkv - g_ck;
     if constexpr (!MMA) ex.parallel_for(q_items + kn * kv_groups, [&](int i) {
       const bool qi = i < q_items;
       const int ikv = i - q_items;
       const int k = k0 + (qi ? run.nth(i / g_ck) : ikv / kv_groups);
-      const int g = qi ? i % g_ck : ikv % kv_groups + (g_qkv - kv_groups);
+      const int g = qi ? i % g_ck : ikv % kv_groups + g_ck;
       const int which = g < g_ck ? 0 : g < 2 * g_ck ? 1 : 2;  // Q, K, V
       const int c0 = (g - which * g_ck) * NC;                   // in that weight
       const int width = which < 2 ? ck : cv, nc = min_int(NC, width - c0);
@@ -657,7 +657,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         for (int s = 0; s < SMAX; ++s) {
           if (s >= S) break;
           const int r = s * K + k;
-          if (save) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
+          if (save && (col >= ck || sm.act[L(r)] != C(0))) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
           if (col < ck) {
             sm.cq[L(r) * ck + col] = acc[c][s];
           } else {  // K | V: every block reads them
@@ -687,9 +687,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     ex.parallel_for(S * kn * n_c, [&](int i) {
       const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K, l = L(r);
       C* y = sm.bp + (l * n_c + n) * K;
-      if (sm.act[l] == C(0)) {
-        if (save)
+      if (sm.act[l] == C(0)) {  // saved as zeros: head n's probabilities and Q columns
+        if (save) {
           for (int j = 0; j < K; ++j) sv(p.sv_bp, t, r, nK)[n * K + j] = C(0);
+          for (int e = 0; e < dc; ++e) sv(p.sv_qkv, t, r, C3)[n * dc + e] = C(0);
+        }
         return;
       }
       softmax(y, K, y);

@@ -287,7 +287,7 @@ RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t,
     if (d.sv_qkv != nullptr) {  // V's column col; Q's and K's columns col, col + cv, ...
       C* sv = static_cast<C*>(d.sv_qkv) + (t * B * K + r) * C3;
       for (int64_t c2 = col; c2 < ck; c2 += cv) {
-        sv[c2] = mine[c2];
+        sv[c2] = on[k] ? mine[c2] : C(0);  // inactive rows' queries are read by no one: zeros
         sv[ck + c2] = mine[ck + c2];
       }
       sv[2 * ck + col] = mine[2 * ck + col];
