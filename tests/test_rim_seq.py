@@ -110,6 +110,16 @@ def test_host_run_wide_matches_reference_float64(case, tile, mma, xw):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("tile", [8, 1])
+def test_host_run_many_rows_matches_reference_float64(cell, tile):
+    """K = 9 over tiles of 8 samples: more than 64 (sample, mechanism) rows, where the phases
+    that skip mechanisms no sample runs (RunMechs) take every mechanism instead; tile 1 skips."""
+    rim, x, h0, c0, P, leaves = _setup(cell, 1, 1, 1, 9, 3, 3, 8, B=11)
+    got = rs.rim_seq(x, h0, c0, P, rim.config, tile=tile)
+    _compare(got, rims_fast.rim_ref(x, h0, c0, P, rim.config), leaves, torch.float64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "folded"])
 def test_host_run_xw_saved_and_dropout(cell, per_head):
     """The op with both dropouts, save=True: the hoisted input term's 13 outputs (the 9 saved
@@ -261,6 +271,10 @@ def test_host_run_unsaved_equals_saved(cell, tile, cluster, xw):
     for i, (a, b) in enumerate(zip(got[:4], saved[:4])):
         assert (a is None) == (b is None)
         assert a is None or torch.equal(a, b), i
+    ck = args[9].shape[-1]  # comm_query (K, H, ck)
+    q_saved = saved[10][..., :ck]
+    assert torch.all(q_saved[~saved[3]] == 0), "inactive rows' queries are saved as zeros"
+    assert torch.all(q_saved[saved[3]].abs().sum(-1) > 0)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

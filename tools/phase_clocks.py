@@ -91,7 +91,9 @@ def main() -> None:
           f"({c.describe()}), bf16, CUDA cores; --reps {args.reps}")
     variants = [("hoisted input term (xw=1)", dict(xw=1, cluster=0), True),
                 ("F read per step (xw=0)", dict(xw=0, cluster=0), True),
-                ("cluster, one mechanism per block (xw=1)", dict(xw=1, cluster=1), False)]
+                ("cluster, one mechanism per block (xw=1)", dict(xw=1, cluster=1), False),
+                # Two samples per 512-thread block (RIMS_FAST_CUDA_TILE=2's forward).
+                ("hoisted input term, tile 2 (xw=1)", dict(xw=1, cluster=0, tile=2), False)]
     for label, kw, with_bwd in variants:
         def run(grad: bool) -> None:
             with torch.set_grad_enabled(grad):

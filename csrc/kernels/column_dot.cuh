@@ -30,6 +30,16 @@ namespace rims {
 // Rows of weights loaded per batch, before their FMAs.
 constexpr int kColumnBatch = 16;
 
+// Rows per batch of whole vectors (columns_dot's main loop): twice as many for bfloat16/half
+// weights at tile 1, whose batches are held packed (columns_fma_raw) and whose FMAs use each
+// weight once: every weight phase of the 512-thread tile-1 kernels is a chain of one L2 round
+// trip per batch (benchmarks/README.md), so this halves the chains (paper layer: 7 -> 4 batches
+// of a 100-row product). ptxas sm_90a: 103 registers in the tile-1 forward, 128 in its backward,
+// no spills; at tile 2 the converted weights are reused by both samples and 32 rows spilled
+// ~840 bytes, so larger tiles keep 16.
+template <typename W, int SMAX>
+constexpr int kVectorBatch = sizeof(W) == 2 && SMAX == 1 ? 2 * kColumnBatch : kColumnBatch;
+
 // Adjacent columns per item: 4 in float32 compute (one 8-byte load of bfloat16/half weights, 16
 // bytes of float), 2 in float64 (its accumulators take twice the registers).
 template <typename C>
@@ -62,18 +72,24 @@ RIMS_HD bool columns_vectorizable(const W* w, int64_t ld) {
   return NC > 1 && ld % NC == 0 && reinterpret_cast<uintptr_t>(w) % (sizeof(W) * NC) == 0;
 }
 
+// W[j, col0 + c], c < NC, as one aligned vector in the storage type.
+template <int NC, typename W>
+RIMS_HD WeightVec<W, NC> load_raw(const W* w) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const WeightVec<W, NC>*>(w);
+#else
+  WeightVec<W, NC> v;
+  std::memcpy(v.v, w, sizeof(v.v));
+  return v;
+#endif
+}
+
 // out[c] = W[j, col0 + c], c < NC, as one aligned vector, converted to the compute type.
 template <int NC, typename C, typename W>
 RIMS_HD void load_vector(const W* w, C (&out)[NC]) {
-#if defined(__CUDA_ARCH__)
-  const WeightVec<W, NC> v = *reinterpret_cast<const WeightVec<W, NC>*>(w);
+  const WeightVec<W, NC> v = load_raw<NC>(w);
   RIMS_UNROLL
   for (int c = 0; c < NC; ++c) out[c] = to_c(v.v[c]);
-#else
-  W v[NC];
-  std::memcpy(v, w, sizeof(v));
-  for (int c = 0; c < NC; ++c) out[c] = to_c(v[c]);
-#endif
 }
 
 // out[c] = W[j, col0 + c] for c < nc: one vector (vec), or one load per column where columns past
@@ -108,6 +124,25 @@ RIMS_HD void columns_fma(C (&acc)[NC][SMAX], int S, int64_t j, const C (&wb)[MB]
   }
 }
 
+// columns_fma on a full batch of vectors kept in the storage type until their FMAs: a batch of
+// bfloat16/half weights then holds half the registers of its float values (the 512-thread
+// kernels sit at their 128-register limit). Same products, same order.
+template <int MB, int NC, int SMAX, typename C, typename W, typename Row, typename Use>
+RIMS_HD void columns_fma_raw(C (&acc)[NC][SMAX], int S, int64_t j,
+                             const WeightVec<W, NC> (&wb)[MB], const Row& row, const Use& use) {
+  RIMS_UNROLL
+  for (int s = 0; s < SMAX; ++s) {
+    if (s >= S) break;
+    RIMS_UNROLL
+    for (int u = 0; u < MB; ++u) {
+      if (!use(s, j + u)) continue;
+      const C x = row(s, j + u);
+      RIMS_UNROLL
+      for (int c = 0; c < NC; ++c) acc[c][s] += x * to_c(wb[u].v[c]);
+    }
+  }
+}
+
 // The product (header comment) for columns col0 .. col0 + nc - 1 (nc <= NC; w points at
 // W[0, col0]) and the samples s < S (S <= SMAX) where use(s, j) holds; acc is accumulated into,
 // not cleared. Where the group reads as vectors, full batches run without guards and only
@@ -120,15 +155,15 @@ RIMS_HD void columns_fma(C (&acc)[NC][SMAX], int S, int64_t j, const C (&wb)[MB]
 template <int NC, int SMAX, typename C, typename W, typename Row, typename Use>
 RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64_t ld, int nc,
                          const Row& row, const Use& use) {
-  constexpr int MB = kColumnBatch;
+  constexpr int MB = kColumnBatch, MBV = kVectorBatch<W, SMAX>;
   const bool vec = nc == NC && columns_vectorizable<NC>(w, ld);
   int64_t j = 0;
   if (vec) {
-    for (; j + MB <= n; j += MB) {
-      C wb[MB][NC];
+    for (; j + MBV <= n; j += MBV) {
+      WeightVec<W, NC> wb[MBV];
       RIMS_UNROLL
-      for (int u = 0; u < MB; ++u, w += ld) load_vector(w, wb[u]);
-      columns_fma(acc, S, j, wb, MB, row, use);
+      for (int u = 0; u < MBV; ++u, w += ld) wb[u] = load_raw<NC>(w);
+      columns_fma_raw(acc, S, j, wb, row, use);
     }
   }
   for (; j < n; j += MB, w += MB * ld) {

@@ -77,17 +77,19 @@ RIMS_HD int64_t rim_seq_bwd_dgf_width(const RimSeqDims& d) { return d.xw_hoisted
 // block copies move 16 bytes per access where source and destination allow).
 RIMS_HD int64_t rim_seq_bwd_pad4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// Parts of the two long CUDA-core products of the backward's step (dh~ through Q|K|V, dh_{t-1}
-// through weight_hh and input_query), each summed by its own items and added by the next phase.
-// Fixed, not chosen by the block's size, so that every block size gives the same bits.
-constexpr int kSplitParts = 3;
+// Parts of the two long CUDA-core products of the backward's step, each summed by its own items
+// and added by the next phase: dh~ through Q|K|V in three (d Q, d K, d V rows), dh_{t-1} in four
+// (weight_hh's rows in three equal runs, then input_query's). Fixed, not chosen by the block's
+// size, so that every block size gives the same bits.
+constexpr int kQkvParts = 3, kDhParts = 4;
 
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
                                        int64_t ck, int64_t cv, bool lstm) {
   const int64_t GW = lstm ? GH : 2 * GH;
   return rim_seq_bwd_pad4(S * K * (2 * ck + cv)) + rim_seq_bwd_pad4(S * K * n_c * K) +
-         S * K * (H * 6  // dh, dc, dh~, dh_{t-1} (direct part, then the sum), 2 partial sums
+         S * K * (H * (4 + kDhParts - 1)  // dh, dc, dh~, dh_{t-1} (direct part, then the sum),
+                                            // the split products' partial sums
                   + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1);
 }
 
@@ -98,9 +100,9 @@ RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t 
 template <typename C>
 struct RimSeqBwdSmem {
   C *qkv, *bp, *dh, *dc, *dht, *dhp, *dout, *dsc, *dqkv, *dg, *dgf, *dq, *dsi, *act;
-  // The second and third partial sums of the split products (dh~ through K and V; dh_{t-1}
-  // through weight_hh's second half and input_query), read by the phase after each.
-  C *part1, *part2;
+  // The split products' partial sums after the first (kDhParts - 1 of them; dh~ uses two),
+  // read by the phase after each.
+  C* part[kDhParts - 1];
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
                         bool lstm) {
@@ -121,8 +123,7 @@ struct RimSeqBwdSmem {
     dq = take(R * nk);
     dsi = take(R * n_in * M);
     act = take(R);
-    part1 = take(R * H);
-    part2 = take(R * H);
+    for (C*& a : part) a = take(R * H);
   }
 };
 
@@ -227,12 +228,18 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dout[(s * K + k) * cv + e] = v;  // zero on inactive rows (their operand rows are)
       });
     }
+    // The mechanisms some sample runs at step t (its masks, staged at the end of step t + 1): the
+    // weight products whose rows are zero elsewhere order their items these first and read no
+    // weights for the others (rim_seq_fwd.cuh). Computed where each such phase starts, so that
+    // it is live in that phase only (the 512-thread kernel sits at its register limit).
+    const RunMechs run_o = run_mechs(sm.act, S, K, K);
     if constexpr (!MMA) ex.parallel_for(K * g_cv, [&](int i) {
       const ColumnGroup cg = column_group<NC>(i, g_cv, cv);
-      const int k = cg.outer, e0 = cg.c0, nc = cg.nc;
+      const RunMechs& run = run_o;
+      const int k = run.ordered(cg.outer), e0 = cg.c0, nc = cg.nc;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
-      columns_dot(acc, S, H, p.c_output_t + int64_t(k) * H * cv + e0, cv, nc,
+      if (cg.outer < run.count) columns_dot(acc, S, H, p.c_output_t + int64_t(k) * H * cv + e0, cv, nc,
                   [&](int s, int64_t j) { return sm.dh[(s * K + k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
@@ -315,32 +322,37 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dht[i] = sm.dh[i] + v;
       });
     }
-    // Split in three (kSplitParts): item (part, k, NC columns) sums the rows of d Q, of d K or of
-    // d V alone, into sm.dht, part1 or part2; the cell phase adds dh' and the three. One item
+    // Split in three (kQkvParts): item (k, part, NC columns) sums the rows of d Q, of d K or of
+    // d V alone, into sm.dht, part[0] or part[1]; the cell phase adds dh' and the three. One item
     // summing all 2ck + cv rows was a chain of (2ck + cv) / 16 dependent L2 round trips on K * H / 4
     // threads (paper layer: 24 on 150 of 512; 29% of the backward's step, benchmarks/README.md).
-    if constexpr (!MMA) ex.parallel_for(kSplitParts * K * g_h, [&](int i) {
-      const int part = i / (K * g_h);
-      const ColumnGroup cg = column_group<NC>(i % (K * g_h), g_h, H);
-      const int k = cg.outer, j0 = cg.c0, nc = cg.nc;
-      const int lo = part == 0 ? 0 : part == 1 ? ck : 2 * ck, n = part == 2 ? cv : ck;
+    // The d Q rows of a mechanism no sample runs are zero: not read.
+    const RunMechs run_qkv = run_mechs(sm.act, S, K, K);
+    if constexpr (!MMA) ex.parallel_for(K * kQkvParts * g_h, [&](int i) {
+      // Few values live across the product: the 512-thread kernel sits at its register limit.
+      const int q = i / (kQkvParts * g_h), part = (i / g_h) % kQkvParts;
+      const int j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      const int k = run_qkv.ordered(q), lo = part == 0 ? 0 : part == 1 ? ck : 2 * ck;
       C acc[NC][SMAX];
-      bool use[SMAX];
       columns_fill(acc, C(0));
-      RIMS_UNROLL
-      for (int s = 0; s < SMAX; ++s)  // d Q rows: zero on inactive rows, read as they are
-        use[s] = s < S && (part == 0 || active(s * K + k) || !p.block_inactive_grad);
-      columns_dot(acc, S, n, p.c_qkv_t + (int64_t(k) * C3 + lo) * H + j0, H, nc,
-                  [&](int s, int64_t c) { return sm.dqkv[(s * K + k) * C3 + lo + c]; },
-                  [&](int s, int64_t) { return use[s]; });
-      C* dst = part == 0 ? sm.dht : part == 1 ? sm.part1 : sm.part2;
+      if (part > 0 || q < run_qkv.count) {
+        bool use[SMAX];  // d Q rows: zero on inactive rows, read as they are
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s)
+          use[s] = s < S && (part == 0 || active(s * K + k) || !p.block_inactive_grad);
+        const C* rows = sm.dqkv + k * C3 + lo;
+        columns_dot(acc, S, part == 2 ? cv : ck, p.c_qkv_t + (int64_t(k) * C3 + lo) * H + j0, H,
+                    nc, [&](int s, int64_t c) { return rows[s * K * C3 + c]; },
+                    [&](int s, int64_t) { return use[s]; });
+      }
+      C* dst = (part == 0 ? sm.dht : part == 1 ? sm.part[0] : sm.part[1]) + k * H + j0;
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
-          dst[(s * K + k) * H + j0 + c] = acc[c][s];
+          dst[s * KH + c] = acc[c][s];
         }
       }
     });
@@ -349,7 +361,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       const int r = i / H, j = i % H;
       C* dg = sm.dg + r * GW;
       // dh~ = dh' + the split product's parts (the tensor-core epilogue summed it already).
-      const C dht = MMA ? sm.dht[i] : sm.dh[i] + ((sm.dht[i] + sm.part1[i]) + sm.part2[i]);
+      const C dht = MMA ? sm.dht[i] : sm.dh[i] + ((sm.dht[i] + sm.part[0][i]) + sm.part[1][i]);
       if (!active(r)) {
         sm.dhp[i] = dht;  // direct part of dh_{t-1}
         for (int64_t q = 0; q < GW / H; ++q) dg[q * H + j] = C(0);
@@ -507,46 +519,54 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         sm.dhp[i] = d;
       });
     }
-    // Split in three as dh~ above: part 0 adds weight_hh's first GH / 2 rows to the direct
-    // part in sm.dhp, part 1 sums its other rows into part1, part 2 input_query's into part2; the
-    // next phase adds them (and d out[t-1]). A mechanism no sample runs reads no weights (its d gh
-    // rows are not read and its dq is zero).
-    if constexpr (!MMA) ex.parallel_for(kSplitParts * K * g_h, [&](int i) {
-      const int part = i / (K * g_h);
-      const ColumnGroup cg = column_group<NC>(i % (K * g_h), g_h, H);
-      const int k = cg.outer, j0 = cg.c0, nc = cg.nc;
+    // Split in kDhParts parts as dh~ above (paper layer: 134, 133, 133 rows of weight_hh and 64 of
+    // input_query, 9 batches instead of one chain of 29): part 0 adds its rows to the direct part
+    // in sm.dhp, the others sum theirs into part[]; the next phase adds them (and d out[t-1]).
+    // Items (k, part, NC columns), the mechanisms some sample runs first; the others' rows are
+    // zero (d gh not read, dq zero): no weights read, their parts zero.
+    const RunMechs run_dh = run_mechs(sm.act, S, K, K);
+    static_assert(kDhParts == 4, "dh_{t-1}'s destinations below name four parts");
+    if constexpr (!MMA) ex.parallel_for(K * kDhParts * g_h, [&](int i) {
+      const int q = i / (kDhParts * g_h), part = (i / g_h) % kDhParts;
+      const int j0 = (i % g_h) * NC, nc = min_int(NC, H - j0);
+      const int k = run_dh.ordered(q);
       C acc[NC][SMAX];
-      bool on[SMAX];
-      bool any = false;
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
-        on[s] = s < S && active(s * K + k);
-        any = any || on[s];
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c)
           acc[c][s] = part == 0 && s < S && c < nc ? sm.dhp[(s * K + k) * H + j0 + c] : C(0);
       }
-      const int64_t off = p.lstm ? 0 : GH;
-      const int half = GH / 2;
-      const auto on_row = [&](int s, int64_t) { return on[s]; };
-      if (any && part < 2) {
-        const int lo = part == 0 ? 0 : half;
-        columns_dot(acc, S, part == 0 ? half : GH - half,
-                    p.w_hh_t + (int64_t(k) * GH + lo) * H + j0, H, nc,
-                    [&](int s, int64_t g) { return sm.dg[(s * K + k) * GW + off + lo + g]; },
-                    on_row);
-      } else if (any) {
-        columns_dot(acc, S, nk, p.w_query_t + int64_t(k) * nk * H + j0, H, nc,
-                    [&](int s, int64_t e) { return sm.dq[(s * K + k) * nk + e]; }, on_row);
+      if (q < run_dh.count) {
+        bool on[SMAX];
+        RIMS_UNROLL
+        for (int s = 0; s < SMAX; ++s) on[s] = s < S && active(s * K + k);
+        // Parts 0 .. kDhParts - 2: weight_hh's rows in equal runs (d gh: GRU's second half of
+        // d gates); the last: input_query's (dq).
+        const auto on_row = [&](int s, int64_t) { return on[s]; };
+        if (part < kDhParts - 1) {
+          const int len = (GH + kDhParts - 2) / (kDhParts - 1), lo = min_int(GH, part * len);
+          const C* dg = sm.dg + k * GW + (p.lstm ? 0 : GH) + lo;
+          columns_dot(acc, S, min_int(GH, lo + len) - lo,
+                      p.w_hh_t + (int64_t(k) * GH + lo) * H + j0, H, nc,
+                      [&](int s, int64_t g) { return dg[s * K * GW + g]; }, on_row);
+        } else {
+          const C* dq = sm.dq + k * nk;
+          columns_dot(acc, S, nk, p.w_query_t + int64_t(k) * nk * H + j0, H, nc,
+                      [&](int s, int64_t e) { return dq[s * K * nk + e]; }, on_row);
+        }
       }
-      C* dst = part == 0 ? sm.dhp : part == 1 ? sm.part1 : sm.part2;
+      C* dst = (part == 0   ? sm.dhp
+                : part == 1 ? sm.part[0]
+                : part == 2 ? sm.part[1]
+                            : sm.part[2]) + k * H + j0;
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
-          dst[(s * K + k) * H + j0 + c] = acc[c][s];
+          dst[s * KH + c] = acc[c][s];
         }
       }
     });
@@ -555,7 +575,9 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       if constexpr (MMA) {
         sm.dh[i] = sm.dhp[i];
       } else {
-        C d = (sm.dhp[i] + sm.part1[i]) + sm.part2[i];
+        C d = sm.dhp[i];
+        RIMS_UNROLL
+        for (int q = 0; q < kDhParts - 1; ++q) d += sm.part[q][i];
         if (t > 0 && g_out != nullptr) d += g_out[((t - 1) * B + b0) * KH + i];
         sm.dh[i] = d;
       }

@@ -250,6 +250,9 @@ struct RunMechs {
     return __builtin_ctzll(m);
 #endif
   }
+  // The q-th of all own mechanisms, those that run first: an item order that puts the items
+  // which read weights before those which only write zeros.
+  RIMS_HD int ordered(int q) const { return q < count ? nth(q) : nth(q - count, false); }
 };
 
 // RunMechs of the act rows (own row s * kst + k for own mechanism k < kn, sample s < S), read by
@@ -457,7 +460,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       sm.act[L(r)] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
-    const RunMechs run = run_mechs(sm.act, S, kn, int(rim_seq_own_stride(p)));
+    // The mechanisms some sample runs (RunMechs), recomputed where each phase that uses them
+    // starts, so that they are live in that phase only (the 512-thread kernels sit at their
+    // register limit).
+    const int kst = int(rim_seq_own_stride(p));
     // 3a, hoisted input term: only the input dropout, on a~ in place (the saved a is the
     // undropped one, saved above; nothing reads sm.a again this step).
     if (xwp != nullptr && drop_in > 0.f) ex.parallel_for(S * kn * NM, [&](int i) {
@@ -489,7 +495,9 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // tile's samples, for the mechanisms some sample runs (RunMechs). LSTM: g = xa F + h W_hh +
     // b_ih + b_hh; GRU: gi = xa F + b_ih | gh = h W_hh + b_hh. Inactive rows' saved gates (zeros)
     // are written by the cell phase.
-    if constexpr (!MMA) ex.parallel_for(run.count * g_g, [&](int i) {
+    const RunMechs run_g = run_mechs(sm.act, S, kn, kst);
+    if constexpr (!MMA) ex.parallel_for(run_g.count * g_g, [&](int i) {
+      const RunMechs& run = run_g;
       const ColumnGroup cg = column_group<NC>(i, g_g, GH);
       const int k = k0 + run.nth(cg.outer), c0 = cg.c0, nc = cg.nc;
       // Accumulators indexed by compile-time c, s (unrolled, guarded by nc, S): registers.
@@ -634,8 +642,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // Groups: g_ck of comm_query's columns, g_ck of comm_key's, then g_cv of comm_value's. The Q
     // items come first and only for the mechanisms some sample runs: the attention reads active
     // rows' queries alone, and inactive rows' saved Q are zeros (written by the softmax below).
-    const int q_items = run.count * g_ck, kv_groups = g_qkv - g_ck;
+    const RunMechs run_q = run_mechs(sm.act, S, kn, kst);
+    const int q_items = run_q.count * g_ck, kv_groups = g_qkv - g_ck;
     if constexpr (!MMA) ex.parallel_for(q_items + kn * kv_groups, [&](int i) {
+      const RunMechs& run = run_q;
       const bool qi = i < q_items;
       const int ikv = i - q_items;
       const int k = k0 + (qi ? run.nth(i / g_ck) : ikv / kv_groups);
@@ -729,8 +739,10 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     }
     // Items: (k, NC columns) of the mechanisms some sample runs, then one per (row, unit) of the
     // others' rows, which copy h~.
-    const int o_items = run.count * g_h;
-    if constexpr (!MMA) ex.parallel_for(o_items + (kn - run.count) * S * H, [&](int i) {
+    const RunMechs run_o = run_mechs(sm.act, S, kn, kst);
+    const int o_items = run_o.count * g_h;
+    if constexpr (!MMA) ex.parallel_for(o_items + (kn - run_o.count) * S * H, [&](int i) {
+      const RunMechs& run = run_o;
       if (i >= o_items) {
         const int x = i - o_items, j = x % H, s = (x / H) % S;
         const int k = k0 + run.nth(x / (H * S), false), l = L(s * K + k);
