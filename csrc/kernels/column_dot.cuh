@@ -34,11 +34,18 @@ constexpr int kColumnBatch = 16;
 // weights at tile 1, whose batches are held packed (columns_fma_raw) and whose FMAs use each
 // weight once: every weight phase of the 512-thread tile-1 kernels is a chain of one L2 round
 // trip per batch (benchmarks/README.md), so this halves the chains (paper layer: 7 -> 4 batches
-// of a 100-row product). ptxas sm_90a: 103 registers in the tile-1 forward, 128 in its backward,
+// of a 100-row product). ptxas sm_90a: 102 registers in the tile-1 forward, 128 in its backward,
 // no spills; at tile 2 the converted weights are reused by both samples and 32 rows spilled
 // ~840 bytes, so larger tiles keep 16.
 template <typename W, int SMAX>
 constexpr int kVectorBatch = sizeof(W) == 2 && SMAX == 1 ? 2 * kColumnBatch : kColumnBatch;
+
+// Rows per batch of the guarded loop (the rows after the last whole batch, or every row of a
+// partial or unaligned group), whose weights are converted to the compute type as loaded: half
+// a batch for float/double weights at tile 1, where 16 rows of float values spilled ~170 bytes
+// in the 512-thread backward (ptxas sm_90a); 16 otherwise.
+template <typename W, int SMAX>
+constexpr int kGuardedBatch = sizeof(W) > 2 && SMAX == 1 ? kColumnBatch / 2 : kColumnBatch;
 
 // Adjacent columns per item: 4 in float32 compute (one 8-byte load of bfloat16/half weights, 16
 // bytes of float), 2 in float64 (its accumulators take twice the registers).
@@ -155,7 +162,7 @@ RIMS_HD void columns_fma_raw(C (&acc)[NC][SMAX], int S, int64_t j,
 template <int NC, int SMAX, typename C, typename W, typename Row, typename Use>
 RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64_t ld, int nc,
                          const Row& row, const Use& use) {
-  constexpr int MB = kColumnBatch, MBV = kVectorBatch<W, SMAX>;
+  constexpr int MBV = kVectorBatch<W, SMAX>, MBT = kGuardedBatch<W, SMAX>;
   const bool vec = nc == NC && columns_vectorizable<NC>(w, ld);
   int64_t j = 0;
   if (vec) {
@@ -166,11 +173,11 @@ RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64
       columns_fma_raw(acc, S, j, wb, row, use);
     }
   }
-  for (; j < n; j += MB, w += MB * ld) {
-    const int m = n - j < MB ? int(n - j) : MB;
-    C wb[MB][NC] = {};
+  for (; j < n; j += MBT, w += MBT * ld) {
+    const int m = n - j < MBT ? int(n - j) : MBT;
+    C wb[MBT][NC] = {};
     RIMS_UNROLL
-    for (int u = 0; u < MB; ++u)
+    for (int u = 0; u < MBT; ++u)
       if (u < m) load_columns(w + u * ld, vec, nc, wb[u]);
     columns_fma(acc, S, j, wb, m, row, use);
   }

@@ -136,6 +136,11 @@ int main() {
   // S < SMAX: the last sample's accumulators must stay untouched.
   test_columns<float, float, 3, 2>(rng, {1, 7, 8, 9, 17});
   test_columns<double, double, 3, 2>(rng, {1, 7, 8, 9, 17});
+  // Tile 1: float/double guarded batches of 8 rows.
+  test_columns<float, float, 1, 1>(rng, {1, 7, 8, 9, 15, 16, 17, 33, 100});
+  test_columns<double, double, 1, 1>(rng, {1, 7, 8, 9, 17, 100});
+  static_assert(rims::kGuardedBatch<float, 1> == rims::kColumnBatch / 2);
+  static_assert(rims::kGuardedBatch<Bf16, 1> == rims::kColumnBatch);
   // 16-bit weights: 32-row packed batches at tile 1, 16 rows at larger tiles.
   test_columns<float, Bf16, 1, 1>(rng, {1, 15, 16, 31, 32, 33, 47, 64, 100});
   test_columns<float, Bf16, 2, 2>(rng, {1, 15, 16, 17, 33, 100});
