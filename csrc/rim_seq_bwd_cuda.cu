@@ -62,7 +62,7 @@ SeqBwdResult rim_seq_bwd_cuda(
     auto bytes = [&](int64_t s) {
       return (rim_seq_bwd_smem_elems(s, d.M, d.K, d.H, d.GH, d.n_in, d.nk,
                                      rim_seq_bwd_dgf_width(d), d.n_c, d.ck,
-                                     d.cv, d.lstm) +
+                                     d.cv, d.lstm, d.mma) +
               (d.mma ? mma_smem_elems(d.K, s, c.ba, tb, cb) : 0)) * cb;
     };
     if (tile == 0) d.S = spread_tile(d.S, d.B, dev);

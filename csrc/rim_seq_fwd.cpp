@@ -493,7 +493,7 @@ SeqBwdResult rim_seq_bwd_cpu(
     const int64_t elems =
         rim_seq_bwd_smem_elems(d.S, d.M, d.K, d.H, d.GH, d.n_in, d.nk, rim_seq_bwd_dgf_width(d),
                                d.n_c, d.ck, d.cv,
-                               d.lstm) +
+                               d.lstm, d.mma) +
         (d.mma ? mma_smem_elems(d.K, d.S, c.ba, bytes, bytes) : 0);
     // 64-byte aligned, as in the forward
     at::Tensor smem = at::empty({elems + kHostSharedGuard}, h0.options());

@@ -257,10 +257,11 @@ def _op_args(cell, p_in, p_c, dv=3):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("tile,cluster,xw", [(1, 0, 0), (3, 0, 1), (1, 0, 1), (3, 2, 1)])
 def test_host_run_unsaved_equals_saved(cell, tile, cluster, xw):
-    """Inference (save=False) skips work that only a saved history needs (communication queries
-    of mechanisms no sample of the tile runs; rim_seq_fwd.cuh's RunMechs): out, h_n, c_n and the
-    masks stay bit for bit those of the training forward (save=True), with both dropouts, one
-    sample per tile (mechanisms skipped) and three (fewer skipped), one block and clusters."""
+    """The forward computes communication queries only for the mechanisms some sample of the
+    tile runs (rim_seq_fwd.cuh's RunMechs) and saves inactive rows' queries as zeros: out, h_n,
+    c_n and the masks of inference (save=False) are bit for bit the training forward's
+    (save=True), with both dropouts, one sample per tile (mechanisms skipped) and three (fewer
+    skipped), one block and clusters; the saved queries are zero exactly on inactive rows."""
     args = list(_op_args(cell, 0.3, 0.4, dv=16))
     args[-2] = tile
     saved = torch.ops.rims_fast.rim_seq_fwd(*args, False, cluster, -1, xw)

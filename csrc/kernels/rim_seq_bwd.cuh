@@ -85,11 +85,12 @@ constexpr int kQkvParts = 3, kDhParts = 4;
 
 RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                                        int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c,
-                                       int64_t ck, int64_t cv, bool lstm) {
+                                       int64_t ck, int64_t cv, bool lstm, bool mma) {
   const int64_t GW = lstm ? GH : 2 * GH;
   return rim_seq_bwd_pad4(S * K * (2 * ck + cv)) + rim_seq_bwd_pad4(S * K * n_c * K) +
-         S * K * (H * (4 + kDhParts - 1)  // dh, dc, dh~, dh_{t-1} (direct part, then the sum),
-                                            // the split products' partial sums
+         S * K * (H * (4 + (mma ? 0 : kDhParts - 1))  // dh, dc, dh~, dh_{t-1} (direct part,
+                                                       // then the sum), the split products'
+                                                       // partial sums (CUDA cores only)
                   + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1);
 }
 
@@ -105,7 +106,7 @@ struct RimSeqBwdSmem {
   C* part[kDhParts - 1];
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
-                        bool lstm) {
+                        bool lstm, bool mma) {
     const int64_t R = S * K, GW = lstm ? GH : 2 * GH;
     C* cur = base;
     auto take = [&](int64_t n) { C* r = cur; cur += n; return r; };
@@ -123,7 +124,7 @@ struct RimSeqBwdSmem {
     dq = take(R * nk);
     dsi = take(R * n_in * M);
     act = take(R);
-    for (C*& a : part) a = take(R * H);
+    for (C*& a : part) a = take(mma ? 0 : R * H);  // the tensor-core products are not split
   }
 };
 
@@ -168,7 +169,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
   const int64_t mma_el = MMA ? mma_smem_elems(K, p.S, p.ba, sizeof(T), sizeof(C)) : 0;
   const MmaSmem<C, T> ms(smem);  // used only when MMA
   RimSeqBwdSmem<C> sm(smem + mma_el, p.S, M, K, H, GH, n_in, nk, rim_seq_bwd_dgf_width(p), n_c,
-                      ck, cv, p.lstm);
+                      ck, cv, p.lstm, MMA);
   const int S_l = int(p.S), bh = int(p.bh), bq = int(p.bq), bg = int(p.bg), bk = int(p.bk);
   const int bo = int(p.bo), bh2 = int(p.bh2), bx = int(p.bx);
   static_assert(!MMA || SMAX <= kMmaM, "the tensor-core tile has 8 rows");
@@ -326,7 +327,8 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // d V alone, into sm.dht, part[0] or part[1]; the cell phase adds dh' and the three. One item
     // summing all 2ck + cv rows was a chain of (2ck + cv) / 16 dependent L2 round trips on K * H / 4
     // threads (paper layer: 24 on 150 of 512; 29% of the backward's step, benchmarks/README.md).
-    // The d Q rows of a mechanism no sample runs are zero: not read.
+    // A mechanism no sample runs reads no weights for its d Q rows (zero), nor under
+    // block_inactive_grad for its d K | d V rows (cut).
     const RunMechs run_qkv = run_mechs(sm.act, S, K, K);
     if constexpr (!MMA) ex.parallel_for(K * kQkvParts * g_h, [&](int i) {
       // Few values live across the product: the 512-thread kernel sits at its register limit.
@@ -335,7 +337,9 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       const int k = run_qkv.ordered(q), lo = part == 0 ? 0 : part == 1 ? ck : 2 * ck;
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
-      if (part > 0 || q < run_qkv.count) {
+      // A mechanism no sample runs: its d Q rows are zero, and under block_inactive_grad its
+      // d K | d V rows are cut too; nothing to read.
+      if (q < run_qkv.count || (part > 0 && !p.block_inactive_grad)) {
         bool use[SMAX];  // d Q rows: zero on inactive rows, read as they are
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s)

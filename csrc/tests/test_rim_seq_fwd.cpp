@@ -7,6 +7,7 @@
 // folded and per-head input terms. The cluster variant (blocks as host threads, cluster_host.h)
 // with 1, 2 and 3 mechanisms per block (K = 5: 5, 3 and 2 blocks, the last with fewer) must be
 // bit-identical to the single block: the same item code in the same order, split by mechanism.
+// RunMechs, the enumeration of the mechanisms a tile runs, against a plain scan.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -159,10 +160,40 @@ void test(bool lstm, bool per_head, std::mt19937_64& rng) {
   }
 }
 
+// RunMechs (the mechanisms some sample of a tile runs): for random act rows over S samples and
+// kn own mechanisms (row stride kst >= kn, as in a cluster block), nth(q) lists the running
+// ones ascending, nth(q, false) the others, ordered(q) both in that order; more than 64 rows or
+// mechanisms: every mechanism, in order.
+void test_run_mechs(std::mt19937_64& rng) {
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int S = 1 + int(rng() % 9), kn = 1 + int(rng() % 12), kst = kn + int(rng() % 3);
+    std::vector<float> act(size_t(S) * kst, 0.f);
+    for (auto& a : act) a = rng() % 3 == 0 ? 1.f : 0.f;
+    const rims::RunMechs r = rims::run_mechs(act.data(), S, kn, kst);
+    std::vector<int> on, off;
+    for (int k = 0; k < kn; ++k) {
+      bool any = false;
+      for (int s = 0; s < S; ++s) any = any || act[size_t(s) * kst + k] != 0.f;
+      (any || S * kn > 64 ? on : off).push_back(k);
+    }
+    expect("RunMechs fallback iff more than 64 rows", r.all == (S * kn > 64));
+    expect("RunMechs count", r.count == int(on.size()));
+    for (int q = 0; q < int(on.size()); ++q) {
+      expect("RunMechs nth(on)", r.nth(q) == on[q]);
+      expect("RunMechs ordered (running first)", r.ordered(q) == on[q]);
+    }
+    for (int q = 0; q < int(off.size()); ++q) {
+      expect("RunMechs nth(off)", r.nth(q, false) == off[q]);
+      expect("RunMechs ordered (then the others)", r.ordered(int(on.size()) + q) == off[q]);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   std::mt19937_64 rng(11);
+  test_run_mechs(rng);
   for (bool lstm : {true, false})
     for (bool per_head : {false, true}) {
       test<float>(lstm, per_head, rng);
