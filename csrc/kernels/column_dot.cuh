@@ -31,7 +31,7 @@ namespace rims {
 constexpr int kColumnBatch = 16;
 
 // Rows per batch of whole vectors (columns_dot's main loop): twice as many for bfloat16/half
-// weights at tile 1, whose batches are held packed (columns_fma_raw) and whose FMAs use each
+// weights at tile 1, whose batches are held packed (weight_of) and whose FMAs use each
 // weight once: every weight phase of the 512-thread tile-1 kernels is a chain of one L2 round
 // trip per batch (benchmarks/README.md), so this halves the chains (paper layer: 7 -> 4 batches
 // of a 100-row product). ptxas sm_90a: 102 registers in the tile-1 forward, 128 in its backward,
@@ -112,11 +112,19 @@ RIMS_HD void load_columns(const W* w, bool vec, int nc, C (&out)[NC]) {
   for (int c = 0; c < NC; ++c) out[c] = to_c(w[c < nc ? c : 0]);
 }
 
-// acc[c][s] += row(s, j + u) * wb[u][c] for the batch's rows u < m (m == MB: a full batch, no
-// guard left once inlined), sample by sample for s < S: a branch per sample, not SMAX predicated
-// blocks (a tile of 1 sample would otherwise issue 8 samples' instructions).
-template <int MB, int NC, int SMAX, typename C, typename Row, typename Use>
-RIMS_HD void columns_fma(C (&acc)[NC][SMAX], int S, int64_t j, const C (&wb)[MB][NC], int m,
+// Weight c of a batch row, in the compute type: a row converted as loaded (C[NC]), or one kept
+// in the storage type until its FMAs (WeightVec; a batch of bfloat16/half weights then holds
+// half the registers of its float values: the 512-thread kernels sit at their 128-register limit).
+template <typename C, int NC>
+RIMS_HD C weight_of(const C (&w)[NC], int c) { return w[c]; }
+template <typename C, typename W, int NC>
+RIMS_HD C weight_of(const WeightVec<W, NC>& w, int c) { return to_c(w.v[c]); }
+
+// acc[c][s] += row(s, j + u) * weight c of wb[u] for the batch's rows u < m (m == MB: a full
+// batch, no guard left once inlined), sample by sample for s < S: a branch per sample, not SMAX
+// predicated blocks (a tile of 1 sample would otherwise issue 8 samples' instructions).
+template <int MB, int NC, int SMAX, typename C, typename Wrow, typename Row, typename Use>
+RIMS_HD void columns_fma(C (&acc)[NC][SMAX], int S, int64_t j, const Wrow (&wb)[MB], int m,
                          const Row& row, const Use& use) {
   RIMS_UNROLL
   for (int s = 0; s < SMAX; ++s) {
@@ -126,26 +134,7 @@ RIMS_HD void columns_fma(C (&acc)[NC][SMAX], int S, int64_t j, const C (&wb)[MB]
       if (u >= m || !use(s, j + u)) continue;
       const C x = row(s, j + u);
       RIMS_UNROLL
-      for (int c = 0; c < NC; ++c) acc[c][s] += x * wb[u][c];
-    }
-  }
-}
-
-// columns_fma on a full batch of vectors kept in the storage type until their FMAs: a batch of
-// bfloat16/half weights then holds half the registers of its float values (the 512-thread
-// kernels sit at their 128-register limit). Same products, same order.
-template <int MB, int NC, int SMAX, typename C, typename W, typename Row, typename Use>
-RIMS_HD void columns_fma_raw(C (&acc)[NC][SMAX], int S, int64_t j,
-                             const WeightVec<W, NC> (&wb)[MB], const Row& row, const Use& use) {
-  RIMS_UNROLL
-  for (int s = 0; s < SMAX; ++s) {
-    if (s >= S) break;
-    RIMS_UNROLL
-    for (int u = 0; u < MB; ++u) {
-      if (!use(s, j + u)) continue;
-      const C x = row(s, j + u);
-      RIMS_UNROLL
-      for (int c = 0; c < NC; ++c) acc[c][s] += x * to_c(wb[u].v[c]);
+      for (int c = 0; c < NC; ++c) acc[c][s] += x * weight_of<C>(wb[u], c);
     }
   }
 }
@@ -170,7 +159,7 @@ RIMS_HD void columns_dot(C (&acc)[NC][SMAX], int S, int64_t n, const W* w, int64
       WeightVec<W, NC> wb[MBV];
       RIMS_UNROLL
       for (int u = 0; u < MBV; ++u, w += ld) wb[u] = load_raw<NC>(w);
-      columns_fma_raw(acc, S, j, wb, row, use);
+      columns_fma(acc, S, j, wb, MBV, row, use);
     }
   }
   for (; j < n; j += MBT, w += MBT * ld) {
