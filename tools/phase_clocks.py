@@ -27,19 +27,19 @@ SLOTS = 64  # per kernel (csrc/kernels/rim_seq_fwd.cuh, kPhaseSlots): phases, th
 
 # Phase names in the kernels' order (csrc/kernels/rim_seq_fwd.cuh, rim_seq_bwd.cuh; CUDA cores,
 # LSTM, no dropout). A variant whose count differs is printed by index.
-FWD = ["1a queries (+ keys staged)", "1b scores, null softmax, p", "2 rank rule",
-       "3a xa = a~ x", "3b gates", "3c cell", "4a comm Q|K|V", "4b comm scores",
-       "4b comm softmax", "4b comm read", "5 output + residual"]
-BWD = ["5' d o", "dh' history", "stage Q|K|V, comm probs", "4' d b~ (row, head, j)",
-       "4' softmax bwd", "4' dQ|dK|dV", "dh~ through Q|K|V", "3' cell bwd", "d gates history",
-       "d xa through F^T", "1' d scores", "1' dq", "d keys", "d x", "dh_{t-1}", "dh, masks"]
+FWD = ["1a queries (+ keys staged)", "1b scores, null softmax, p (warps)", "2 rank rule",
+       "3a xa = a~ x", "3b gates", "3c cell", "4a comm Q|K|V",
+       "4b comm scores + softmax (warps)", "4b comm read", "5 output + residual"]
+BWD = ["5' d o (+ staging, dh' history)", "4' d b~ + softmax bwd (warps)", "4' dQ|dK|dV",
+       "dh~ through Q|K|V", "3' cell bwd", "d gates history", "d xa through F^T",
+       "1' d scores", "1' dq", "d keys", "d x", "dh_{t-1}", "dh, masks"]
 
 
 def fwd_names(xw: bool, cluster: bool) -> list[str]:
     names = [n for n in FWD if not (xw and n.startswith("3a"))]
     if cluster:  # a cluster barrier after the scores (every p) and after Q|K|V (every K|V)
         names.insert(names.index("2 rank rule"), "cluster barrier (p)")
-        names.insert(names.index("4b comm scores"), "cluster barrier (K|V)")
+        names.insert(names.index("4b comm scores + softmax (warps)"), "cluster barrier (K|V)")
     return names
 
 

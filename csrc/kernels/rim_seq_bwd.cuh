@@ -59,15 +59,6 @@ struct RimSeqBwdParams : RimSeqDims {
   void* h_ak;
 };
 
-// The sum over a warp's lanes (every lane gets it); on the host a warp item is one lane.
-template <typename C>
-RIMS_HD C warp_sum(C v) {
-#if defined(__CUDA_ARCH__)
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-#endif
-  return v;
-}
-
 // Columns per head of the d xa array (dgf): Dx, or none with the input term hoisted (its sweep
 // has no d xa). The Dx argument of rim_seq_bwd_smem_elems and RimSeqBwdSmem, which use it for that
 // array alone.
@@ -91,7 +82,28 @@ RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t 
          S * K * (H * (4 + (mma ? 0 : kDhParts - 1))  // dh, dc, dh~, dh_{t-1} (direct part,
                                                        // then the sum), the split products'
                                                        // partial sums (CUDA cores only)
-                  + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1);
+                  + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1
+                  + (mma ? 0 : nk + n_in * M))  // the staged saved queries and probabilities
+         + (mma ? 0 : S * M * nk);               // and the step's keys (CUDA cores only)
+}
+
+// Elements a staging item copies (stage_run): its loads all in flight before its stores, so that
+// an item waits on one L2 round trip.
+constexpr int kStageRun = 16;
+
+RIMS_HD int stage_runs(int n) { return (n + kStageRun - 1) / kStageRun; }
+
+// dst[e] = src[e] for e in item x's run [x kStageRun, x kStageRun + kStageRun) of [0, n).
+template <typename C>
+RIMS_HD void stage_run(C* dst, const C* src, int n, int x) {
+  const int e0 = x * kStageRun;
+  C v[kStageRun];
+  RIMS_UNROLL
+  for (int u = 0; u < kStageRun; ++u)
+    if (e0 + u < n) v[u] = src[e0 + u];
+  RIMS_UNROLL
+  for (int u = 0; u < kStageRun; ++u)
+    if (e0 + u < n) dst[e0 + u] = v[u];
 }
 
 // The tile's arrays. Staged per step from the forward's saved activations (block copies, so that
@@ -104,6 +116,10 @@ struct RimSeqBwdSmem {
   // The split products' partial sums after the first (kDhParts - 1 of them; dh~ uses two),
   // read by the phase after each.
   C* part[kDhParts - 1];
+  // CUDA cores only: the step's saved input queries (S, K, nk) and undropped input probabilities
+  // (S, K, n_in * M) and its keys (S, M, nk), staged with qkv and bp by the d o phase's idle
+  // threads for the input attention's backward phases.
+  C *sq, *sa, *skx;
   RIMS_HD RimSeqBwdSmem(C* base, int64_t S, int64_t M, int64_t K, int64_t H, int64_t GH,
                         int64_t n_in, int64_t nk, int64_t Dx, int64_t n_c, int64_t ck, int64_t cv,
                         bool lstm, bool mma) {
@@ -125,6 +141,9 @@ struct RimSeqBwdSmem {
     dsi = take(R * n_in * M);
     act = take(R);
     for (C*& a : part) a = take(mma ? 0 : R * H);  // the tensor-core products are not split
+    sq = take(mma ? 0 : R * nk);
+    sa = take(mma ? 0 : R * n_in * M);
+    skx = take(mma ? 0 : S * M * nk);
   }
 };
 
@@ -219,6 +238,11 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     ex.step();
     const C* kt = keys + (t * B + b0) * M * nk;
     const C* xt = xsrc + (t * B + b0) * M * xrow;
+    // The step's saved input queries and probabilities (row r at r * nk, r * NM) and keys: staged
+    // in shared memory on CUDA cores (d o below), read from global memory on tensor cores.
+    const C* q_t = MMA ? at(p.sv_q, t, 0, nk) : sm.sq;
+    const C* a_t = MMA ? at(p.sv_a, t, 0, NM) : sm.sa;
+    const C* k_t = MMA ? kt : sm.skx;
     // 5 backward. d o = dh' comm_output[k]^T on active rows (weight-stationary: item (k, e),
     // all the tile's samples); dh' kept for d comm_output.
     if constexpr (MMA) {
@@ -233,8 +257,36 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     // weight products whose rows are zero elsewhere order their items these first and read no
     // weights for the others (rim_seq_fwd.cuh). Computed where each such phase starts, so that
     // it is live in that phase only (the 512-thread kernel sits at its register limit).
+    // Items past d o's (threads it leaves idle: paper layer 192 items on 512) stage what the
+    // phases after it read many times, kStageRun elements an item (stage_run): the step's saved
+    // Q|K|V and communication probabilities (one item per (row, head) reading them from global
+    // memory was a chain of ~K (dcv + dc) dependent L2 round trips; a block copy of its own, as
+    // before, took ~3 300 cycles a step in the 27b phase clocks), and its saved input queries,
+    // input probabilities and keys (the input attention's backward waited on ~7 400 cycles of
+    // dependent L2 round trips for them); these loads then wait under d o's chain of weight
+    // loads. Then dh' for d comm_output, one element an item (a phase of its own before).
+    const int n_do = K * g_cv, n_sq = S * K * nk, n_sa = S * K * NM, n_kx = S * M * nk;
+    const int n_qkv = S * K * C3, n_bp = S * K * n_c * K;
+    const int u_sq = stage_runs(n_sq), u_sa = stage_runs(n_sa), u_kx = stage_runs(n_kx);
+    const int u_qkv = stage_runs(n_qkv), n_stage = u_sq + u_sa + u_kx + u_qkv + stage_runs(n_bp);
     const RunMechs run_o = run_mechs(sm.act, S, K, K);
-    if constexpr (!MMA) ex.parallel_for(K * g_cv, [&](int i) {
+    if constexpr (!MMA) ex.parallel_for(n_do + n_stage + S * KH, [&](int i) {
+      if (i >= n_do + n_stage) {
+        const int x = i - n_do - n_stage;
+        hist(p.h_dhp, t, x / H, H)[x % H] = active(x / H) ? sm.dh[x] : C(0);
+        return;
+      }
+      if (i >= n_do) {
+        int x = i - n_do;
+        if (x < u_sq) return stage_run(sm.sq, at(p.sv_q, t, 0, nk), n_sq, x);
+        x -= u_sq;
+        if (x < u_sa) return stage_run(sm.sa, at(p.sv_a, t, 0, NM), n_sa, x);
+        x -= u_sa;
+        if (x < u_kx) return stage_run(sm.skx, kt, n_kx, x);
+        x -= u_kx;
+        if (x < u_qkv) return stage_run(sm.qkv, at(p.sv_qkv, t, 0, C3), n_qkv, x);
+        return stage_run(sm.bp, at(p.sv_bp, t, 0, n_c * K), n_bp, x - u_qkv);
+      }
       const ColumnGroup cg = column_group<NC>(i, g_cv, cv);
       const RunMechs& run = run_o;
       const int k = run.ordered(cg.outer), e0 = cg.c0, nc = cg.nc;
@@ -253,36 +305,45 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         }
       }
     });
-    ex.parallel_for(S * KH, [&](int i) {
-      hist(p.h_dhp, t, i / H, H)[i % H] = active(i / H) ? sm.dh[i] : C(0);
-    });
-    // 4 backward. The step's saved Q|K|V and communication probabilities of the tile, staged:
-    // every item below reads them many times (one item per (row, head) reading them from global
-    // memory was a chain of ~K (dcv + dc) dependent L2 round trips).
-    ex.copy(sm.qkv, at(p.sv_qkv, t, 0, C3), int64_t(S) * K * C3,  // row (s, j) at (s*K + j)*C3
-            sm.bp, at(p.sv_bp, t, 0, n_c * K), int64_t(S) * K * n_c * K);
-    // Part 1, per (row, head, j) of an active mechanism: d b~_j = d o . v_j through the dropout.
-    const int nK = n_c * K;
-    ex.parallel_for(S * K * nK, [&](int i) {
-      const int r = i / nK, n = (i % nK) / K, j = i % K, s = r / K;
-      C* ds = sm.dsc + r * nK + n * K;
+    if constexpr (MMA) {
+      ex.parallel_for(S * KH, [&](int i) {
+        hist(p.h_dhp, t, i / H, H)[i % H] = active(i / H) ? sm.dh[i] : C(0);
+      });
+      // 4 backward: the staging above, as block copies.
+      ex.copy(sm.qkv, at(p.sv_qkv, t, 0, C3), int64_t(S) * K * C3,  // row (s, j) at (s*K + j)*C3
+              sm.bp, at(p.sv_bp, t, 0, n_c * K), int64_t(S) * K * n_c * K);
+    }
+    // Parts 1 and 2, one warp per (row, head) of an active mechanism: d b~_j = d o . v_j through
+    // the dropout, the lanes splitting each dcv-long dot over consecutive elements (one thread per
+    // (row, head, j) waited on dcv dependent loads, every row's d o and every key's v of a head
+    // at one bank: ~4 300 cycles a step in the 27b phase clocks, and 2 100 more for the softmax
+    // in its own phase); then through the softmax to the scaled d scores with the lanes
+    // splitting j (softmax_bwd's loops; on the host one lane: exactly them). Zero on inactive
+    // rows.
+    ex.warp_for(S * K * n_c, [&](int i, int, int lane, int lanes) {
+      const int r = i / n_c, n = i % n_c, s = r / K;
+      C* ds = sm.dsc + (r * n_c + n) * K;
       if (!active(r)) {
-        ds[j] = C(0);
+        for (int j = lane; j < K; j += lanes) ds[j] = C(0);
         return;
       }
       const C* don = sm.dout + r * cv + n * dcv;
-      const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
+      for (int j = 0; j < K; ++j) {
+        const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
+        C part = C(0);
+        for (int e = lane; e < dcv; e += lanes) part += don[e] * vj[e];
+        const C dot = warp_sum(part);
+        if (lane == 0) ds[j] = dot * keep_b(t, r, n, j);
+      }
+      ex.syncwarp();  // lane 0's d b~, read by every lane
+      const C* y = sm.bp + (r * n_c + n) * K;
       C dot = C(0);
-      for (int e = 0; e < dcv; ++e) dot += don[e] * vj[e];
-      ds[j] = dot * keep_b(t, r, n, j);
-    });
-    // Part 2, per (row, head): through the softmax -> scaled d scores (zero on inactive rows).
-    ex.parallel_for(S * K * n_c, [&](int i) {
-      const int r = i / n_c, n = i % n_c;
-      if (!active(r)) return;
-      C* ds = sm.dsc + (r * n_c + n) * K;
-      softmax_bwd(sm.bp + (r * n_c + n) * K, ds, K, ds);
-      for (int j = 0; j < K; ++j) ds[j] *= scale_c;
+      for (int j = lane; j < K; j += lanes) dot += y[j] * ds[j];
+      dot = warp_sum(dot);
+      for (int j = lane; j < K; j += lanes) {
+        ds[j] = y[j] * (ds[j] - dot);
+        ds[j] *= scale_c;
+      }
     });
     // Part 3, per (row, column of Q|K|V): dQ of the row's own queries (zero on inactive rows),
     // dK_j and dV_j of mechanism j summed over the querying mechanisms k; kept and saved.
@@ -422,7 +483,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       if (lane == 0) {
         sm.dsi[r * NM + j] = dot;
-        hist(p.h_ak, t, r, NM)[j] = on ? at(p.sv_a, t, r, NM)[j] * keep_a(t, r, n, m) : C(0);
+        hist(p.h_ak, t, r, NM)[j] = on ? a_t[r * NM + j] * keep_a(t, r, n, m) : C(0);
       }
     });
     // Groups of NC columns within one input head n.
@@ -467,7 +528,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         }
         ds[m] = dot * keep_a(t, r, n, m);
       }
-      softmax_bwd(at(p.sv_a, t, r, n_in * M) + n * M, ds, M, ds);
+      softmax_bwd(a_t + r * NM + n * M, ds, M, ds);
       for (int64_t m = 0; m < M; ++m) ds[m] *= scale_in;
     });
     // dq[n, e] = sum_m d score_m k_m[n, e] (zero on inactive rows), kept and saved.
@@ -476,7 +537,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       C acc = C(0);
       if (active(r)) {
         const C* ds = sm.dsi + (r * n_in + n) * M;
-        for (int m = 0; m < M; ++m) acc += ds[m] * kt[(s * M + m) * nk + e];
+        for (int m = 0; m < M; ++m) acc += ds[m] * k_t[(s * M + m) * nk + e];
       }
       sm.dq[i] = acc;
       hist(p.h_dq, t, r, nk)[e] = acc;
@@ -488,7 +549,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       C acc = C(0);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = s * K + k;
-        acc += sm.dsi[(r * n_in + n) * M + m] * at(p.sv_q, t, r, nk)[e];
+        acc += sm.dsi[(r * n_in + n) * M + m] * q_t[r * nk + e];
       }
       static_cast<C*>(p.d_keys)[((t * B + b0) * M) * nk + i] = acc;
     });

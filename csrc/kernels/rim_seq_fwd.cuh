@@ -2,9 +2,9 @@
 //
 // One thread block owns a tile of S samples for the whole sequence: samples never interact, so a
 // tile needs no grid-wide synchronisation, and its carried state (h, c in the compute type) lives
-// in shared memory from step 0 to T-1. Each step is eleven phases (CUDA cores; ten with the
+// in shared memory from step 0 to T-1. Each step is ten phases (CUDA cores; nine with the
 // input term hoisted and no input dropout) separated by block barriers; each phase is a parallel
-// loop over independent items, so the same code runs
+// loop over independent items (threads, or warps: warp_reduce.cuh), so the same code runs
 //   - on the GPU (DeviceExec: items strided over the block's threads, __syncthreads after), and
 //   - on the host (HostExec, host_exec.h: items one by one, in a selectable order), which is how
 //     CI checks this kernel's arithmetic against the reference without a GPU (and its phases for
@@ -35,6 +35,7 @@
 #include "mma_rows.cuh"
 #include "rim_numerics.h"
 #include "storage_types.cuh"
+#include "warp_reduce.cuh"
 
 namespace rims {
 
@@ -278,9 +279,9 @@ RIMS_HD RunMechs run_mechs(const C* act, int S, int kn, int kst) {
 #pragma nv_exec_check_disable
 #endif
 // The whole sequence for tile `tile` (samples tile*S .. min(B, tile*S + S) - 1). Exec provides
-// parallel_for(n, f): f(i) for every int i in [0, n), then a barrier; for the tensor-core path
-// also warp_for(n, f): f(i, warp, lane, lanes) with one warp per item (f may be warp-collective),
-// then a barrier, and syncwarp() (see HostExec). C: compute type; SMAX: the largest S the
+// parallel_for(n, f): f(i) for every int i in [0, n), then a barrier; warp_for(n, f):
+// f(i, warp, lane, lanes) with one warp per item (f may be warp-collective: the attention's
+// scores, the tensor-core products), then a barrier; and syncwarp() (see HostExec). C: compute type; SMAX: the largest S the
 // accumulators hold.
 // MMA: the three weight products of a step (gates 3b, Q|K|V 4a, output 5: 88% of its FLOPs at
 // the paper layer; the input queries stay on CUDA cores) on tensor cores (mma_rows.cuh): operand
@@ -432,23 +433,29 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         }
       }
     });
-    // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability.
-    ex.parallel_for(S * kn, [&](int i) {
+    // 1b-2. Scores, null softmax per head (a in place of the scores), p = mean null probability:
+    // one warp per row, whose lanes split each dk-long dot over consecutive elements (one thread
+    // per row waited on dk dependent shared-memory loads per key, every row's q at one bank; the
+    // 27b phase clocks: ~2 900 cycles a step at the paper layer). Lane 0 runs the null softmax.
+    ex.warp_for(S * kn, [&](int i, int, int lane, int lanes) {
       const int r = row(i), s = r / K;
       C psum = C(0);
-      for (int64_t n = 0; n < n_in; ++n) {
+      for (int n = 0; n < n_in; ++n) {
         C* an = sm.a + (L(r) * n_in + n) * M;
         const C* qn = sm.q + L(r) * nk + n * dk;
-        for (int64_t m = 0; m < M; ++m) {
+        for (int m = 0; m < M; ++m) {
           const C* km = sm.kx + (s * M + m) * nk + n * dk;
-          C dot = C(0);
-          for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
-          an[m] = dot * scale_in;
+          C part = C(0);
+          for (int j = lane; j < dk; j += lanes) part += qn[j] * km[j];
+          const C dot = warp_sum(part);
+          if (lane == 0) an[m] = dot * scale_in;
         }
+        if (lane != 0) continue;
         psum += null_softmax(an, M, an);
         if (save)
-          for (int64_t m = 0; m < M; ++m) sv(p.sv_a, t, r, n_in * M)[n * M + m] = an[m];
+          for (int m = 0; m < M; ++m) sv(p.sv_a, t, r, n_in * M)[n * M + m] = an[m];
       }
+      if (lane != 0) return;
       sm.p[r] = psum / C(n_in);
       push(sm.p + r, sm.p[r]);
     });
@@ -593,9 +600,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       });
     }
     // 3c. Masked cell: active rows step, inactive rows copy (bit-exact). (Fused into 3b's
-    // epilogue on the tensor-core path.)
+    // epilogue on the tensor-core path.) The mechanisms some sample runs first, as in 4b below.
+    const RunMechs run_c = run_mechs(sm.act, S, kn, kst);
     if constexpr (!MMA) ex.parallel_for(S * kn * H, [&](int il) {
-      const int r = row(il / H), j = il % H, i = L(r) * H + j;
+      const int s = (il / H) % S, j = il % H, k = k0 + run_c.ordered(il / (S * H));
+      const int r = s * K + k, i = L(r) * H + j;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
         if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
@@ -679,44 +688,62 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     });
     publish();  // every mechanism's K | V
     // 4b. Multi-head attention of the active mechanisms over all K: the read o (dropout on b).
-    // Three phases, so that no thread runs a whole head: one item per (row, head) was a chain of
-    // ~400 dependent shared-memory operations at the paper layer (K dots of dc, then K * dcv
-    // read-modify-writes of o) on S*K*n_c threads of 256. Scores per (row, head, j):
+    // Items of the mechanisms some sample runs first (RunMechs::ordered): at tile 1 the active
+    // rows' items then fill the first round of the block's warps or threads, and the rest only
+    // write zeros. Scores and softmax per (row, head), one warp each: the lanes split each
+    // dc-long dot over consecutive elements (one thread per (row, head, j) waited on dc dependent
+    // loads, the K rows' keys of a head at one bank: ~6 500 cycles a step in the 27b phase clocks,
+    // scores and softmax), then the softmax over the K keys with the lanes splitting j (on the
+    // host one lane: softmax()'s loops exactly). Saved undropped; then the dropout's scale in
+    // place (nothing reads the undropped weights after this phase).
     const int nK = n_c * K;
-    ex.parallel_for(S * kn * nK, [&](int i) {
-      const int r = row(i / nK), n = (i % nK) / K, j = i % K, s = r / K, l = L(r);
-      if (sm.act[l] == C(0)) return;
-      const C* qn = sm.cq + l * ck + n * dc;
-      const C* kj = sm.kv + (s * K + j) * CKV + n * dc;
-      C dot = C(0);
-      for (int e = 0; e < dc; ++e) dot += qn[e] * kj[e];
-      sm.bp[l * nK + n * K + j] = dot * scale_c;
-    });
-    // the softmax per (row, head), saved undropped, then the dropout's scale in place (nothing
-    // reads the undropped weights after this phase):
-    ex.parallel_for(S * kn * n_c, [&](int i) {
-      const int r = row(i / n_c), n = i % n_c, s = r / K, k = r % K, l = L(r);
+    const RunMechs run_b = run_mechs(sm.act, S, kn, kst);
+    ex.warp_for(S * kn * n_c, [&](int i, int, int lane, int lanes) {
+      const int s = (i / n_c) % S, n = i % n_c, k = k0 + run_b.ordered(i / (S * n_c));
+      const int r = s * K + k, l = L(r);
       C* y = sm.bp + (l * n_c + n) * K;
       if (sm.act[l] == C(0)) {  // saved as zeros: head n's probabilities and Q columns
         if (save) {
-          for (int j = 0; j < K; ++j) sv(p.sv_bp, t, r, nK)[n * K + j] = C(0);
-          for (int e = 0; e < dc; ++e) sv(p.sv_qkv, t, r, C3)[n * dc + e] = C(0);
+          for (int j = lane; j < K; j += lanes) sv(p.sv_bp, t, r, nK)[n * K + j] = C(0);
+          for (int e = lane; e < dc; e += lanes) sv(p.sv_qkv, t, r, C3)[n * dc + e] = C(0);
         }
         return;
       }
-      softmax(y, K, y);
-      if (save)
-        for (int j = 0; j < K; ++j) sv(p.sv_bp, t, r, nK)[n * K + j] = y[j];
-      if (drop_c > 0.f)
-        for (int j = 0; j < K; ++j) {
+      const C* qn = sm.cq + l * ck + n * dc;
+      for (int j = 0; j < K; ++j) {
+        const C* kj = sm.kv + (s * K + j) * CKV + n * dc;
+        C part = C(0);
+        for (int e = lane; e < dc; e += lanes) part += qn[e] * kj[e];
+        const C dot = warp_sum(part);
+        if (lane == 0) y[j] = dot * scale_c;
+      }
+      ex.syncwarp();  // lane 0's scores, read by every lane
+      // softmax(y, K, y): lanes past K start from y[0], which lane 0 rewrites only after the
+      // shuffles of warp_max, which every lane reaches after its reads.
+      C mu = y[lane < K ? lane : 0];
+      for (int j = lane + lanes; j < K; j += lanes) mu = y[j] > mu ? y[j] : mu;
+      mu = warp_max(mu);
+      C sum = C(0);
+      for (int j = lane; j < K; j += lanes) {
+        y[j] = rims_exp(y[j] - mu);
+        sum += y[j];
+      }
+      sum = warp_sum(sum);
+      for (int j = lane; j < K; j += lanes) {
+        y[j] = y[j] / sum;
+        if (save) sv(p.sv_bp, t, r, nK)[n * K + j] = y[j];
+        if (drop_c > 0.f) {
           const uint64_t idx = static_cast<uint64_t>(
               (((t * B + b0 + s) * K + k) * n_c + n) * K + j);
           y[j] = dropout_keep(p.seed, 1, idx, drop_c) ? y[j] / keep_c : C(0);
         }
+      }
     });
     // the read per (row, column): o[e] = sum_j b~_j v_j[e] in a register, zero on inactive rows.
+    const RunMechs run_r = run_mechs(sm.act, S, kn, kst);
     ex.parallel_for(S * kn * cv, [&](int i) {
-      const int r = row(i / cv), e = i % cv, n = e / dcv, s = r / K, l = L(r);
+      const int s = (i / cv) % S, e = i % cv, n = e / dcv, k = k0 + run_r.ordered(i / (S * cv));
+      const int r = s * K + k, l = L(r);
       C acc = C(0);
       if (sm.act[l] != C(0)) {
         const C* y = sm.bp + (l * n_c + n) * K;
