@@ -151,6 +151,14 @@ int set_host_item_order(int mode) {
   return old;
 }
 
+// Test hook (tests/test_host_lanes.py): lanes per warp item in the host runs of the CUDA ops'
+// tile functions, 1 or 32 (kernels/host_exec.h). Returns the previous value.
+int set_host_warp_lanes(int lanes) {
+  TORCH_CHECK(lanes == 1 || lanes == rims::kHostWarpLanes,
+              "_set_host_warp_lanes: lanes must be 1 or ", rims::kHostWarpLanes, ", got ", lanes);
+  return rims::host_warp_lanes().exchange(lanes);
+}
+
 // Test hook: the item order one phase of n items runs in under the current order (the indices as
 // HostExec visits them), so that a test can see that the order is applied.
 std::vector<int> host_item_order_probe(int n) {
@@ -176,6 +184,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test hook: order of each phase's items when the CUDA ops' kernels run on the host "
         "(CPU tensors): 0 in order, 1 reversed, 2 a permutation that changes every phase. "
         "A race-free kernel gives the same bits in all three. Returns the previous mode.");
+  m.def("_set_host_warp_lanes", &set_host_warp_lanes, pybind11::arg("lanes"),
+        "Test hook: lanes per warp item when the CUDA ops' kernels run on the host: 1 (one call "
+        "per item) or 32 (one host thread per lane, reductions combined as the device's "
+        "shuffles). Returns the previous value.");
   m.def("_host_item_order_probe", &host_item_order_probe, pybind11::arg("n"),
         "Test hook: the indices one host phase of n items visits, in order, under the current "
         "_set_host_item_order mode.");

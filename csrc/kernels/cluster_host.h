@@ -19,29 +19,6 @@
 
 namespace rims {
 
-// A reusable barrier of n threads (std::barrier is C++20; the extension builds as C++17).
-class HostBarrier {
- public:
-  explicit HostBarrier(int n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t gen = gen_;
-    if (++arrived_ == n_) {
-      arrived_ = 0;
-      ++gen_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
-    }
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int n_, arrived_ = 0;
-  uint64_t gen_ = 0;
-};
-
 struct ClusterHostExec : HostExec {
   int rank;
   HostBarrier* barrier;

@@ -12,15 +12,28 @@
 //      failure reproduces from the same call sequence; a cluster's blocks, fresh threads for each
 //      tile, draw the same sequence).
 // A race-free tile function gives the same bits in all three (tests/test_host_item_order.py).
+//
+// A warp item (warp_for) is written per lane: lane-strided loops, then warp_sum / warp_max
+// (warp_reduce.cuh) and syncwarp(). By default a host run calls it once as lane 0 of 1, which
+// checks the arithmetic but none of the lane splitting. host_warp_lanes() = 32 (set by
+// rims_fast._C._set_host_warp_lanes) runs each warp phase on 32 host threads instead, one per
+// lane, each taking the phase's items in the same order; their reductions and syncwarp() meet at
+// a barrier and combine as the device's shuffles do (the same butterfly), so a lane-splitting
+// bug (a shuffle some lanes skip, a value read from another lane before it is written, a
+// lane-strided loop that misses elements) shows on the host (tests/test_host_lanes.py).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace rims {
@@ -42,6 +55,70 @@ inline std::atomic<uint64_t>& host_order_epoch() {
 inline void set_host_item_order(int mode) {
   host_item_order().store(mode, std::memory_order_relaxed);
   host_order_epoch().fetch_add(1, std::memory_order_relaxed);
+}
+
+// Lanes per warp item in host runs: 1 (one call per item, the default) or 32 (kHostWarpLanes:
+// one host thread per lane, as on the device).
+constexpr int kHostWarpLanes = 32;
+
+inline std::atomic<int>& host_warp_lanes() {
+  static std::atomic<int> lanes{1};
+  return lanes;
+}
+
+// A reusable barrier of n threads (std::barrier is C++20; the extension builds as C++17): a
+// cluster's blocks (cluster_host.h) and a warp's lanes.
+class HostBarrier {
+ public:
+  explicit HostBarrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t gen = gen_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, arrived_ = 0;
+  uint64_t gen_ = 0;
+};
+
+// The lanes of one emulated warp: their barrier and one exchange slot each (double holds a float
+// or double value exactly).
+struct HostWarp {
+  explicit HostWarp(int lanes) : lanes(lanes), barrier(lanes), slot(lanes) {}
+  int lanes;
+  HostBarrier barrier;
+  std::vector<double> slot;
+  // What __shfl_xor_sync(mask, v, off) returns to lane `lane`: every lane publishes v, then reads
+  // its partner's; the second wait keeps a slot until every lane has read it.
+  template <class C>
+  C xor_exchange(C v, int lane, int off) {
+    slot[lane] = static_cast<double>(v);
+    barrier.wait();
+    const C o = static_cast<C>(slot[lane ^ off]);
+    barrier.wait();
+    return o;
+  }
+};
+
+// This thread's warp and lane while it runs a lane of a warp phase (nullptr otherwise: the
+// reductions are then the identity, as for one lane).
+struct HostLane {
+  HostWarp* warp = nullptr;
+  int lane = 0;
+};
+
+inline HostLane& host_lane() {
+  thread_local HostLane me;
+  return me;
 }
 
 namespace host_exec_detail {
@@ -154,8 +231,9 @@ int64_t run_host_blocks(int64_t blocks, int64_t n, const F& f) {
   return bad;
 }
 
-// A warp item is one call as warp 0 with a single lane (MmaTile8x32's host side computes the whole
-// warp tile).
+// A warp item is one call as warp 0 with a single lane, or one per lane on 32 threads under
+// host_warp_lanes() (MmaTile8x32's host side computes the whole warp tile in every lane then:
+// the same values, 32 times).
 struct HostExec {
   template <class F>
   void parallel_for(int n, const F& f) const {
@@ -180,9 +258,28 @@ struct HostExec {
   }
   template <class F>
   void warp_for(int n, const F& f) const {
-    host_exec_detail::for_each_item(n, [&](int i) { f(i, 0, 0, 1); });
+    if (host_warp_lanes().load(std::memory_order_relaxed) == 1) {
+      host_exec_detail::for_each_item(n, [&](int i) { f(i, 0, 0, 1); });
+      return;
+    }
+    // Every lane takes the items in the same order (drawn once, here); a lane that throws would
+    // leave the others at a barrier, so it stops the process instead (the tile functions do not
+    // throw inside a phase).
+    std::vector<int> items;
+    host_exec_detail::for_each_item(n, [&](int i) { items.push_back(i); });
+    HostWarp warp(kHostWarpLanes);
+    std::vector<std::thread> lanes;
+    for (int lane = 0; lane < kHostWarpLanes; ++lane)
+      lanes.emplace_back([&, lane]() noexcept {
+        host_lane() = HostLane{&warp, lane};
+        for (int i : items) f(i, 0, lane, kHostWarpLanes);
+        host_lane() = HostLane{};
+      });
+    for (auto& th : lanes) th.join();
   }
-  void syncwarp() const {}
+  void syncwarp() const {
+    if (HostWarp* w = host_lane().warp) w->barrier.wait();
+  }
   // The device policy's phase timing (DeviceExec): nothing to time on the host.
   void step() const {}
   void steps_done() const {}

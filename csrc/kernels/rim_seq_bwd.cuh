@@ -215,11 +215,12 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
     return drop_c > 0.f ? (dropout_keep(p.seed, 1, idx, drop_c) ? C(1) / keep_c : C(0)) : C(1);
   };
   // The forward's read xa[n, d] = sum_m a~_m x_{m,n}[d] of row r (sample s) at step t, recomputed
-  // from the saved probabilities (zero on inactive rows); xt: the step's input term source.
-  auto xa_of = [&](int64_t t, const C* xt, int s, int r, int n, int d) {
+  // from the saved probabilities (the step's, a_t below; zero on inactive rows); xt: the step's
+  // input term source.
+  auto xa_of = [&](int64_t t, const C* a_t, const C* xt, int s, int r, int n, int d) {
     C xacc = C(0);
     if (!active(r)) return xacc;
-    const C* a = at(p.sv_a, t, r, n_in * M) + n * M;
+    const C* a = a_t + r * NM + n * M;
     for (int64_t m = 0; m < M; ++m)
       xacc += a[m] * keep_a(t, r, n, m) * xt[(s * M + m) * xrow + n * xhead + d];
     return xacc;
@@ -458,7 +459,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       mma_rows(ex, ms, K, S, S_l, p.wb_x, bg, bx, XW, [&](int s, int k, int col, C v) {
         const int r = s * K + k, n = col / Dx, d = col % Dx;
         sm.dgf[r * XW + col] = active(r) ? v : C(0);
-        hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
+        hist(p.h_xa, t, r, XW)[col] = xa_of(t, a_t, xt, s, r, n, d);
       });
     }
     // Hoisted input term: d a~_{n,m} = d gi . x_m F[k, n] (before the dropout's scale, as the
@@ -504,7 +505,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
           if (c >= nc) break;
           const int d = d0 + c, col = n * Dx + d;
           sm.dgf[r * XW + col] = on ? acc[c][s] : C(0);
-          hist(p.h_xa, t, r, XW)[col] = xa_of(t, xt, s, r, n, d);
+          hist(p.h_xa, t, r, XW)[col] = xa_of(t, a_t, xt, s, r, n, d);
         }
       }
     });
@@ -562,7 +563,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
         const int64_t r = s * K + k;
         if (!active(r)) continue;
         for (int64_t n = n_lo; n < n_hi; ++n)
-          acc += at(p.sv_a, t, r, n_in * M)[n * M + m] * keep_a(t, r, n, m) *
+          acc += a_t[r * NM + n * M + m] * keep_a(t, r, n, m) *
                  sm.dgf[r * XW + n * Dx + d];
       }
       static_cast<C*>(p.d_xsrc)[((t * B + b0) * M) * xrow + i] = acc;

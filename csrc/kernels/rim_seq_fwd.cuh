@@ -718,11 +718,12 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         if (lane == 0) y[j] = dot * scale_c;
       }
       ex.syncwarp();  // lane 0's scores, read by every lane
-      // softmax(y, K, y): lanes past K start from y[0], which lane 0 rewrites only after the
-      // shuffles of warp_max, which every lane reaches after its reads.
+      // softmax(y, K, y): lanes past K start from y[0], which lane 0 rewrites below, after the
+      // syncwarp that follows every lane's reads.
       C mu = y[lane < K ? lane : 0];
       for (int j = lane + lanes; j < K; j += lanes) mu = y[j] > mu ? y[j] : mu;
       mu = warp_max(mu);
+      ex.syncwarp();
       C sum = C(0);
       for (int j = lane; j < K; j += lanes) {
         y[j] = rims_exp(y[j] - mu);

@@ -1,33 +1,53 @@
 // Reductions over the lanes of a warp item (Exec::warp_for: the item index is the same on every
 // lane, so the shuffles below see the whole warp). Every lane gets the result.
 //
-// On the host a warp item is one call with a single lane (HostExec), so these return v unchanged
-// and a lane-strided loop `for (j = lane; j < n; j += lanes)` visits every element in order: a
-// host run then sums exactly as the plain loop it replaced, while the device's lanes sum strided
-// partials (round-off only; the reference comparisons cover both).
+// On the host a warp item is by default one call with a single lane (HostExec), so these return
+// v unchanged and a lane-strided loop `for (j = lane; j < n; j += lanes)` visits every element in
+// order: a host run then sums exactly as the plain loop it replaced, while the device's lanes sum
+// strided partials (round-off only; the reference comparisons cover both). Under
+// host_warp_lanes() = 32 the host emulates the device's lanes and shuffles (host_exec.h).
 #pragma once
 
+#include "host_exec.h"      // HostWarp, host_lane: the host's emulated lanes
 #include "masked_cell.cuh"  // RIMS_HD
 
 namespace rims {
 
+// v's partner across lane bit `off` (__shfl_xor_sync over the full warp; on the host the emulated
+// warp's exchange, or v itself outside one).
+template <typename C>
+RIMS_HD C lane_xor(C v, int off) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_xor_sync(0xffffffffu, v, off);
+#else
+  const HostLane& me = host_lane();
+  return me.warp != nullptr ? me.warp->xor_exchange(v, me.lane, off) : v;
+#endif
+}
+
+// Lanes of the calling warp: 32 on the device; on the host 32 inside an emulated warp, else 1.
+RIMS_HD int warp_lanes() {
+#if defined(__CUDA_ARCH__)
+  return 32;
+#else
+  return host_lane().warp != nullptr ? host_lane().warp->lanes : 1;
+#endif
+}
+
+// The butterfly: after the step with offset off each lane holds the sum of 2 off lanes' values.
 template <typename C>
 RIMS_HD C warp_sum(C v) {
-#if defined(__CUDA_ARCH__)
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-#endif
+  for (int off = warp_lanes() / 2; off > 0; off >>= 1) v += lane_xor(v, off);
   return v;
 }
 
 // The larger of the lanes' values, as the scalar loops compare (a NaN's outcome unspecified).
 template <typename C>
 RIMS_HD C warp_max(C v) {
-#if defined(__CUDA_ARCH__)
-  for (int off = 16; off > 0; off >>= 1) {
-    const C o = __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = warp_lanes() / 2; off > 0; off >>= 1) {
+    const C o = lane_xor(v, off);
     v = o > v ? o : v;
   }
-#endif
   return v;
 }
 

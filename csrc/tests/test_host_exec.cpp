@@ -3,11 +3,15 @@
 // changes from phase to phase and is not the identity; and the point of the orders: a phase with a
 // race (item i reads what item i - 1 writes in the same phase) gives different results reversed
 // or permuted, while the race-free version (the read moved to the next phase) does not; and
-// run_host_blocks' shared memory: NaN at each block's start, a write past its end reported.
+// run_host_blocks' shared memory: NaN at each block's start, a write past its end reported; and
+// the emulated lanes of warp items (host_warp_lanes() = 32): warp_sum / warp_max as the device's
+// butterfly in every lane, lane-strided loops covering each element once, syncwarp ordering.
+#include <cmath>
 #include <cstdio>
 #include <vector>
 
 #include "host_exec.h"
+#include "warp_reduce.cuh"
 
 namespace {
 
@@ -124,9 +128,59 @@ void test_host_blocks() {
   rims::set_host_item_order(0);
 }
 
+// Lanes: with 32 emulated lanes each lane of an item gets the xor butterfly's sum (computed here on
+// an array, in the device's order: every lane ends with the same bits, the additions being
+// pairwise commutative) and the maximum; with one lane both are the value itself.
+void test_lanes() {
+  constexpr int kItems = 5, kL = rims::kHostWarpLanes, kWide = 70;
+  auto value = [](int i, int lane) { return static_cast<float>(std::sin(37.0 * i + lane) * 1e3); };
+  std::vector<float> sum(kItems * kL), mx(kItems * kL), seen(kItems * kL), shared(kItems, 0.f);
+  std::vector<int> hits(kItems * kWide, 0), lanes_seen(kItems * kL, 0);
+  const rims::HostExec ex;
+  const int old = rims::host_warp_lanes().exchange(kL);
+  ex.warp_for(kItems, [&](int i, int, int lane, int lanes) {
+    lanes_seen[i * kL + lane] = lanes;
+    sum[i * kL + lane] = rims::warp_sum(value(i, lane));
+    mx[i * kL + lane] = rims::warp_max(value(i, lane));
+    for (int e = lane; e < kWide; e += lanes) ++hits[i * kWide + e];  // each e one lane's
+    if (lane == 0) shared[i] = 42.f + static_cast<float>(i);
+    ex.syncwarp();
+    seen[i * kL + lane] = shared[i];
+  });
+  rims::host_warp_lanes().store(old);
+  for (int i = 0; i < kItems; ++i) {
+    float a[kL];
+    float m = value(i, 0);
+    for (int l = 0; l < kL; ++l) {
+      a[l] = value(i, l);
+      m = a[l] > m ? a[l] : m;
+    }
+    for (int off = kL / 2; off > 0; off >>= 1) {
+      float b[kL];
+      for (int l = 0; l < kL; ++l) b[l] = a[l] + a[l ^ off];
+      for (int l = 0; l < kL; ++l) a[l] = b[l];
+    }
+    for (int l = 0; l < kL; ++l) {
+      expect(lanes_seen[i * kL + l] == kL, "every lane runs with lanes = 32", 0, l);
+      expect(sum[i * kL + l] == a[l] && a[l] == a[0], "warp_sum: the butterfly, in every lane", 0, l);
+      expect(mx[i * kL + l] == m, "warp_max: the maximum, in every lane", 0, l);
+      expect(seen[i * kL + l] == 42.f + static_cast<float>(i), "syncwarp orders lane 0's write", 0, l);
+    }
+    for (int e = 0; e < kWide; ++e) expect(hits[i * kWide + e] == 1, "lane-strided loop", 0, e);
+  }
+  int one = 0;
+  float single = 0.f;
+  ex.warp_for(1, [&](int, int, int lane, int lanes) {
+    one += lanes;
+    single = rims::warp_sum(3.5f) + rims::warp_max(-1.f) + static_cast<float>(lane);
+  });
+  expect(one == 1 && single == 2.5f, "one lane by default: the reductions are the value", 0, 1);
+}
+
 }  // namespace
 
 int main() {
+  test_lanes();
   test_orders_are_permutations();
   test_orders_show_a_race();
   test_host_blocks();

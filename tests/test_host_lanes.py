@@ -1,0 +1,97 @@
+"""The CUDA kernels' warp items with their 32 lanes emulated on the host (csrc/kernels/host_exec.h).
+
+A warp item of the persistent kernels (the attention scores and softmax, their backward, the
+hoisted input term's d a~) is written per lane: lane-strided loops, then warp_sum / warp_max and
+syncwarp (csrc/kernels/warp_reduce.cuh). A default host run calls it once as lane 0 of 1, which
+checks its arithmetic but not how the lanes split it. With ``_set_host_warp_lanes(32)`` each warp
+phase runs on 32 host threads, one per lane, whose reductions combine as the device's shuffles
+(the same butterfly): a shuffle some lanes skip, a value read from another lane before it is
+written or a lane-strided loop that misses elements changes the results or hangs. The lanes
+reassociate the dots, so the comparison with the one-lane run is to round-off (float64, the
+tolerance table's row); the masks are compared exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import test_rim_seq as T
+from helpers import assert_close
+from rims_fast import rim_seq as rs
+
+_WHY = rs.unavailable_reason(torch.device("cpu"), torch.float64)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"rim_seq_fwd not built: {_WHY}")
+
+# (cell, M, n_in, n_c, K, top_k, T, dv) as test_rim_seq.GRID, with head sizes: the GRID's
+# (SMALL_HEADS: dots of 2..4 elements, most lanes idle) and wide ones, whose lane-strided loops
+# wrap (dots of 34..40 elements on 32 lanes) and whose softmax over K = 34 keys gives lanes two.
+WIDE = dict(input_key_size=40, comm_key_size=36, comm_value_size=34)
+CASES = [
+    (T.GRID[0], {}),
+    (T.GRID[4], {}),
+    (("lstm", 2, 2, 2, 34, 5, 2, 3), WIDE),
+    (("gru", 1, 1, 1, 5, 2, 3, 8), WIDE),
+]
+# (tile, xw, cluster): both input-term paths (the hoisted one has the backward's d a~ warps), a
+# multi-sample tile, and the cluster forward (its blocks are host threads, each with its lanes).
+RUNS = [(1, 1, 0), (3, 0, 0), (3, 1, 2)]
+
+
+@contextlib.contextmanager
+def _lanes(n):
+    from rims_fast import _C
+    old = _C._set_host_warp_lanes(n)
+    try:
+        yield
+    finally:
+        _C._set_host_warp_lanes(old)
+
+
+def _run(case, heads, tile, xw, cluster, dtype=torch.float64, lanes=1):
+    rim, x, h0, c0, P, leaves = T._setup(*case, dtype=dtype, input_dropout=0.2, comm_dropout=0.3,
+                                         **heads)
+    cluster = max(cluster, -(-case[4] // 8)) if cluster else 0  # at most 8 blocks a cluster
+    with _lanes(lanes):
+        got = rs.rim_seq(x, h0, c0, P, rim.config, training=True, seed=11, tile=tile, xw=xw,
+                         cluster=cluster, mma=False)
+        grads = T._grads(got[:3], leaves)
+    return got, grads
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: "tile{}-xw{}-cluster{}".format(*r))
+@pytest.mark.parametrize("case,heads", CASES, ids=lambda c: "-".join(map(str, c)) if
+                         isinstance(c, tuple) else ("wide" if c else "small"))
+def test_lanes_match_one_lane(case, heads, run):
+    """Forward outputs, masks and every gradient with 32 emulated lanes against one lane."""
+    one, g_one = _run(case, heads, *run)
+    got, g_got = _run(case, heads, *run, lanes=32)
+    assert torch.equal(got[3], one[3]), "masks differ"
+    for name, a, b in zip(("out", "h_n", "c_n"), got[:3], one[:3]):
+        if b is not None:
+            assert_close(name, a, b, torch.float64)
+    for name in g_one:
+        assert_close("d" + name, g_got[name], g_one[name], torch.float64,
+                     "grad_w" if name in T.PARAMS else "grad_in")
+
+
+def test_lanes_are_emulated():
+    """The comparison above would pass vacuously if the lanes never reached the kernels: in
+    float32 the 32 lanes' butterfly sums the wide dots in another order than one lane's loop, so
+    some output bits must differ."""
+    case, heads = CASES[2]
+    one, g_one = _run(case, heads, 1, 1, 0, dtype=torch.float32)
+    got, g_got = _run(case, heads, 1, 1, 0, dtype=torch.float32, lanes=32)
+    assert not torch.equal(got[0], one[0]) or any(
+        not torch.equal(g_got[n], g_one[n]) for n in g_one)
+
+
+def test_lanes_hook_checks_and_returns_previous():
+    from rims_fast import _C
+    assert _C._set_host_warp_lanes(32) == 1
+    assert _C._set_host_warp_lanes(1) == 32
+    with pytest.raises(RuntimeError, match="lanes must be 1 or 32"):
+        _C._set_host_warp_lanes(4)
+    assert _C._set_host_warp_lanes(1) == 1
