@@ -330,10 +330,7 @@ RIMS_HD void rim_seq_bwd_tile(const Exec& ex, const RimSeqBwdParams<T>& p, int64
       }
       const C* don = sm.dout + r * cv + n * dcv;
       for (int j = 0; j < K; ++j) {
-        const C* vj = sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv;
-        C part = C(0);
-        for (int e = lane; e < dcv; e += lanes) part += don[e] * vj[e];
-        const C dot = warp_sum(part);
+        const C dot = warp_dot(don, sm.qkv + (s * K + j) * C3 + 2 * ck + n * dcv, dcv, lane, lanes);
         if (lane == 0) ds[j] = dot * keep_b(t, r, n, j);
       }
       ex.syncwarp();  // lane 0's d b~, read by every lane

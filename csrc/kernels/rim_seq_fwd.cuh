@@ -281,8 +281,8 @@ RIMS_HD RunMechs run_mechs(const C* act, int S, int kn, int kst) {
 // The whole sequence for tile `tile` (samples tile*S .. min(B, tile*S + S) - 1). Exec provides
 // parallel_for(n, f): f(i) for every int i in [0, n), then a barrier; warp_for(n, f):
 // f(i, warp, lane, lanes) with one warp per item (f may be warp-collective: the attention's
-// scores, the tensor-core products), then a barrier; and syncwarp() (see HostExec). C: compute type; SMAX: the largest S the
-// accumulators hold.
+// scores, the tensor-core products), then a barrier; and syncwarp() (see HostExec). C: compute
+// type; SMAX: the largest S the accumulators hold.
 // MMA: the three weight products of a step (gates 3b, Q|K|V 4a, output 5: 88% of its FLOPs at
 // the paper layer; the input queries stay on CUDA cores) on tensor cores (mma_rows.cuh): operand
 // rows packed in the storage type (the reference's operand rounding), one warp per (mechanism, 32
@@ -444,10 +444,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         C* an = sm.a + (L(r) * n_in + n) * M;
         const C* qn = sm.q + L(r) * nk + n * dk;
         for (int m = 0; m < M; ++m) {
-          const C* km = sm.kx + (s * M + m) * nk + n * dk;
-          C part = C(0);
-          for (int j = lane; j < dk; j += lanes) part += qn[j] * km[j];
-          const C dot = warp_sum(part);
+          const C dot = warp_dot(qn, sm.kx + (s * M + m) * nk + n * dk, dk, lane, lanes);
           if (lane == 0) an[m] = dot * scale_in;
         }
         if (lane != 0) continue;
@@ -711,10 +708,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       }
       const C* qn = sm.cq + l * ck + n * dc;
       for (int j = 0; j < K; ++j) {
-        const C* kj = sm.kv + (s * K + j) * CKV + n * dc;
-        C part = C(0);
-        for (int e = lane; e < dc; e += lanes) part += qn[e] * kj[e];
-        const C dot = warp_sum(part);
+        const C dot = warp_dot(qn, sm.kv + (s * K + j) * CKV + n * dc, dc, lane, lanes);
         if (lane == 0) y[j] = dot * scale_c;
       }
       ex.syncwarp();  // lane 0's scores, read by every lane

@@ -51,4 +51,13 @@ RIMS_HD C warp_max(C v) {
   return v;
 }
 
+// sum_e a[e] b[e] over e < n: the lanes take e = lane, lane + lanes, ... (a warp reads
+// consecutive elements: no bank conflicts) and the warp adds their partials. Every lane gets it.
+template <typename C>
+RIMS_HD C warp_dot(const C* a, const C* b, int n, int lane, int lanes) {
+  C part = C(0);
+  for (int e = lane; e < n; e += lanes) part += a[e] * b[e];
+  return warp_sum(part);
+}
+
 }  // namespace rims
