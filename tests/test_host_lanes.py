@@ -18,6 +18,7 @@ import contextlib
 import pytest
 import torch
 
+import host_cases
 import test_rim_seq as T
 from helpers import assert_close
 from rims_fast import rim_seq as rs
@@ -75,6 +76,44 @@ def test_lanes_match_one_lane(case, heads, run):
     for name in g_one:
         assert_close("d" + name, g_got[name], g_one[name], torch.float64,
                      "grad_w" if name in T.PARAMS else "grad_in")
+
+
+# The tensor-core products (mma_rows.cuh, step_mma.cuh): on the host lane 0 computes a warp's
+# 8 x 32 tile and every lane runs its share of the epilogue (bias, cell, residual, saving), so
+# these check the epilogues' lane splitting, and the stepped ops' fused gates and output kernels.
+@pytest.mark.parametrize("case", T.MMA_WIDE, ids=["lstm-H20-folded", "gru-H20-per_head"])
+def test_mma_lanes_match_one_lane(case):
+    *args, kw = case
+    runs = []
+    for lanes in (1, 32):
+        rim, x, h0, c0, P, leaves = T._setup(*args, B=11, input_dropout=0.2, comm_dropout=0.3,
+                                             **kw)
+        with _lanes(lanes):
+            got = rs.rim_seq(x, h0, c0, P, rim.config, training=True, seed=11, tile=3, mma=True)
+            runs.append((got, T._grads(got[:3], leaves)))
+    (one, g_one), (got, g_got) = runs
+    assert torch.equal(got[3], one[3]), "masks differ"
+    for name, a, b in zip(("out", "h_n", "c_n"), got[:3], one[:3]):
+        if b is not None:
+            assert_close(name, a, b, torch.float64)
+    for name in g_one:
+        assert_close("d" + name, g_got[name], g_one[name], torch.float64,
+                     "grad_w" if name in T.PARAMS else "grad_in")
+
+
+@pytest.mark.parametrize("case,setup", list(zip(host_cases.FUSED, host_cases.FUSED_SETUP))[-3:],
+                         ids=["lstm-H70", "lstm-B70", "gru-cv24"])
+def test_fused_stepped_lanes_equal_one_lane(case, setup):
+    """The stepped forward's fused kernels: their only warp items are the products' epilogues,
+    which are elementwise, so 32 lanes give the one-lane run's bits exactly."""
+    rim, x, h0, c0, P, _ = T._setup(*case, input_dropout=0.2, comm_dropout=0.3, **setup)
+    outs = []
+    for lanes in (1, 32):
+        with _lanes(lanes), host_cases.fused(), torch.no_grad():
+            outs.append(rs.rim_seq(x, h0, c0, P, rim.config, training=True, seed=5, stepped=True))
+    for i, (a, b) in enumerate(zip(*outs)):
+        if b is not None:
+            assert torch.equal(a, b), f"output {i}"
 
 
 def test_lanes_are_emulated():

@@ -8,10 +8,8 @@
 // because a block runs its phases between cluster barriers in one call.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <exception>
-#include <mutex>
 #include <thread>
 #include <vector>
 

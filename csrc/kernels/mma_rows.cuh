@@ -96,25 +96,27 @@ RIMS_HD void mma_tiles(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S_l, 
   const int ntile = n / kMmaN;
   ex.warp_for(K * ntile, [&](int i, int warp, int lane, int lanes) {
     const int k = i / ntile, n0 = (i % ntile) * kMmaN;
-    MmaTile8x32<T, C> t;
-    t.zero();
-    const T* a = sm.aop + k * S_l * kd;
-    const T* w = W + (int64_t(k) * n + n0) * kd;  // column n0 of mechanism k's (n, kd)
-    // kMmaBatch steps' loads (the weights from L2) issue before their products; the same steps
-    // in the same order as one at a time.
-    for (int j0 = 0; j0 < kd; j0 += kMmaK * kMmaBatch) {
-      MmaOperands<T, kMmaBatch> ops;
-      RIMS_UNROLL_ALL
-      for (int u = 0; u < kMmaBatch; ++u) {
-        const int j = j0 + u * kMmaK;
-        if (j < kd) ops.load(u, a + j, kd, w + j, kd);
-      }
-      RIMS_UNROLL_ALL
-      for (int u = 0; u < kMmaBatch; ++u)
-        if (j0 + u * kMmaK < kd) t.mma(ops, u);
-    }
     C* st = sm.stage + warp * kMmaM * kMmaN;
-    t.store(st, kMmaN);
+    if (mma_tile_lane(lane)) {
+      MmaTile8x32<T, C> t;
+      t.zero();
+      const T* a = sm.aop + k * S_l * kd;
+      const T* w = W + (int64_t(k) * n + n0) * kd;  // column n0 of mechanism k's (n, kd)
+      // kMmaBatch steps' loads (the weights from L2) issue before their products; the same steps
+      // in the same order as one at a time.
+      for (int j0 = 0; j0 < kd; j0 += kMmaK * kMmaBatch) {
+        MmaOperands<T, kMmaBatch> ops;
+        RIMS_UNROLL_ALL
+        for (int u = 0; u < kMmaBatch; ++u) {
+          const int j = j0 + u * kMmaK;
+          if (j < kd) ops.load(u, a + j, kd, w + j, kd);
+        }
+        RIMS_UNROLL_ALL
+        for (int u = 0; u < kMmaBatch; ++u)
+          if (j0 + u * kMmaK < kd) t.mma(ops, u);
+      }
+      t.store(st, kMmaN);
+    }
     ex.syncwarp();
     tile(k, n0, static_cast<const C*>(st), lane, lanes);
     ex.syncwarp();  // the stage is rewritten by this warp's next item

@@ -29,6 +29,19 @@ constexpr int kMmaM = 8, kMmaN = 32, kMmaK = 16;
 
 RIMS_HD bool mma_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 
+// Whether this lane computes and stores a warp's tile. On the device every lane does (the WMMA
+// calls are warp-collective). On the host the product is written out whole, so with emulated
+// lanes (host_exec.h) lane 0 alone computes and stores it: 32 host threads storing the same
+// values into the staging area would be a data race, however benign. The callers' syncwarp after
+// the store orders it before the other lanes' reads.
+RIMS_HD constexpr bool mma_tile_lane(int lane) {
+#if defined(__CUDA_ARCH__)
+  return (void)lane, true;
+#else
+  return lane == 0;
+#endif
+}
+
 // Up to KB k-steps' operand fragments of one warp, loaded together (load) before their products
 // (MmaTile8x32::mma), so that a warp has KB steps' weight loads in flight instead of one (the
 // products are bound by the latency of those L2 loads, benchmarks/README.md). On the host it

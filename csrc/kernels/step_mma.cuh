@@ -143,26 +143,28 @@ RIMS_HD void step_mma_block(const Exec& ex, C* smem, const StepMmaGrid& g, int64
     RIMS_UNROLL_ALL
     for (int r = 0; r < kStepMmaRowTiles; ++r) acc[r].zero();
     const T* wt = W + ct * kMmaN * kd;
-    for (int j0 = 0; j0 < kd; j0 += kMmaK * kMmaBatch) {
-      RIMS_UNROLL_ALL
-      for (int r = 0; r < kStepMmaRowTiles; ++r) {
-        if (r >= nr) break;  // warp-uniform
-        MmaOperands<T, kMmaBatch> ops;
+    if (mma_tile_lane(lane)) {  // host lanes: lane 0 alone (mma_tile_lane)
+      for (int j0 = 0; j0 < kd; j0 += kMmaK * kMmaBatch) {
         RIMS_UNROLL_ALL
-        for (int u = 0; u < kMmaBatch; ++u) {
-          const int j = j0 + u * kMmaK;
-          if (j < kd) ops.load(u, A + r * kMmaM * kd + j, kd, wt + j, kd);
+        for (int r = 0; r < kStepMmaRowTiles; ++r) {
+          if (r >= nr) break;  // warp-uniform
+          MmaOperands<T, kMmaBatch> ops;
+          RIMS_UNROLL_ALL
+          for (int u = 0; u < kMmaBatch; ++u) {
+            const int j = j0 + u * kMmaK;
+            if (j < kd) ops.load(u, A + r * kMmaM * kd + j, kd, wt + j, kd);
+          }
+          RIMS_UNROLL_ALL
+          for (int u = 0; u < kMmaBatch; ++u)
+            if (j0 + u * kMmaK < kd) acc[r].mma(ops, u);
         }
-        RIMS_UNROLL_ALL
-        for (int u = 0; u < kMmaBatch; ++u)
-          if (j0 + u * kMmaK < kd) acc[r].mma(ops, u);
       }
     }
     C* st = stage + warp * kMmaM * kMmaN;
     RIMS_UNROLL_ALL
     for (int r = 0; r < kStepMmaRowTiles; ++r) {
       if (r >= nr) break;
-      acc[r].store(st, kMmaN);
+      if (mma_tile_lane(lane)) acc[r].store(st, kMmaN);
       ex.syncwarp();
       tile(ct, b0 + r * kMmaM, static_cast<const C*>(st), lane, lanes);
       ex.syncwarp();  // the stage is rewritten for the next row tile
