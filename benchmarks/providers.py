@@ -40,7 +40,11 @@
   of two blocks of ceil(K / 2) mechanisms. At `paper` on an H100 both fill the GPU (one block
   per mechanism: 22 clusters of 6 blocks at tile 3; two blocks: 64 clusters of 2 at tile 1, 128
   blocks); the ratio weighs the 6-block cluster barriers and 3-sample tiles against weights
-  that fit a block's shared memory less (3 mechanisms' weights per block instead of 1).
+  that fit a block's shared memory less (3 mechanisms' weights per block instead of 1). At tile 1
+  a cluster's blocks are 512-thread blocks compiled for that tile (``RIMS_FAST_CUDA_WIDE``).
+- ``cuda_seq_cluster2_narrow``: ``cuda_seq_cluster2`` with ``RIMS_FAST_CUDA_WIDE=0``: the
+  256-thread cluster kernel compiled for tiles up to 8 (what ``cuda_seq_cluster2`` ran until
+  the wide cluster kernels; the ratio is what they buy, same results bit for bit).
 - ``cuda_steps``: ``rims_fast.RIM(backend="cuda")`` with ``RIMS_FAST_CUDA_FWD=stepped``: the
   stepped ops (``rims_fast::rim_steps_fwd`` / ``rim_steps_bwd``: per step four batched GEMMs on
   cuBLAS (five in the GRU forward) and four small kernels each way, launched from C++).
@@ -90,7 +94,7 @@ PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_tiled",
              "triton_tiled_graph", "triton_kbwd", "triton_tiled_graph_kbwd", "cuda", "cuda_cell",
              "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_t2", "cuda_seq_t2_narrow",
              "cuda_seq_mma", "cuda_seq_cluster", "cuda_seq_cluster_l2", "cuda_seq_cluster2",
-             "cuda_steps",
+             "cuda_seq_cluster2_narrow", "cuda_steps",
              "cuda_steps_graph", "cuda_steps_pdl", "cuda_steps_graph_pdl",
              "cuda_steps_fused", "cuda_steps_graph_fused", "cuda_seq_mma_graph", "cpu", "lstm", "naive", "brim2", "brim2_cpu", "brim2_cuda", "brim2_triton", "brim2_cuda_seq")
 #: Providers that compute the RIM and so must pass the correctness gate.
@@ -99,7 +103,7 @@ RIM_PROVIDERS = ("torch", "torch_compile", "triton", "triton_graph", "triton_til
                  "cuda_cell", "cuda_seq", "cuda_seq_f", "cuda_seq_narrow", "cuda_seq_t2",
                  "cuda_seq_t2_narrow", "cuda_seq_mma",
                  "cuda_seq_cluster",
-                 "cuda_seq_cluster_l2", "cuda_seq_cluster2",
+                 "cuda_seq_cluster_l2", "cuda_seq_cluster2", "cuda_seq_cluster2_narrow",
                  "cuda_steps", "cuda_steps_graph", "cuda_steps_pdl", "cuda_steps_graph_pdl",
                  "cuda_steps_fused", "cuda_steps_graph_fused", "cuda_seq_mma_graph", "cpu", "naive")
 
@@ -279,6 +283,11 @@ _BUILDERS: dict[str, Callable[[Context], Provider]] = {
                                            "RIMS_FAST_CUDA_CLUSTER": "1",
                                            "RIMS_FAST_CUDA_CLUSTER_BLOCKS": "2"},
                                   "cuda_seq_cluster2"),
+    "cuda_seq_cluster2_narrow": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "persistent",
+                                                  "RIMS_FAST_CUDA_CLUSTER": "1",
+                                                  "RIMS_FAST_CUDA_CLUSTER_BLOCKS": "2",
+                                                  "RIMS_FAST_CUDA_WIDE": "0"},
+                                         "cuda_seq_cluster2_narrow"),
     "cuda_steps": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped"}, "cuda_steps"),
     "cuda_steps_graph": _backend("cuda", {"RIMS_FAST_CUDA_FWD": "stepped",
                                           "RIMS_FAST_CUDA_GRAPH": "1"}, "cuda_steps_graph"),

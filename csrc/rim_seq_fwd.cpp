@@ -444,8 +444,11 @@ SeqFwdResult rim_seq_fwd_cpu(
       host_grid_for(tiles, [&](int64_t tile_i) {
         smem.fill_(std::numeric_limits<double>::quiet_NaN());  // poison_shared (host_exec.h)
         run_cluster_on_host(bases, [&](const ClusterHostExec& ex, int rank) {
-          rim_seq_fwd_tile<kSeqTileMax, scalar_t, false, true>(
-              ex, p, tile_i, reinterpret_cast<scalar_t*>(bases[rank]), rank);
+          scalar_t* base = reinterpret_cast<scalar_t*>(bases[rank]);
+          if (use_wide(d))  // the device's 512-thread tile-1 cluster kernel's instantiation
+            rim_seq_fwd_tile<1, scalar_t, false, true>(ex, p, tile_i, base, rank);
+          else
+            rim_seq_fwd_tile<kSeqTileMax, scalar_t, false, true>(ex, p, tile_i, base, rank);
         });
         for (char* b : bases) check_guard(reinterpret_cast<const scalar_t*>(b), elems, "forward");
       });

@@ -8,15 +8,17 @@ namespace seq_cuda {
 namespace {
 
 // One tile per cluster of ceil(K / kpr) blocks (grid = tiles * ranks, cluster dims (ranks, 1, 1)).
-template <typename C, typename T>
-__global__ void __launch_bounds__(kSeqThreads) rim_seq_fwd_cluster_kernel(
+// SMAX, THREADS: the largest tile and the block size, as the single-block kernels' (the wide
+// kernel, use_wide: a tile of 1 on 512 threads).
+template <typename C, typename T, int SMAX = kSeqTileMax, int THREADS = kSeqThreads>
+__global__ void __launch_bounds__(THREADS) rim_seq_fwd_cluster_kernel(
     const RimSeqFwdParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const auto cluster = cooperative_groups::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int64_t tile = static_cast<int64_t>(blockIdx.x / cluster.dim_blocks().x);
-  rim_seq_fwd_tile<kSeqTileMax, C, false, true>(DeviceClusterExec{{p.phase_clock}}, p, tile,
+  rim_seq_fwd_tile<SMAX, C, false, true>(DeviceClusterExec{{p.phase_clock}}, p, tile,
                                                 reinterpret_cast<C*>(smem_raw), rank);
 #else
   __trap();
@@ -45,13 +47,13 @@ void check_cluster_device(Kernel kernel, const RimSeqDims& d, int dev) {
               "use RIMS_FAST_CUDA_CLUSTER=0");
 }
 
-// The launch configuration of `tiles` clusters of `ranks` blocks with `smem` bytes each (attr:
-// the caller's storage for the cluster-dimension attribute).
-cudaLaunchConfig_t cluster_config(int64_t tiles, int64_t ranks, int64_t smem, int dev,
-                                  cudaLaunchAttribute* attr) {
+// The launch configuration of `tiles` clusters of `ranks` blocks of `threads` threads with `smem`
+// bytes each (attr: the caller's storage for the cluster-dimension attribute).
+cudaLaunchConfig_t cluster_config(int64_t tiles, int64_t ranks, int64_t smem, int threads,
+                                  int dev, cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(tiles * ranks));
-  cfg.blockDim = dim3(kSeqThreads);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = c10::cuda::getCurrentCUDAStream(dev);
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -64,10 +66,10 @@ cudaLaunchConfig_t cluster_config(int64_t tiles, int64_t ranks, int64_t smem, in
 }
 
 // How many clusters of `ranks` blocks with `smem` bytes each the GPU runs at once (0: none can
-// be scheduled). Cached per (kernel, device, ranks, smem), so that a warm-up call queries it
-// outside any CUDA-graph capture.
+// be scheduled). Cached per (kernel, device, ranks, smem) (a kernel has one block size), so that
+// a warm-up call queries it outside any CUDA-graph capture.
 template <typename Kernel>
-int max_active_clusters(Kernel kernel, int64_t ranks, int64_t smem, int dev) {
+int max_active_clusters(Kernel kernel, int64_t ranks, int64_t smem, int threads, int dev) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, int64_t, int64_t>, int> known;
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, ranks, smem);
@@ -76,7 +78,7 @@ int max_active_clusters(Kernel kernel, int64_t ranks, int64_t smem, int dev) {
   if (it != known.end()) return it->second;
   allow_max_smem(kernel, dev);
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t cfg = cluster_config(1, ranks, smem, dev, attr);
+  const cudaLaunchConfig_t cfg = cluster_config(1, ranks, smem, threads, dev, attr);
   int clusters = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
   known.emplace(key, clusters);
@@ -89,26 +91,27 @@ int max_active_clusters(Kernel kernel, int64_t ranks, int64_t smem, int dev) {
 // shared memory holds more resident weights; a second wave would double the time.
 template <typename Kernel>
 int64_t one_wave_tile(Kernel kernel, const RimSeqDims& d, int64_t s_max, int dev) {
-  const int clusters = max_active_clusters(kernel, cluster_ranks(d), max_smem_per_block(dev), dev);
+  const int clusters =
+      max_active_clusters(kernel, cluster_ranks(d), max_smem_per_block(dev), kSeqThreads, dev);
   if (clusters <= 0) return s_max;  // launch_cluster says why
   const int64_t s = (d.B + clusters - 1) / clusters;
   return s < 1 ? 1 : s > s_max ? s_max : s;
 }
 
-// The cluster forward: one cluster of ranks blocks per tile, each with `smem` bytes (the device
-// and build checked by check_cluster_device).
+// The cluster forward: one cluster of ranks blocks of `threads` threads per tile, each with `smem`
+// bytes (the device and build checked by check_cluster_device).
 template <typename Kernel, typename Params>
-void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int dev) {
+void launch_cluster(Kernel kernel, const Params& p, int64_t smem, int threads, int dev) {
   const int64_t ranks = cluster_ranks(p), tiles = (p.B + p.S - 1) / p.S;
   // A cluster whose blocks' shared memory cannot be co-scheduled would fail to launch with a
   // generic error: say why instead.
-  TORCH_CHECK(max_active_clusters(kernel, ranks, smem, dev) > 0, "rims_fast::rim_seq: a cluster "
+  TORCH_CHECK(max_active_clusters(kernel, ranks, smem, threads, dev) > 0, "rims_fast::rim_seq: a cluster "
               "of ", ranks, " blocks with ", smem, " bytes of shared memory each cannot be "
               "scheduled on this GPU; use a smaller tile (RIMS_FAST_CUDA_TILE) or "
               "RIMS_FAST_CUDA_CLUSTER=0");
   allow_max_smem(kernel, dev);
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t cfg = cluster_config(tiles, ranks, smem, dev, attr);
+  const cudaLaunchConfig_t cfg = cluster_config(tiles, ranks, smem, threads, dev, attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -128,18 +131,30 @@ void rim_seq_fwd_cluster_cuda(SeqFwdCall& c, int64_t tile, int dev) {
     if (auto_res) d.resident = 0;
     auto bytes = [&](int64_t s) { return rim_seq_fwd_smem_bytes(d, s, tb, cb); };
     d.S = fit_tile<C>(d.S, dev, bytes, d.mma, d.resident > 0);
-    const auto kernel = rim_seq_fwd_cluster_kernel<C, T>;
-    check_cluster_device(kernel, d, dev);
-    if (tile == 0) d.S = one_wave_tile(kernel, d, d.S, dev);
+    const auto narrow = rim_seq_fwd_cluster_kernel<C, T>;
+    check_cluster_device(narrow, d, dev);
+    // The tile by the 256-thread kernel's occupancy (one block per SM's register file); the wide
+    // kernel's 512 threads of at most 128 registers also fill it.
+    if (tile == 0) d.S = one_wave_tile(narrow, d, d.S, dev);
+    // A tile of one sample runs the wide kernel, as one block per tile does (use_wide). A
+    // phase's time is its longest chain of dependent loads, which fewer mechanisms per block do
+    // not shorten: on an H100 (27b, paper bf16) the 256-thread cluster kernel, one mechanism per
+    // block, took 78 us a step against 53 for the 256-thread single block with all six, where
+    // the wide single block's 512 threads took 39 (benchmarks/README.md). Not at tile 2, whose
+    // 512-thread cluster kernel spills (sm_90a ptxas: 324 bytes in bf16; the single block's 200).
+    const bool wide = use_wide(d);
+    const auto kernel = wide ? rim_seq_fwd_cluster_kernel<C, T, 1, kSeqWideThreads> : narrow;
+    const int threads = wide ? kSeqWideThreads : kSeqThreads;
     // Residency fills a block's shared memory, so one block per SM: worth it when every tile
     // runs at once; with more tiles than that (an explicit tile, or B beyond 8 samples per
     // cluster) the blocks keep the occupancy their arrays allow and read weights from L2.
     if (auto_res) {
       const int64_t cap = max_smem_per_block(dev), tiles = (d.B + d.S - 1) / d.S;
-      const bool one_wave = tiles <= max_active_clusters(kernel, cluster_ranks(d), cap, dev);
+      const bool one_wave =
+          tiles <= max_active_clusters(kernel, cluster_ranks(d), cap, threads, dev);
       d.resident = rim_seq_resident_fit(d, tb, cb, one_wave ? cap : bytes(d.S));
     }
-    launch_cluster(kernel, seq_fwd_params<T>(c), bytes(d.S), dev);
+    launch_cluster(kernel, seq_fwd_params<T>(c), bytes(d.S), threads, dev);
   });
 }
 

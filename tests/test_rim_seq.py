@@ -688,8 +688,12 @@ class TestCUDA:
     def test_wide_equals_narrow(self, monkeypatch, dtype):
         """At tiles 1 and 2 the 512-thread kernels (RIMS_FAST_CUDA_WIDE=1, the default; the
         forward's at tile 2, the backward's at tile 1) give the 256-thread kernels' outputs and
-        gradients bit for bit, both input-term paths."""
-        for xw, tile in ((0, 1), (1, 1), (0, 2), (1, 2)):
+        gradients bit for bit, both input-term paths, and the cluster forward's at tile 1
+        (sm_90+)."""
+        runs = [(0, 1, 0), (1, 1, 0), (0, 2, 0), (1, 2, 0)]
+        if torch.cuda.get_device_capability()[0] >= 9:
+            runs.append((1, 1, 2))
+        for xw, tile, cluster in runs:
             rim, x, h0, c0, P, leaves = _setup(*GRID[0], B=19, dtype=dtype)
             cu = {n: v.detach().cuda().requires_grad_(True) for n, v in leaves.items()}
             Pc = {n: cu[n] for n in PARAMS}
@@ -697,13 +701,14 @@ class TestCUDA:
             for wide in ("0", "1"):
                 monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", wide)
                 got = rs.rim_seq(cu["x"], cu["h0"], cu.get("c0"), Pc, rim.config, xw=xw,
-                                 tile=tile, cluster=0, mma=False)
+                                 tile=tile, cluster=cluster, mma=False)
                 res[wide] = (got, _grads(got[:3], cu))
             (a, ga), (b, gb) = res["0"], res["1"]
+            run = (xw, tile, cluster)
             for u, v in zip(a, b):
-                assert (u is None) == (v is None) and (u is None or torch.equal(u, v)), (xw, tile)
+                assert (u is None) == (v is None) and (u is None or torch.equal(u, v)), run
             for name in leaves:
-                assert torch.equal(ga[name], gb[name]), ("d" + name, xw, tile)
+                assert torch.equal(ga[name], gb[name]), ("d" + name, *run)
 
     @pytest.mark.parametrize("tile", [1, 3], ids=["wide", "tile3"])
     @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
@@ -753,19 +758,21 @@ def test_wide_env_checked(monkeypatch):
 
 @pytest.mark.parametrize("case", [GRID[0], GRID[5]], ids=["lstm", "gru"])
 @pytest.mark.parametrize("xw", [0, 1], ids=["F", "hoisted"])
-@pytest.mark.parametrize("tile", [1, 2])
-def test_host_wide_equals_narrow(monkeypatch, case, xw, tile):
+@pytest.mark.parametrize("tile,cluster", [(1, 0), (2, 0), (1, 2)],
+                         ids=["tile1", "tile2", "cluster-tile1"])
+def test_host_wide_equals_narrow(monkeypatch, case, xw, tile, cluster):
     """At tiles 1 and 2 the host runs follow RIMS_FAST_CUDA_WIDE as the device does: =1 runs the
-    tile functions' SMAX = tile instantiation (the 512-thread kernels' code; the backward's at
-    tile 1 only), =0 the tile-8 one. The same arithmetic in the same order, so outputs and
-    gradients are equal bit for bit (the GPU twin is TestCUDA.test_wide_equals_narrow); the
-    SMAX = 1, 2 code is also checked against the reference by the host tests at those tiles,
-    which run with the default. B = 7: a partial last tile at tile 2."""
+    tile functions' SMAX = tile instantiation (the 512-thread kernels' code; the backward's and
+    the cluster forward's at tile 1 only), =0 the tile-8 one. The same arithmetic in
+    the same order, so outputs and gradients are equal bit for bit (the GPU twin is
+    TestCUDA.test_wide_equals_narrow); the SMAX = 1, 2 code is also checked against the reference
+    by the host tests at those tiles, which run with the default. B = 7: a partial last tile at
+    tile 2."""
     res = {}
     for wide in ("0", "1"):
         monkeypatch.setenv("RIMS_FAST_CUDA_WIDE", wide)
         rim, x, h0, c0, P, leaves = _setup(*case, B=7)
-        got = rs.rim_seq(x, h0, c0, P, rim.config, xw=xw, tile=tile)
+        got = rs.rim_seq(x, h0, c0, P, rim.config, xw=xw, tile=tile, cluster=cluster)
         res[wide] = (got, _grads(got[:3], leaves))
     (a, ga), (b, gb) = res["0"], res["1"]
     for u, v in zip(a, b):

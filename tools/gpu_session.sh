@@ -95,7 +95,7 @@ fi
 if want bench; then
   stamp "benchmarks"
   run_for "${BENCH_TIMEOUT:-180}" python3 -m benchmarks --device cuda --dtype bf16 --configs "${BENCH_CONFIGS:-paper}" \
-    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_f,cuda_seq_narrow,cuda_seq_t2,cuda_seq_t2_narrow,cuda_seq_mma,cuda_seq_cluster2,cuda_steps,cuda_steps_graph,cuda_steps_graph_pdl,cuda_steps_graph_fused,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
+    --providers "${BENCH_PROVIDERS:-lstm,torch,cuda,cuda_seq,cuda_seq_f,cuda_seq_narrow,cuda_seq_t2,cuda_seq_t2_narrow,cuda_seq_mma,cuda_seq_cluster,cuda_seq_cluster2,cuda_seq_cluster2_narrow,cuda_steps,cuda_steps_graph,cuda_steps_graph_pdl,cuda_steps_graph_fused,triton_graph,triton_tiled_graph,triton_tiled_graph_kbwd}" \
     --modes fwd,fwd+bwd --rounds "${BENCH_ROUNDS:-3}" --out "$OUT" --name "${BENCH_NAME:-bench}" --no-progress
 fi
 if want phases; then

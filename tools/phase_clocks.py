@@ -92,6 +92,9 @@ def main() -> None:
     variants = [("hoisted input term (xw=1)", dict(xw=1, cluster=0), True),
                 ("F read per step (xw=0)", dict(xw=0, cluster=0), True),
                 ("cluster, one mechanism per block (xw=1)", dict(xw=1, cluster=1), False),
+                # Clusters of two blocks at tile 1: the 512-thread tile-1 cluster kernel.
+                ("clusters of two blocks, tile 1 (xw=1)",
+                 dict(xw=1, cluster=-(-c.K // 2), tile=1), False),
                 # Two samples per 512-thread block (RIMS_FAST_CUDA_TILE=2's forward).
                 ("hoisted input term, tile 2 (xw=1)", dict(xw=1, cluster=0, tile=2), False)]
     for label, kw, with_bwd in variants:

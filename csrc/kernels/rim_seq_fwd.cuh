@@ -341,12 +341,16 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   if constexpr (MMA) mma_clear(ex, ms, K, S_l, int(p.ma));
   // This block's mechanisms k0 .. k0 + kn - 1 (all K without a cluster). A tile row r = s*K + k
   // (the saved histories' and p's and kv's index) is own row L(s, k) = s*kpr + k - k0 of the other
-  // arrays (r itself without a cluster); row(i): the tile row of the i-th own row.
+  // arrays (r itself without a cluster); row(i): the tile row of the i-th own row, own(i) its own
+  // row (i without a cluster). No division by K in them: the products' row accessors call L for
+  // every (row, sample), and the compiler recomputed a division there per load instead of keeping
+  // it (sm_90a SASS of the 256-thread cluster kernel: 128 divisions per 16-row batch).
   const int kpr = CLUSTER ? int(p.kpr) : K;
   const int k0 = CLUSTER ? rank * kpr : 0;
   const int kn = CLUSTER ? (K - k0 < kpr ? K - k0 : kpr) : K;
-  auto row = [&](int i) { return (i / kn) * K + k0 + i % kn; };
-  auto L = [&](int r) { return CLUSTER ? (r / K) * kpr + r % K - k0 : r; };
+  auto row = [&](int i) { return CLUSTER ? (i / kn) * K + k0 + i % kn : i; };
+  auto own = [&](int i) { return CLUSTER ? (i / kn) * kpr + i % kn : i; };
+  auto L = [&](int s, int k) { return CLUSTER ? s * kpr + k - k0 : s * K + k; };
   // The CUDA-core products' items: NC adjacent columns each (column_dot.cuh); groups per
   // mechanism of the queries, gates, communication Q|K|V and output.
   constexpr int NC = kColumnsOf<C>;
@@ -395,7 +399,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
 
   // The initial state of the own rows, converted to the compute type.
   ex.parallel_for(S * kn * H, [&](int i) {
-    const int r = row(i / H), j = i % H, x = L(r) * H + j;
+    const int r = row(i / H), j = i % H, x = own(i / H) * H + j;
     sm.h[x] = to_c(p.h0[(b0 * K + r) * H + j]);
     if (p.lstm) sm.c[x] = to_c(p.c0[(b0 * K + r) * H + j]);
   });
@@ -420,7 +424,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, H, w_query + (k - k0) * H * nk + e0, nk, nc,
-                  [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
+                  [&](int s, int64_t j) { return sm.h[L(s, k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
@@ -428,7 +432,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
-          sm.q[L(r) * nk + e0 + c] = acc[c][s];
+          sm.q[L(s, k) * nk + e0 + c] = acc[c][s];
           if (save) sv(p.sv_q, t, r, nk)[e0 + c] = acc[c][s];
         }
       }
@@ -441,8 +445,8 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       const int r = row(i), s = r / K;
       C psum = C(0);
       for (int n = 0; n < n_in; ++n) {
-        C* an = sm.a + (L(r) * n_in + n) * M;
-        const C* qn = sm.q + L(r) * nk + n * dk;
+        C* an = sm.a + (own(i) * n_in + n) * M;
+        const C* qn = sm.q + own(i) * nk + n * dk;
         for (int m = 0; m < M; ++m) {
           const C dot = warp_dot(qn, sm.kx + (s * M + m) * nk + n * dk, dk, lane, lanes);
           if (lane == 0) an[m] = dot * scale_in;
@@ -461,7 +465,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     ex.parallel_for(S * kn, [&](int i) {
       const int r = row(i), s = r / K, k = r % K;
       const bool on = competition_active(sm.p + s * K, K, k, p.top_k);
-      sm.act[L(r)] = on ? C(1) : C(0);
+      sm.act[own(i)] = on ? C(1) : C(0);
       p.masks[(t * B + b0 + s) * K + k] = on;
     });
     // The mechanisms some sample runs (RunMechs), recomputed where each phase that uses them
@@ -471,7 +475,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     // 3a, hoisted input term: only the input dropout, on a~ in place (the saved a is the
     // undropped one, saved above; nothing reads sm.a again this step).
     if (xwp != nullptr && drop_in > 0.f) ex.parallel_for(S * kn * NM, [&](int i) {
-      const int r = row(i / NM), j = i % NM, l = L(r);
+      const int r = row(i / NM), j = i % NM, l = own(i / NM);
       if (sm.act[l] == C(0)) return;
       const int s = r / K, k = r % K;
       const uint64_t idx = static_cast<uint64_t>(((t * B + b0 + s) * K + k) * NM + j);
@@ -480,7 +484,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     });
     // 3a. xa[s, k, n] = sum_m a~[s, k, n, m] x_{m, n} (active rows; dropout on a).
     if (xwp == nullptr) ex.parallel_for(S * kn * XW, [&](int i) {
-      const int r = row(i / XW), col = i % XW, n = col / Dx, d = col % Dx, l = L(r);
+      const int r = row(i / XW), col = i % XW, n = col / Dx, d = col % Dx, l = own(i / XW);
       if (sm.act[l] == C(0)) return;
       const int s = r / K, k = r % K;
       C acc = C(0);
@@ -510,16 +514,16 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       columns_fill(gh, C(0));
       if (xwp != nullptr)
         hoisted_input_term(gi, S, NM, xwp + (t * B + b0) * M * K * n_in * GH + c0, nc,
-                           [&](int s) { return sm.act[L(s * K + k)] != C(0); },
-                           [&](int s, int j) { return sm.a[L(s * K + k) * NM + j]; },
+                           [&](int s) { return sm.act[L(s, k)] != C(0); },
+                           [&](int s, int j) { return sm.a[L(s, k) * NM + j]; },
                            [&](int s, int j) {  // row (s, m, k, n) of XW, j = n M + m
                              return ((int64_t(s) * M + j % M) * K + k) * n_in + j / M;
                            }, GH);
       else
         columns_dot(gi, S, XW, w_x + (k - k0) * XW * GH + c0, GH, nc,
-                    [&](int s, int64_t j) { return sm.xa[L(s * K + k) * XW + j]; }, EveryRow{});
+                    [&](int s, int64_t j) { return sm.xa[L(s, k) * XW + j]; }, EveryRow{});
       columns_dot(gh, S, H, w_hh + (k - k0) * H * GH + c0, GH, nc,
-                  [&](int s, int64_t j) { return sm.h[L(s * K + k) * H + j]; }, EveryRow{});
+                  [&](int s, int64_t j) { return sm.h[L(s, k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int c = 0; c < NC; ++c) {
         if (c >= nc) break;
@@ -527,7 +531,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         const C bi = to_c(p.b_ih[k * GH + col]), bh = to_c(p.b_hh[k * GH + col]);
         RIMS_UNROLL
         for (int s = 0; s < SMAX; ++s) {
-          const int r = s * K + k, l = L(r);
+          const int r = s * K + k, l = L(s, k);
           if (s >= S) break;
           if (sm.act[l] == C(0)) continue;  // no gates
           if (p.lstm) {
@@ -601,12 +605,12 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     const RunMechs run_c = run_mechs(sm.act, S, kn, kst);
     if constexpr (!MMA) ex.parallel_for(S * kn * H, [&](int il) {
       const int s = (il / H) % S, j = il % H, k = k0 + run_c.ordered(il / (S * H));
-      const int r = s * K + k, i = L(r) * H + j;
+      const int r = s * K + k, i = L(s, k) * H + j;
       if (save) {
         sv(p.sv_h, t, r, H)[j] = sm.h[i];
         if (p.lstm) sv(p.sv_c, t, r, H)[j] = sm.c[i];
       }
-      if (sm.act[L(r)] == C(0)) {
+      if (sm.act[L(s, k)] == C(0)) {
         sm.ht[i] = sm.h[i];
         if (save) {
           sv(p.sv_ht, t, r, H)[j] = sm.ht[i];
@@ -616,7 +620,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         }
         return;
       }
-      const C* g = sm.g + L(r) * GW;
+      const C* g = sm.g + L(s, k) * GW;
       if (p.lstm) {
         C hn, cn;
         lstm_pointwise_fwd(g[j], g[H + j], g[2 * H + j], g[3 * H + j], sm.c[i], hn, cn);
@@ -664,7 +668,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, H, w + c0, width, nc,
-                  [&](int s, int64_t j) { return sm.ht[L(s * K + k) * H + j]; }, EveryRow{});
+                  [&](int s, int64_t j) { return sm.ht[L(s, k) * H + j]; }, EveryRow{});
       RIMS_UNROLL
       for (int c = 0; c < NC; ++c) {
         if (c >= nc) break;
@@ -673,9 +677,9 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         for (int s = 0; s < SMAX; ++s) {
           if (s >= S) break;
           const int r = s * K + k;
-          if (save && (col >= ck || sm.act[L(r)] != C(0))) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
+          if (save && (col >= ck || sm.act[L(s, k)] != C(0))) sv(p.sv_qkv, t, r, C3)[col] = acc[c][s];
           if (col < ck) {
-            sm.cq[L(r) * ck + col] = acc[c][s];
+            sm.cq[L(s, k) * ck + col] = acc[c][s];
           } else {  // K | V: every block reads them
             sm.kv[r * CKV + col - ck] = acc[c][s];
             push(sm.kv + r * CKV + col - ck, acc[c][s]);
@@ -697,7 +701,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     const RunMechs run_b = run_mechs(sm.act, S, kn, kst);
     ex.warp_for(S * kn * n_c, [&](int i, int, int lane, int lanes) {
       const int s = (i / n_c) % S, n = i % n_c, k = k0 + run_b.ordered(i / (S * n_c));
-      const int r = s * K + k, l = L(r);
+      const int r = s * K + k, l = L(s, k);
       C* y = sm.bp + (l * n_c + n) * K;
       if (sm.act[l] == C(0)) {  // saved as zeros: head n's probabilities and Q columns
         if (save) {
@@ -738,7 +742,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
     const RunMechs run_r = run_mechs(sm.act, S, kn, kst);
     ex.parallel_for(S * kn * cv, [&](int i) {
       const int s = (i / cv) % S, e = i % cv, n = e / dcv, k = k0 + run_r.ordered(i / (S * cv));
-      const int r = s * K + k, l = L(r);
+      const int r = s * K + k, l = L(s, k);
       C acc = C(0);
       if (sm.act[l] != C(0)) {
         const C* y = sm.bp + (l * n_c + n) * K;
@@ -767,7 +771,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       const RunMechs& run = run_o;
       if (i >= o_items) {
         const int x = i - o_items, j = x % H, s = (x / H) % S;
-        const int k = k0 + run.nth(x / (H * S), false), l = L(s * K + k);
+        const int k = k0 + run.nth(x / (H * S), false), l = L(s, k);
         sm.h[l * H + j] = sm.ht[l * H + j];
         from_c(sm.h[l * H + j], p.out + ((t * B + b0 + s) * K + k) * H + j);
         return;
@@ -777,11 +781,11 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
       C acc[NC][SMAX];
       columns_fill(acc, C(0));
       columns_dot(acc, S, cv, c_output + (k - k0) * cv * H + j0, H, nc,
-                  [&](int s, int64_t e) { return sm.o[L(s * K + k) * cv + e]; }, EveryRow{});
+                  [&](int s, int64_t e) { return sm.o[L(s, k) * cv + e]; }, EveryRow{});
       RIMS_UNROLL
       for (int s = 0; s < SMAX; ++s) {
         if (s >= S) break;
-        const int l = L(s * K + k);
+        const int l = L(s, k);
         RIMS_UNROLL
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
@@ -796,7 +800,7 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
   ex.steps_done();
   // Final state of the own rows in the storage type.
   ex.parallel_for(S * kn * H, [&](int i) {
-    const int r = row(i / H), j = i % H, x = L(r) * H + j;
+    const int r = row(i / H), j = i % H, x = own(i / H) * H + j;
     from_c(sm.h[x], p.h_n + (b0 * K + r) * H + j);
     if (p.lstm) from_c(sm.c[x], p.c_n + (b0 * K + r) * H + j);
   });
