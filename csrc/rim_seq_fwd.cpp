@@ -441,11 +441,12 @@ SeqFwdResult rim_seq_fwd_cpu(
       std::vector<char*> bases;
       for (int64_t r = 0; r < ranks; ++r)
         bases.push_back(reinterpret_cast<char*>(smem[r].mutable_data_ptr<scalar_t>()));
+      const bool wide1 = use_wide(d);  // the device's 512-thread tile-1 cluster kernel
       host_grid_for(tiles, [&](int64_t tile_i) {
         smem.fill_(std::numeric_limits<double>::quiet_NaN());  // poison_shared (host_exec.h)
         run_cluster_on_host(bases, [&](const ClusterHostExec& ex, int rank) {
           scalar_t* base = reinterpret_cast<scalar_t*>(bases[rank]);
-          if (use_wide(d))  // the device's 512-thread tile-1 cluster kernel's instantiation
+          if (wide1)
             rim_seq_fwd_tile<1, scalar_t, false, true>(ex, p, tile_i, base, rank);
           else
             rim_seq_fwd_tile<kSeqTileMax, scalar_t, false, true>(ex, p, tile_i, base, rank);

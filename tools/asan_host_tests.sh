@@ -9,7 +9,7 @@
 # copy of the tree, then runs the test files that drive those host runs with the sanitizer
 # runtimes preloaded into python.
 #
-#   bash tools/asan_host_tests.sh    # ~3 min build + ~2 min tests on 2 cores (664 tests)
+#   bash tools/asan_host_tests.sh    # ~3 min build + ~2 min tests on 2 cores (~1 000 tests)
 # Env: PYTHON (default python), ASAN_DIR (the copy's directory, kept; default a fresh one, removed
 # at exit), MAX_JOBS (default 2).
 set -euo pipefail
@@ -40,4 +40,5 @@ LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.s
 ASAN_OPTIONS=detect_leaks=0,halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1,print_stacktrace=1 \
   "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_rim_seq.py tests/test_rim_steps.py tests/test_brim_steps.py \
-    tests/test_host_item_order.py tests/test_rim_cpu.py tests/test_masked_cell.py
+    tests/test_host_item_order.py tests/test_host_lanes.py tests/test_rim_cpu.py \
+    tests/test_masked_cell.py

@@ -63,11 +63,13 @@ inline std::atomic<int>& host_warp_lanes() {
   return lanes;
 }
 
-// A reusable barrier of n threads (std::barrier is C++20; the extension builds as C++17): a
-// cluster's blocks (cluster_host.h) and a warp's lanes. Waiters spin on the generation, yielding:
-// with 32 lanes on a CI machine's 2 cores a barrier took ~380 us with a mutex and condition
-// variable (every release wakes 31 threads that then queue on the mutex) and ~33 us this way, and
-// a lane-emulated run waits at ten barriers per warp_sum.
+// A reusable barrier of n threads (std::barrier is C++20; the extension builds as C++17 on
+// torch 2.11): a cluster's blocks (cluster_host.h) and a warp's lanes. Waiters spin on the
+// generation, yielding: with 32 lanes on an idle 2-core machine a barrier took ~380 us with a
+// mutex and condition variable (every release wakes 31 threads that then queue on the mutex) and
+// ~33 us this way. (With the cores busy with other work each yield gives the core away for a time
+// slice, and the spin is slower than the condition variable: ~2 ms against ~0.3. CI runs the
+// tests alone.)
 class HostBarrier {
  public:
   explicit HostBarrier(int n) : n_(n) {}
@@ -89,22 +91,36 @@ class HostBarrier {
   std::atomic<uint64_t> gen_{0};
 };
 
-// The lanes of one emulated warp: their barrier and one exchange slot each (double holds a float
-// or double value exactly).
+// The lanes of one emulated warp: their barrier and two buffers of one exchange slot per lane
+// (double holds a float or double value exactly).
 struct HostWarp {
-  explicit HostWarp(int lanes) : lanes(lanes), barrier(lanes), slot(lanes) {}
+  explicit HostWarp(int lanes) : lanes(lanes), barrier(lanes), parity(lanes, 0) {
+    for (auto& s : slot) s.assign(lanes, 0.0);
+  }
   int lanes;
   HostBarrier barrier;
-  std::vector<double> slot;
-  // What __shfl_xor_sync(mask, v, off) returns to lane `lane`: every lane publishes v, then reads
-  // its partner's; the second wait keeps a slot until every lane has read it.
-  template <class C>
-  C xor_exchange(C v, int lane, int off) {
-    slot[lane] = static_cast<double>(v);
+  std::vector<double> slot[2];
+  std::vector<int> parity;  // each lane's next buffer (a lane touches only its own entry)
+  // The xor-shuffle butterfly as the device runs it (warp_reduce.cuh): for off = lanes/2 .. 1
+  // every lane l replaces its value by step(own, lane l ^ off's). Every lane publishes v, meets
+  // the others at one barrier, then replays the whole butterfly on the published values and keeps
+  // lane `lane`'s result: the device's bits, at one barrier per reduction instead of two per
+  // shuffle (ten for a warp_sum). The buffers alternate per call, so none needs a second wait: a
+  // lane writes a buffer again only after the next call's barrier, which every lane reaches after
+  // reading it.
+  template <class C, class Step>
+  C butterfly(C v, int lane, const Step& step) {
+    std::vector<double>& buf = slot[parity[lane]];
+    parity[lane] ^= 1;
+    buf[lane] = static_cast<double>(v);
     barrier.wait();
-    const C o = static_cast<C>(slot[lane ^ off]);
-    barrier.wait();
-    return o;
+    C a[kHostWarpLanes], b[kHostWarpLanes];
+    for (int l = 0; l < lanes; ++l) a[l] = static_cast<C>(buf[l]);
+    for (int off = lanes / 2; off > 0; off >>= 1) {
+      for (int l = 0; l < lanes; ++l) b[l] = step(a[l], a[l ^ off]);
+      for (int l = 0; l < lanes; ++l) a[l] = b[l];
+    }
+    return a[lane];
   }
 };
 
@@ -231,8 +247,8 @@ int64_t run_host_blocks(int64_t blocks, int64_t n, const F& f) {
 }
 
 // A warp item is one call as warp 0 with a single lane, or one per lane on 32 threads under
-// host_warp_lanes() (MmaTile8x32's host side computes the whole warp tile in every lane then:
-// the same values, 32 times).
+// host_warp_lanes() (a tensor-core tile is then computed and stored by lane 0 alone, and every
+// lane runs its share of the epilogue: mma_tile_lane in mma_tile.cuh).
 struct HostExec {
   template <class F>
   void parallel_for(int n, const F& f) const {

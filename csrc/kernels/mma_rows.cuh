@@ -89,7 +89,7 @@ RIMS_HD void mma_pack(const Exec& ex, int K, int S, int S_l, int kd, T* A, const
 // packed by mma_pack with the same kd.
 // The products as tiles: tile(k, n0, st, lane, lanes) gets each warp's 8 x 32 result tile (columns
 // n0..n0+31 of mechanism k, row-major in the warp's staging area st) and runs with the warp's
-// lanes (host: one lane), which must split the tile's work between them.
+// lanes (host: one lane, or 32 emulated ones), which must split the tile's work between them.
 template <typename T, typename C, class Exec, class Tile>
 RIMS_HD void mma_tiles(const Exec& ex, const MmaSmem<C, T>& sm, int K, int S_l, const T* W,
                        int kd, int n, const Tile& tile) {

@@ -13,17 +13,13 @@
 
 namespace rims {
 
-// v's partner across lane bit `off` (__shfl_xor_sync over the full warp; on the host the emulated
-// warp's exchange, or v itself outside one).
-template <typename C>
-RIMS_HD C lane_xor(C v, int off) {
 #if defined(__CUDA_ARCH__)
+// v's partner across lane bit `off` (__shfl_xor_sync over the full warp).
+template <typename C>
+__device__ __forceinline__ C lane_xor(C v, int off) {
   return __shfl_xor_sync(0xffffffffu, v, off);
-#else
-  const HostLane& me = host_lane();
-  return me.warp != nullptr ? me.warp->xor_exchange(v, me.lane, off) : v;
-#endif
 }
+#endif
 
 // Lanes of the calling warp: 32 on the device; on the host 32 inside an emulated warp, else 1.
 RIMS_HD int warp_lanes() {
@@ -34,21 +30,34 @@ RIMS_HD int warp_lanes() {
 #endif
 }
 
-// The butterfly: after the step with offset off each lane holds the sum of 2 off lanes' values.
+// The butterfly: after the step with offset off each lane holds the sum of 2 off lanes' values
+// (on the host, the emulated warp's replay of it, HostWarp::butterfly; one lane: v).
 template <typename C>
 RIMS_HD C warp_sum(C v) {
-  for (int off = warp_lanes() / 2; off > 0; off >>= 1) v += lane_xor(v, off);
+#if defined(__CUDA_ARCH__)
+  for (int off = 16; off > 0; off >>= 1) v += lane_xor(v, off);
   return v;
+#else
+  const HostLane& me = host_lane();
+  if (me.warp == nullptr) return v;
+  return me.warp->butterfly(v, me.lane, [](C own, C other) { return own + other; });
+#endif
 }
 
 // The larger of the lanes' values, as the scalar loops compare (a NaN's outcome unspecified).
 template <typename C>
 RIMS_HD C warp_max(C v) {
-  for (int off = warp_lanes() / 2; off > 0; off >>= 1) {
+#if defined(__CUDA_ARCH__)
+  for (int off = 16; off > 0; off >>= 1) {
     const C o = lane_xor(v, off);
     v = o > v ? o : v;
   }
   return v;
+#else
+  const HostLane& me = host_lane();
+  if (me.warp == nullptr) return v;
+  return me.warp->butterfly(v, me.lane, [](C own, C other) { return other > own ? other : own; });
+#endif
 }
 
 // sum_e a[e] b[e] over e < n: the lanes take e = lane, lane + lanes, ... (a warp reads
