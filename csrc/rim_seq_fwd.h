@@ -64,6 +64,15 @@ SeqFwdCall seq_fwd_prepare(
 // ptxas), the backward's spilled ~250 bytes, so the backward keeps tile 1.
 constexpr int64_t kSeqWideFwdTileMax = 2;
 
+// The stepped ops' per-unit kernels (cell, residual, their backward) index the (B, K, H) units
+// in 32-bit arithmetic (rim_step_fwd.cuh, step_detail::step_unit): refuse a layer with 2^31 or
+// more of them, with the sizes, rather than wrap.
+inline void rim_steps_check_sizes(const RimSeqDims& d, const char* op) {
+  TORCH_CHECK(d.B * d.K * d.H < (int64_t(1) << 31), op, "B*K*H = ", d.B, "*", d.K, "*", d.H,
+              " units is 2^31 or more, beyond the stepped kernels' 32-bit unit index; split the "
+              "batch");
+}
+
 // Whether a one-block-per-tile call runs a wide kernel (seq_cuda::kSeqWideThreads threads, SMAX
 // = its tile): on CUDA cores at a tile of at most max_tile (1 for the backward,
 // kSeqWideFwdTileMax for the forward), unless RIMS_FAST_CUDA_WIDE=0 (the 256-thread kernel

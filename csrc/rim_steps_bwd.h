@@ -21,6 +21,7 @@ template <typename C, typename T, class Dev>
 void rim_steps_bwd_run(SeqBwdCall& c, const at::Tensor& w_x, const Dev& dev) {
   const RimSeqDims& d = c.d;
   const int64_t B = d.B, K = d.K, H = d.H, GH = d.GH, GW = d.lstm ? GH : 2 * GH;
+  rim_steps_check_sizes(d, "rims_fast::rim_steps_bwd: ");
   const int64_t XW = d.n_in * d.Dx, C3 = 2 * d.ck + d.cv, nk = d.nk;
   const auto so = c.wt[1].options();  // storage type
   const auto co = c.keys.options();   // compute type

@@ -52,7 +52,10 @@ struct StepHostDev {
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    host_grid_for(p.s.B, [&](int64_t b) { rim_step_comm<C>(HostExec{}, p, t, b); });
+    const int64_t n = rim_step_comm_smem_elems(p.s, sizeof(C));
+    run_host_samples<C>("rim_step_comm", t, p.s.B, n, [&](int64_t b, C* smem) {
+      rim_step_comm<C>(HostExec{}, p, t, b, smem);
+    });
   }
   template <typename C, typename T>
   void residual(const RimStepParams<T>& p, int64_t t) const {

@@ -63,6 +63,7 @@ template <typename C, typename T, class Dev>
 void rim_steps_run(SeqFwdCall& c, const Dev& dev) {
   const RimSeqDims& d = c.d;
   const int64_t B = d.B, K = d.K, H = d.H, GH = d.GH, XW = d.n_in * d.Dx;
+  rim_steps_check_sizes(d, "rims_fast::rim_steps_fwd: ");
   const int64_t C3 = 2 * d.ck + d.cv;
   const auto so = c.h0.options();    // storage type
   const auto co = c.keys.options();  // compute type

@@ -49,8 +49,8 @@ template <typename C, typename T>
 struct CommPhase {
   RimStepParams<T> p;
   int64_t t;
-  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t b, unsigned char*) const {
-    rim_step_comm<C>(ex, p, t, b);
+  __device__ void operator()(const seq_cuda::DeviceExec& ex, int64_t b, unsigned char* smem) const {
+    rim_step_comm<C>(ex, p, t, b, reinterpret_cast<C*>(smem));
   }
 };
 template <typename C, typename T>
@@ -120,7 +120,9 @@ struct StepCudaDev {
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    for_samples(CommPhase<C, T>{p, t}, p.s.B, 0, stream, pdl);
+    for_samples(CommPhase<C, T>{p, t}, p.s.B,
+                static_cast<size_t>(rim_step_comm_smem_elems(p.s, sizeof(C))) * sizeof(C),
+                stream, pdl);
   }
   template <typename C, typename T>
   void residual(const RimStepParams<T>& p, int64_t t) const {

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "rim_seq_fwd.cuh"
+#include "stage_run.cuh"
 
 namespace rims {
 
@@ -85,25 +86,6 @@ RIMS_HD int64_t rim_seq_bwd_smem_elems(int64_t S, int64_t M, int64_t K, int64_t 
                   + cv + n_c * K + (2 * ck + cv) + GW + n_in * Dx + nk + n_in * M + 1
                   + (mma ? 0 : nk + n_in * M))  // the staged saved queries and probabilities
          + (mma ? 0 : S * M * nk);               // and the step's keys (CUDA cores only)
-}
-
-// Elements a staging item copies (stage_run): its loads all in flight before its stores, so that
-// an item waits on one L2 round trip.
-constexpr int kStageRun = 16;
-
-RIMS_HD int stage_runs(int n) { return (n + kStageRun - 1) / kStageRun; }
-
-// dst[e] = src[e] for e in item x's run [x kStageRun, x kStageRun + kStageRun) of [0, n).
-template <typename C>
-RIMS_HD void stage_run(C* dst, const C* src, int n, int x) {
-  const int e0 = x * kStageRun;
-  C v[kStageRun];
-  RIMS_UNROLL
-  for (int u = 0; u < kStageRun; ++u)
-    if (e0 + u < n) v[u] = src[e0 + u];
-  RIMS_UNROLL
-  for (int u = 0; u < kStageRun; ++u)
-    if (e0 + u < n) dst[e0 + u] = v[u];
 }
 
 // The tile's arrays. Staged per step from the forward's saved activations (block copies, so that

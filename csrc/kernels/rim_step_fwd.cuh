@@ -30,6 +30,7 @@
 #pragma once
 
 #include "rim_seq_fwd.cuh"
+#include "stage_run.cuh"
 
 namespace rims {
 
@@ -67,99 +68,134 @@ RIMS_HD C* row_at(const RimStepParams<T>& p, void* saved, void* scratch, int64_t
                           : static_cast<C*>(scratch) + r * width;
 }
 
-// Elements of an array a block-per-sample phase (rim_step_select, rim_step_comm_bwd,
-// rim_step_select_bwd) stages in shared memory: n, or 0 (not staged, read from global memory)
-// beyond 15 KB, so that a kernel's staged arrays stay near a block's default 48 KB (for_samples
-// opts in beyond it).
+// Elements of an array a block-per-sample phase (rim_step_select, rim_step_comm,
+// rim_step_comm_bwd, rim_step_select_bwd) stages in shared memory: n, or 0 (not staged, read from
+// global memory) beyond 15 KB, so that a kernel's staged arrays stay near a block's default 48 KB
+// (for_samples opts in beyond it).
 RIMS_HD int64_t staged_elems(int64_t n, int64_t cb) { return n * cb <= 15 * 1024 ? n : 0; }
+
+// Unit i = (b, k, j) of a (B, K, H) array (the per-unit kernels' items). 32-bit arithmetic: the
+// stepped ops refuse B K H >= 2^31 (rim_steps_check_sizes); a 64-bit division is a subroutine
+// call on the GPU, three per item in these kernels' index math.
+struct StepUnit {
+  int b, k, j;
+};
+RIMS_HD StepUnit step_unit(int64_t i, int64_t K, int64_t H) {
+  const unsigned u = static_cast<unsigned>(i), h = static_cast<unsigned>(H);
+  const unsigned kk = static_cast<unsigned>(K), r = u / h, b = r / kk;
+  return {static_cast<int>(b), static_cast<int>(r - b * kk), static_cast<int>(u - r * h)};
+}
 
 }  // namespace step_detail
 
 // Compute-type elements of rim_step_select's shared memory (cb: the compute type's size): p and
-// the active flags, then the staged q rows (K, nk), the step's keys (M, nk) and the attention
-// weights a~ (K, n_in, M), each where it fits (step_detail::staged_elems).
+// the active flags, then the staged q rows (K, nk), the step's keys (M, nk), its input row (M,
+// xrow) and the attention weights a~ (K, n_in, M), each where it fits
+// (step_detail::staged_elems).
 RIMS_HD int64_t rim_step_select_smem_elems(const RimSeqDims& d, int64_t cb) {
   return 2 * d.K + step_detail::staged_elems(d.K * d.nk, cb) +
          step_detail::staged_elems(d.M * d.nk, cb) +
+         step_detail::staged_elems(d.M * d.xrow, cb) +
          step_detail::staged_elems(d.K * d.n_in * d.M, cb);
 }
 
 // SPEC steps 1-2 and the attention-weighted input for sample b: one block (Exec: items over its
 // threads, a barrier after each loop). smem: rim_step_select_smem_elems compute-type values.
-// The sample's q rows, keys and a~ are staged in shared memory (where they fit), so that no
-// item's dependent chain reads global memory element by element: at `large` on an H100 this
-// kernel took 20.7 us per step, its scores a 64-long dot per (k, head, element) on 8 threads
-// fed by global loads, its weighted input 16 rounds of items each waiting on global loads
-// (results/nvidia-h100-profile-steps-2026-11-27a.log). Same sums in the same order.
+// Four phases:
+//   - staging: the sample's q rows (also saved), the step's keys and its input row, in runs of
+//     kStageRun elements whose loads are all in flight (stage_run): one L2 round trip. At `large`
+//     on an H100 this kernel took 11.0 us a step when the rows were staged one element per item
+//     (~5 rounds of a load, each waiting on the last: a shared-memory store may alias the next
+//     load) and its weighted input read the input row from global memory K times per column
+//     (results/nvidia-h100-profile-steps-2026-11-27b.log);
+//   - one warp per mechanism: its scores, the lanes splitting each dk-long dot over consecutive
+//     elements (warp_dot; a thread per (k, head, m) ran the dot alone), then lane 0 the null
+//     softmax of each head and p (the persistent forward's phase 1b-2);
+//   - the rank rule; items past K copy the staged a~ to its rows (saved or scratch);
+//   - the weighted input xa per column, all K mechanisms in the item.
+// On the host a warp item is one lane: the same sums in the same order as the persistent forward
+// (on the device the lanes reassociate the dots: round-off only, as there).
 template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t t, int64_t b,
                              C* smem) {
   const RimSeqFwdParams<T>& d = p.s;
-  const int64_t B = d.B, M = d.M, K = d.K, H = d.H, nk = d.nk, dk = d.dk, n_in = d.n_in;
-  const int64_t Dx = d.Dx, XW = n_in * Dx, HX = H + XW;
+  const int64_t B = d.B, cb = sizeof(C);
+  const int M = int(d.M), K = int(d.K), H = int(d.H), nk = int(d.nk), dk = int(d.dk);
+  const int n_in = int(d.n_in), Dx = int(d.Dx), XW = n_in * Dx, HX = H + XW, NA = n_in * M;
+  const int xrow = int(d.xrow), xhead = int(d.xhead);
   const C* kt = static_cast<const C*>(d.keys) + (t * B + b) * M * nk;
-  const C* xt = static_cast<const C*>(d.xsrc) + (t * B + b) * M * d.xrow;
-  const C* q = static_cast<const C*>(p.q);
+  const C* xt = static_cast<const C*>(d.xsrc) + (t * B + b) * M * xrow;
+  const C* q = static_cast<const C*>(p.q);  // (K, B, nk)
   const C scale_in = C(1) / sqrt(C(dk));
   const C keep_in = C(1.0 - d.p_in);
   const float drop_in = static_cast<float>(d.p_in);
-  const int64_t cb = sizeof(C), NA = n_in * M;
-  const int64_t nq = step_detail::staged_elems(K * nk, cb);
-  const int64_t nks = step_detail::staged_elems(M * nk, cb);
-  const int64_t na = step_detail::staged_elems(K * NA, cb);
+  const int nq = int(step_detail::staged_elems(int64_t(K) * nk, cb));
+  const int nks = int(step_detail::staged_elems(int64_t(M) * nk, cb));
+  const int nx = int(step_detail::staged_elems(int64_t(M) * xrow, cb));
+  const int na = int(step_detail::staged_elems(int64_t(K) * NA, cb));
   C* pk = smem;
   C* on = smem + K;
-  C* qs = smem + 2 * K;  // staged q rows (nq), keys (nks), a~ (na)
+  C* qs = smem + 2 * K;  // staged q rows (nq), keys (nks), input row (nx), a~ (na)
   C* ks = qs + nq;
-  C* as = ks + nks;
-  auto a_row = [&](int64_t k) {
+  C* xs = ks + nks;
+  C* as = xs + nx;
+  auto a_row = [&](int k) {
     return step_detail::row_at<C>(p, d.sv_a, p.a, t, b * K + k, NA);
   };
   // Where a~ of mechanism k lives during this phase: shared memory, or its global row.
-  auto a_work = [&](int64_t k) { return na > 0 ? as + k * NA : a_row(k); };
-  // The sample's q rows (saved per (k, column)) and the step's keys, staged.
-  ex.parallel_for(int(K * nk + nks), [&](int i) {
-    if (i >= K * nk) {
-      ks[i - K * nk] = kt[i - K * nk];
+  auto a_work = [&](int k) { return na > 0 ? as + k * NA : a_row(k); };
+  auto q_row = [&](int k) { return q + (k * B + b) * nk; };
+  const C* keys = nks > 0 ? ks : kt;
+  const C* x_in = nx > 0 ? xs : xt;
+  // Staging: item (k, run) of the q rows (staged where they fit, saved when saving), then the
+  // keys' runs, then the input row's.
+  const int rq = stage_runs(nk);
+  const int n_q = nq > 0 || d.sv_q != nullptr ? K * rq : 0;
+  const int n_k = nks > 0 ? stage_runs(nks) : 0, n_x = nx > 0 ? stage_runs(nx) : 0;
+  ex.parallel_for(n_q + n_k + n_x, [&](int x) {
+    if (x < n_q) {
+      const int k = x / rq;
+      C* saved = d.sv_q != nullptr
+                     ? static_cast<C*>(d.sv_q) + ((t * B + b) * K + k) * nk : nullptr;
+      stage_run(nq > 0 ? qs + k * nk : nullptr, q_row(k), nk, x - k * rq, saved);
       return;
     }
-    const int64_t k = i / nk, e = i % nk;
-    const C v = q[(k * B + b) * nk + e];
-    if (nq > 0) qs[i] = v;
-    if (d.sv_q != nullptr) static_cast<C*>(d.sv_q)[(t * B * K + b * K + k) * nk + e] = v;
+    x -= n_q;
+    if (x < n_k) {
+      stage_run(ks, kt, nks, x);
+      return;
+    }
+    stage_run(xs, xt, nx, x - n_k);
   });
-  // Scores per (k, head, m), then per k the null softmax of each head and p.
-  ex.parallel_for(int(K * NA), [&](int i) {
-    const int64_t k = i / NA, n = (i / M) % n_in, m = i % M;
-    const C* qn = (nq > 0 ? qs + k * nk : q + (k * B + b) * nk) + n * dk;
-    const C* km = (nks > 0 ? ks : kt) + m * nk + n * dk;
-    C dot = C(0);
-    for (int64_t j = 0; j < dk; ++j) dot += qn[j] * km[j];
-    a_work(k)[n * M + m] = dot * scale_in;
-  });
-  ex.parallel_for(int(K), [&](int k) {
-    C psum = C(0);
+  ex.warp_for(K, [&](int k, int, int lane, int lanes) {
     C* a = a_work(k);
-    for (int64_t n = 0; n < n_in; ++n) psum += null_softmax(a + n * M, M, a + n * M);
-    pk[k] = psum / C(n_in);
+    const C* qk = nq > 0 ? qs + k * nk : q_row(k);
+    C psum = C(0);
+    for (int n = 0; n < n_in; ++n) {
+      for (int m = 0; m < M; ++m) {
+        const C dot = warp_dot(qk + n * dk, keys + m * nk + n * dk, dk, lane, lanes);
+        if (lane == 0) a[n * M + m] = dot * scale_in;
+      }
+      if (lane == 0) psum += null_softmax(a + n * M, M, a + n * M);
+    }
+    if (lane == 0) pk[k] = psum / C(n_in);
   });
   // The rank rule per k; items past K copy the staged a~ to its rows (saved or scratch).
-  ex.parallel_for(int(K + na), [&](int i) {
+  ex.parallel_for(K + na, [&](int i) {
     if (i >= K) {
-      const int64_t j = i - K;
+      const int j = i - K;
       a_row(j / NA)[j % NA] = as[j];
       return;
     }
-    const int64_t k = i;
-    const bool act = competition_active(pk, K, k, d.top_k);
-    on[k] = act ? C(1) : C(0);
-    d.masks[(t * B + b) * K + k] = act;
+    const bool act = competition_active(pk, K, i, d.top_k);
+    on[i] = act ? C(1) : C(0);
+    d.masks[(t * B + b) * K + i] = act;
   });
   // xa per column of the input term, all K mechanisms in the item (one pass over the sample's
   // input row: items of (k, column) made each of K * XW / threads rounds wait on global loads).
-  ex.parallel_for(int(XW), [&](int col) {
-    const int64_t n = col / Dx, dd = col % Dx;
-    for (int64_t k = 0; k < K; ++k) {
+  ex.parallel_for(XW, [&](int col) {
+    const int n = col / Dx, dd = col % Dx;
+    for (int k = 0; k < K; ++k) {
       T* dst = p.hx + (k * B + b) * HX + H + col;
       if (on[k] == C(0)) {
         from_c(C(0), dst);
@@ -167,29 +203,29 @@ RIMS_HD void rim_step_select(const Exec& ex, const RimStepParams<T>& p, int64_t 
       }
       const C* ar = a_work(k) + n * M;
       C acc = C(0);
-      for (int64_t m = 0; m < M; ++m) {
+      for (int m = 0; m < M; ++m) {
         C w = ar[m];
         if (drop_in > 0.f) {
           const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_in + n) * M + m);
           w = dropout_keep(d.seed, 0, idx, drop_in) ? w / keep_in : C(0);
         }
-        acc += w * xt[m * d.xrow + n * d.xhead + dd];
+        acc += w * x_in[m * xrow + n * xhead + dd];
       }
       from_c(acc, dst);
     }
   });
 }
 
-// SPEC step 3 for unit j of row r = b * K + k: biases, the masked cell, saving. gi(col) and
-// gh(col) are the row's gate products before the biases, col = gate * H + j (LSTM: gi holds both
+// SPEC step 3 for unit j of row r = b * K + k: biases, the masked cell, saving. gi(q) and gh(q)
+// are the row's products of gate q (its column q * H + j) before the biases (LSTM: gi holds both
 // terms and gh is not called; GRU: gi = xa F, gh = h W_hh). The cell kernel reads them from the
 // gate GEMM's result, the fused gates kernel (rim_step_gates.cuh) from its accumulator tile.
 template <typename C, typename T, class Gi, class Gh>
-RIMS_HD void rim_step_cell_unit(const RimStepParams<T>& p, int64_t t, int64_t r, int64_t j,
+RIMS_HD void rim_step_cell_unit(const RimStepParams<T>& p, int64_t t, int b, int k, int j,
                                 const Gi& gi, const Gh& gh) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, H = d.H, GH = d.GH, GW = d.lstm ? GH : 2 * GH;
-  const int64_t i = r * H + j, b = r / K, k = r % K, kb = k * B + b;
+  const int64_t r = b * K + k, i = r * H + j, kb = k * B + b;
   C* h = static_cast<C*>(p.h);
   C* c = static_cast<C*>(p.c);
   C* ht = step_detail::row_at<C>(p, d.sv_ht, p.ht, t, r, H);
@@ -211,7 +247,7 @@ RIMS_HD void rim_step_cell_unit(const RimStepParams<T>& p, int64_t t, int64_t r,
     C v[4];
     for (int q = 0; q < 4; ++q) {
       const int64_t col = q * H + j;
-      v[q] = gi(col) + (bias(d.b_ih, col) + bias(d.b_hh, col));
+      v[q] = gi(q) + (bias(d.b_ih, col) + bias(d.b_hh, col));
       if (sg != nullptr) sg[col] = v[q];
     }
     C hn, cn;
@@ -222,8 +258,8 @@ RIMS_HD void rim_step_cell_unit(const RimStepParams<T>& p, int64_t t, int64_t r,
     C v[6];
     for (int q = 0; q < 3; ++q) {
       const int64_t col = q * H + j;
-      v[q] = gi(col) + bias(d.b_ih, col);
-      v[3 + q] = gh(col) + bias(d.b_hh, col);
+      v[q] = gi(q) + bias(d.b_ih, col);
+      v[3 + q] = gh(q) + bias(d.b_hh, col);
       if (sg != nullptr) {
         sg[col] = v[q];
         sg[GH + col] = v[3 + q];
@@ -238,70 +274,125 @@ RIMS_HD void rim_step_cell_unit(const RimStepParams<T>& p, int64_t t, int64_t r,
 template <typename C, typename T>
 RIMS_HD void rim_step_cell(const RimStepParams<T>& p, int64_t t, int64_t i) {
   const RimSeqFwdParams<T>& d = p.s;
-  const int64_t r = i / d.H, j = i % d.H, kb = (r % d.K) * d.B + r / d.K;
-  const C* g = static_cast<const C*>(p.g) + kb * d.GH;
-  const C* gh = d.lstm ? nullptr : static_cast<const C*>(p.gh) + kb * d.GH;
-  rim_step_cell_unit<C>(p, t, r, j, [&](int64_t col) { return g[col]; },
-                        [&](int64_t col) { return gh[col]; });
+  const step_detail::StepUnit u = step_detail::step_unit(i, d.K, d.H);
+  const int64_t kb = u.k * d.B + u.b;
+  const C* g = static_cast<const C*>(p.g) + kb * d.GH + u.j;
+  const C* gh = d.lstm ? nullptr : static_cast<const C*>(p.gh) + kb * d.GH + u.j;
+  rim_step_cell_unit<C>(p, t, u.b, u.k, u.j, [&](int q) { return g[q * d.H]; },
+                        [&](int q) { return gh[q * d.H]; });
 }
 
-// SPEC step 4 for sample b (one block; smem unused): each active mechanism's heads attend over
-// all K mechanisms. Three loops so that more threads have work (one thread per (k, head) ran the
-// K x (dc + dcv) products serially, accumulating o in global memory: 100 us of a 133 us step at
-// `paper` on an H100, results/nvidia-h100-profile-steps-2026-11-27a.log): the scores per
-// (k, head, j), the softmax per (k, head), then the read o per (k, column) and saving Q|K|V. Same
-// sums in the same order as the persistent forward.
+// Compute-type elements of rim_step_comm's shared memory (cb: the compute type's size): the
+// masks (K), then the sample's Q|K|V rows (K, C3) and its probabilities (K, n_c, K), each where it
+// fits (step_detail::staged_elems).
+RIMS_HD int64_t rim_step_comm_smem_elems(const RimSeqDims& d, int64_t cb) {
+  return d.K + step_detail::staged_elems(d.K * (2 * d.ck + d.cv), cb) +
+         step_detail::staged_elems(d.K * d.n_c * d.K, cb);
+}
+
+// SPEC step 4 for sample b (one block; smem: rim_step_comm_smem_elems compute-type values): each
+// active mechanism's heads attend over all K mechanisms. Three phases:
+//   - staging: the masks and the sample's K rows of Q|K|V from the GEMM's result (runs of
+//     kStageRun elements, all loads in flight: one L2 round trip), saved as they pass (inactive
+//     rows' queries as zeros: no one reads them);
+//   - one warp per (k, head) of the scores and the softmax (the persistent forward's phase 4b):
+//     the lanes split each dc-long dot over consecutive elements, then the K keys; the
+//     probabilities are saved undropped, and where staged the dropout's scale is applied in place;
+//   - the read o per (k, column), from shared memory.
+// At `paper` on an H100 this kernel took 9.3 us a step and 13.7 at `large` with a thread per
+// (k, head, j) running its dot on global loads, a thread per (k, head) its softmax, and the read
+// loading K values of global memory per column (results/nvidia-h100-profile-steps-2026-11-27b.log).
+// On the host a warp item is one lane: the same sums in the same order as the persistent forward.
 template <typename C, typename T, class Exec>
-RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t, int64_t b) {
+RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t, int64_t b,
+                           C* smem) {
   const RimSeqFwdParams<T>& d = p.s;
-  const int64_t B = d.B, K = d.K, n_c = d.n_c, dc = d.dc, dcv = d.dcv, ck = d.ck, cv = d.cv;
-  const int64_t C3 = 2 * ck + cv;
+  const int64_t B = d.B, cb = sizeof(C);
+  const int K = int(d.K), n_c = int(d.n_c), dc = int(d.dc), dcv = int(d.dcv), ck = int(d.ck);
+  const int cv = int(d.cv), C3 = 2 * ck + cv;
   const C* qkv = static_cast<const C*>(p.qkv);  // (K, B, C3): row (k, b) at (k * B + b) * C3
-  const bool* on = d.masks + (t * B + b) * K;
   const C scale_c = C(1) / sqrt(C(dc));
-  auto probs = [&](int64_t k, int64_t n) {  // b~[k, n, :] (the saved row or this step's scratch)
-    return step_detail::row_at<C>(p, d.sv_bp, p.bp, t, b * K + k, n_c * K) + n * K;
-  };
-  ex.parallel_for(int(K * n_c * K), [&](int i) {
-    const int64_t k = i / (n_c * K), n = (i / K) % n_c, j = i % K;
-    C* y = probs(k, n);
-    if (!on[k]) {
-      y[j] = C(0);
-      return;
-    }
-    const C* qn = qkv + (k * B + b) * C3 + n * dc;
-    const C* kj = qkv + (j * B + b) * C3 + ck + n * dc;
-    C dot = C(0);
-    for (int64_t e = 0; e < dc; ++e) dot += qn[e] * kj[e];
-    y[j] = dot * scale_c;
-  });
-  ex.parallel_for(int(K * n_c), [&](int i) {
-    const int64_t k = i / n_c, n = i % n_c;
-    if (on[k]) softmax(probs(k, n), K, probs(k, n));
-  });
   const C keep_c = C(1.0 - d.p_c);
   const float drop_c = static_cast<float>(d.p_c);
-  ex.parallel_for(int(K * cv), [&](int i) {
-    const int64_t k = i / cv, col = i % cv, n = col / dcv, r = b * K + k;
-    const C* mine = qkv + (k * B + b) * C3;
-    if (d.sv_qkv != nullptr) {  // V's column col; Q's and K's columns col, col + cv, ...
-      C* sv = static_cast<C*>(d.sv_qkv) + (t * B * K + r) * C3;
-      for (int64_t c2 = col; c2 < ck; c2 += cv) {
-        sv[c2] = on[k] ? mine[c2] : C(0);  // inactive rows' queries are read by no one: zeros
-        sv[ck + c2] = mine[ck + c2];
-      }
-      sv[2 * ck + col] = mine[2 * ck + col];
+  const int n3 = int(step_detail::staged_elems(int64_t(K) * C3, cb));
+  const int nbp = int(step_detail::staged_elems(int64_t(K) * n_c * K, cb));
+  C* acts = smem;       // masks (K)
+  C* qs = smem + K;     // Q|K|V rows (n3)
+  C* bps = qs + n3;     // probabilities (nbp)
+  auto row = [&](int j) { return n3 > 0 ? qs + j * C3 : qkv + (j * B + b) * C3; };
+  auto probs = [&](int k, int n) {  // b~[k, n, :] (the saved row or this step's scratch)
+    return step_detail::row_at<C>(p, d.sv_bp, p.bp, t, b * K + k, n_c * K) + n * K;
+  };
+  auto drop = [&](int k, int n, int j, C w) {
+    const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_c + n) * K + j);
+    return dropout_keep(d.seed, 1, idx, drop_c) ? w / keep_c : C(0);
+  };
+  const bool* masks = d.masks + (t * B + b) * K;
+  const int r3 = stage_runs(C3);
+  const int n_s = n3 > 0 || d.sv_qkv != nullptr ? K * r3 : 0;
+  ex.parallel_for(K + n_s, [&](int x) {
+    if (x < K) {
+      acts[x] = masks[x] ? C(1) : C(0);
+      return;
     }
+    const int k = (x - K) / r3, e0 = (x - K - k * r3) * kStageRun;
+    const C* src = qkv + (k * B + b) * C3;
+    C* sv = d.sv_qkv != nullptr ? static_cast<C*>(d.sv_qkv) + ((t * B + b) * K + k) * C3
+                                : nullptr;
+    const bool on = masks[k];
+    C v[kStageRun];
+    RIMS_UNROLL
+    for (int u = 0; u < kStageRun; ++u)
+      if (e0 + u < C3) v[u] = src[e0 + u];
+    RIMS_UNROLL
+    for (int u = 0; u < kStageRun; ++u) {
+      const int e = e0 + u;
+      if (e >= C3) break;
+      if (n3 > 0) qs[k * C3 + e] = v[u];
+      if (sv != nullptr) sv[e] = e < ck && !on ? C(0) : v[u];
+    }
+  });
+  ex.warp_for(K * n_c, [&](int i, int, int lane, int lanes) {
+    const int k = i / n_c, n = i % n_c;
+    C* yg = probs(k, n);
+    if (acts[k] == C(0)) {
+      for (int j = lane; j < K; j += lanes) yg[j] = C(0);
+      return;
+    }
+    C* y = nbp > 0 ? bps + i * K : yg;
+    const C* qn = row(k) + n * dc;
+    for (int j = 0; j < K; ++j) {
+      const C dot = warp_dot(qn, row(j) + ck + n * dc, dc, lane, lanes);
+      if (lane == 0) y[j] = dot * scale_c;
+    }
+    ex.syncwarp();  // lane 0's scores, read by every lane
+    // softmax(y, K, y) over the lanes; lanes past K start from y[0], which lane 0 rewrites
+    // below, after the syncwarp that follows every lane's reads.
+    C mu = y[lane < K ? lane : 0];
+    for (int j = lane + lanes; j < K; j += lanes) mu = y[j] > mu ? y[j] : mu;
+    mu = warp_max(mu);
+    ex.syncwarp();
+    C sum = C(0);
+    for (int j = lane; j < K; j += lanes) {
+      y[j] = rims_exp(y[j] - mu);
+      sum += y[j];
+    }
+    sum = warp_sum(sum);
+    for (int j = lane; j < K; j += lanes) {
+      y[j] = y[j] / sum;
+      if (nbp == 0) continue;  // y is the global row: the read applies the dropout
+      yg[j] = y[j];
+      if (drop_c > 0.f) y[j] = drop(k, n, j, y[j]);
+    }
+  });
+  ex.parallel_for(K * cv, [&](int i) {
+    const int k = i / cv, col = i % cv, n = col / dcv, r = b * K + k;
     C acc = C(0);
-    if (on[k]) {
-      const C* y = probs(k, n);
-      for (int64_t j = 0; j < K; ++j) {
-        C w = y[j];
-        if (drop_c > 0.f) {
-          const uint64_t idx = static_cast<uint64_t>((((t * B + b) * K + k) * n_c + n) * K + j);
-          w = dropout_keep(d.seed, 1, idx, drop_c) ? w / keep_c : C(0);
-        }
-        acc += w * qkv[(j * B + b) * C3 + 2 * ck + col];
+    if (acts[k] != C(0)) {
+      const C* y = nbp > 0 ? bps + (k * n_c + n) * K : probs(k, n);
+      for (int j = 0; j < K; ++j) {
+        const C w = nbp == 0 && drop_c > 0.f ? drop(k, n, j, y[j]) : y[j];
+        acc += w * row(j)[2 * ck + col];
       }
     }
     step_detail::row_at<C>(p, d.sv_o, p.o, t, r, cv)[col] = acc;
@@ -313,11 +404,11 @@ RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t,
 // step's operand row. y() is the row's output product at j (read on active rows only): from the
 // GEMM's result in the residual kernel, from the accumulator tile in rim_step_output.cuh.
 template <typename C, typename T, class Y>
-RIMS_HD void rim_step_residual_unit(const RimStepParams<T>& p, int64_t t, int64_t r, int64_t j,
+RIMS_HD void rim_step_residual_unit(const RimStepParams<T>& p, int64_t t, int b, int k, int j,
                                     const Y& y) {
   const RimSeqFwdParams<T>& d = p.s;
   const int64_t B = d.B, K = d.K, H = d.H, HX = H + d.n_in * d.Dx;
-  const int64_t i = r * H + j, kb = (r % K) * B + r / K;
+  const int64_t r = b * K + k, i = r * H + j, kb = k * B + b;
   const C ht = step_detail::row_at<C>(p, d.sv_ht, p.ht, t, r, H)[j];
   const C v = d.masks[t * B * K + r] ? ht + y() : ht;
   static_cast<C*>(p.h)[i] = v;
@@ -329,9 +420,10 @@ RIMS_HD void rim_step_residual_unit(const RimStepParams<T>& p, int64_t t, int64_
 template <typename C, typename T>
 RIMS_HD void rim_step_residual(const RimStepParams<T>& p, int64_t t, int64_t i) {
   const RimSeqFwdParams<T>& d = p.s;
-  const int64_t r = i / d.H, j = i % d.H, kb = (r % d.K) * d.B + r / d.K;
-  rim_step_residual_unit<C>(p, t, r, j,
-                            [&] { return static_cast<const C*>(p.y)[kb * d.H + j]; });
+  const step_detail::StepUnit u = step_detail::step_unit(i, d.K, d.H);
+  const int64_t kb = u.k * d.B + u.b;
+  rim_step_residual_unit<C>(p, t, u.b, u.k, u.j,
+                            [&] { return static_cast<const C*>(p.y)[kb * d.H + u.j]; });
 }
 
 }  // namespace rims

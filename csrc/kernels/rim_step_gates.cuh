@@ -42,7 +42,7 @@ template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_gates_cell(const Exec& ex, const RimStepParams<T>& p, int64_t t,
                                  int64_t blk, C* smem) {
   const RimSeqFwdParams<T>& d = p.s;
-  const int64_t B = d.B, K = d.K, H = d.H, HX = H + d.n_in * d.Dx;
+  const int64_t B = d.B, H = d.H, HX = H + d.n_in * d.Dx;
   const StepMmaGrid g = rim_step_gates_grid(d);
   const int kd = static_cast<int>(g.kd);
   const StepMmaGrid::Block at = g.block(blk);
@@ -56,8 +56,8 @@ RIMS_HD void rim_step_gates_cell(const Exec& ex, const RimStepParams<T>& p, int6
           const int64_t j = tile * kGateUnits + u;
           if (b >= B || j >= H) continue;
           const C* g = st + s * kMmaN + 4 * u;  // gate q of unit j at g[q]
-          rim_step_cell_unit<C>(p, t, b * K + k, j, [&](int64_t col) { return g[col / H]; },
-                                [&](int64_t) { return C(0); });
+          rim_step_cell_unit<C>(p, t, int(b), int(k), int(j), [&](int q) { return g[q]; },
+                                [&](int) { return C(0); });
         }
       });
 }

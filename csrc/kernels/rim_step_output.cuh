@@ -33,7 +33,7 @@ template <typename C, typename T, class Exec>
 RIMS_HD void rim_step_output_residual(const Exec& ex, const RimStepParams<T>& p, int64_t t,
                                       int64_t blk, C* smem) {
   const RimSeqFwdParams<T>& d = p.s;
-  const int64_t B = d.B, K = d.K, H = d.H, cv = d.cv;
+  const int64_t B = d.B, H = d.H, cv = d.cv;
   const StepMmaGrid g = rim_step_output_grid(d);
   const int kd = static_cast<int>(g.kd);
   const StepMmaGrid::Block at = g.block(blk);
@@ -44,7 +44,7 @@ RIMS_HD void rim_step_output_residual(const Exec& ex, const RimStepParams<T>& p,
         for (int e = lane; e < kMmaM * kMmaN; e += lanes) {
           const int64_t b = bt + e / kMmaN, j = ct * kMmaN + e % kMmaN;
           if (b >= B || j >= H) continue;
-          rim_step_residual_unit<C>(p, t, b * K + k, j, [&] { return st[e]; });
+          rim_step_residual_unit<C>(p, t, int(b), int(k), int(j), [&] { return st[e]; });
         }
       });
 }
