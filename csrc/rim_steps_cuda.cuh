@@ -78,9 +78,17 @@ void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, size_t s
 }
 
 constexpr int kItemThreads = 256;
-// A block per sample: at `paper` (B = 64) that is half the SMs of an H100 with one block each, so
-// the phases' wide loops (hundreds to thousands of items) are better spread over 8 warps than 4.
+// Blocks of the fused tensor-core kernels (kStepMmaWarps warps, step_mma.cuh).
 constexpr int kSampleThreads = 256;
+// A block per sample for the select and comm phases and their backward: at `paper` (B = 64) that
+// is half the SMs of an H100 with one block each, so the phases' loops (hundreds to thousands of
+// items) and warp items are spread over 16 warps, not 8: half the rounds (comm's 24 warp items:
+// 2 rounds instead of 3; comm_bwd's 2 304 items of d Q|K|V: 5 instead of 9), and twice the warps
+// to hide each round's shared-memory and L2 latency. At `large` (B = 256) all blocks are resident
+// either way. An item is one thread's or one warp's whatever the block size: same results.
+// float64 keeps 256: its comm kernel spilled 80 bytes at 512 (40 at 256; ptxas sm_90a).
+template <typename C>
+constexpr int kPhaseThreads = sizeof(C) > 4 ? 256 : 512;
 
 template <class F>
 __global__ void __launch_bounds__(kItemThreads) items_kernel(const F f, int64_t n) {
@@ -90,8 +98,8 @@ __global__ void __launch_bounds__(kItemThreads) items_kernel(const F f, int64_t 
     f(i);
 }
 
-template <class F>
-__global__ void __launch_bounds__(kSampleThreads) samples_kernel(const F f) {
+template <class F, int THREADS>
+__global__ void __launch_bounds__(THREADS) samples_kernel(const F f) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   wait_prerequisites();
   f(seq_cuda::DeviceExec{}, static_cast<int64_t>(blockIdx.x), smem_raw);
@@ -105,8 +113,9 @@ void for_items(const F& f, int64_t n, cudaStream_t stream, bool pdl) {
   launch(items_kernel<F>, static_cast<unsigned>(blocks), kItemThreads, 0, stream, pdl, f, n);
 }
 
-// f(exec, b, smem) for b in [0, samples), a block each with `smem` bytes of shared memory.
-template <class F>
+// f(exec, b, smem) for b in [0, samples), a block of THREADS threads each with `smem` bytes of
+// shared memory.
+template <int THREADS = kSampleThreads, class F>
 void for_samples(const F& f, int64_t samples, size_t smem, cudaStream_t stream, bool pdl) {
   if (smem > 48 * 1024) {  // beyond the default: opt in once per kernel and device, never lowered
     int dev = 0;
@@ -114,9 +123,10 @@ void for_samples(const F& f, int64_t samples, size_t smem, cudaStream_t stream, 
     TORCH_CHECK(static_cast<int64_t>(smem) <= seq_cuda::max_smem_per_block(dev),
                 "rims_fast stepped ops: a phase kernel needs ", smem, " bytes of shared memory, "
                 "more than this GPU's ", seq_cuda::max_smem_per_block(dev), " per block");
-    seq_cuda::allow_max_smem(samples_kernel<F>, dev);
+    seq_cuda::allow_max_smem(samples_kernel<F, THREADS>, dev);
   }
-  launch(samples_kernel<F>, static_cast<unsigned>(samples), kSampleThreads, smem, stream, pdl, f);
+  launch(samples_kernel<F, THREADS>, static_cast<unsigned>(samples), THREADS, smem, stream, pdl,
+         f);
 }
 
 }  // namespace steps_cuda

@@ -1,7 +1,8 @@
 """The CUDA kernels' warp items with their 32 lanes emulated on the host (csrc/kernels/host_exec.h).
 
 A warp item of the persistent kernels (the attention scores and softmax, their backward, the
-hoisted input term's d a~) is written per lane: lane-strided loops, then warp_sum / warp_max and
+hoisted input term's d a~) and of the stepped ops (rim_step_select's scores, rim_step_comm's
+scores and softmax, rim_step_comm_bwd's d scores and softmax backward) is written per lane: lane-strided loops, then warp_sum / warp_max and
 syncwarp (csrc/kernels/warp_reduce.cuh). A default host run calls it once as lane 0 of 1, which
 checks its arithmetic but not how the lanes split it. With ``_set_host_warp_lanes(32)`` each warp
 phase runs on 32 host threads, one per lane, whose reductions combine as the device's shuffles

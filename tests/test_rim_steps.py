@@ -490,11 +490,12 @@ def test_tf32_setting_read_with_either_api():
 
 
 # Wide enough that the stepped select reads the q rows and the keys from global memory instead
-# of staging them (neither fits its 15 KB in float64: K*nk = M*nk = 8*256 elements), and that
-# comm_bwd reads the Q|K|V rows, d o rows, probabilities and score gradients from global memory
-# (K*C3 = 16*768, K*cv = 16*256, K*n_c*K = 16*8*16 elements, each over 15 KB in float64), and
-# that select_bwd reads a~, the score gradients, their partial sums and the input row from
-# global memory (K*n_in*M = 8*4*64, M*xrow = 64*1024).
+# of staging them (neither fits its 15 KB in float64: K*nk = M*nk = 8*256 elements), as does
+# select_bwd the saved queries; that comm and comm_bwd read the Q|K|V rows, d o rows,
+# probabilities and score gradients from global memory (K*C3 = 16*768, K*cv = 16*256, K*n_c*K =
+# 16*8*16 elements, each over 15 KB in float64; comm then applies the dropout at its read); and
+# that select reads the input row, and select_bwd a~, the score gradients, their partial sums and
+# the input row, from global memory (K*n_in*M = 8*4*64, M*xrow = 64*1024).
 UNSTAGED = [("lstm", 8, 4, 1, 8, 3, 2, 3, dict(input_key_size=64)),
             ("lstm", 1, 1, 8, 16, 4, 2, 3, dict(comm_key_size=32, comm_value_size=32)),
             ("lstm", 64, 4, 1, 8, 3, 2, 256, dict(input_key_size=8))]

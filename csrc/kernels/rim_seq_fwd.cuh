@@ -715,28 +715,14 @@ RIMS_HD void rim_seq_fwd_tile(const Exec& ex, const RimSeqFwdParams<T>& p, int64
         const C dot = warp_dot(qn, sm.kv + (s * K + j) * CKV + n * dc, dc, lane, lanes);
         if (lane == 0) y[j] = dot * scale_c;
       }
-      ex.syncwarp();  // lane 0's scores, read by every lane
-      // softmax(y, K, y): lanes past K start from y[0], which lane 0 rewrites below, after the
-      // syncwarp that follows every lane's reads.
-      C mu = y[lane < K ? lane : 0];
-      for (int j = lane + lanes; j < K; j += lanes) mu = y[j] > mu ? y[j] : mu;
-      mu = warp_max(mu);
-      ex.syncwarp();
-      C sum = C(0);
-      for (int j = lane; j < K; j += lanes) {
-        y[j] = rims_exp(y[j] - mu);
-        sum += y[j];
-      }
-      sum = warp_sum(sum);
-      for (int j = lane; j < K; j += lanes) {
-        y[j] = y[j] / sum;
+      warp_softmax(ex, y, K, lane, lanes, [&](int j) {
         if (save) sv(p.sv_bp, t, r, nK)[n * K + j] = y[j];
         if (drop_c > 0.f) {
           const uint64_t idx = static_cast<uint64_t>(
               (((t * B + b0 + s) * K + k) * n_c + n) * K + j);
           y[j] = dropout_keep(p.seed, 1, idx, drop_c) ? y[j] / keep_c : C(0);
         }
-      }
+      });
     });
     // the read per (row, column): o[e] = sum_j b~_j v_j[e] in a register, zero on inactive rows.
     const RunMechs run_r = run_mechs(sm.act, S, kn, kst);

@@ -298,7 +298,8 @@ RIMS_HD int64_t rim_step_comm_smem_elems(const RimSeqDims& d, int64_t cb) {
 //   - one warp per (k, head) of the scores and the softmax (the persistent forward's phase 4b):
 //     the lanes split each dc-long dot over consecutive elements, then the K keys; the
 //     probabilities are saved undropped, and where staged the dropout's scale is applied in place;
-//   - the read o per (k, column), from shared memory.
+//   - the read o per (k, column), from the staged rows and probabilities (global memory where
+//     they were too large to stage).
 // At `paper` on an H100 this kernel took 9.3 us a step and 13.7 at `large` with a thread per
 // (k, head, j) running its dot on global loads, a thread per (k, head) its softmax, and the read
 // loading K values of global memory per column (results/nvidia-h100-profile-steps-2026-11-27b.log).
@@ -365,28 +366,15 @@ RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t,
       const C dot = warp_dot(qn, row(j) + ck + n * dc, dc, lane, lanes);
       if (lane == 0) y[j] = dot * scale_c;
     }
-    ex.syncwarp();  // lane 0's scores, read by every lane
-    // softmax(y, K, y) over the lanes; lanes past K start from y[0], which lane 0 rewrites
-    // below, after the syncwarp that follows every lane's reads.
-    C mu = y[lane < K ? lane : 0];
-    for (int j = lane + lanes; j < K; j += lanes) mu = y[j] > mu ? y[j] : mu;
-    mu = warp_max(mu);
-    ex.syncwarp();
-    C sum = C(0);
-    for (int j = lane; j < K; j += lanes) {
-      y[j] = rims_exp(y[j] - mu);
-      sum += y[j];
-    }
-    sum = warp_sum(sum);
-    for (int j = lane; j < K; j += lanes) {
-      y[j] = y[j] / sum;
-      if (nbp == 0) continue;  // y is the global row: the read applies the dropout
+    warp_softmax(ex, y, K, lane, lanes, [&](int j) {
+      if (nbp == 0) return;  // y is the global row: the read applies the dropout
       yg[j] = y[j];
       if (drop_c > 0.f) y[j] = drop(k, n, j, y[j]);
-    }
+    });
   });
   ex.parallel_for(K * cv, [&](int i) {
-    const int k = i / cv, col = i % cv, n = col / dcv, r = b * K + k;
+    const int k = i / cv, col = i % cv, n = col / dcv;
+    const int64_t r = b * K + k;
     C acc = C(0);
     if (acts[k] != C(0)) {
       const C* y = nbp > 0 ? bps + (k * n_c + n) * K : probs(k, n);

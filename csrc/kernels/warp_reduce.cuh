@@ -69,4 +69,28 @@ RIMS_HD C warp_dot(const C* a, const C* b, int n, int lane, int lanes) {
   return warp_sum(part);
 }
 
+// y[0..n) = softmax(y[0..n)) over the lanes of a warp item, y written by lane 0 before the call
+// (the attention's scores); then each(j) for the lane's j (lane, lane + lanes, ...) after y[j]
+// holds its probability. On one lane: softmax()'s loops (rim_numerics.h) exactly.
+template <typename C, class Exec, class Each>
+RIMS_HD void warp_softmax(const Exec& ex, C* y, int n, int lane, int lanes, const Each& each) {
+  ex.syncwarp();  // lane 0's scores, read by every lane
+  // Lanes past n start from y[0], which lane 0 rewrites below, after the syncwarp that follows
+  // every lane's reads.
+  C mu = y[lane < n ? lane : 0];
+  for (int j = lane + lanes; j < n; j += lanes) mu = y[j] > mu ? y[j] : mu;
+  mu = warp_max(mu);
+  ex.syncwarp();
+  C sum = C(0);
+  for (int j = lane; j < n; j += lanes) {
+    y[j] = rims_exp(y[j] - mu);
+    sum += y[j];
+  }
+  sum = warp_sum(sum);
+  for (int j = lane; j < n; j += lanes) {
+    y[j] = y[j] / sum;
+    each(j);
+  }
+}
+
 }  // namespace rims
