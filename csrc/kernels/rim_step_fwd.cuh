@@ -336,22 +336,12 @@ RIMS_HD void rim_step_comm(const Exec& ex, const RimStepParams<T>& p, int64_t t,
       acts[x] = masks[x] ? C(1) : C(0);
       return;
     }
-    const int k = (x - K) / r3, e0 = (x - K - k * r3) * kStageRun;
-    const C* src = qkv + (k * B + b) * C3;
+    const int k = (x - K) / r3;
     C* sv = d.sv_qkv != nullptr ? static_cast<C*>(d.sv_qkv) + ((t * B + b) * K + k) * C3
                                 : nullptr;
     const bool on = masks[k];
-    C v[kStageRun];
-    RIMS_UNROLL
-    for (int u = 0; u < kStageRun; ++u)
-      if (e0 + u < C3) v[u] = src[e0 + u];
-    RIMS_UNROLL
-    for (int u = 0; u < kStageRun; ++u) {
-      const int e = e0 + u;
-      if (e >= C3) break;
-      if (n3 > 0) qs[k * C3 + e] = v[u];
-      if (sv != nullptr) sv[e] = e < ck && !on ? C(0) : v[u];
-    }
+    stage_run(n3 > 0 ? qs + k * C3 : nullptr, qkv + (k * B + b) * C3, C3, x - K - k * r3, sv,
+              [&](int e, C v) { return e < ck && !on ? C(0) : v; });
   });
   ex.warp_for(K * n_c, [&](int i, int, int lane, int lanes) {
     const int k = i / n_c, n = i % n_c;

@@ -16,10 +16,18 @@ constexpr int kStageRun = 16;
 
 RIMS_HD int stage_runs(int n) { return (n + kStageRun - 1) / kStageRun; }
 
-// dst[e] = src[e], and dst2[e] = src[e] unless dst2 is null, for e in item x's run
+// The copy a staging run writes to its second destination unchanged (stage_run's default).
+struct StageSame {
+  template <typename C>
+  RIMS_HD C operator()(int, C v) const { return v; }
+};
+
+// dst[e] = src[e], and dst2[e] = f2(e, src[e]) unless dst2 is null, for e in item x's run
 // [x kStageRun, x kStageRun + kStageRun) of [0, n); dst may be null too (only dst2 written).
-template <typename C>
-RIMS_HD void stage_run(C* dst, const C* src, int n, int x, C* dst2 = nullptr) {
+// f2 lets the second copy differ where it is saved, not staged (the stepped comm saves inactive
+// mechanisms' queries as zeros).
+template <typename C, typename F2 = StageSame>
+RIMS_HD void stage_run(C* dst, const C* src, int n, int x, C* dst2 = nullptr, F2 f2 = {}) {
   const int e0 = x * kStageRun;
   C v[kStageRun];
   RIMS_UNROLL
@@ -29,7 +37,7 @@ RIMS_HD void stage_run(C* dst, const C* src, int n, int x, C* dst2 = nullptr) {
   for (int u = 0; u < kStageRun; ++u) {
     if (e0 + u >= n) break;
     if (dst != nullptr) dst[e0 + u] = v[u];
-    if (dst2 != nullptr) dst2[e0 + u] = v[u];
+    if (dst2 != nullptr) dst2[e0 + u] = f2(e0 + u, v[u]);
   }
 }
 
