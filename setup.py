@@ -101,7 +101,10 @@ def _extensions(path, reason, torch):
     cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
     # No --use_fast_math / -ffast-math: the ops promise nn.LSTMCell/GRUCell numerics. No -std:
     # torch adds the -std its own headers need (C++20 for torch 2.14).
-    cxx = ["-O3"]
+    # -g0: Python's CFLAGS bring -g, which made the host files' template-heavy compiles ~1.6x
+    # slower (and the .so several times larger). RIMS_FAST_CXX_FLAGS comes last, so it can take
+    # it back ("-g") or change the level (tools/asan_host_tests.sh: "-O1 -g", ASan's advice).
+    cxx = ["-O3", "-g0"] + os.environ.get("RIMS_FAST_CXX_FLAGS", "").split()
     tile_max = [("RIMS_SEQ_TILE_MAX", str(_seq_tile_max()))]
     kwargs = dict(name="rims_fast._C", include_dirs=[str(ROOT / "csrc")],
                   extra_link_args=_link_args())

@@ -3,7 +3,16 @@ the Triton interpreter when there is no GPU; ``gpu`` tests need CUDA and are ski
 
 import os
 
-import torch
+# Under pytest-xdist (`-n auto`) the workers share the cores: thread pools the size of the machine
+# in every worker (torch's, and the BLAS under numpy that the Triton interpreter runs on) would
+# oversubscribe them. Set before torch and numpy are imported, which read these once.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _SHARE)
+
+import torch  # noqa: E402
 
 # The interpreter must be chosen before triton is first imported (it reads the variable then).
 if not torch.cuda.is_available():
