@@ -11,6 +11,9 @@ namespace {
 // kSeqWideThreads; rim_seq_cuda.cuh).
 template <typename C, typename T, bool MMA, int SMAX = kSeqTileMax, int THREADS = kSeqThreads>
 __global__ void __launch_bounds__(THREADS) rim_seq_bwd_kernel(const RimSeqBwdParams<T> p) {
+  // The tensor-core scratch holds one staging tile per warp of kSeqThreads (MmaSmem, kSeqWarps):
+  // a wider block would write past it.
+  static_assert(!MMA || THREADS == kSeqThreads, "tensor-core kernels run kSeqThreads threads");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   rim_seq_bwd_tile<SMAX, C, MMA>(DeviceExecT<!MMA>{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),
                                         reinterpret_cast<C*>(smem_raw));

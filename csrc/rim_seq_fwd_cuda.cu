@@ -13,6 +13,9 @@ namespace {
 // THREADS: the largest tile and the block size (the wide kernels: 1 or 2, kSeqWideThreads).
 template <typename C, typename T, bool MMA, int SMAX = kSeqTileMax, int THREADS = kSeqThreads>
 __global__ void __launch_bounds__(THREADS) rim_seq_fwd_kernel(const RimSeqFwdParams<T> p) {
+  // The tensor-core scratch holds one staging tile per warp of kSeqThreads (MmaSmem, kSeqWarps):
+  // a wider block would write past it.
+  static_assert(!MMA || THREADS == kSeqThreads, "tensor-core kernels run kSeqThreads threads");
   // 128-byte aligned: the tensor-core tiles at the start need 256-bit alignment.
   extern __shared__ __align__(128) unsigned char smem_raw[];
   rim_seq_fwd_tile<SMAX, C, MMA>(DeviceExecT<!MMA>{p.phase_clock}, p, static_cast<int64_t>(blockIdx.x),

@@ -52,7 +52,7 @@ struct StepBwdCudaDev {
   }
   template <typename C, typename T>
   void comm_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for_samples<kPhaseThreads<C>>(CommBwdPhase<C, T>{p, t}, p.s.B,
+    for_samples<kPhaseThreads>(CommBwdPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_comm_bwd_smem_elems(p.s, sizeof(C))) * sizeof(C),
                 stream, pdl);
   }
@@ -62,7 +62,7 @@ struct StepBwdCudaDev {
   }
   template <typename C, typename T>
   void select_bwd(const RimStepBwdParams<T>& p, int64_t t) const {
-    for_samples<kPhaseThreads<C>>(SelectBwdPhase<C, T>{p, t}, p.s.B,
+    for_samples<kPhaseThreads>(SelectBwdPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_select_bwd_smem_elems(p.s, sizeof(C))) * sizeof(C),
                 stream, pdl);
   }

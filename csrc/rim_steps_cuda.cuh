@@ -86,9 +86,9 @@ constexpr int kSampleThreads = 256;
 // 2 rounds instead of 3; comm_bwd's 2 304 items of d Q|K|V: 5 instead of 9), and twice the warps
 // to hide each round's shared-memory and L2 latency. At `large` (B = 256) all blocks are resident
 // either way. An item is one thread's or one warp's whatever the block size: same results.
-// float64 keeps 256: its comm kernel spilled 80 bytes at 512 (40 at 256; ptxas sm_90a).
-template <typename C>
-constexpr int kPhaseThreads = sizeof(C) > 4 ? 256 : 512;
+// float64 too: ptxas sm_90a (2026-11-28, after 7989b02) gives its four kernels 64-106 registers
+// and no spills at 512, where at 256 its select spilled 40 bytes.
+constexpr int kPhaseThreads = 512;
 
 template <class F>
 __global__ void __launch_bounds__(kItemThreads) items_kernel(const F f, int64_t n) {

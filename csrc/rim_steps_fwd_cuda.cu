@@ -84,7 +84,7 @@ struct StepCudaDev {
 
   template <typename C, typename T>
   void select(const RimStepParams<T>& p, int64_t t) const {
-    for_samples<kPhaseThreads<C>>(SelectPhase<C, T>{p, t}, p.s.B,
+    for_samples<kPhaseThreads>(SelectPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_select_smem_elems(p.s, sizeof(C))) * sizeof(C),
                 stream, pdl);
   }
@@ -120,7 +120,7 @@ struct StepCudaDev {
   }
   template <typename C, typename T>
   void comm(const RimStepParams<T>& p, int64_t t) const {
-    for_samples<kPhaseThreads<C>>(CommPhase<C, T>{p, t}, p.s.B,
+    for_samples<kPhaseThreads>(CommPhase<C, T>{p, t}, p.s.B,
                 static_cast<size_t>(rim_step_comm_smem_elems(p.s, sizeof(C))) * sizeof(C),
                 stream, pdl);
   }

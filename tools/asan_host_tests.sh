@@ -39,7 +39,7 @@ syms=$(nm -D rims_fast/_C*.so)
 grep -q __asan_report <<< "$syms" ||
   { echo "asan_host_tests: the extension was built without -fsanitize=address"; exit 1; }
 # pytest-xdist's workers (the [test] extra) inherit LD_PRELOAD, so they run sanitized too.
-workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n auto" || true)
+workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n auto --dist worksteal" || true)
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0,halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1,print_stacktrace=1 \
   "$PY" -m pytest -q -p no:cacheprovider $workers \
