@@ -99,6 +99,9 @@ def _extensions(path, reason, torch):
     # Paths relative to setup.py: setuptools rejects absolute source paths in some modes.
     cpp = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    if not cpp:  # e.g. an sdist made without MANIFEST.in: fail here, not with an empty _C
+        raise SystemExit(f"rims_fast: no C++ sources in {ROOT / 'csrc'}; build from a full "
+                         "checkout or sdist, or set RIMS_FAST_SKIP_BUILD=1 for the Python backends")
     # No --use_fast_math / -ffast-math: the ops promise nn.LSTMCell/GRUCell numerics. No -std:
     # torch adds the -std its own headers need (C++20 for torch 2.14).
     # -g0: Python's CFLAGS bring -g, which made the host files' template-heavy compiles ~1.6x
@@ -137,10 +140,14 @@ def _packages():
     packages = find_packages(include=["rims_fast", "rims_fast.*"])
     # triton_kernels ships inside the package: a top-level `triton_kernels` would collide with
     # Triton's own package of that name.
+    # The benchmark suite too (the rims-bench script): installed as a top-level `benchmarks` it
+    # would take that common name in site-packages, and a project's own benchmarks/ folder in the
+    # working directory would shadow it. `python -m benchmarks` in a checkout is unchanged.
     package_dir = {"rims_fast.triton_kernels": "triton_kernels"}
     packages.append("rims_fast.triton_kernels")
     if (ROOT / "benchmarks" / "__init__.py").is_file():
-        packages.append("benchmarks")
+        package_dir["rims_fast.benchmarks"] = "benchmarks"
+        packages.append("rims_fast.benchmarks")
     return packages, package_dir
 
 

@@ -14,14 +14,19 @@ ends for it at the barrier, when the block's slowest thread arrives.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+# The checkout's benchmarks/ (installed as rims_fast.benchmarks, not top-level).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import rims_fast
-from benchmarks.configs import CONFIGS
-from rims_fast import _C
-from rims_fast import rim_seq as rs
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import rims_fast  # noqa: E402
+from benchmarks.configs import CONFIGS  # noqa: E402
+from rims_fast import _C  # noqa: E402
+from rims_fast import rim_seq as rs  # noqa: E402
 
 SLOTS = 64  # per kernel (csrc/kernels/rim_seq_fwd.cuh, kPhaseSlots): phases, then block-steps
 

@@ -7,12 +7,17 @@ time per kernel) for one no-grad forward and one forward+backward of ``RIM(backe
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+# The checkout's benchmarks/ (installed as rims_fast.benchmarks, not top-level).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import rims_fast
-from benchmarks.configs import CONFIGS
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import rims_fast  # noqa: E402
+from benchmarks.configs import CONFIGS  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--configs", default="paper,large")
