@@ -364,8 +364,10 @@ def test_opcheck_and_errors():
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args)
     torch.library.opcheck(torch.ops.rims_fast.rim_seq_fwd.default, args + (True,))  # mma
     sizes, cell, p_in, p_c, big = rims_fast._config.cfg_args(cfg)
-    weights = [p[n].requires_grad_(True) for n in rs.OP_WEIGHTS]
-    torch.library.opcheck(rs.rim_seq_op, (keys.requires_grad_(True), xsrc, w_x,
+    # Leaves of their own: the raw ops' checks below must not see inputs that require grad
+    # (opcheck would backprop through an op with no autograd kernel, which torch warns about).
+    weights = [p[n].detach().requires_grad_(True) for n in rs.OP_WEIGHTS]
+    torch.library.opcheck(rs.rim_seq_op, (keys.detach().requires_grad_(True), xsrc, w_x,
                                           h0.detach().requires_grad_(True), c0.detach(), weights,
                                           sizes, cell, 0.2, 0.3, big, per_head, 5, 0, True,
                                           False, 0, -1, -1, False))
